@@ -1,0 +1,247 @@
+"""mlkd.py: the losses of MLKD-BERT and its two distillation stages, on plain tensors.
+
+Chapter 2 of mlkd, and the one to read to learn the method. Source: Zhang, Yang and Ji,
+"MLKD-BERT: Multi-level Knowledge Distillation for Pre-trained Language Models" (arXiv 2407.02775),
+with the details the paper leaves open taken as SPEC.md states them. Imports nothing of ours: the
+stage objectives read the fields of model.py's BertOutput (hidden_states, attn_outputs,
+token_embeddings, logits) by name.
+
+    level      loss    compares (teacher T is always the target P of KL(P || Q))
+    feature    L_FFN   projected student hidden states with the teacher's (MSE)             Stage 1
+    relation   L_EMB   token-token similarity of the word-piece embeddings (KL)             Stage 1
+    relation   L_MHA   token-token similarity of the attention outputs, per MHA-split (KL)  Stage 1
+    feature    L_KD    soft labels, or the teacher's score for regression                   Stage 2
+    relation   L_SS    sample-sample similarity of the final [CLS] states (KL)              Stage 2
+    relation   L_SC    supervised contrast of student and teacher [CLS] features            Stage 2
+
+Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher layers.
+Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
+masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked loss.
+Everything is computed in fp32 (safe under bf16 autocast); the teacher's tensors are detached.
+"""
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NEG = -1e30  # "minus infinity" for masked keys that stays finite, so 0 * (logp_T - logp_S) is 0, never NaN
+
+
+def fp32(fn):
+    """Run fn with autocast off: similarity matmuls, softmax and KL stay in fp32 under bf16 autocast."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+# ----------------------------------------------------------------------------------------------
+# Relations: softmax(X X^T / sqrt(k)) and the KL between the teacher's and the student's
+
+
+@fp32
+def relation_logprobs(x, mask=None):
+    """x (B, A, L, k) -> log softmax(x x^T / sqrt(k)) over the last dim, (B, A, L, L); pad keys masked."""
+    x = x.float()
+    scores = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])           # (B, A, L, L)
+    if mask is not None:
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, NEG)   # pad keys leave the softmax
+    return F.log_softmax(scores, dim=-1)
+
+
+def relation_kl(x_s, x_t, mask=None):
+    """Mean over valid (example, split, query row) of KL(R_T || R_S), with R = relation of x.
+
+    x_s (B, A, L, k_S), x_t (B, A, L, k_T): each side uses its own width k in its scaling.
+    """
+    logp_s = relation_logprobs(x_s, mask)                  # (B, A, L, L)
+    logp_t = relation_logprobs(x_t.detach(), mask)         # (B, A, L, L)
+    kl_rows = (logp_t.exp() * (logp_t - logp_s)).sum(-1)   # (B, A, L): KL of each query row
+    if mask is None:
+        return kl_rows.mean()
+    rows = mask[:, None, :].to(kl_rows.dtype)              # (B, 1, L): pad query rows leave the mean
+    return (kl_rows * rows).sum() / (rows.sum() * kl_rows.shape[1])
+
+
+def mha_splits(o, splits):
+    """(B, L, d) -> (B, A, L, d/A): A contiguous chunks of the feature dim, whatever the head count."""
+    B, L, d = o.shape
+    if d % splits:
+        raise ValueError(f"MHA-splits: {splits} splits do not divide the width {d}; choose splits dividing "
+                         "both the student's and the teacher's hidden size (e.g. 12 for 312 and 768)")
+    return o.view(B, L, splits, d // splits).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-1 losses
+
+
+def emb_loss(e_s, e_t, mask=None):
+    """L_EMB = mean over query rows i of KL(R_T[i] || R_S[i]),  R = softmax(E E^T / sqrt(d)).
+
+    e_s (B, L, d_S), e_t (B, L, d_T): LayerNorm_emb(word_embeddings(input_ids)) of each model.
+    """
+    return relation_kl(e_s[:, None], e_t[:, None], mask)
+
+
+def mha_loss(o_s, o_t, mask=None, splits=12):
+    """L_MHA for one layer pair = mean over (split a, query row i) of KL(R^T_a[i] || R^S_a[i]),
+    R_a = softmax(O_a O_a^T / sqrt(d/A)), O_a the a-th of A contiguous feature chunks of O.
+
+    o_s (B, L, d_S), o_t (B, L, d_T): concatenated head contexts before the output projection.
+    The splits, not the heads, are matched: the student may have any number of heads.
+    """
+    return relation_kl(mha_splits(o_s, splits), mha_splits(o_t, splits), mask)
+
+
+def ffn_loss(h_s, h_t, mask=None):
+    """L_FFN for one layer pair = MSE(W h_S, h_T) over the valid positions' elements.
+
+    h_s (B, L, d_T) already projected to the teacher width, h_t (B, L, d_T).
+    """
+    sq = (h_s.float() - h_t.detach().float()) ** 2          # (B, L, d_T)
+    if mask is None:
+        return sq.mean()
+    m = mask[:, :, None].to(sq.dtype)                        # (B, L, 1)
+    return (sq * m).sum() / (m.sum() * sq.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-2 losses
+
+
+def kd_loss(z_s, z_t, temperature=1.0):
+    """L_KD, the soft labels of the teacher.
+
+    classification z (B, C):  mean_b  -sum_c softmax(z_T/t)_c log_softmax(z_S/t)_c  * t^2
+    span z (B, 2, L):         the same over positions, start plus end
+    regression z (B, 1):      MSE(z_S, z_T), the teacher's prediction as the target
+    """
+    z_s, z_t = z_s.float(), z_t.detach().float()
+    if z_s.shape[-1] == 1:
+        return F.mse_loss(z_s, z_t)
+    t = temperature
+    ce = -(F.softmax(z_t / t, dim=-1) * F.log_softmax(z_s / t, dim=-1)).sum(-1)  # (B,) or (B, 2)
+    return ce.reshape(len(ce), -1).sum(1).mean() * t * t
+
+
+def ss_loss(c_s, c_t):
+    """L_SS = mean over samples i of KL(G_T[i] || G_S[i]),  G = softmax(C C^T / sqrt(d)), (B, B).
+
+    c_s (B, d_S), c_t (B, d_T): the raw final-layer [CLS] states (not pooled, not projected).
+    """
+    return relation_kl(c_s[None, None], c_t[None, None])
+
+
+@fp32
+def sc_loss(u, v, labels, tau=0.07, base_tau=1.0):
+    """L_SC, supervised contrast over the 2B features F = [u_1..u_B, v_1..v_B] (unit vectors).
+
+    Every feature i is an anchor; its candidates are the other 2B-1; its positives P(i) the
+    candidates with the same label (so u_i and v_i are always positives of each other):
+        l_i = -(tau / base_tau) * mean_{p in P(i)} [ f_i.f_p / tau - log sum_{a != i} exp(f_i.f_a / tau) ]
+        L_SC = mean_i l_i
+    u (B, d_T): projected student [CLS]; v (B, d_T): teacher [CLS]; labels (B,), int or float
+    (regression: exactly equal scores only). Gradients flow through every term containing a u.
+    """
+    f = F.normalize(torch.cat([u.float(), v.detach().float()]), dim=-1)    # (2B, d)
+    y = torch.cat([labels, labels])                                        # (2B,)
+    sim = f @ f.T / tau                                                    # (2B, 2B)
+    self_ = torch.eye(len(f), dtype=torch.bool, device=f.device)
+    log_denominator = torch.logsumexp(sim.masked_fill(self_, -math.inf), dim=1, keepdim=True)  # (2B, 1)
+    log_prob = sim - log_denominator                                      # (2B, 2B)
+    positive = (y[:, None] == y[None, :]) & ~self_                        # (2B, 2B)
+    mean_log_prob = (log_prob * positive).sum(1) / positive.sum(1)        # (2B,)
+    return -(tau / base_tau) * mean_log_prob.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer mapping and projections
+
+
+def layer_map(n_teacher, n_student, kind="uniform"):
+    """g(0..M): the teacher layer each student layer learns from; g(0) = 0 is the embedding layer.
+
+    "uniform": g(m) = round(m N / M) (half up: 6 -> 4 layers gives 0, 2, 3, 5, 6);
+    "last": the top M teacher layers, g(m) = N - M + m; or an explicit list of M teacher layers
+    (1-based, e.g. [3, 6, 9, 12]), optionally with the leading 0.
+    """
+    N, M = n_teacher, n_student
+    if kind == "uniform":
+        g = [math.floor(m * N / M + 0.5) for m in range(M + 1)]
+    elif kind == "last":
+        if M > N:
+            raise ValueError(f"layer map 'last': the student has {M} layers, the teacher only {N}")
+        g = [0] + [N - M + m for m in range(1, M + 1)]
+    elif isinstance(kind, (list, tuple)):
+        g = list(kind) if len(kind) == M + 1 else [0, *kind]
+        if len(g) != M + 1 or g[0] != 0 or any(not 1 <= x <= N for x in g[1:]):
+            raise ValueError(f"layer map {list(kind)}: need {M} teacher layers in 1..{N} (one per student layer)")
+    else:
+        raise ValueError(f"unknown layer map {kind!r}: use 'uniform', 'last' or a list of teacher layers")
+    return g
+
+
+class Projections(nn.Module):
+    """W_0..W_M: Linear(d_S -> d_T) with bias, one per student hidden state. Trained with the
+    student (put them in the optimizer), used by L_FFN and L_SC, discarded at inference."""
+
+    def __init__(self, n_student, d_student, d_teacher):
+        super().__init__()
+        self.w = nn.ModuleList(nn.Linear(d_student, d_teacher) for _ in range(n_student + 1))
+        for lin in self.w:
+            nn.init.normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+
+    def forward(self, m, h):
+        return self.w[m](h)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two stage objectives
+
+STAGE1_WEIGHTS = {"emb": 1.0, "mha": 1.0, "ffn": 1.0}
+STAGE2_WEIGHTS = {"kd": 1.0, "ss": 1.0, "sc": 1.0}
+
+
+def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12):
+    """L1 = w_emb L_EMB + w_mha sum_m L_MHA(m, g(m)) + w_ffn sum_{m=0..M} L_FFN(m, g(m)).
+
+    s, t: student and teacher BertOutput; proj: Projections; lmap: layer_map(N, M).
+    Returns (weighted total, {name: unweighted value}); a weight of 0 skips that loss.
+    """
+    w = {**STAGE1_WEIGHTS, **(weights or {})}
+    M = len(s.attn_outputs)
+    g = lmap or layer_map(len(t.attn_outputs), M)
+    parts = {}
+    if w["emb"]:
+        parts["emb"] = emb_loss(s.token_embeddings, t.token_embeddings, mask)
+    if w["mha"]:  # attn_outputs[m - 1] is the output of layer m
+        parts["mha"] = sum(mha_loss(s.attn_outputs[m - 1], t.attn_outputs[g[m] - 1], mask, splits)
+                           for m in range(1, M + 1))
+    if w["ffn"]:  # hidden_states[0] is the embedding output, hidden_states[m] the output of layer m
+        parts["ffn"] = sum(ffn_loss(proj(m, s.hidden_states[m]), t.hidden_states[g[m]], mask)
+                           for m in range(M + 1))
+    total = sum(w[k] * v for k, v in parts.items())
+    return total, parts
+
+
+def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, base_tau=1.0):
+    """L2 = w_kd L_KD + w_ss L_SS + w_sc L_SC on the student's and teacher's BertOutput.
+
+    The [CLS] state is hidden_states[-1][:, 0] (raw); L_SC projects the student's with the last
+    projection W_M. SQuAD: set ss and sc to 0 (SPEC). Returns (weighted total, unweighted parts).
+    """
+    w = {**STAGE2_WEIGHTS, **(weights or {})}
+    c_s, c_t = s.hidden_states[-1][:, 0], t.hidden_states[-1][:, 0]  # (B, d_S), (B, d_T)
+    parts = {}
+    if w["kd"]:
+        parts["kd"] = kd_loss(s.logits, t.logits, temperature)
+    if w["ss"]:
+        parts["ss"] = ss_loss(c_s, c_t)
+    if w["sc"]:
+        parts["sc"] = sc_loss(proj(len(proj.w) - 1, c_s), c_t, labels, tau, base_tau)
+    total = sum(w[k] * v for k, v in parts.items())
+    return total, parts

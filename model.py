@@ -1,0 +1,482 @@
+"""model.py: BERT, written from scratch in plain PyTorch, that loads Google's BERT weights.
+
+Chapter 1 of mlkd. It follows the original BERT (Devlin et al., 2019) as Google and HF transformers
+compute it, to fp32 parity (test_mlkd.py proves it against golden outputs of HF `BertModel`):
+
+    embeddings  E = LayerNorm(word[ids] + position[0..L-1] + token_type[segments]),  eps 1e-12
+    layer l     A = LayerNorm(x + Dense(MultiHeadAttention(x)))                       (post-LN)
+                H = LayerNorm(A + Dense(gelu_erf(Dense(A))))
+    pooler      tanh(Dense(H_last[:, 0]))
+
+One forward returns a `BertOutput` that carries everything the MLKD losses need (SPEC.md):
+every hidden state, every layer's attention context before its output projection, and the
+LayerNorm'd word-piece embeddings; collecting them costs no second pass.
+
+Weights: `Bert.from_pretrained` reads a local directory or fetches a hub repository
+(https://huggingface.co/{name}/resolve/main/{file}) through data.download. It reads
+safetensors with the ~30-line reader below (no `safetensors` package) and `.bin` files with
+torch.load(weights_only=True), maps the checkpoint's names onto ours, and refuses to guess:
+a missing, unexpected or wrongly shaped tensor is an error listing every offending key.
+
+`python model.py --bench` measures training throughput against HF transformers when it is installed.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class BertConfig:
+    """Shape and regularisation of a BERT. Defaults are bert-base-uncased."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    head: str = "none"  # "none", "classification", "regression" (num_labels 1) or "span" (SQuAD)
+    num_labels: int = 0
+    label_names: list = field(default_factory=list)  # stored so a teacher and student agree (MNLI!)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"BertConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        heads = {"none": 0, "regression": 1, "span": 2}
+        if self.head not in (*heads, "classification"):
+            raise ValueError(f"BertConfig.head must be one of none/classification/regression/span, got {self.head!r}")
+        if self.head in heads:
+            self.num_labels = heads[self.head]
+        elif self.num_labels < 2:
+            raise ValueError(f"BertConfig: a classification head needs num_labels >= 2, got {self.num_labels}")
+
+    @classmethod
+    def from_json(cls, path, **overrides):
+        """Read an HF or Google `config.json`; keys we do not use are ignored, bad values rejected."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read BERT config {path}: {e}") from None
+        act = raw.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"{path}: hidden_act {act!r} is not supported (this BERT uses the exact erf gelu)")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: only absolute position embeddings are supported")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown BERT preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_json(self):
+        return json.dumps(asdict(self), indent=2)
+
+
+PRESETS = {
+    "bert-base-uncased": {},
+    "tinybert-4l-312d": dict(num_hidden_layers=4, hidden_size=312, intermediate_size=1200),
+    "tinybert-6l-768d": dict(num_hidden_layers=6),
+    "minilm-l6-h384": dict(num_hidden_layers=6, hidden_size=384, intermediate_size=1536),
+    # tiny shapes for tests: a 4-layer 48-wide "teacher" and a 2-layer 24-wide "student"
+    "tiny-teacher": dict(vocab_size=128, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=96, max_position_embeddings=64),
+    "tiny-student": dict(vocab_size=128, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=64),
+}
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+
+@dataclass
+class BertOutput:
+    hidden_states: list     # num_layers + 1 tensors (B, L, d): embedding output, then each layer's output
+    attn_outputs: list      # num_layers tensors (B, L, d): concatenated head contexts, before the output Dense
+    token_embeddings: torch.Tensor  # (B, L, d): LayerNorm_emb(word_embeddings[ids]) (SPEC L_EMB)
+    pooled: torch.Tensor    # (B, d): tanh(Dense(h_last[:, 0]))
+    logits: torch.Tensor = None  # (B, C) classification, (B, 1) regression, (B, 2, L) span; None without head
+
+
+class Layer(nn.Module):
+    """One post-LN Transformer encoder layer. Our names, with HF's in comments (see HF_LAYER_NAMES)."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        d = c.hidden_size
+        self.heads = c.num_attention_heads
+        self.attn_dropout = c.attention_probs_dropout_prob
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)  # attention.self.*
+        self.attn_out = nn.Linear(d, d)                                  # attention.output.dense
+        self.attn_ln = nn.LayerNorm(d, eps=c.layer_norm_eps)             # attention.output.LayerNorm
+        self.ffn_in = nn.Linear(d, c.intermediate_size)                  # intermediate.dense
+        self.ffn_out = nn.Linear(c.intermediate_size, d)                 # output.dense
+        self.ffn_ln = nn.LayerNorm(d, eps=c.layer_norm_eps)              # output.LayerNorm
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, x, key_mask):
+        """x (B, L, d); key_mask (B, 1, 1, L) additive (0 keep, very negative drop) or None."""
+        B, L, d = x.shape
+        h = self.heads
+
+        def split(t):  # (B, L, d) -> (B, h, L, d/h)
+            return t.view(B, L, h, d // h).transpose(1, 2)
+
+        p = self.attn_dropout if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                             attn_mask=key_mask, dropout_p=p)  # (B, h, L, d/h)
+        ctx = ctx.transpose(1, 2).reshape(B, L, d)                              # (B, L, d)
+        a = self.attn_ln(x + self.dropout(self.attn_out(ctx)))                  # (B, L, d)
+        out = self.ffn_ln(a + self.dropout(self.ffn_out(F.gelu(self.ffn_in(a)))))  # exact erf gelu
+        return out, ctx
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c = self.config = config
+        self.word = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.emb_ln = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
+        if c.head in ("classification", "regression"):
+            self.classifier = nn.Linear(c.hidden_size, c.num_labels)  # on dropout(pooled)
+        elif c.head == "span":
+            self.qa_outputs = nn.Linear(c.hidden_size, 2)              # on every token: start, end
+        self.apply(self._init)
+
+    def _init(self, m):
+        """BERT's init (NOTES 2.13): N(0, 0.02) for weights, zero bias, LayerNorm (1, 0)."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> BertOutput:
+        """input_ids, token_type_ids, attention_mask: (B, L) integer tensors; mask 1 = real token."""
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        words = self.word(input_ids)                                             # (B, L, d)
+        x = words + self.position.weight[:L] + self.token_type(token_type_ids)  # (B, L, d)
+        x = self.dropout(self.emb_ln(x))
+        token_embeddings = self.emb_ln(words)  # SPEC L_EMB: word pieces only, no dropout
+        key_mask = None
+        if attention_mask is not None:  # additive, on keys only, in the dtype attention runs in
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            key_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B,1,1,L)
+        hidden_states, attn_outputs = [x], []
+        for layer in self.layers:
+            x, ctx = layer(x, key_mask)
+            hidden_states.append(x)
+            attn_outputs.append(ctx)
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, d)
+        logits = None
+        if self.config.head in ("classification", "regression"):
+            logits = self.classifier(self.dropout(pooled))  # (B, C)
+        elif self.config.head == "span":
+            logits = self.qa_outputs(x).transpose(1, 2)  # (B, 2, L): start and end logits
+            if attention_mask is not None:  # a pad position is never an answer; finite, so 0 * it = 0 in KD
+                logits = logits.masked_fill(attention_mask[:, None, :] == 0, -1e4)
+        return BertOutput(hidden_states, attn_outputs, token_embeddings, pooled, logits)
+
+    def num_parameters(self, with_head=True):
+        return sum(p.numel() for n, p in self.named_parameters()
+                   if with_head or not n.startswith(("classifier", "qa_outputs")))
+
+    # ------------------------------------------------------------------------------------------
+    # Loading and saving
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, cache_dir=None, verbose=True, **config_overrides):
+        """Build a Bert from a directory or hub name and load its weights strictly.
+
+        config_overrides (e.g. head="classification", num_labels=2, hidden_dropout_prob=0.0) change
+        the checkpoint's config; a head the checkpoint lacks is created fresh and reported as such.
+        """
+        directory = fetch(name_or_dir, cache_dir)
+        config = BertConfig.from_json(os.path.join(directory, "config.json"), **config_overrides)
+        model = cls(config)
+        state = read_checkpoint(directory)
+        new = model.load_checkpoint_state(state, source=directory)
+        if verbose and new:
+            print(f"[model] newly initialised (not in {directory}): {', '.join(new)}", file=sys.stderr)
+        return model
+
+    def load_checkpoint_state(self, state, source="checkpoint"):
+        """Load a checkpoint's tensors (HF, Google-HF or our names) strictly; returns new head keys."""
+        ours = self.state_dict()
+        renamed, ignored = {}, []
+        for key, tensor in state.items():
+            if any(re.search(p, key) for p in IGNORED_KEYS):
+                ignored.append(key)
+                continue
+            name = to_our_name(key)
+            if name in renamed:
+                raise ValueError(f"{source}: two checkpoint keys map to {name!r} (old and new LayerNorm names?)")
+            renamed[name] = tensor
+        head = [k for k in ours if k.startswith(("classifier.", "qa_outputs."))]
+        missing = [k for k in ours if k not in renamed and k not in head]
+        unexpected = [k for k in renamed if k not in ours]
+        wrong = [f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(ours[k].shape)}"
+                 for k in renamed if k in ours and renamed[k].shape != ours[k].shape]
+        if missing or unexpected or wrong:
+            lines = [f"{source}: the checkpoint does not fit the model"]
+            lines += [f"  missing:     {k}" for k in missing]
+            lines += [f"  unexpected:  {k}" for k in unexpected]
+            lines += [f"  wrong shape: {k}" for k in wrong]
+            raise ValueError("\n".join(lines))
+        new_head = [k for k in head if k not in renamed]
+        self.load_state_dict({**ours, **renamed}, strict=True)
+        return new_head
+
+    def save(self, directory, extra_files=None):
+        """Write config.json and model.safetensors (atomically), plus any {name: text} files."""
+        os.makedirs(directory, exist_ok=True)
+        write_safetensors({k: v for k, v in self.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+        files = {"config.json": self.config.to_json(), **(extra_files or {})}
+        for name, text in files.items():
+            data.atomic_write_text(os.path.join(directory, name), text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint names: HF/Google-HF -> ours. Anything not matched here is kept as is (our own files).
+
+HF_LAYER_NAMES = {
+    "attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+    "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_ln",
+    "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "ffn_ln",
+}
+HF_OTHER_NAMES = {
+    "embeddings.word_embeddings": "word", "embeddings.position_embeddings": "position",
+    "embeddings.token_type_embeddings": "token_type", "embeddings.LayerNorm": "emb_ln",
+    "pooler.dense": "pooler",
+}
+# What a fine-tuning model does not use: pre-training heads, TinyBERT's fit_dense, HF buffers.
+IGNORED_KEYS = [r"^cls\.", r"(^|\.)fit_dense", r"position_ids$"]
+
+
+def to_our_name(key):
+    key = key.removeprefix("bert.")
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)  # old Google/TF names (NOTES 3)
+    key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+    module, _, param = key.rpartition(".")
+    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", module)
+    if m and m.group(2) in HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.{param}"
+    if module in HF_OTHER_NAMES:
+        return f"{HF_OTHER_NAMES[module]}.{param}"
+    return key
+
+
+def fetch(name_or_dir, cache_dir=None):
+    """A local model directory, or download a hub repo's config, vocab and weights into the cache."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/")):
+        raise FileNotFoundError(f"model {name_or_dir!r}: no such directory, and not a hub name like "
+                                "google-bert/bert-base-uncased")
+    cache = cache_dir or os.environ.get("MLKD_CACHE", os.path.expanduser("~/.cache/mlkd"))
+    directory = os.path.join(cache, "models", name_or_dir.replace("/", "--"))
+    base = f"{data.HUB_URL}/{name_or_dir}/resolve/main"
+    for file in ("config.json", "vocab.txt"):
+        data.download(f"{base}/{file}", os.path.join(directory, file))
+    weights = [os.path.join(directory, f) for f in WEIGHT_FILES]
+    if not any(os.path.exists(w) for w in weights):
+        try:
+            data.download(f"{base}/model.safetensors", weights[0])
+        except data.DownloadError as e:
+            if e.status != 404:
+                raise
+            data.download(f"{base}/pytorch_model.bin", weights[1])  # the TinyBERT repos ship only .bin
+    return directory
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_checkpoint(directory):
+    for file in WEIGHT_FILES:
+        path = os.path.join(directory, file)
+        if os.path.exists(path):
+            return read_safetensors(path) if file.endswith(".safetensors") else read_bin(path)
+    raise FileNotFoundError(f"{directory}: no {' or '.join(WEIGHT_FILES)}")
+
+
+def read_bin(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a PyTorch weights file: {e}") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
+# data_offsets: [begin, end]}} (offsets relative to the end of the header), then raw bytes.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    if len(buf) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(buf)} bytes)")
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise ValueError(f"{path}: corrupt safetensors header (length {n} > file size {len(buf)})")
+    try:
+        header = json.loads(buf[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    start, state = 8 + n, {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        count = math.prod(info.get("shape", []))
+        if dtype is None or end - begin != count * dtype.itemsize or start + end > len(buf):
+            raise ValueError(f"{path}: corrupt safetensors entry {name!r}: {info}")
+        flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
+        state[name] = flat.view(info["shape"])
+    return state
+
+
+def write_safetensors(tensors, path):
+    header, offset, blobs = {}, 0, []
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    for name, t in tensors.items():
+        b = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        offset += len(b)
+        blobs.append(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # pad so tensors stay 8-byte aligned
+    data.atomic_write_bytes(path, [len(h).to_bytes(8, "little"), h, *blobs])
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: python model.py --bench [--config minilm-l6-h384 --batch 32 --length 128]
+
+
+def bench(args):
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    torch.manual_seed(0)
+    config = BertConfig.preset(args.config, head="classification", num_labels=2)
+    B, L = args.batch, args.length
+    ids = torch.randint(1000, config.vocab_size, (B, L), device=device)
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    mask[B // 2:, L * 3 // 4:] = 0  # half the batch padded: the mask path is exercised
+    labels = torch.randint(0, 2, (B,), device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
+
+    def timed(step):
+        for _ in range(args.warmup):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return B * L * args.iters / (time.perf_counter() - t)
+
+    def measure(forward):
+        def fwd():
+            with torch.no_grad(), autocast:
+                forward()
+
+        def fwd_bwd():
+            with autocast:
+                loss = F.cross_entropy(forward().float(), labels)
+            loss.backward()
+        return timed(fwd), timed(fwd_bwd)
+
+    ours = Bert(config).to(device).train()
+    models = [("mlkd Bert", lambda: ours(ids, None, mask).logits)]
+    try:
+        import transformers
+        for impl in ("sdpa", "eager"):
+            hf_cfg = transformers.BertConfig(**{k: v for k, v in asdict(config).items() if k not in ("head", "label_names")},
+                                             attn_implementation=impl)
+            hf = transformers.BertForSequenceClassification(hf_cfg).to(device).train()
+            models.append((f"HF BertForSeqCls ({impl})", lambda hf=hf: hf(input_ids=ids, attention_mask=mask).logits))
+    except ImportError:
+        print("(transformers not installed: only our model is measured)")
+    best = {name: (0.0, 0.0) for name, _ in models}
+    for _ in range(args.rounds):  # interleaved rounds, best of each: a busy machine hurts all alike
+        for name, forward in models:
+            f, fb = measure(forward)
+            best[name] = (max(best[name][0], f), max(best[name][1], fb))
+    rows = [(name, *best[name]) for name, _ in models]
+    print(f"{args.config}, batch {B} x length {L}, {device}{' bf16 autocast' if device == 'cuda' else ' fp32'}, "
+          f"{torch.get_num_threads()} threads, best of {args.rounds} rounds of {args.iters} iterations after {args.warmup} warm-up, train mode")
+    best_hf = max((r for r in rows[1:]), key=lambda r: r[2], default=None)
+    for name, f, fb in rows:
+        print(f"  {name:28s} forward {f:10,.0f} tok/s   forward+backward {fb:10,.0f} tok/s")
+    if best_hf:
+        print(f"  ratio ours / fastest HF (forward+backward): {rows[0][2] / best_hf[2]:.2f}x")
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="BERT model utilities; --bench times training throughput.")
+    p.add_argument("--bench", action="store_true", help="tokens/s of forward and forward+backward vs HF")
+    p.add_argument("--config", default="minilm-l6-h384", choices=list(PRESETS))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpu", action="store_true", help="benchmark on CPU even when CUDA is available")
+    a = p.parse_args()
+    if not a.bench:
+        p.print_help()
+    else:
+        bench(a)
