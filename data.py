@@ -145,7 +145,7 @@ class Tokenizer:
         from tokenizers import BertWordPieceTokenizer
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"vocabulary file {vocab_file} does not exist")
-        self.wp = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+        self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)
         self.pad_id, self.cls_id, self.sep_id = (self.wp.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
         if None in (self.pad_id, self.cls_id, self.sep_id):
             raise ValueError(f"{vocab_file} lacks [PAD], [CLS] or [SEP]: not a BERT vocabulary")
@@ -280,11 +280,10 @@ def read_glue(task, split, data_dir):
     examples, skipped = [], 0
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC starts with a BOM
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # quotes are text in GLUE
-        if t.header:
-            width = len(next(rows))
+        header = t.header or test  # CoLA's train/dev have no header, its test file has one
+        width = len(next(rows)) if header else None
         for i, row in enumerate(rows):
-            if not t.header and i == 0:
-                width = len(row)
+            width = width or len(row)
             if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
                 skipped += 1
                 continue
@@ -296,7 +295,7 @@ def read_glue(task, split, data_dir):
                 elif raw in t.labels:
                     label = t.labels.index(raw)
                 else:
-                    raise ValueError(f"{path}, row {i + 1 + t.header}: label {raw!r} is not one of {t.labels}")
+                    raise ValueError(f"{path}, row {i + 1 + header}: label {raw!r} is not one of {t.labels}")
             guid = row[0] if test else f"{split}-{i}"
             examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
     if skipped:

@@ -472,3 +472,215 @@ def test_losses_are_finite_under_bf16_autocast():
         l1, _ = mlkd.stage1_loss(so, to, proj, mask, splits=4)
         l2, _ = mlkd.stage2_loss(so, to, proj, torch.tensor([0, 1, 1, 0]))
     assert l1.dtype == torch.float32 and torch.isfinite(l1 + l2)
+
+
+# ==============================================================================================
+# data.py: tokenizer truncation, GLUE in each official format, real files, batches, SQuAD
+
+
+def test_pair_truncation_matches_googles_pop_loop():
+    for la in range(0, 14):
+        for lb in range(0, 14):
+            for budget in (0, 1, 5, 7, 10):
+                a, b = la, lb
+                while a + b > budget:  # Google's _truncate_seq_pair
+                    if a > b:
+                        a -= 1
+                    else:
+                        b -= 1
+                assert data.truncate_pair(la, lb, budget) == (a, b), (la, lb, budget)
+
+
+def test_tokenizer_encodes_pairs_like_bert(tmp_path):
+    tok = data.Tokenizer(write_vocab(tmp_path / "vocab.txt", ["hello", "world"]))
+    ids, types, lengths = tok.encode(["Hello WORLD", "a b c d e f"], ["x", "g h i j k l"], max_length=10)
+    vocab = (tmp_path / "vocab.txt").read_text().split("\n")
+    words = lambda r: [vocab[i] for i in ids[r, :lengths[r]]]  # noqa: E731
+    assert words(0) == ["[CLS]", "hello", "world", "[SEP]", "x", "[SEP]"]
+    assert types[0, :6].tolist() == [0, 0, 0, 0, 1, 1] and ids[0, 6:].tolist() == [0] * 4
+    assert words(1) == ["[CLS]", "a", "b", "c", "d", "[SEP]", "g", "h", "i", "[SEP]"]  # 4 + 3: B loses the tie
+
+
+GLUE_FIXTURES = {  # (folder, file): rows, tab-separated, in each task's official format and quirks
+    ("CoLA", "train.tsv"): ["gj04\t1\t\tOur friends won't buy this analysis.", "gj04\t0\t*\tThey drank the pub \"dry."],
+    ("CoLA", "test.tsv"): ["index\tsentence", "0\tBill whistled past the house."],
+    ("SST-2", "train.tsv"): ["sentence\tlabel", "hide new secretions \t0", "\"a \" great film \t1"],
+    ("SST-2", "test.tsv"): ["index\tsentence", "0\tuneasy mishmash of styles"],
+    ("MRPC", "train.tsv"): ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String", "1\t702876\t702977\tHe said so.\tSo he said."],
+    ("STS-B", "train.tsv"): ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+                             "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000"],
+    ("QQP", "train.tsv"): ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "1\t3\t4\tHow?\tWhy?\t0",
+                           "2\t5\t6\tbroken row with a stray\ttab\tin it\t1", "3\t7\t8\tWhat is \"x\"?\tWhat's x?\t1"],
+    ("QQP", "test.tsv"): ["id\tquestion1\tquestion2", "0\tIs it?\tIs it not?"],
+    ("MNLI", "dev_matched.tsv"): ["\t".join(["index", "promptID", "pairID", "genre", "s1b", "s2b", "s1p", "s2p",
+                                             "sentence1", "sentence2", "label1", "label2", "label3", "label4", "label5", "gold_label"]),
+                                  "\t".join(["0", "1", "1e", "gov", "(", "(", "(", "(", "P.", "H.", "neutral", "neutral",
+                                             "neutral", "neutral", "neutral", "neutral"])],
+    ("QNLI", "train.tsv"): ["index\tquestion\tsentence\tlabel", "0\tWhat?\tThis.\tnot_entailment"],
+    ("RTE", "train.tsv"): ["index\tsentence1\tsentence2\tlabel", "0\tA man.\tA person.\tentailment"],
+    ("WNLI", "train.tsv"): ["index\tsentence1\tsentence2\tlabel", "0\tI put it.\tIt was put.\t1"],
+}
+
+
+def write_glue_fixtures(root):
+    for (folder, file), rows in GLUE_FIXTURES.items():
+        path = root / "glue" / folder / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_glue_readers_on_official_formats(tmp_path, capsys):
+    write_glue_fixtures(tmp_path)
+    d = str(tmp_path)
+    cola = data.read_glue("cola", "train", d)
+    assert [(e.text_a, e.label) for e in cola] == [("Our friends won't buy this analysis.", 1), ('They drank the pub "dry.', 0)]
+    assert data.read_glue("cola", "test", d)[0].text_a == "Bill whistled past the house."
+    sst = data.read_glue("sst2", "train", d)
+    assert [(e.text_a, e.label) for e in sst] == [("hide new secretions ", 0), ('"a " great film ', 1)]
+    assert data.read_glue("sst2", "test", d)[0].label is None
+    mrpc = data.read_glue("mrpc", "train", d)[0]
+    assert (mrpc.text_a, mrpc.text_b, mrpc.label) == ("He said so.", "So he said.", 1)
+    assert data.read_glue("stsb", "train", d)[0].label == 5.0
+    qqp = data.read_glue("qqp", "train", d)
+    assert [(e.text_a, e.label) for e in qqp] == [("How?", 0), ('What is "x"?', 1)]
+    assert "skipped 1 malformed rows" in capsys.readouterr().err
+    assert [(e.guid, e.text_a, e.text_b) for e in data.read_glue("qqp", "test", d)] == [("0", "Is it?", "Is it not?")]
+    mnli = data.read_glue("mnli", "dev_matched", d)[0]
+    assert (mnli.text_a, mnli.text_b, mnli.label) == ("P.", "H.", 2)  # contradiction, entailment, neutral
+    assert data.read_glue("qnli", "train", d)[0].label == 1
+    assert data.read_glue("rte", "train", d)[0].label == 0
+    assert data.read_glue("wnli", "train", d)[0].label == 1
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        data.read_glue("mnli", "dev", d)
+    with pytest.raises(ValueError, match="unknown GLUE task"):
+        data.read_glue("sst", "dev", d)
+    (tmp_path / "glue" / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(ValueError, match=r"RTE/dev.tsv, row 2: label 'maybe'"):
+        data.read_glue("rte", "dev", d)
+
+
+def test_glue_download_unzips_and_mrpc_is_built_from_senteval(tmp_path, monkeypatch):
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tnot_entailment\n")
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n"
+    files = {
+        "/glue/RTE.zip": buf.getvalue(),
+        "/senteval/msr_paraphrase_train.txt": (header + "1\t1\t2\tA.\tB.\r\n0\t3\t4\tC.\tD.\r\n1\t5\t6\tE.\tF.\r\n").encode(),
+        "/senteval/msr_paraphrase_test.txt": (header + "1\t7\t8\tG.\tH.\r\n").encode(),
+        "/glue/mrpc_dev_ids.tsv": b"3\t4\n",
+    }
+    with Server(files) as s:
+        monkeypatch.setattr(data, "GLUE_URL", s.url + "/glue")
+        monkeypatch.setattr(data, "SENTEVAL_URL", s.url + "/senteval")
+        assert data.read_glue("rte", "train", str(tmp_path))[0].label == 1
+        train, dev = (data.read_glue("mrpc", sp, str(tmp_path)) for sp in ("train", "dev"))
+        test = data.read_glue("mrpc", "test", str(tmp_path))
+    assert [e.text_a for e in train] == ["A.", "E."] and [(e.text_a, e.label) for e in dev] == [("C.", 0)]
+    assert [(e.guid, e.text_a, e.label) for e in test] == [("0", "G.", None)]
+    assert not os.path.exists(tmp_path / "glue" / "RTE.zip")
+
+
+REAL_GLUE = {  # SOURCES.md: rows and label counts of the real files
+    ("sst2", "train"): (67349, {1: 37569, 0: 29780}), ("sst2", "dev"): (872, {1: 444, 0: 428}),
+    ("cola", "train"): (8551, None), ("cola", "dev"): (1043, {1: 721, 0: 322}),
+    ("mrpc", "train"): (3668, None), ("mrpc", "dev"): (408, None),
+    ("stsb", "train"): (5749, None), ("stsb", "dev"): (1500, None),
+    ("qnli", "dev"): (5463, {0: 2702, 1: 2761}), ("rte", "train"): (2490, None), ("rte", "dev"): (277, {0: 146, 1: 131}),
+    ("wnli", "train"): (635, None), ("wnli", "dev"): (71, None),
+}
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "glue")), reason="real GLUE files not present")
+@pytest.mark.parametrize("task,split", list(REAL_GLUE))
+def test_real_glue_files_row_and_label_counts(task, split):
+    import collections
+    rows, labels = REAL_GLUE[(task, split)]
+    examples = data.read_glue(task, split, SHARED)
+    assert len(examples) == rows == data.GLUE_ROWS[(task, split)]
+    if labels:
+        assert dict(collections.Counter(e.label for e in examples)) == labels
+
+
+def test_batches_dynamic_and_fixed_padding(tmp_path):
+    tok = data.Tokenizer(write_vocab(tmp_path / "vocab.txt"))
+    examples = [data.Example(str(i), "a " * n, None, i % 2) for i, n in enumerate([1, 5, 2, 9])]
+    ds = data.encode_glue("sst2", examples, tok, max_len=16)
+    b = list(data.batches(ds, 2))
+    assert [x["input_ids"].shape[1] for x in b] == [7, 11]  # longest in each batch, [CLS] and [SEP] included
+    assert b[0]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7] and b[1]["labels"].tolist() == [0, 1]
+    assert all(x["input_ids"].shape[1] == 16 for x in data.batches(ds, 2, fixed_padding=True))
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([x["index"] for x in data.batches(ds, 3, shuffle=True, generator=g)])
+    assert sorted(seen.tolist()) == [0, 1, 2, 3]
+
+
+SQUAD_FIXTURE = {"version": "v2.0", "data": [{"title": "T", "paragraphs": [{
+    "context": "The cat sat on the mat near the big red door of the old house.",
+    "qas": [{"id": "q1", "question": "Where did the cat sit?", "answers": [{"text": "on the mat", "answer_start": 12}]},
+            {"id": "q2", "question": "What color was the door?", "answers": [{"text": "red", "answer_start": 36}]},
+            {"id": "q3", "question": "Who owns the house?", "answers": [], "is_impossible": True}]}]}]}
+
+
+def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
+    import json
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(SQUAD_FIXTURE))
+    words = "the cat sat on mat near big red door of old house where did sit what color was who owns".split()
+    tok = data.Tokenizer(write_vocab(tmp_path / "vocab.txt", words))
+    examples = data.read_squad(str(path))
+    assert [len(e["answers"]) for e in examples] == [1, 1, 0]
+    f = data.squad_features(examples, tok, max_len=16, stride=3, max_query=5)
+    n_ctx = 15  # context word pieces ("." included)
+    q_len = 5   # "where did the cat sit ?" is 6 pieces, cut to max_query 5
+    room = 16 - q_len - 3
+    starts = list(range(0, n_ctx - room + 3, 3))  # window starts 0, 3, 6, 9: stride is the step
+    assert f["example"].tolist().count(0) == len(starts) == 4
+    assert [f["offsets"][k, q_len + 2, 0].item() for k in range(4)] == [0, 12, 23, 36]  # "The", "on", "near", "red"
+    for k, (s, e) in enumerate(f["labels"].tolist()):
+        ex = examples[f["example"][k]]
+        if s == 0:
+            continue
+        assert ex["context"][f["offsets"][k, s, 0]:f["offsets"][k, e, 1]] == ex["answers"][0]["text"]
+    assert all(tuple(lab) == (0, 0) for lab, i in zip(f["labels"].tolist(), f["example"].tolist()) if i == 2)
+    # gold logits through post-processing give the gold answers; v2.0 predicts "" for q3
+    L = 16
+    start, end = np.zeros((len(f["labels"]), L)), np.zeros((len(f["labels"]), L))
+    for k, (s, e) in enumerate(f["labels"].tolist()):
+        start[k, s] += 10
+        end[k, e] += 10
+    preds, diffs = data.squad_predictions(examples, f, start, end, version="2.0")
+    assert preds == {"q1": "on the mat", "q2": "red", "q3": ""} and diffs["q3"] > 0 > diffs["q1"]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "squad", "train-v1.1-subset.json")) or minilm_dir() is None,
+                    reason="real SQuAD subset or BERT vocabulary not present")
+def test_real_squad_answers_round_trip():
+    examples = data.read_squad(os.path.join(SHARED, "squad", "train-v1.1-subset.json"))
+    assert len(examples) == 11877
+    tok = data.Tokenizer(os.path.join(minilm_dir(), "vocab.txt"))
+    f = data.squad_features(examples, tok)
+    labels, offsets = f["labels"].numpy(), f["offsets"].numpy()
+    exact = inside_token = 0
+    for k in np.nonzero(labels[:, 0])[0]:
+        ex = examples[f["example"][k]]
+        gold = ex["answers"][0]
+        s, e = labels[k]
+        if ex["context"][offsets[k, s, 0]:offsets[k, e, 1]] == gold["text"]:
+            exact += 1
+        else:  # the only allowed miss: a gold boundary strictly inside a word piece ("six" in "sixth")
+            assert offsets[k, s, 0] < gold["answer_start"] or offsets[k, e, 1] > gold["answer_start"] + len(gold["text"])
+            inside_token += 1
+    rate = exact / (exact + inside_token)
+    print(f"SQuAD round trip: {exact}/{exact + inside_token} windows = {rate:.4f}")
+    assert rate > 0.99
+    # gold logits through post-processing reproduce those answers
+    start = np.zeros(labels.shape[0:1] + (384,))
+    end = np.zeros_like(start)
+    start[np.arange(len(labels)), labels[:, 0]] = 10
+    end[np.arange(len(labels)), labels[:, 1]] = 10
+    preds, _ = data.squad_predictions(examples, f, start, end)
+    hits = sum(preds[ex["id"]] == ex["answers"][0]["text"] for ex in examples)
+    assert hits / len(examples) > 0.98
