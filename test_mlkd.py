@@ -684,3 +684,129 @@ def test_real_squad_answers_round_trip():
     preds, _ = data.squad_predictions(examples, f, start, end)
     hits = sum(preds[ex["id"]] == ex["answers"][0]["text"] for ex in examples)
     assert hits / len(examples) > 0.98
+
+
+# ==============================================================================================
+# eval.py: metrics against hand-worked examples
+
+
+def test_glue_metrics_by_hand():
+    import eval as ev
+    # 4 TP, 2 TN, 1 FP, 1 FN
+    preds, labels = [1, 1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 1, 0, 0, 0, 1]
+    m = ev.glue_metrics("mrpc", preds, labels)
+    assert m == {"acc": 75.0, "f1": pytest.approx(100 * 8 / 10)}  # 2TP / (2TP + FP + FN)
+    assert ev.glue_metrics("cola", preds, labels)["mcc"] == pytest.approx(100 * (4 * 2 - 1 * 1) / math.sqrt(5 * 5 * 3 * 3))
+    assert ev.glue_metrics("cola", [1, 1, 1], [1, 0, 1]) == {"mcc": 0.0}  # one predicted class: denominator 0
+    assert ev.glue_metrics("sst2", [0, 1], [1, 1]) == {"acc": 50.0}
+    # ties get average ranks: [1, 2, 2, 3] -> ranks [1, 2.5, 2.5, 4]
+    assert ev.average_ranks([1.0, 2.0, 2.0, 3.0]).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert ev.average_ranks([3.0, 1.0, 3.0, 3.0]).tolist() == [3.0, 1.0, 3.0, 3.0]
+    s = ev.glue_metrics("stsb", [0.1, 0.2, 0.4, 0.3], [1.0, 2.0, 2.0, 3.0])
+    # ranks preds [1, 2, 4, 3], labels [1, 2.5, 2.5, 4]; deviations from 2.5: [-1.5, -.5, 1.5, .5] and
+    # [-1.5, 0, 0, 1.5]; sum of products 3, sums of squares 5 and 4.5: rho = 3 / sqrt(22.5)
+    assert s["spearman"] == pytest.approx(100 * 3 / math.sqrt(22.5))
+    x, y = np.array([0.1, 0.2, 0.4, 0.3]), np.array([1.0, 2.0, 2.0, 3.0])
+    assert s["pearson"] == pytest.approx(100 * np.corrcoef(x, y)[0, 1])
+
+
+def test_squad_scores_by_hand():
+    import eval as ev
+    assert ev.normalize_answer("The  Big, red-door!") == "big reddoor"
+    ds = [{"id": "a", "answers": [{"text": "the cat"}, {"text": "a black cat"}]},
+          {"id": "b", "answers": [{"text": "Paris"}]},
+          {"id": "c", "answers": []}]
+    v1 = ev.squad_scores(ds[:2], {"a": "black cat"})  # b has no prediction: 0, still counted
+    assert v1["exact"] == 50.0 and v1["f1"] == 50.0 and v1["total"] == 2
+    p = {"a": "cat sat", "b": "Paris", "c": ""}
+    v2 = ev.squad_scores(ds, p, "2.0", na_scores={"a": 1.0, "b": -2.0, "c": 3.0})
+    # a: F1 of "cat sat" vs "cat" = 2 * (1/2 * 1) / (1/2 + 1) = 2/3; vs "black cat": P 1/2, R 1/2 -> 1/2
+    assert v2["f1"] == pytest.approx(100 * (2 / 3 + 1 + 1) / 3) and v2["exact"] == pytest.approx(200 / 3)
+    assert v2["HasAns_total"] == 2 and v2["NoAns_exact"] == 100.0 and v2["HasAns_exact"] == 50.0
+    # threshold sweep: all-empty gives 1/3 (only c); admitting b (na -2) gives 2/3; admitting a adds 0 exact
+    assert v2["best_exact"] == pytest.approx(200 / 3) and v2["best_exact_thresh"] == -2.0
+    assert v2["best_f1"] == pytest.approx(100 * (2 / 3 + 2) / 3) and v2["best_f1_thresh"] == 1.0
+
+
+# ==============================================================================================
+# train.py: the whole pipeline on a tiny model and a fixture in the official format
+
+
+def write_pipeline_fixture(root):
+    words = "good great fine nice bad awful poor sad movie film the a was is very".split()
+    vocab = write_vocab(root / "vocab.txt", words)
+    rng = np.random.default_rng(0)
+    pos, neg = words[:4], words[4:8]
+    rows = []
+    for i in range(96):
+        label = i % 2
+        mood = rng.choice(pos if label else neg, size=rng.integers(1, 4))
+        rows.append(" ".join(["the", "movie", "was", *mood]) + f"\t{label}")
+    for split, part in (("train", rows[:64]), ("dev", rows[64:])):
+        path = root / "data" / "glue" / "SST-2" / f"{split}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("sentence\tlabel\n" + "\n".join(part) + "\n")
+    config = model.BertConfig.preset("tiny-teacher")
+    torch.manual_seed(0)
+    init = root / "teacher_init"
+    model.Bert(config).save(init, {"vocab.txt": open(vocab).read()})
+    return init
+
+
+PIPELINE = ["--task", "sst2", "--student_init", "random", "--layers", "2", "--hidden", "24", "--heads", "2",
+            "--ffn", "48", "--splits", "4", "--teacher_epochs", "20", "--epochs1", "3", "--epochs2", "10",
+            "--batch_size", "16", "--teacher_lr", "3e-3", "--lr1", "1e-3", "--lr2", "1e-3", "--log_steps", "1",
+            "--save_steps", "3", "--device", "cpu"]
+
+
+def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
+    import json
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    out = tmp_path / "out"
+    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out)]
+    results = train.main(argv)
+    logged = capsys.readouterr().out
+    assert set(results) >= {"teacher", "student", "ratio", "teacher_parameters", "student_parameters"}
+    assert results["teacher"]["acc"] > 60  # the fixture is learnable
+    for stage in ("teacher", "stage1", "stage2"):
+        assert json.load(open(out / stage / "metrics.json"))["done"]
+        assert not os.path.exists(out / stage / "checkpoint.pt")
+        for f in ("model.safetensors", "config.json", "vocab.txt", "args.json", "log.jsonl"):
+            assert os.path.exists(out / stage / f), (stage, f)
+    for stage, parts in (("stage1", ("emb", "mha", "ffn")), ("stage2", ("kd", "ss", "sc"))):  # the losses fall
+        log = [sum(r[p] for p in parts) for r in map(json.loads, open(out / stage / "log.jsonl")) if parts[0] in r]
+        assert np.mean(log[-3:]) < log[0], (stage, log)
+    assert "selection on dev" in logged and json.load(open(out / "results.json"))["task"] == "sst2"
+    # a second run skips every finished stage
+    train.main(argv)
+    assert logged.count("skipped") == 0 and capsys.readouterr().out.count("is finished: skipped") == 3
+    # a Stage 2 killed mid-way resumes from its checkpoint and finishes
+    import shutil
+    shutil.rmtree(out / "stage2")
+    calls = {"n": 0}
+    real = train.fit.__globals__["data"].batches
+
+    def dying(*a, **k):
+        for b in real(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt  # a kill after step 4 (checkpoint at step 3)
+            yield b
+    monkeypatch.setattr(data, "batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv + ["--stages", "stage2"])
+    assert os.path.exists(out / "stage2" / "checkpoint.pt")
+    monkeypatch.setattr(data, "batches", real)
+    train.main(argv + ["--stages", "stage2"])
+    assert "resumed from" in capsys.readouterr().out and json.load(open(out / "stage2" / "metrics.json"))["done"]
+
+
+def test_train_rejects_bad_flags_before_work(capsys):
+    import train
+    for argv, msg in ((["--task", "sst3"], "unknown"), (["--task", "sst2", "--stages", "stage3"], "--stages"),
+                      (["--task", "sst2", "--lr1", "0"], "--lr1 must be positive"),
+                      (["--task", "sst2", "--teacher", "/nonexistent"], "no such directory")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert msg in capsys.readouterr().err

@@ -1,0 +1,296 @@
+"""eval.py: score a saved model with the official metric, write test predictions, measure speed.
+
+Chapter 3 of mlkd. Metrics are restated from their definitions (GLUE paper and the scikit-learn /
+scipy conventions its leaderboard uses; the official SQuAD v1.1 and v2.0 evaluation scripts), in
+numpy only. Every number is in percent, as the leaderboards and the official scripts print them.
+
+    python eval.py --task sst2 --model out/sst2/stage2             # dev metrics
+    python eval.py --task sst2 --model out/sst2/stage2 --predict   # GLUE test predictions (submission TSV)
+    python eval.py --task sst2 --model out/sst2/stage2 --speed     # latency at 12/6/4/3/2/1 heads
+    python eval.py --task squad1 --model DIR                       # EM/F1 + predictions.json
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import string
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+from model import Bert, fetch
+
+# ----------------------------------------------------------------------------------------------
+# GLUE metrics
+
+
+def matthews(preds, labels):
+    """(TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)); 0 when the denominator is 0."""
+    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
+    tp, tn, fp, fn = (float(np.sum(a & b)) for a, b in ((p, y), (~p, ~y), (p, ~y), (~p, y)))
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+
+
+def f1_positive(preds, labels):
+    """Binary F1 of the positive class 1: 2TP / (2TP + FP + FN) (not macro-F1); 0 when undefined."""
+    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
+    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def average_ranks(x):
+    """Ranks 1..n, ties given the mean of the ranks they span (scipy's rankdata 'average')."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.nonzero(np.diff(sorted_x))[0] + 1]   # first index of each run of ties
+    ends = np.r_[starts[1:], len(x)]
+    run_rank = (starts + ends + 1) / 2.0                      # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return 0.0 if denominator == 0 else float((a * b).sum() / denominator)
+
+
+def glue_metrics(task, preds, labels):
+    """Official metric(s) of a GLUE task, in percent. preds: class indices, or scores for STS-B."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if task == "stsb":
+        return {"pearson": 100 * pearson(preds, labels),
+                "spearman": 100 * pearson(average_ranks(preds), average_ranks(labels))}
+    out = {"acc": 100 * float(np.mean(preds == labels))}
+    if task in ("mrpc", "qqp"):
+        out["f1"] = 100 * float(f1_positive(preds, labels))
+    if task == "cola":
+        out = {"mcc": 100 * float(matthews(preds, labels))}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SQuAD metrics (official evaluate-v1.1.py and evaluate-v2.0.py, restated)
+
+
+def normalize_answer(s):
+    """Lower case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def squad_f1(prediction, gold):
+    p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not p or not g:  # v2.0: both empty is a match, one empty is not
+        return float(p == g)
+    common = sum((collections.Counter(p) & collections.Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(dataset, predictions, version="1.1", na_scores=None):
+    """EM and F1 in percent, max over the gold answers. dataset: read_squad's list of examples.
+
+    A question without a prediction scores 0 and counts in the total (v1.1's rule; we apply it to
+    v2.0 as well, where the official script would skip it). v2.0: gold answers that normalise to ""
+    are dropped and an unanswerable question's only gold is ""; HasAns/NoAns splits are reported and,
+    with na_scores {id: null score - best span score}, the best threshold and its EM/F1.
+    """
+    exact, f1, has_answer = {}, {}, {}
+    for ex in dataset:
+        golds = [a["text"] for a in ex["answers"]]
+        if version == "2.0":
+            golds = [g for g in golds if normalize_answer(g)] or [""]
+        has_answer[ex["id"]] = golds != [""]
+        pred = predictions.get(ex["id"])
+        if pred is None:
+            exact[ex["id"]] = f1[ex["id"]] = 0.0
+            continue
+        exact[ex["id"]] = max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
+        f1[ex["id"]] = max(squad_f1(pred, g) for g in golds)
+    ids = list(exact)
+    out = {"exact": 100 * np.mean([exact[i] for i in ids]), "f1": 100 * np.mean([f1[i] for i in ids]), "total": len(ids)}
+    if version == "2.0":
+        for name, keep in (("HasAns", True), ("NoAns", False)):
+            sub = [i for i in ids if has_answer[i] == keep]
+            if sub:
+                out[f"{name}_exact"] = 100 * np.mean([exact[i] for i in sub])
+                out[f"{name}_f1"] = 100 * np.mean([f1[i] for i in sub])
+                out[f"{name}_total"] = len(sub)
+        if na_scores is not None:
+            for name, scores in (("exact", exact), ("f1", f1)):
+                out[f"best_{name}"], out[f"best_{name}_thresh"] = best_threshold(ids, scores, has_answer, na_scores)
+    return {k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in out.items()}
+
+
+def best_threshold(ids, scores, has_answer, na_scores):
+    """Sweep the null-score threshold (official find_best_thresh): start from predicting "" everywhere,
+    then admit answers in order of increasing na score, keeping the best total."""
+    current = best = sum(not has_answer[i] for i in ids)
+    threshold = 0.0
+    for i in sorted(ids, key=lambda i: na_scores[i]):
+        current += scores[i] - (not has_answer[i])  # the answer's score replaces the empty answer's
+        if current > best:
+            best, threshold = current, na_scores[i]
+    return 100.0 * best / len(ids), threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a model
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
+    """Logits of every row of an encoded dataset, in order, as a float32 numpy array."""
+    model.eval()
+    out = []
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+    for b in data.batches(dataset, batch_size, fixed_padding=fixed_padding):
+        with autocast:
+            logits = model(b["input_ids"].to(device), b["token_type_ids"].to(device), b["attention_mask"].to(device)).logits
+        width = logits.shape[-1]  # span logits are padded to the dataset width so windows line up
+        if logits.dim() == 3 and width < dataset["input_ids"].shape[1]:
+            logits = torch.nn.functional.pad(logits, (0, dataset["input_ids"].shape[1] - width), value=-1e4)
+        out.append(logits.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def predictions_from_logits(task, logits):
+    return logits[:, 0] if data.TASKS[task].is_regression else logits.argmax(-1)
+
+
+def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False):
+    """{metric: value} over the task's dev split(s); MNLI's get suffixes _m and _mm."""
+    metrics = {}
+    for split, ds in dev_sets.items():
+        preds = predictions_from_logits(task, predict_logits(model, ds, batch_size, device, fixed_padding))
+        m = glue_metrics(task, preds, ds["labels"].numpy())
+        suffix = {"dev_matched": "_m", "dev_mismatched": "_mm"}.get(split, "")
+        metrics.update({k + suffix: v for k, v in m.items()})
+    return metrics
+
+
+def check_labels(model, task):
+    """A model fine-tuned under one label order and used under another is silently wrong (MNLI)."""
+    want = list(data.TASKS[task].labels)
+    have = list(model.config.label_names)
+    if have and have != want:
+        raise ValueError(f"the model's labels {have} differ from task {task}'s {want}")
+
+
+def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, device="cpu"):
+    """Median latency (ms) and throughput (samples/s) of the model re-headed to each head count:
+    same weights, same width and FLOPs, only the split of the width into heads changes (SPEC)."""
+    rows = []
+    ids = torch.randint(1000, model.config.vocab_size, (batch, length), device=device)
+    mask = torch.ones_like(ids)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+    for h in heads:
+        if model.config.hidden_size % h:
+            continue
+        m = Bert(type(model.config)(**{**model.config.__dict__, "num_attention_heads": h})).to(device).eval()
+        m.load_state_dict(model.state_dict())
+        times = []
+        with torch.no_grad(), autocast:
+            for i in range(warmup + iters):
+                if str(device).startswith("cuda"):
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                m(ids, None, mask)
+                if str(device).startswith("cuda"):
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t)
+        latency = float(np.median(times))
+        rows.append({"heads": h, "latency_ms": 1000 * latency, "samples_per_s": batch / latency})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a saved model on a GLUE task or SQuAD with the official metric.")
+    p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
+    p.add_argument("--model", required=True, help="a model directory written by train.py (or any Bert.from_pretrained input)")
+    p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"), help="holds glue/<TASK>/ and squad/")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--predict", action="store_true", help="write GLUE test predictions (submission format) into --model")
+    p.add_argument("--speed", action="store_true", help="latency and throughput at 12/6/4/3/2/1 heads")
+    p.add_argument("--speed_batch", type=int, default=32)
+    p.add_argument("--speed_length", type=int, default=128)
+    p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.model) and args.model.count("/") != 1:
+        p.error(f"--model {args.model}: no such directory")
+    directory = fetch(args.model)
+    model = Bert.from_pretrained(directory).to(args.device)
+    tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
+    if args.speed:
+        print(f"speed: batch {args.speed_batch} x length {args.speed_length}, {args.device}"
+              f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")
+        rows = speed(model, args.speed_batch, args.speed_length, device=args.device)
+        for r in rows:
+            print(f"  {r['heads']:2d} heads: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
+                  f"x{rows[0]['latency_ms'] / r['latency_ms']:.2f} vs {rows[0]['heads']} heads")
+        return rows
+    if args.task.startswith("squad"):
+        return eval_squad(model, tok, args)
+    check_labels(model, args.task)
+    task = data.TASKS[args.task]
+    if args.predict:
+        return write_test_predictions(model, tok, args)
+    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok) for s in task.dev_splits}
+    metrics = evaluate_glue(model, args.task, dev, args.batch_size, args.device)
+    print(f"{args.task} dev: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    return metrics
+
+
+def write_test_predictions(model, tok, args):
+    """GLUE server format: <TASK>.tsv with 'index<TAB>prediction', label strings or STS-B scores."""
+    names = {"dev_matched": "MNLI-m", "test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
+    splits = data.TASKS[args.task].test_splits
+    jobs = [(args.task, s) for s in splits] + ([("ax", "test")] if args.task == "mnli" else [])
+    for task, split in jobs:
+        examples = data.read_glue(task, split, args.data_dir)
+        logits = predict_logits(model, data.encode_glue(task, examples, tok), args.batch_size, args.device)
+        preds = predictions_from_logits(task, logits)
+        labels = data.TASKS[task].labels
+        name = "AX" if task == "ax" else names.get(split, data.TASKS[task].folder)
+        lines = ["index\tprediction"] + [f"{e.guid}\t{p:.3f}" if not labels else f"{e.guid}\t{labels[p]}"
+                                         for e, p in zip(examples, preds)]
+        path = os.path.join(args.model, f"{name}.tsv")
+        data.atomic_write_text(path, "\n".join(lines) + "\n")
+        print(f"wrote {path} ({len(examples)} predictions)")
+
+
+def eval_squad(model, tok, args):
+    version = "2.0" if args.task == "squad2" else "1.1"
+    path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
+    examples = data.read_squad(path)
+    features = data.squad_features(examples, tok, train=False)
+    logits = predict_logits(model, features, args.batch_size, args.device)
+    preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
+    scores = squad_scores(examples, preds, version, na if version == "2.0" else None)
+    out = os.path.join(args.model, "predictions.json")
+    data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
+    print(f"SQuAD v{version} ({path}): " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in scores.items()))
+    print(f"wrote {out}")
+    return scores
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, data.DownloadError) as e:
+        sys.exit(f"error: {e}")

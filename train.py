@@ -1,0 +1,424 @@
+"""train.py: the whole MLKD pipeline for one task, in one command.
+
+    python train.py --task sst2
+
+Chapter 4 of mlkd. Stages (SPEC.md "Pipeline for one task"), each in its own directory under --out:
+    teacher   fine-tune the teacher (bert-base-uncased unless --teacher gives a fine-tuned one)
+    stage1    distil embeddings and Transformer layers: L_EMB + L_MHA + L_FFN, constant lr
+    stage2    distil the prediction layer: L_KD + L_SS + L_SC, warm-up then linear decay,
+              keeping the checkpoint with the best dev metric (selection on dev)
+    eval      official dev metric of teacher and student, results.json
+A stage directory holds model.safetensors, config.json, vocab.txt, args.json, metrics.json and
+log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from checkpoint.pt.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import data
+import eval as evaluation
+import mlkd
+from model import Bert, fetch, read_safetensors, write_safetensors
+
+# SPEC "Hyper-parameters": max length, Stage-1 epochs, Stage-2 epochs, teacher epochs, teacher lr.
+# WNLI is not in the authors' table; it gets RTE's settings.
+TASK_DEFAULTS = {
+    "cola": (64, 50, 30, 10, 1e-5), "sst2": (64, 15, 10, 4, 2e-5), "mrpc": (128, 20, 15, 10, 2e-5),
+    "stsb": (128, 20, 15, 10, 3e-5), "rte": (128, 20, 15, 10, 2e-5), "qnli": (128, 10, 10, 10, 2e-5),
+    "mnli": (128, 6, 6, 4, 3e-5), "qqp": (128, 6, 6, 5, 2e-5), "wnli": (128, 20, 15, 10, 2e-5),
+}
+TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D", (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
+STAGES = ("teacher", "stage1", "stage2", "eval")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("task and files")
+    g.add_argument("--task", required=True, help=f"one of {', '.join(TASK_DEFAULTS)}")
+    g.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"),
+                   help="holds glue/<TASK>/*.tsv; missing files are downloaded there (default: data or $MLKD_DATA)")
+    g.add_argument("--out", help="output directory (default: out/<task>)")
+    g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", help="directory of an already fine-tuned teacher: skips the teacher stage")
+    g.add_argument("--teacher_init", default="google-bert/bert-base-uncased",
+                   help="pre-trained weights the teacher is fine-tuned from (hub name or directory)")
+    g.add_argument("--teacher_epochs", type=float)
+    g.add_argument("--teacher_lr", type=float)
+    g = p.add_argument_group("student")
+    g.add_argument("--student_init", default="tinybert",
+                   help="tinybert (General TinyBERT of the student's shape, as the paper), teacher-layers "
+                        "(copy the mapped teacher layers; widths must match), random, or a model directory")
+    g.add_argument("--layers", type=int, help="student layers (default: 4 for tinybert, else half the teacher's)")
+    g.add_argument("--hidden", type=int, help="student width (default: 312 for tinybert, else the teacher's)")
+    g.add_argument("--heads", type=int, help="student attention heads (any divisor of the width)")
+    g.add_argument("--ffn", type=int, help="student FFN width")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--splits", type=int, default=12, help="MHA-splits A for L_MHA (must divide both widths)")
+    g.add_argument("--layer_map", default="uniform", help="uniform, last, or teacher layers per student layer: 3,6,9,12")
+    for w in ("emb", "mha", "ffn", "kd", "ss", "sc"):
+        g.add_argument(f"--w_{w}", type=float, default=1.0, help=f"weight of L_{w.upper()} (0 switches it off)")
+    g.add_argument("--temperature", type=float, default=1.0, help="L_KD temperature")
+    g.add_argument("--tau", type=float, default=0.07, help="L_SC temperature")
+    g.add_argument("--paper_exact", action="store_true",
+                   help="the authors' behaviour: pad every batch to max length, relation losses unmasked")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs1", type=float, help="Stage-1 epochs")
+    g.add_argument("--epochs2", type=float, help="Stage-2 epochs")
+    g.add_argument("--lr1", type=float, default=5e-5)
+    g.add_argument("--lr2", type=float, default=5e-5)
+    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--max_len", type=int)
+    g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction (teacher and Stage 2)")
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max_steps", type=int, help="cap the steps of every stage (quick runs)")
+    g.add_argument("--train_subset", type=int, help="train on a seeded random subset of this many examples")
+    g.add_argument("--eval_steps", type=int, help="evaluate on dev every N steps (default: every epoch)")
+    g.add_argument("--save_steps", type=int, default=200, help="write a resumable checkpoint every N steps")
+    g.add_argument("--log_steps", type=int, default=50, help="progress line every N steps")
+    g.add_argument("--eval_batch_size", type=int, default=128)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    args = p.parse_args(argv)
+
+    if args.task not in TASK_DEFAULTS:
+        p.error(f"--task {args.task!r}: unknown; choose one of {', '.join(TASK_DEFAULTS)}")
+    max_len, e1, e2, te, tlr = TASK_DEFAULTS[args.task]
+    for name, value in (("max_len", max_len), ("epochs1", e1), ("epochs2", e2), ("teacher_epochs", te), ("teacher_lr", tlr)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not args.stages or any(s not in STAGES for s in args.stages):
+        p.error(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
+    for name in ("batch_size", "max_len", "splits", "save_steps", "log_steps", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    for name in ("lr1", "lr2", "teacher_lr", "temperature", "tau"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    if min(args.epochs1, args.epochs2, args.teacher_epochs) < 0 or not 0 <= args.warmup < 1:
+        p.error("epochs must be >= 0 and --warmup in [0, 1)")
+    if args.max_len > 512:
+        p.error("--max_len cannot exceed BERT's 512 positions")
+    if args.teacher and not os.path.isdir(args.teacher):
+        p.error(f"--teacher {args.teacher}: no such directory")
+    if args.student_init not in ("tinybert", "teacher-layers", "random") and not os.path.isdir(args.student_init):
+        p.error(f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory")
+    if args.layer_map not in ("uniform", "last"):
+        try:
+            args.layer_map = [int(x) for x in args.layer_map.split(",")]
+        except ValueError:
+            p.error(f"--layer_map {args.layer_map}: use uniform, last or comma-separated teacher layers")
+    args.out = args.out or os.path.join("out", args.task)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the models
+
+
+def head_config(task):
+    t = data.TASKS[task]
+    if t.is_regression:
+        return dict(head="regression", label_names=[])
+    return dict(head="classification", num_labels=len(t.labels), label_names=list(t.labels))
+
+
+def build_student(args, teacher):
+    """The student per --student_init; its attention dropout is 0 so attn_outputs are SPEC's O."""
+    tc = teacher.config
+    shape = {k: v for k, v in dict(num_hidden_layers=args.layers, hidden_size=args.hidden,
+                                   num_attention_heads=args.heads, intermediate_size=args.ffn).items() if v}
+    overrides = dict(head_config(args.task), attention_probs_dropout_prob=0.0)
+    if args.student_init == "tinybert":
+        key = (args.layers or 4, args.hidden or 312)
+        if key not in TINYBERT:
+            raise ValueError(f"no General TinyBERT with {key[0]} layers x {key[1]} wide (have 4x312, 6x768); "
+                             "use --student_init teacher-layers or random")
+        heads = {"num_attention_heads": args.heads} if args.heads else {}
+        return Bert.from_pretrained(TINYBERT[key], **overrides, **heads)
+    if os.path.isdir(args.student_init):
+        return Bert.from_pretrained(args.student_init, **overrides, **({"num_attention_heads": args.heads} if args.heads else {}))
+    shape.setdefault("num_hidden_layers", max(1, tc.num_hidden_layers // 2))
+    config = type(tc)(**{**tc.__dict__, **shape, **overrides})
+    student = Bert(config)
+    if args.student_init == "teacher-layers":
+        if (config.hidden_size, config.intermediate_size) != (tc.hidden_size, tc.intermediate_size):
+            raise ValueError("--student_init teacher-layers needs the teacher's hidden and FFN widths")
+        g = mlkd.layer_map(tc.num_hidden_layers, config.num_hidden_layers, args.layer_map)
+        t_state = teacher.state_dict()
+        state = {k: v for k, v in t_state.items() if not k.startswith(("layers.", "classifier.", "qa_outputs."))}
+        for m in range(1, config.num_hidden_layers + 1):  # student layer m <- teacher layer g(m)
+            prefix = f"layers.{g[m] - 1}."
+            state.update({f"layers.{m - 1}.{k[len(prefix):]}": v for k, v in t_state.items() if k.startswith(prefix)})
+        student.load_state_dict(state, strict=False)
+        print(f"[student] copied teacher layers {g[1:]} into a {config.num_hidden_layers}-layer student")
+    return student
+
+
+def save_model(model, directory, vocab_file, extra=None):
+    with open(vocab_file, encoding="utf-8") as f:
+        model.save(directory, {"vocab.txt": f.read(), **(extra or {})})
+
+
+# ----------------------------------------------------------------------------------------------
+# One training loop for all three stages
+
+
+def param_groups(modules, weight_decay):
+    """AdamW groups: weight decay except on biases and LayerNorm weights (1-d tensors)."""
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (no_decay if p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, evaluate=None, on_best=None):
+    """Train `modules` (the first is the model) on loss_fn(batch) -> (loss, parts).
+
+    Schedule: linear warm-up over `warmup` of the steps then linear decay, or constant when warmup is
+    None. With `evaluate` (-> metrics dict, higher is better for args.metric) the dev metric is
+    checked every --eval_steps and at every epoch end; on_best(metrics) saves the best. Writes
+    checkpoint.pt every --save_steps and resumes from it. Returns the final log record.
+    """
+    device = args.device
+    n = len(train["input_ids"])
+    per_epoch = math.ceil(n / args.batch_size)
+    total = max(1, math.ceil(epochs * per_epoch))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=device.startswith("cuda"))
+    warm = int(warmup * total) if warmup is not None else 0
+
+    def lr_factor(step):
+        if warmup is None:
+            return 1.0
+        return (step + 1) / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    step, best = 0, None
+    ckpt = os.path.join(directory, "checkpoint.pt")
+    if os.path.exists(ckpt):
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        for m, s in zip(modules, state["modules"]):
+            m.load_state_dict(s)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best = state["step"], state["best"]
+        torch.set_rng_state(state["rng"].cpu())
+        print(f"[{stage}] resumed from {ckpt} at step {step}/{total}")
+    forward = torch.compile(modules[0]) if args.compile else modules[0]
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
+    log = open(os.path.join(directory, "log.jsonl"), "a")
+    print(f"[{stage}] {n} examples, batch {args.batch_size}, {total} steps ({epochs:g} epochs), lr {lr:g}, "
+          f"{'constant lr' if warmup is None else f'warm-up {warm} steps then linear decay'}")
+    t0, start_step, seen, record = time.time(), step, 0, {}
+    while step < total:
+        epoch = step // per_epoch
+        gen = torch.Generator().manual_seed(args.seed + epoch)  # the same order again after a resume
+        for batch in data.batches(train, args.batch_size, shuffle=True, generator=gen,
+                                  fixed_padding=args.paper_exact, start=step % per_epoch):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            modules[0].train()
+            with autocast:
+                loss, parts = loss_fn(forward, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: "
+                                         f"{ {k: float(v) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step, seen = step + 1, seen + len(batch["index"])
+            end_of_epoch = step % per_epoch == 0 or step == total
+            if step % args.log_steps == 0 or step == total:
+                rate = seen / (time.time() - t0)
+                eta = (total - step) * (time.time() - t0) / (step - start_step)
+                record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total,
+                          **{k: float(v.detach()) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": rate}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | "
+                      + " ".join(f"{k} {record[k]:.4f}" for k in parts)
+                      + f" | lr {record['lr']:.2e} | {rate:.1f} samples/s | ETA {eta / 60:.1f} min", flush=True)
+            if evaluate and (end_of_epoch or (args.eval_steps and step % args.eval_steps == 0)):
+                metrics = evaluate()
+                improved = best is None or metrics[args.metric] > best
+                print(f"[{stage}] dev at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+                      + ("  (best so far: saved)" if improved else ""))
+                log.write(json.dumps({"stage": stage, "step": step, "dev": metrics}) + "\n")
+                if improved:
+                    best = metrics[args.metric]
+                    on_best(metrics)
+            if step % args.save_steps == 0 and step < total:
+                data.atomic_write_bytes(ckpt, [to_bytes({
+                    "modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "best": best, "rng": torch.get_rng_state()})])
+            if step >= total:
+                break
+    log.close()
+    return record
+
+
+def to_bytes(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def finish(directory, metrics, args):
+    """Mark a stage finished: metrics.json (with done) and args.json; drop the resume checkpoint."""
+    data.atomic_write_text(os.path.join(directory, "args.json"), json.dumps(vars(args), indent=2, default=str))
+    data.atomic_write_text(os.path.join(directory, "metrics.json"), json.dumps({**metrics, "done": True}, indent=2))
+    ckpt = os.path.join(directory, "checkpoint.pt")
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+
+
+def is_done(directory):
+    path = os.path.join(directory, "metrics.json")
+    return os.path.exists(path) and json.load(open(path)).get("done", False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages
+
+
+def teacher_loss(model, batch):
+    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
+    if logits.shape[-1] == 1:
+        ce = torch.nn.functional.mse_loss(logits[:, 0].float(), batch["labels"])
+    else:
+        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+    return ce, {"ce": ce}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    task = data.TASKS[args.task]
+    args.metric = task.metric if args.task != "mnli" else "acc_m"
+    torch.manual_seed(args.seed)
+    print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    dirs = {s: os.path.join(args.out, s) for s in STAGES[:3]}
+    teacher_dir = args.teacher or dirs["teacher"]
+    source = fetch(args.teacher or args.teacher_init)
+    vocab = os.path.join(source, "vocab.txt")
+    tok = data.Tokenizer(vocab)
+
+    train_examples = data.read_glue(args.task, "train", args.data_dir)
+    if args.train_subset and args.train_subset < len(train_examples):
+        keep = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(args.seed))[:args.train_subset]
+        train_examples = [train_examples[i] for i in sorted(keep.tolist())]
+    train = data.encode_glue(args.task, train_examples, tok, args.max_len)
+    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok, args.max_len)
+           for s in task.dev_splits}
+    evaluate = lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact)  # noqa: E731
+
+    # Stage 0: the teacher
+    if "teacher" in args.stages and not args.teacher and not is_done(teacher_dir):
+        os.makedirs(teacher_dir, exist_ok=True)
+        teacher = Bert.from_pretrained(args.teacher_init, **head_config(args.task)).to(args.device)
+        fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs, args.teacher_lr,
+            args.warmup, lambda: evaluate(teacher), lambda _: save_model(teacher, teacher_dir, vocab))
+        finish(teacher_dir, evaluate(Bert.from_pretrained(teacher_dir, verbose=False).to(args.device)), args)
+    elif "teacher" in args.stages:
+        print(f"[teacher] {teacher_dir} is finished: skipped")
+
+    need_teacher = any(s in args.stages for s in ("stage1", "stage2", "eval"))
+    if need_teacher:
+        if not is_done(teacher_dir) and not args.teacher:
+            sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
+        teacher = Bert.from_pretrained(teacher_dir, verbose=False).to(args.device).eval().requires_grad_(False)
+        evaluation.check_labels(teacher, args.task)
+    mask_of = (lambda b: None) if args.paper_exact else (lambda b: b["attention_mask"])  # noqa: E731
+
+    def teacher_out(batch):
+        with torch.no_grad():
+            return teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+
+    # Stage 1: embeddings and Transformer layers
+    if "stage1" in args.stages and not is_done(dirs["stage1"]):
+        os.makedirs(dirs["stage1"], exist_ok=True)
+        student = build_student(args, teacher).to(args.device)
+        M, N = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        lmap = mlkd.layer_map(N, M, args.layer_map)
+        for d in (student.config.hidden_size, teacher.config.hidden_size):
+            if d % args.splits:
+                sys.exit(f"error: --splits {args.splits} does not divide the width {d}")
+        print(f"[stage1] layer map student -> teacher: {lmap} (0 = embeddings); student {M} x "
+              f"{student.config.hidden_size}, {student.config.num_attention_heads} heads, "
+              f"{student.num_parameters() / 1e6:.1f}M parameters")
+        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size).to(args.device)
+        weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
+
+        def loss1(model, batch):
+            return mlkd.stage1_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
+                                    teacher_out(batch), proj, mask_of(batch), lmap, weights, args.splits)
+        record = fit("stage1", dirs["stage1"], [student, proj], loss1, train, args, args.epochs1, args.lr1, None)
+        save_model(student, dirs["stage1"], vocab)
+        write_safetensors(proj.state_dict(), os.path.join(dirs["stage1"], "projections.safetensors"))
+        finish(dirs["stage1"], {"final_losses": {k: v for k, v in record.items() if k in weights}}, args)
+    elif "stage1" in args.stages:
+        print(f"[stage1] {dirs['stage1']} is finished: skipped")
+
+    # Stage 2: prediction layer, best on dev kept
+    if "stage2" in args.stages and not is_done(dirs["stage2"]):
+        if not is_done(dirs["stage1"]):
+            sys.exit(f"error: Stage 1 in {dirs['stage1']} is not finished; run --stages stage1 first")
+        os.makedirs(dirs["stage2"], exist_ok=True)
+        student = Bert.from_pretrained(dirs["stage1"], verbose=False).to(args.device)
+        M = student.config.num_hidden_layers
+        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size).to(args.device)
+        proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
+        weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
+
+        def loss2(model, batch):
+            return mlkd.stage2_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
+                                    teacher_out(batch), proj, batch["labels"], weights, args.temperature, args.tau)
+        print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
+        fit("stage2", dirs["stage2"], [student, proj], loss2, train, args, args.epochs2, args.lr2, args.warmup,
+            lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab))
+        finish(dirs["stage2"], evaluate(Bert.from_pretrained(dirs["stage2"], verbose=False).to(args.device)), args)
+    elif "stage2" in args.stages:
+        print(f"[stage2] {dirs['stage2']} is finished: skipped")
+
+    if "eval" in args.stages:
+        return report(args, teacher, teacher_dir, dirs["stage2"], evaluate)
+
+
+def report(args, teacher, teacher_dir, student_dir, evaluate):
+    if not is_done(student_dir):
+        sys.exit(f"error: no finished student in {student_dir}")
+    student = Bert.from_pretrained(student_dir, verbose=False).to(args.device)
+    t_metrics, s_metrics = evaluate(teacher), evaluate(student)
+    tp, sp = teacher.num_parameters(), student.num_parameters()
+    results = {"task": args.task, "metric": args.metric, "split": "dev", "teacher": t_metrics, "student": s_metrics,
+               "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
+               "teacher_parameters": tp, "student_parameters": sp, "teacher_dir": teacher_dir, "student_dir": student_dir}
+    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
+    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")
+    print(f"  {'teacher':8s} " + " ".join(f"{v:9.2f}" for v in t_metrics.values()) + f" {tp / 1e6:8.1f}M")
+    print(f"  {'student':8s} " + " ".join(f"{v:9.2f}" for v in s_metrics.values()) + f" {sp / 1e6:8.1f}M")
+    if results["ratio"] is not None:
+        print(f"  student/teacher on {args.metric}: {100 * results['ratio']:.1f}%, {tp / sp:.1f}x fewer parameters")
+    print(f"  files: {teacher_dir}, {student_dir}, {os.path.join(args.out, 'results.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
