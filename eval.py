@@ -232,7 +232,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.exists(args.model) and args.model.count("/") != 1:
         p.error(f"--model {args.model}: no such directory")
-    directory = fetch(args.model)
+    directory = args.model = fetch(args.model)
     model = Bert.from_pretrained(directory).to(args.device)
     tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
     if args.speed:
@@ -273,14 +273,24 @@ def write_test_predictions(model, tok, args):
         print(f"wrote {path} ({len(examples)} predictions)")
 
 
+def evaluate_squad(model, examples, features, version, batch_size=128, device="cpu"):
+    """(scores, predictions): EM/F1 of the model's best spans; v2.0 with the null-score threshold 0
+    and, from the null-minus-best scores, the best threshold."""
+    logits = predict_logits(model, features, batch_size, device)  # (F, 2, L)
+    preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
+    return squad_scores(examples, preds, version, na if version == "2.0" else None), preds
+
+
+def squad_version(task):
+    return "2.0" if task == "squad2" else "1.1"
+
+
 def eval_squad(model, tok, args):
-    version = "2.0" if args.task == "squad2" else "1.1"
+    version = squad_version(args.task)
     path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
     examples = data.read_squad(path)
     features = data.squad_features(examples, tok, train=False)
-    logits = predict_logits(model, features, args.batch_size, args.device)
-    preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
-    scores = squad_scores(examples, preds, version, na if version == "2.0" else None)
+    scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
     out = os.path.join(args.model, "predictions.json")
     data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
     print(f"SQuAD v{version} ({path}): " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"

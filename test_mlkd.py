@@ -746,6 +746,8 @@ def write_pipeline_fixture(root):
         path = root / "data" / "glue" / "SST-2" / f"{split}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("sentence\tlabel\n" + "\n".join(part) + "\n")
+    test = [f"{i}\t{r.split(chr(9))[0]}" for i, r in enumerate(rows[64:70])]
+    (root / "data" / "glue" / "SST-2" / "test.tsv").write_text("index\tsentence\n" + "\n".join(test) + "\n")
     config = model.BertConfig.preset("tiny-teacher")
     torch.manual_seed(0)
     init = root / "teacher_init"
@@ -778,6 +780,15 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
         log = [sum(r[p] for p in parts) for r in map(json.loads, open(out / stage / "log.jsonl")) if parts[0] in r]
         assert np.mean(log[-3:]) < log[0], (stage, log)
     assert "selection on dev" in logged and json.load(open(out / "results.json"))["task"] == "sst2"
+    # eval.py scores the saved student as train.py did, writes test predictions, times re-headed models
+    import eval as ev
+    d = ["--task", "sst2", "--data_dir", str(tmp_path / "data"), "--device", "cpu"]
+    assert ev.main(d + ["--model", str(out / "stage2")]) == pytest.approx(results["student"])
+    ev.main(d + ["--model", str(out / "stage2"), "--predict"])
+    lines = (out / "stage2" / "SST-2.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 7 and all(x.split("\t")[1] in ("0", "1") for x in lines[1:])
+    rows = ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_batch", "2", "--speed_length", "8"])
+    assert [r["heads"] for r in rows] == [12, 6, 4, 3, 2, 1] and all(r["latency_ms"] > 0 for r in rows)
     # a second run skips every finished stage
     train.main(argv)
     assert logged.count("skipped") == 0 and capsys.readouterr().out.count("is finished: skipped") == 3
@@ -810,3 +821,24 @@ def test_train_rejects_bad_flags_before_work(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_squad_pipeline_end_to_end(tmp_path):
+    import json
+    import train
+    import eval as ev
+    init = write_pipeline_fixture(tmp_path)
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(SQUAD_FIXTURE))
+    out = tmp_path / "out"
+    argv = PIPELINE + ["--task", "squad2", "--train_file", str(path), "--dev_file", str(path), "--max_len", "24",
+                       "--teacher_init", str(init), "--out", str(out), "--teacher_epochs", "2", "--epochs1", "1",
+                       "--epochs2", "1", "--w_ss", "1", "--w_sc", "1"]
+    results = train.main(argv)
+    for who in ("teacher", "student"):
+        assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1"} <= set(results[who])
+    assert [json.loads(x) for x in open(out / "stage2" / "log.jsonl")][0].keys() >= {"kd"}
+    assert "ss" not in json.loads(open(out / "stage2" / "log.jsonl").readline())  # SQuAD: L_KD only
+    scores = ev.main(["--task", "squad2", "--model", str(out / "stage2"), "--squad_file", str(path), "--device", "cpu"])
+    assert scores["f1"] == pytest.approx(results["student"]["f1"])
+    assert set(json.load(open(out / "stage2" / "predictions.json"))) == {"q1", "q2", "q3"}

@@ -31,6 +31,7 @@ TASK_DEFAULTS = {
     "cola": (64, 50, 30, 10, 1e-5), "sst2": (64, 15, 10, 4, 2e-5), "mrpc": (128, 20, 15, 10, 2e-5),
     "stsb": (128, 20, 15, 10, 3e-5), "rte": (128, 20, 15, 10, 2e-5), "qnli": (128, 10, 10, 10, 2e-5),
     "mnli": (128, 6, 6, 4, 3e-5), "qqp": (128, 6, 6, 5, 2e-5), "wnli": (128, 20, 15, 10, 2e-5),
+    "squad1": (384, 4, 3, 4, 3e-5), "squad2": (384, 4, 3, 4, 3e-5),  # batch 16, stride 128, query 64
 }
 TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D", (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
 STAGES = ("teacher", "stage1", "stage2", "eval")
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"),
                    help="holds glue/<TASK>/*.tsv; missing files are downloaded there (default: data or $MLKD_DATA)")
     g.add_argument("--out", help="output directory (default: out/<task>)")
+    g.add_argument("--train_file", help="SQuAD training JSON (default: <data_dir>/squad/train-v1.1.json or -v2.0)")
+    g.add_argument("--dev_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or -v2.0)")
     g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", help="directory of an already fine-tuned teacher: skips the teacher stage")
@@ -72,7 +75,7 @@ def parse_args(argv=None):
     g.add_argument("--epochs2", type=float, help="Stage-2 epochs")
     g.add_argument("--lr1", type=float, default=5e-5)
     g.add_argument("--lr2", type=float, default=5e-5)
-    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--batch_size", type=int, help="default 32 (16 for SQuAD)")
     g.add_argument("--max_len", type=int)
     g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction (teacher and Stage 2)")
     g.add_argument("--weight_decay", type=float, default=0.01)
@@ -93,6 +96,8 @@ def parse_args(argv=None):
     for name, value in (("max_len", max_len), ("epochs1", e1), ("epochs2", e2), ("teacher_epochs", te), ("teacher_lr", tlr)):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.batch_size is None:
+        args.batch_size = 16 if args.task.startswith("squad") else 32
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not args.stages or any(s not in STAGES for s in args.stages):
         p.error(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
@@ -124,6 +129,8 @@ def parse_args(argv=None):
 
 
 def head_config(task):
+    if task.startswith("squad"):
+        return dict(head="span", label_names=[])
     t = data.TASKS[task]
     if t.is_regression:
         return dict(head="regression", label_names=[])
@@ -196,7 +203,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     if args.max_steps:
         total = min(total, args.max_steps)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=True)  # one kernel, CPU and CUDA
     warm = int(warmup * total) if warmup is not None else 0
 
     def lr_factor(step):
@@ -296,18 +303,41 @@ def is_done(directory):
 
 
 def teacher_loss(model, batch):
+    """Fine-tuning loss: CE, MSE for regression, (CE(start) + CE(end)) / 2 for spans."""
     logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
-    if logits.shape[-1] == 1:
+    if logits.dim() == 3:  # (B, 2, L) against gold (B, 2)
+        ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"])
+    elif logits.shape[-1] == 1:
         ce = torch.nn.functional.mse_loss(logits[:, 0].float(), batch["labels"])
     else:
         ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
     return ce, {"ce": ce}
 
 
+def load_task(args, tok):
+    """Tokenised training rows (tokenised once) and evaluate(model) -> {metric: value} on dev."""
+    subset = lambda xs: xs if not args.train_subset or args.train_subset >= len(xs) else [  # noqa: E731
+        xs[i] for i in sorted(torch.randperm(len(xs), generator=torch.Generator().manual_seed(args.seed))[:args.train_subset].tolist())]
+    if args.task.startswith("squad"):
+        version = evaluation.squad_version(args.task)
+        path = lambda split, given: given or os.path.join(args.data_dir, "squad", f"{split}-v{version}.json")  # noqa: E731
+        rows = data.squad_features(subset(data.read_squad(path("train", args.train_file))), tok, max_len=args.max_len)
+        train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
+        dev_examples = data.read_squad(path("dev", args.dev_file))
+        dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
+        return train, lambda m: evaluation.evaluate_squad(m, dev_examples, dev, version, args.eval_batch_size, args.device)[0]
+    train = data.encode_glue(args.task, subset(data.read_glue(args.task, "train", args.data_dir)), tok, args.max_len)
+    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok, args.max_len)
+           for s in data.TASKS[args.task].dev_splits}
+    return train, lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    task = data.TASKS[args.task]
-    args.metric = task.metric if args.task != "mnli" else "acc_m"
+    squad = args.task.startswith("squad")
+    args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
+    if squad:  # SPEC: Stage 2 on SQuAD is L_KD on start and end logits only
+        args.w_ss = args.w_sc = 0.0
     torch.manual_seed(args.seed)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     dirs = {s: os.path.join(args.out, s) for s in STAGES[:3]}
@@ -315,15 +345,7 @@ def main(argv=None):
     source = fetch(args.teacher or args.teacher_init)
     vocab = os.path.join(source, "vocab.txt")
     tok = data.Tokenizer(vocab)
-
-    train_examples = data.read_glue(args.task, "train", args.data_dir)
-    if args.train_subset and args.train_subset < len(train_examples):
-        keep = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(args.seed))[:args.train_subset]
-        train_examples = [train_examples[i] for i in sorted(keep.tolist())]
-    train = data.encode_glue(args.task, train_examples, tok, args.max_len)
-    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok, args.max_len)
-           for s in task.dev_splits}
-    evaluate = lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact)  # noqa: E731
+    train, evaluate = load_task(args, tok)
 
     # Stage 0: the teacher
     if "teacher" in args.stages and not args.teacher and not is_done(teacher_dir):
@@ -340,7 +362,8 @@ def main(argv=None):
         if not is_done(teacher_dir) and not args.teacher:
             sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
         teacher = Bert.from_pretrained(teacher_dir, verbose=False).to(args.device).eval().requires_grad_(False)
-        evaluation.check_labels(teacher, args.task)
+        if not squad:
+            evaluation.check_labels(teacher, args.task)
     mask_of = (lambda b: None) if args.paper_exact else (lambda b: b["attention_mask"])  # noqa: E731
 
     def teacher_out(batch):
