@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -237,7 +238,9 @@ class Bert(nn.Module):
         the checkpoint's config; a head the checkpoint lacks is created fresh and reported as such.
         """
         directory = fetch(name_or_dir, cache_dir)
-        config = BertConfig.from_json(os.path.join(directory, "config.json"), **config_overrides)
+        config_file = next((os.path.join(directory, f) for f in ("config.json", "bert_config.json")
+                            if os.path.exists(os.path.join(directory, f))), os.path.join(directory, "config.json"))
+        config = BertConfig.from_json(config_file, **config_overrides)
         model = cls(config)
         state = read_checkpoint(directory)
         new = model.load_checkpoint_state(state, source=directory)
@@ -294,8 +297,9 @@ HF_OTHER_NAMES = {
     "embeddings.token_type_embeddings": "token_type", "embeddings.LayerNorm": "emb_ln",
     "pooler.dense": "pooler",
 }
-# What a fine-tuning model does not use: pre-training heads, TinyBERT's fit_dense, HF buffers.
-IGNORED_KEYS = [r"^cls\.", r"(^|\.)fit_dense", r"position_ids$"]
+# What a fine-tuning model does not use: pre-training heads, TinyBERT's fit_dense, HF buffers,
+# TF optimizer slots and step counter.
+IGNORED_KEYS = [r"^cls\.", r"(^|\.)fit_dense", r"position_ids$", r"adam_[mv]$", r"^global_step$"]
 
 
 def to_our_name(key):
@@ -312,13 +316,25 @@ def to_our_name(key):
 
 
 def fetch(name_or_dir, cache_dir=None):
-    """A local model directory, or download a hub repo's config, vocab and weights into the cache."""
+    """A local model directory; a hub repo's config, vocab and weights downloaded into the cache; or
+    Google's release zip (URL or file), unpacked into the cache."""
+    cache = cache_dir or os.environ.get("MLKD_CACHE", os.path.expanduser("~/.cache/mlkd"))
     if os.path.isdir(name_or_dir):
         return name_or_dir
+    if name_or_dir.endswith(".zip"):
+        name = os.path.basename(name_or_dir)[:-4]
+        target = os.path.join(cache, "models", name)
+        if not os.path.isdir(target):
+            zip_path = name_or_dir
+            if name_or_dir.startswith(("http://", "https://")):
+                zip_path = data.download(name_or_dir, os.path.join(cache, "models", name + ".zip"))
+            data.unzip(zip_path, target + ".tmp")
+            os.replace(target + ".tmp", target)
+        inner = [os.path.join(target, d) for d in os.listdir(target) if os.path.isdir(os.path.join(target, d))]
+        return inner[0] if len(inner) == 1 and not os.path.exists(os.path.join(target, "bert_config.json")) else target
     if name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/")):
         raise FileNotFoundError(f"model {name_or_dir!r}: no such directory, and not a hub name like "
                                 "google-bert/bert-base-uncased")
-    cache = cache_dir or os.environ.get("MLKD_CACHE", os.path.expanduser("~/.cache/mlkd"))
     directory = os.path.join(cache, "models", name_or_dir.replace("/", "--"))
     base = f"{data.HUB_URL}/{name_or_dir}/resolve/main"
     for file in ("config.json", "vocab.txt"):
@@ -342,7 +358,196 @@ def read_checkpoint(directory):
         path = os.path.join(directory, file)
         if os.path.exists(path):
             return read_safetensors(path) if file.endswith(".safetensors") else read_bin(path)
-    raise FileNotFoundError(f"{directory}: no {' or '.join(WEIGHT_FILES)}")
+    index = sorted(f for f in os.listdir(directory) if f.endswith(".index"))
+    if index:  # a TensorFlow checkpoint, e.g. bert_model.ckpt.index + bert_model.ckpt.data-00000-of-00001
+        return from_google_names(read_tf_checkpoint(os.path.join(directory, index[0])[:-len(".index")]))
+    raise FileNotFoundError(f"{directory}: no {' or '.join(WEIGHT_FILES)} and no TensorFlow checkpoint (*.index)")
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow checkpoints (Google's original BERT release), read with no TensorFlow.
+# <prefix>.index is a LevelDB-style table (sorted key -> value blocks, an index block, a 48-byte
+# footer); key "" holds a BundleHeaderProto, every other key a variable name whose value is a
+# BundleEntryProto (dtype, shape, shard, offset, size, masked crc32c). The tensors themselves are
+# raw little-endian bytes in <prefix>.data-0000i-of-0000n.
+
+TF_MAGIC = 0xDB4775248B80FB57.to_bytes(8, "little")
+TF_DTYPES = {1: torch.float32, 2: torch.float64, 3: torch.int32, 9: torch.int64, 14: torch.bfloat16, 19: torch.float16}
+TF_STRING = 7  # e.g. TF2's _CHECKPOINTABLE_OBJECT_GRAPH: not a weight
+
+
+def varint(buf, pos):
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def proto_fields(buf):
+    """(field number, value) of a protobuf message: varints, fixed32/64 as ints, bytes for the rest."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = varint(buf, pos)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, pos = int.from_bytes(buf[pos:pos + n], "little"), pos + n
+        elif wire == 2:
+            n, pos = varint(buf, pos)
+            value, pos = bytes(buf[pos:pos + n]), pos + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, value
+
+
+def table_block(buf, offset, size, path):
+    """The (key, value) entries of one table block: prefix-compressed keys, then restart points."""
+    if offset + size + 5 > len(buf) or buf[offset + size] != 0:
+        raise ValueError(f"{path}: corrupt or compressed table block at {offset}")
+    if masked_crc32c(buf[offset:offset + size + 1]) != int.from_bytes(buf[offset + size + 1:offset + size + 5], "little"):
+        raise ValueError(f"{path}: checksum mismatch in the table block at {offset}")
+    block = buf[offset:offset + size]
+    end = size - 4 - 4 * int.from_bytes(block[-4:], "little")
+    pos, key = 0, b""
+    while pos < end:
+        shared, pos = varint(block, pos)
+        fresh, pos = varint(block, pos)
+        length, pos = varint(block, pos)
+        key = key[:shared] + block[pos:pos + fresh]
+        pos += fresh
+        yield key, block[pos:pos + length]
+        pos += length
+
+
+def read_tf_checkpoint(prefix):
+    """{variable name: tensor} of a TF1/TF2 checkpoint, every tensor's size and crc32c verified."""
+    path = prefix + ".index"
+    with open(path, "rb") as f:
+        buf = f.read()
+    if len(buf) < 48 or buf[-8:] != TF_MAGIC:
+        raise ValueError(f"{path}: not a TensorFlow checkpoint index (bad footer)")
+    _, p = varint(buf, len(buf) - 48)            # footer: metaindex handle (unused), index handle
+    _, p = varint(buf, p)
+    index_offset, p = varint(buf, p)
+    index_size, _ = varint(buf, p)
+    entries = {}
+    for _, handle in table_block(buf, index_offset, index_size, path):
+        offset, p = varint(handle, 0)
+        size, _ = varint(handle, p)
+        entries.update(table_block(buf, offset, size, path))
+    header = dict(proto_fields(entries.pop(b"", b"")))
+    shards = header.get(1, 1)
+    if header.get(2, 0) != 0:
+        raise ValueError(f"{path}: big-endian checkpoints are not supported")
+    data_files = {}
+    state = {}
+    for key, value in entries.items():
+        name, entry = key.decode(), {}
+        for field, v in proto_fields(value):
+            entry.setdefault(field, []).append(v)
+        dtype = entry.get(1, [1])[0]
+        if dtype == TF_STRING:
+            continue
+        if 7 in entry:
+            raise ValueError(f"{path}: {name} is stored in slices, which this reader does not support")
+        if dtype not in TF_DTYPES:
+            raise ValueError(f"{path}: {name} has TensorFlow dtype {dtype}, not supported")
+        shape = [dict(proto_fields(d)).get(1, 0) for f, d in proto_fields(entry.get(2, [b""])[0]) if f == 2]
+        shard, offset, size = (entry.get(k, [0])[0] for k in (3, 4, 5))
+        if shard not in data_files:
+            with open(f"{prefix}.data-{shard:05d}-of-{shards:05d}", "rb") as f:
+                data_files[shard] = bytearray(f.read())
+        blob = data_files[shard]
+        want = math.prod(shape) * TF_DTYPES[dtype].itemsize
+        if size != want or offset + size > len(blob):
+            raise ValueError(f"{prefix}: {name} should hold {want} bytes at offset {offset}; the data file is corrupt")
+        if 6 in entry and masked_crc32c(blob[offset:offset + size]) != entry[6][0]:
+            raise ValueError(f"{prefix}: checksum mismatch in {name}: the data file is corrupt")
+        state[name] = torch.frombuffer(blob, dtype=TF_DTYPES[dtype], count=math.prod(shape), offset=offset).view(shape) \
+            if size else torch.empty(shape, dtype=TF_DTYPES[dtype])
+    return state
+
+
+def from_google_names(tf_state):
+    """bert/encoder/layer_3/attention/self/query/kernel -> bert.encoder.layer.3.attention.self.query.weight
+    (transposed: TF dense kernels are (in, out)); to_our_name then maps it like any HF name."""
+    state = {}
+    for name, tensor in tf_state.items():
+        key = re.sub(r"layer_(\d+)", r"layer.\1", name.replace("/", "."))
+        if key.endswith(".kernel"):
+            key, tensor = key[:-len("kernel")] + "weight", tensor.T.contiguous()
+        elif re.search(r"_embeddings$", key):
+            key += ".weight"
+        state[key] = tensor
+    return state
+
+
+CRC32C_TABLE = np.array([0] * 256, dtype=np.uint32)
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    CRC32C_TABLE[_i] = _c
+
+
+def crc32c(buf, lanes=4096):
+    """CRC-32C (Castagnoli) of buf. Vectorised: the bytes are cut into `lanes` equal chunks whose CRCs
+    advance together in numpy (one table step per byte position), then combined left to right using
+    linearity: crc(A + B) = shift(crc(A), len(B)) xor crc(B), shift = multiply by x^(8 len(B))."""
+    data_ = np.frombuffer(bytes(buf), dtype=np.uint8)
+    n = len(data_)
+    width = max(1, n // lanes)
+    k = n // width if n >= lanes else 0
+    reg = np.uint32(0xFFFFFFFF)
+    if k:
+        grid = data_[:k * width].reshape(k, width)
+        regs = np.zeros(k, dtype=np.uint32)            # raw CRC registers, initial value 0
+        for j in range(width):
+            regs = CRC32C_TABLE[(regs ^ grid[:, j]) & 0xFF] ^ (regs >> np.uint32(8))
+        shift = _zeros_operator(width)
+        reg = _apply(shift, reg) ^ regs[0]
+        for r in regs[1:]:
+            reg = _apply(shift, reg) ^ r
+    for b in data_[k * width:]:
+        reg = CRC32C_TABLE[(reg ^ b) & 0xFF] ^ (reg >> np.uint32(8))
+    return int(reg) ^ 0xFFFFFFFF
+
+
+def _zeros_operator(n_bytes):
+    """The GF(2) 32x32 matrix, as its 32 columns, that advances a raw CRC register over n zero bytes."""
+    power = [_step_zero(np.uint32(1 << b)) for b in range(32)]  # one zero byte
+    result = [np.uint32(1 << b) for b in range(32)]             # identity
+    while n_bytes:  # square and multiply
+        if n_bytes & 1:
+            result = [_apply(power, c) for c in result]
+        power = [_apply(power, c) for c in power]
+        n_bytes >>= 1
+    return result
+
+
+def _step_zero(reg):
+    return CRC32C_TABLE[reg & 0xFF] ^ (reg >> np.uint32(8))
+
+
+def _apply(matrix, reg):
+    out = np.uint32(0)
+    reg = int(reg)
+    for bit in range(32):
+        if reg >> bit & 1:
+            out ^= matrix[bit]
+    return np.uint32(out)
+
+
+def masked_crc32c(buf):
+    """TensorFlow stores crc32c rotated right by 15 bits plus a constant (LevelDB's mask)."""
+    c = crc32c(buf)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def read_bin(path):

@@ -842,3 +842,98 @@ def test_squad_pipeline_end_to_end(tmp_path):
     scores = ev.main(["--task", "squad2", "--model", str(out / "stage2"), "--squad_file", str(path), "--device", "cpu"])
     assert scores["f1"] == pytest.approx(results["student"]["f1"])
     assert set(json.load(open(out / "stage2" / "predictions.json"))) == {"q1", "q2", "q3"}
+
+
+def test_non_finite_loss_stops_with_step_parts_and_rows(tmp_path):
+    import train
+    args = train.parse_args(["--task", "sst2", "--batch_size", "2", "--device", "cpu", "--out", str(tmp_path)])
+    m = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2))
+    ds = {"input_ids": torch.randint(5, 100, (6, 4)), "token_type_ids": torch.zeros(6, 4, dtype=torch.long),
+          "lengths": torch.full((6,), 4), "labels": torch.zeros(6, dtype=torch.long)}
+    calls = []
+
+    def loss_fn(forward, batch):
+        out = forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits.sum()
+        calls.append(1)
+        value = out * (float("nan") if len(calls) == 2 else 1.0)
+        return value, {"kd": value}
+    with pytest.raises(FloatingPointError, match=r"step 2: \{'kd': nan\}, batch rows \[\d, \d\]"):
+        train.fit("stage2", str(tmp_path), [m], loss_fn, ds, args, 1, 1e-3, None)
+
+
+# ==============================================================================================
+# model.py: TensorFlow checkpoints (Google's release format) without TensorFlow
+
+
+def test_crc32c_against_bytewise_definition():
+    def slow(b):
+        crc = 0xFFFFFFFF
+        for x in b:
+            crc ^= x
+            for _ in range(8):
+                crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        return crc ^ 0xFFFFFFFF
+    assert model.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 4095, 4096, 4097, 20000):
+        b = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert model.crc32c(b) == slow(b), n
+
+
+TF_VALUES = os.path.join(HERE, "testdata", "tf_values.npz")
+
+
+def test_tf_checkpoints_read_exactly_what_tensorflow_wrote():
+    values = np.load(TF_VALUES, allow_pickle=False)
+    for fmt, prefix in (("tf1", "tf1/bert_model.ckpt"), ("tf2", "tf2/ckpt")):
+        state = model.read_tf_checkpoint(os.path.join(HERE, "testdata", prefix))
+        want = {k.split("/", 1)[1]: values[k] for k in values.files if k.startswith(fmt + "/")}
+        assert set(want) <= set(state)  # TF2 also stores bookkeeping variables (save_counter)
+        for k, v in want.items():
+            assert state[k].dtype == torch.from_numpy(v).dtype and np.array_equal(state[k].numpy(), v), (fmt, k)
+
+
+def test_google_checkpoint_loads_into_bert_with_transposed_kernels(tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "google")
+    write_vocab(tmp_path / "google" / "vocab.txt")
+    m = model.Bert.from_pretrained(str(tmp_path / "google"), verbose=False)  # cls/*, adam slots, global_step ignored
+    values = np.load(TF_VALUES, allow_pickle=False)
+    assert np.array_equal(m.layers[1].q.weight.detach().numpy(), values["tf1/bert/encoder/layer_1/attention/self/query/kernel"].T)
+    assert np.array_equal(m.emb_ln.weight.detach().numpy(), values["tf1/bert/embeddings/LayerNorm/gamma"])
+    assert np.array_equal(m.word.weight.detach().numpy(), values["tf1/bert/embeddings/word_embeddings"])
+    # the same directory as a zip, as Google ships it, through fetch
+    shutil.make_archive(str(tmp_path / "uncased_tiny"), "zip", tmp_path, "google")
+    z = model.Bert.from_pretrained(str(tmp_path / "uncased_tiny.zip"), cache_dir=str(tmp_path / "cache"), verbose=False)
+    assert all(torch.equal(v, z.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_corrupt_tf_checkpoint_is_caught(tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "c")
+    prefix = str(tmp_path / "c" / "bert_model.ckpt")
+    data_file = prefix + ".data-00000-of-00001"
+    raw = bytearray(open(data_file, "rb").read())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit
+    open(data_file, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match="checksum mismatch in .*: the data file is corrupt"):
+        model.read_tf_checkpoint(prefix)
+    open(data_file, "wb").write(bytes(raw[:100]))  # truncated
+    with pytest.raises(ValueError, match="corrupt"):
+        model.read_tf_checkpoint(prefix)
+    index = bytearray(open(prefix + ".index", "rb").read())
+    index[10] ^= 0xFF
+    open(prefix + ".index", "wb").write(bytes(index))
+    with pytest.raises(ValueError, match="checksum mismatch in the table block"):
+        model.read_tf_checkpoint(prefix)
+
+
+@pytest.mark.skipif(not os.environ.get("MLKD_TF_MINILM") or minilm_dir() is None,
+                    reason="set MLKD_TF_MINILM to the output of testdata/make_tf_checkpoints.py --minilm DIR")
+def test_minilm_from_tensorflow_checkpoint_equals_safetensors():
+    tf_model = model.Bert.from_pretrained(os.environ["MLKD_TF_MINILM"], verbose=False).eval()
+    st_model = model.Bert.from_pretrained(minilm_dir(), verbose=False).eval()
+    ids = torch.randint(1000, 30000, (2, 12))
+    with torch.no_grad():
+        a, b = tf_model(ids).hidden_states[-1], st_model(ids).hidden_states[-1]
+    assert torch.equal(a, b)

@@ -239,7 +239,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 loss, parts = loss_fn(forward, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: "
-                                         f"{ {k: float(v) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}")
+                                         f"{ {k: float(v.detach()) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
