@@ -193,7 +193,7 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
     """Median latency (ms) and throughput (samples/s) of the model re-headed to each head count:
     same weights, same width and FLOPs, only the split of the width into heads changes (SPEC)."""
     rows = []
-    ids = torch.randint(1000, model.config.vocab_size, (batch, length), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     mask = torch.ones_like(ids)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
     for h in heads:
