@@ -789,7 +789,13 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert lines[0] == "index\tprediction" and len(lines) == 7 and all(x.split("\t")[1] in ("0", "1") for x in lines[1:])
     rows = ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_batch", "2", "--speed_length", "8"])
     assert [r["heads"] for r in rows] == [12, 6, 4, 3, 2, 1] and all(r["latency_ms"] > 0 for r in rows)
+    # baseline: no Stage 1, gold labels only, the finished teacher reused; the teacher never runs
+    base = train.main(argv[:-2] + ["--out", str(tmp_path / "base"), "--teacher", str(out / "teacher"),
+                                   "--stages", "stage2,eval", "--w_kd", "0", "--w_ss", "0", "--w_sc", "0", "--w_ce", "1"])
+    assert set(json.loads(open(tmp_path / "base" / "stage2" / "log.jsonl").readline())) & {"kd", "ss", "sc", "ce"} == {"ce"}
+    assert base["student"]["acc"] >= 0 and not os.path.exists(tmp_path / "base" / "stage1")
     # a second run skips every finished stage
+    capsys.readouterr()
     train.main(argv)
     assert logged.count("skipped") == 0 and capsys.readouterr().out.count("is finished: skipped") == 3
     # a Stage 2 killed mid-way resumes from its checkpoint and finishes

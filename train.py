@@ -6,7 +6,8 @@ Chapter 4 of mlkd. Stages (SPEC.md "Pipeline for one task"), each in its own dir
     teacher   fine-tune the teacher (bert-base-uncased unless --teacher gives a fine-tuned one)
     stage1    distil embeddings and Transformer layers: L_EMB + L_MHA + L_FFN, constant lr
     stage2    distil the prediction layer: L_KD + L_SS + L_SC, warm-up then linear decay,
-              keeping the checkpoint with the best dev metric (selection on dev)
+              keeping the checkpoint with the best dev metric (selection on dev); run without
+              stage1 it starts from --student_init (the baselines: logits-only KD, gold labels)
     eval      official dev metric of teacher and student, results.json
 A stage directory holds model.safetensors, config.json, vocab.txt, args.json, metrics.json and
 log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from checkpoint.pt.
@@ -66,6 +67,8 @@ def parse_args(argv=None):
     g.add_argument("--layer_map", default="uniform", help="uniform, last, or teacher layers per student layer: 3,6,9,12")
     for w in ("emb", "mha", "ffn", "kd", "ss", "sc"):
         g.add_argument(f"--w_{w}", type=float, default=1.0, help=f"weight of L_{w.upper()} (0 switches it off)")
+    g.add_argument("--w_ce", type=float, default=0.0,
+                   help="weight of the gold-label loss in Stage 2 (0 in MLKD; for the fine-tuning baseline)")
     g.add_argument("--temperature", type=float, default=1.0, help="L_KD temperature")
     g.add_argument("--tau", type=float, default=0.07, help="L_SC temperature")
     g.add_argument("--paper_exact", action="store_true",
@@ -107,6 +110,8 @@ def parse_args(argv=None):
     for name in ("lr1", "lr2", "teacher_lr", "temperature", "tau"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
+    if not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)):
+        p.error("Stage 2 needs at least one of --w_kd --w_ss --w_sc --w_ce above 0")
     if min(args.epochs1, args.epochs2, args.teacher_epochs) < 0 or not 0 <= args.warmup < 1:
         p.error("epochs must be >= 0 and --warmup in [0, 1)")
     if args.max_len > 512:
@@ -302,15 +307,17 @@ def is_done(directory):
 # The stages
 
 
+def task_loss(logits, labels):
+    """Loss on gold labels: CE, MSE for regression, (CE(start) + CE(end)) / 2 for spans (B, 2, L)."""
+    if logits.dim() == 3:
+        return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels)
+    if logits.shape[-1] == 1:
+        return torch.nn.functional.mse_loss(logits[:, 0].float(), labels)
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+
 def teacher_loss(model, batch):
-    """Fine-tuning loss: CE, MSE for regression, (CE(start) + CE(end)) / 2 for spans."""
-    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
-    if logits.dim() == 3:  # (B, 2, L) against gold (B, 2)
-        ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"])
-    elif logits.shape[-1] == 1:
-        ce = torch.nn.functional.mse_loss(logits[:, 0].float(), batch["labels"])
-    else:
-        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+    ce = task_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits, batch["labels"])
     return ce, {"ce": ce}
 
 
@@ -397,18 +404,30 @@ def main(argv=None):
 
     # Stage 2: prediction layer, best on dev kept
     if "stage2" in args.stages and not is_done(dirs["stage2"]):
-        if not is_done(dirs["stage1"]):
-            sys.exit(f"error: Stage 1 in {dirs['stage1']} is not finished; run --stages stage1 first")
         os.makedirs(dirs["stage2"], exist_ok=True)
-        student = Bert.from_pretrained(dirs["stage1"], verbose=False).to(args.device)
+        if is_done(dirs["stage1"]):
+            student = Bert.from_pretrained(dirs["stage1"], verbose=False).to(args.device)
+        elif "stage1" not in args.stages:  # a baseline: logits-only KD or gold labels, no Stage 1
+            print(f"[stage2] no finished Stage 1 in {dirs['stage1']}: starting from --student_init {args.student_init}")
+            student = build_student(args, teacher).to(args.device)
+        else:
+            sys.exit(f"error: Stage 1 in {dirs['stage1']} is not finished")
         M = student.config.num_hidden_layers
         proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size).to(args.device)
-        proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
+        if is_done(dirs["stage1"]):
+            proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
         weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
 
         def loss2(model, batch):
-            return mlkd.stage2_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
-                                    teacher_out(batch), proj, batch["labels"], weights, args.temperature, args.tau)
+            out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            total, parts = 0.0, {}
+            if any(weights.values()):  # the teacher runs only when a distillation loss is on
+                total, parts = mlkd.stage2_loss(out, teacher_out(batch), proj, batch["labels"], weights,
+                                                args.temperature, args.tau)
+            if args.w_ce:  # gold labels: not part of MLKD (SPEC), for baselines
+                parts["ce"] = task_loss(out.logits, batch["labels"])
+                total = total + args.w_ce * parts["ce"]
+            return total, parts
         print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
         fit("stage2", dirs["stage2"], [student, proj], loss2, train, args, args.epochs2, args.lr2, args.warmup,
             lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab))
