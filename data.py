@@ -408,9 +408,6 @@ def read_squad(path):
     return examples
 
 
-SQUAD = dict(max_len=384, stride=128, max_query=64)
-
-
 def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, train=True):
     """Cut every (question, context) into windows [CLS] question [SEP] window [SEP].
 
@@ -454,8 +451,7 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
             if start + n >= len(c.ids):
                 break
             start += min(n, stride)
-    out = {k: torch.tensor(np.array(v)) for k, v in rows.items()}
-    return out
+    return {k: torch.tensor(np.array(v)) for k, v in rows.items()}
 
 
 def squad_predictions(examples, features, start_logits, end_logits, n_best=20, max_answer=30,

@@ -11,6 +11,7 @@ numpy only. Every number is in percent, as the leaderboards and the official scr
 """
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -199,7 +200,7 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
     for h in heads:
         if model.config.hidden_size % h:
             continue
-        m = Bert(type(model.config)(**{**model.config.__dict__, "num_attention_heads": h})).to(device).eval()
+        m = Bert(dataclasses.replace(model.config, num_attention_heads=h)).to(device).eval()
         m.load_state_dict(model.state_dict())
         times = []
         with torch.no_grad(), autocast:

@@ -13,6 +13,7 @@ A stage directory holds model.safetensors, config.json, vocab.txt, args.json, me
 log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from checkpoint.pt.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -158,7 +159,7 @@ def build_student(args, teacher):
     if os.path.isdir(args.student_init):
         return Bert.from_pretrained(args.student_init, **overrides, **({"num_attention_heads": args.heads} if args.heads else {}))
     shape.setdefault("num_hidden_layers", max(1, tc.num_hidden_layers // 2))
-    config = type(tc)(**{**tc.__dict__, **shape, **overrides})
+    config = dataclasses.replace(tc, **{**shape, **overrides})
     student = Bert(config)
     if args.student_init == "teacher-layers":
         if (config.hidden_size, config.intermediate_size) != (tc.hidden_size, tc.intermediate_size):
