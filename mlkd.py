@@ -187,13 +187,25 @@ def layer_map(n_teacher, n_student, kind="uniform"):
 
 class Projections(nn.Module):
     """W_0..W_M: Linear(d_S -> d_T) with bias, one per student hidden state. Trained with the
-    student (put them in the optimizer), used by L_FFN and L_SC, discarded at inference."""
+    student (put them in the optimizer), used by L_FFN and L_SC, discarded at inference.
 
-    def __init__(self, n_student, d_student, d_teacher):
+    init "normal": N(0, 0.02) as BERT initialises a new Linear (the authors' fit_dense);
+    "identity": W = I, b = 0 (only when d_S = d_T), so a student that already matches starts at zero loss.
+    """
+
+    def __init__(self, n_student, d_student, d_teacher, init="normal"):
         super().__init__()
+        if init == "identity" and d_student != d_teacher:
+            raise ValueError(f"identity projections need equal widths, got {d_student} -> {d_teacher}")
+        if init not in ("normal", "identity"):
+            raise ValueError(f"unknown projection init {init!r}: use normal or identity")
         self.w = nn.ModuleList(nn.Linear(d_student, d_teacher) for _ in range(n_student + 1))
         for lin in self.w:
-            nn.init.normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+            nn.init.zeros_(lin.bias)
+            if init == "identity":
+                nn.init.eye_(lin.weight)
+            else:
+                nn.init.normal_(lin.weight, std=0.02)
 
     def forward(self, m, h):
         return self.w[m](h)

@@ -453,6 +453,15 @@ def test_312_wide_student_with_any_heads_against_768_teacher(heads):
         mlkd.mha_loss(torch.randn(1, 3, 312), torch.randn(1, 3, 768), splits=7)
 
 
+def test_identity_projections_make_an_equal_student_lossless():
+    x, _, mask = random_batch(d_s=12)
+    proj = mlkd.Projections(1, 12, 12, init="identity")
+    assert mlkd.ffn_loss(proj(0, x), x, mask).item() == 0.0
+    assert mlkd.ffn_loss(mlkd.Projections(1, 12, 12)(0, x), x, mask).item() > 0.5
+    with pytest.raises(ValueError, match="equal widths"):
+        mlkd.Projections(1, 8, 12, init="identity")
+
+
 def test_layer_map():
     assert mlkd.layer_map(12, 4) == [0, 3, 6, 9, 12]
     assert mlkd.layer_map(12, 6) == [0, 2, 4, 6, 8, 10, 12]

@@ -68,6 +68,8 @@ def parse_args(argv=None):
     g.add_argument("--layer_map", default="uniform", help="uniform, last, or teacher layers per student layer: 3,6,9,12")
     for w in ("emb", "mha", "ffn", "kd", "ss", "sc"):
         g.add_argument(f"--w_{w}", type=float, default=1.0, help=f"weight of L_{w.upper()} (0 switches it off)")
+    g.add_argument("--proj_init", default="normal", choices=["normal", "identity"],
+                   help="init of the projections W_m: normal N(0, 0.02) (authors) or identity (equal widths only)")
     g.add_argument("--w_ce", type=float, default=0.0,
                    help="weight of the gold-label loss in Stage 2 (0 in MLKD; for the fine-tuning baseline)")
     g.add_argument("--temperature", type=float, default=1.0, help="L_KD temperature")
@@ -390,7 +392,7 @@ def main(argv=None):
         print(f"[stage1] layer map student -> teacher: {lmap} (0 = embeddings); student {M} x "
               f"{student.config.hidden_size}, {student.config.num_attention_heads} heads, "
               f"{student.num_parameters() / 1e6:.1f}M parameters")
-        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size).to(args.device)
+        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(args.device)
         weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
 
         def loss1(model, batch):
@@ -414,7 +416,7 @@ def main(argv=None):
         else:
             sys.exit(f"error: Stage 1 in {dirs['stage1']} is not finished")
         M = student.config.num_hidden_layers
-        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size).to(args.device)
+        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(args.device)
         if is_done(dirs["stage1"]):
             proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
         weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
