@@ -258,7 +258,7 @@ def main(argv=None):
 
 def write_test_predictions(model, tok, args):
     """GLUE server format: <TASK>.tsv with 'index<TAB>prediction', label strings or STS-B scores."""
-    names = {"dev_matched": "MNLI-m", "test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
+    names = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
     splits = data.TASKS[args.task].test_splits
     jobs = [(args.task, s) for s in splits] + ([("ax", "test")] if args.task == "mnli" else [])
     for task, split in jobs:
