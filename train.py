@@ -14,6 +14,7 @@ log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from ch
 """
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -286,7 +287,6 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
 
 
 def to_bytes(obj):
-    import io
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
