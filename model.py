@@ -278,7 +278,7 @@ class Bert(nn.Module):
     def save(self, directory, extra_files=None):
         """Write config.json and model.safetensors (atomically), plus any {name: text} files."""
         os.makedirs(directory, exist_ok=True)
-        write_safetensors({k: v for k, v in self.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+        write_safetensors(self.state_dict(), os.path.join(directory, "model.safetensors"))
         files = {"config.json": self.config.to_json(), **(extra_files or {})}
         for name, text in files.items():
             data.atomic_write_text(os.path.join(directory, name), text)
