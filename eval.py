@@ -153,18 +153,23 @@ def best_threshold(ids, scores, has_answer, na_scores):
 
 @torch.no_grad()
 def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
-    """Logits of every row of an encoded dataset, in order, as a float32 numpy array."""
+    """Logits of every row of an encoded dataset, in order, as a float32 numpy array. Rows are batched
+    by length (shortest first) so that dynamic padding wastes little, then put back in order."""
     model.eval()
     out = []
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    for b in data.batches(dataset, batch_size, fixed_padding=fixed_padding):
+    order = torch.argsort(dataset["lengths"], stable=True)  # (N,)
+    by_length = {k: v[order] for k, v in dataset.items() if k in ("input_ids", "token_type_ids", "lengths")}
+    for b in data.batches(by_length, batch_size, fixed_padding=fixed_padding):
         with autocast:
             logits = model(b["input_ids"].to(device), b["token_type_ids"].to(device), b["attention_mask"].to(device)).logits
         width = logits.shape[-1]  # span logits are padded to the dataset width so windows line up
         if logits.dim() == 3 and width < dataset["input_ids"].shape[1]:
             logits = torch.nn.functional.pad(logits, (0, dataset["input_ids"].shape[1] - width), value=-1e4)
         out.append(logits.float().cpu())
-    return torch.cat(out).numpy()
+    logits = torch.empty_like(torch.cat(out))
+    logits[order] = torch.cat(out)
+    return logits.numpy()
 
 
 def predictions_from_logits(task, logits):
@@ -230,6 +235,7 @@ def main(argv=None):
     p.add_argument("--speed_batch", type=int, default=32)
     p.add_argument("--speed_length", type=int, default=128)
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
+    p.add_argument("--max_len", type=int, default=384, help="SQuAD window length (use the one the model was trained with)")
     args = p.parse_args(argv)
     if not os.path.exists(args.model) and args.model.count("/") != 1:
         p.error(f"--model {args.model}: no such directory")
@@ -290,7 +296,7 @@ def eval_squad(model, tok, args):
     version = squad_version(args.task)
     path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
     examples = data.read_squad(path)
-    features = data.squad_features(examples, tok, train=False)
+    features = data.squad_features(examples, tok, max_len=args.max_len, train=False)
     scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
     out = os.path.join(args.model, "predictions.json")
     data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))

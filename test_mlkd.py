@@ -854,7 +854,8 @@ def test_squad_pipeline_end_to_end(tmp_path):
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1"} <= set(results[who])
     assert [json.loads(x) for x in open(out / "stage2" / "log.jsonl")][0].keys() >= {"kd"}
     assert "ss" not in json.loads(open(out / "stage2" / "log.jsonl").readline())  # SQuAD: L_KD only
-    scores = ev.main(["--task", "squad2", "--model", str(out / "stage2"), "--squad_file", str(path), "--device", "cpu"])
+    scores = ev.main(["--task", "squad2", "--model", str(out / "stage2"), "--squad_file", str(path), "--device", "cpu",
+                      "--max_len", "24"])
     assert scores["f1"] == pytest.approx(results["student"]["f1"])
     assert set(json.load(open(out / "stage2" / "predictions.json"))) == {"q1", "q2", "q3"}
 

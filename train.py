@@ -47,7 +47,8 @@ def parse_args(argv=None):
     g.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"),
                    help="holds glue/<TASK>/*.tsv; missing files are downloaded there (default: data or $MLKD_DATA)")
     g.add_argument("--out", help="output directory (default: out/<task>)")
-    g.add_argument("--train_file", help="SQuAD training JSON (default: <data_dir>/squad/train-v1.1.json or -v2.0)")
+    g.add_argument("--train_file", help="SQuAD training JSON, or several joined by commas "
+                                        "(default: <data_dir>/squad/train-v1.1.json or -v2.0)")
     g.add_argument("--dev_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or -v2.0)")
     g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     g = p.add_argument_group("teacher")
@@ -203,7 +204,8 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     Schedule: linear warm-up over `warmup` of the steps then linear decay, or constant when warmup is
     None. With `evaluate` (-> metrics dict, higher is better for args.metric) the dev metric is
     checked every --eval_steps and at every epoch end; on_best(metrics) saves the best. Writes
-    checkpoint.pt every --save_steps and resumes from it. Returns the final log record.
+    checkpoint.pt every --save_steps and resumes from it. Returns the final log record (with the peak
+    memory) and the best dev metrics (None without `evaluate`).
     """
     device = args.device
     n = len(train["input_ids"])
@@ -220,7 +222,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             return 1.0
         return (step + 1) / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    step, best = 0, None
+    step, best, best_metrics = 0, None, None
     ckpt = os.path.join(directory, "checkpoint.pt")
     if os.path.exists(ckpt):
         state = torch.load(ckpt, map_location=device, weights_only=True)
@@ -228,7 +230,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             m.load_state_dict(s)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, best = state["step"], state["best"]
+        step, best, best_metrics = state["step"], state["best"], state.get("best_metrics")
         torch.set_rng_state(state["rng"].cpu())
         print(f"[{stage}] resumed from {ckpt} at step {step}/{total}")
     forward = torch.compile(modules[0]) if args.compile else modules[0]
@@ -274,16 +276,31 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                       + ("  (best so far: saved)" if improved else ""))
                 log.write(json.dumps({"stage": stage, "step": step, "dev": metrics}) + "\n")
                 if improved:
-                    best = metrics[args.metric]
+                    best, best_metrics = metrics[args.metric], metrics
                     on_best(metrics)
             if step % args.save_steps == 0 and step < total:
                 data.atomic_write_bytes(ckpt, [to_bytes({
                     "modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "best": best, "rng": torch.get_rng_state()})])
+                    "scheduler": scheduler.state_dict(), "step": step, "best": best, "best_metrics": best_metrics, "rng": torch.get_rng_state()})])
             if step >= total:
                 break
+    record["peak_memory_gib"] = peak_memory_gib(device)
+    print(f"[{stage}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory {record['peak_memory_gib']:.2f} GiB "
+          f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
+    log.write(json.dumps(record) + "\n")
     log.close()
-    return record
+    return record, best_metrics
+
+
+def peak_memory_gib(device):
+    """Peak CUDA memory allocated, or on CPU the peak resident set size of this process."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def to_bytes(obj):
@@ -331,7 +348,8 @@ def load_task(args, tok):
     if args.task.startswith("squad"):
         version = evaluation.squad_version(args.task)
         path = lambda split, given: given or os.path.join(args.data_dir, "squad", f"{split}-v{version}.json")  # noqa: E731
-        rows = data.squad_features(subset(data.read_squad(path("train", args.train_file))), tok, max_len=args.max_len)
+        examples = [e for f in path("train", args.train_file).split(",") for e in data.read_squad(f)]
+        rows = data.squad_features(subset(examples), tok, max_len=args.max_len)
         train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
         dev_examples = data.read_squad(path("dev", args.dev_file))
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
@@ -340,6 +358,12 @@ def load_task(args, tok):
     dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok, args.max_len)
            for s in data.TASKS[args.task].dev_splits}
     return train, lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact)
+
+
+def dev_set_key(args):
+    """What a dev metric was measured on: the same key means the same examples, encoded the same way."""
+    where = args.dev_file or args.data_dir
+    return f"{args.task} {os.path.abspath(where)} max_len={args.max_len} paper_exact={args.paper_exact}"
 
 
 def main(argv=None):
@@ -356,14 +380,15 @@ def main(argv=None):
     vocab = os.path.join(source, "vocab.txt")
     tok = data.Tokenizer(vocab)
     train, evaluate = load_task(args, tok)
+    dev_set = dev_set_key(args)
 
     # Stage 0: the teacher
     if "teacher" in args.stages and not args.teacher and not is_done(teacher_dir):
         os.makedirs(teacher_dir, exist_ok=True)
         teacher = Bert.from_pretrained(args.teacher_init, **head_config(args.task)).to(args.device)
-        fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs, args.teacher_lr,
-            args.warmup, lambda: evaluate(teacher), lambda _: save_model(teacher, teacher_dir, vocab))
-        finish(teacher_dir, evaluate(Bert.from_pretrained(teacher_dir, verbose=False).to(args.device)), args)
+        record, best = fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs,
+                           args.teacher_lr, args.warmup, lambda: evaluate(teacher), lambda _: save_model(teacher, teacher_dir, vocab))
+        finish(teacher_dir, {"dev": best, "dev_set": dev_set, "train": record}, args)
     elif "teacher" in args.stages:
         print(f"[teacher] {teacher_dir} is finished: skipped")
 
@@ -398,10 +423,10 @@ def main(argv=None):
         def loss1(model, batch):
             return mlkd.stage1_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
                                     teacher_out(batch), proj, mask_of(batch), lmap, weights, args.splits)
-        record = fit("stage1", dirs["stage1"], [student, proj], loss1, train, args, args.epochs1, args.lr1, None)
+        record, _ = fit("stage1", dirs["stage1"], [student, proj], loss1, train, args, args.epochs1, args.lr1, None)
         save_model(student, dirs["stage1"], vocab)
         write_safetensors(proj.state_dict(), os.path.join(dirs["stage1"], "projections.safetensors"))
-        finish(dirs["stage1"], {"final_losses": {k: v for k, v in record.items() if k in weights}}, args)
+        finish(dirs["stage1"], {"train": record}, args)
     elif "stage1" in args.stages:
         print(f"[stage1] {dirs['stage1']} is finished: skipped")
 
@@ -432,21 +457,32 @@ def main(argv=None):
                 total = total + args.w_ce * parts["ce"]
             return total, parts
         print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
-        fit("stage2", dirs["stage2"], [student, proj], loss2, train, args, args.epochs2, args.lr2, args.warmup,
-            lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab))
-        finish(dirs["stage2"], evaluate(Bert.from_pretrained(dirs["stage2"], verbose=False).to(args.device)), args)
+        record, best = fit("stage2", dirs["stage2"], [student, proj], loss2, train, args, args.epochs2, args.lr2,
+                           args.warmup, lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab))
+        finish(dirs["stage2"], {"dev": best, "dev_set": dev_set, "train": record}, args)
     elif "stage2" in args.stages:
         print(f"[stage2] {dirs['stage2']} is finished: skipped")
 
     if "eval" in args.stages:
-        return report(args, teacher, teacher_dir, dirs["stage2"], evaluate)
+        return report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
 
 
-def report(args, teacher, teacher_dir, student_dir, evaluate):
+def dev_metrics(directory, model, evaluate, dev_set):
+    """The dev metrics a stage recorded for its saved model when they were measured on the same dev set
+    (SQuAD's dev set takes minutes on a CPU); otherwise evaluate the model now."""
+    saved = json.load(open(os.path.join(directory, "metrics.json")))
+    if saved.get("dev_set") == dev_set and saved.get("dev"):
+        print(f"[eval] {directory}: dev metrics recorded when it was saved (same dev set)")
+        return saved["dev"]
+    return evaluate(model)
+
+
+def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
     if not is_done(student_dir):
         sys.exit(f"error: no finished student in {student_dir}")
     student = Bert.from_pretrained(student_dir, verbose=False).to(args.device)
-    t_metrics, s_metrics = evaluate(teacher), evaluate(student)
+    t_metrics = dev_metrics(teacher_dir, teacher, evaluate, dev_set)
+    s_metrics = dev_metrics(student_dir, student, evaluate, dev_set)
     tp, sp = teacher.num_parameters(), student.num_parameters()
     results = {"task": args.task, "metric": args.metric, "split": "dev", "teacher": t_metrics, "student": s_metrics,
                "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
