@@ -408,15 +408,16 @@ def read_squad(path):
     return examples
 
 
-def split_squad(path, first, head_path, tail_path):
-    """Write the first `first` articles of a SQuAD file to head_path and the rest to tail_path, both in
-    the official format: a split by article keeps every paragraph's questions on one side."""
+def split_squad(path, first, head_path, tail_path=None):
+    """Write the first `first` articles of a SQuAD file to head_path and the rest to tail_path (if
+    given), both in the official format: a split by article keeps every paragraph's questions on one side."""
     with open(path, encoding="utf-8") as f:
         doc = json.load(f)
     if not 0 < first < len(doc["data"]):
         raise ValueError(f"{path} has {len(doc['data'])} articles: cannot split after {first}")
     for out, part in ((head_path, doc["data"][:first]), (tail_path, doc["data"][first:])):
-        atomic_write_text(out, json.dumps({"version": doc.get("version", ""), "data": part}, ensure_ascii=False))
+        if out:
+            atomic_write_text(out, json.dumps({"version": doc.get("version", ""), "data": part}, ensure_ascii=False))
 
 
 def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, train=True):

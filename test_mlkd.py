@@ -666,6 +666,20 @@ def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "squad", "train-v1.1-subset.json")) or minilm_dir() is None,
                     reason="real SQuAD subset or BERT vocabulary not present")
+def test_split_squad_by_article(tmp_path):
+    import json
+    doc = {"version": "v2.0", "data": SQUAD_FIXTURE["data"] + [{"title": "U", "paragraphs": [{
+        "context": "Rain fell.", "qas": [{"id": "u1", "question": "What fell?", "answers": [{"text": "Rain", "answer_start": 0}]}]}]}]}
+    path, head, tail = tmp_path / "all.json", tmp_path / "head.json", tmp_path / "parts" / "tail.json"
+    path.write_text(json.dumps(doc))
+    data.split_squad(str(path), 1, str(head), str(tail))
+    assert [e["id"] for e in data.read_squad(str(head))] == ["q1", "q2", "q3"]
+    assert [e["id"] for e in data.read_squad(str(tail))] == ["u1"]
+    assert json.load(open(tail))["version"] == "v2.0"
+    with pytest.raises(ValueError, match="has 2 articles: cannot split after 2"):
+        data.split_squad(str(path), 2, str(head))
+
+
 def test_real_squad_answers_round_trip():
     examples = data.read_squad(os.path.join(SHARED, "squad", "train-v1.1-subset.json"))
     assert len(examples) == 11877
@@ -838,7 +852,7 @@ def test_train_rejects_bad_flags_before_work(capsys):
         assert msg in capsys.readouterr().err
 
 
-def test_squad_pipeline_end_to_end(tmp_path):
+def test_squad_pipeline_end_to_end(tmp_path, capsys):
     import json
     import train
     import eval as ev
@@ -846,10 +860,12 @@ def test_squad_pipeline_end_to_end(tmp_path):
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(SQUAD_FIXTURE))
     out = tmp_path / "out"
-    argv = PIPELINE + ["--task", "squad2", "--train_file", str(path), "--dev_file", str(path), "--max_len", "24",
+    windows = len(data.squad_features(data.read_squad(str(path)), data.Tokenizer(str(init / "vocab.txt")), max_len=24)["labels"])
+    argv = PIPELINE + ["--task", "squad2", "--train_file", f"{path},{path}", "--dev_file", str(path), "--max_len", "24",
                        "--teacher_init", str(init), "--out", str(out), "--teacher_epochs", "2", "--epochs1", "1",
                        "--epochs2", "1", "--w_ss", "1", "--w_sc", "1"]
     results = train.main(argv)
+    assert f"[teacher] {2 * windows} examples" in capsys.readouterr().out  # two training files, joined
     for who in ("teacher", "student"):
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1"} <= set(results[who])
     assert [json.loads(x) for x in open(out / "stage2" / "log.jsonl")][0].keys() >= {"kd"}
