@@ -263,18 +263,21 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 eta = (total - step) * (time.time() - t0) / (step - start_step)
                 record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total,
                           **{k: float(v.detach()) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": rate}
+                          "samples_per_s": rate, "train_s": time.time() - t0}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | "
                       + " ".join(f"{k} {record[k]:.4f}" for k in parts)
                       + f" | lr {record['lr']:.2e} | {rate:.1f} samples/s | ETA {eta / 60:.1f} min", flush=True)
             if evaluate and (end_of_epoch or (args.eval_steps and step % args.eval_steps == 0)):
+                t_eval = time.time()
                 metrics = evaluate()
+                t_eval = time.time() - t_eval
+                t0 += t_eval  # samples/s and ETA count training only
                 improved = best is None or metrics[args.metric] > best
-                print(f"[{stage}] dev at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+                print(f"[{stage}] dev at step {step} ({t_eval:.0f} s): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
                       + ("  (best so far: saved)" if improved else ""))
-                log.write(json.dumps({"stage": stage, "step": step, "dev": metrics}) + "\n")
+                log.write(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": t_eval}) + "\n")
                 if improved:
                     best, best_metrics = metrics[args.metric], metrics
                     on_best(metrics)
