@@ -167,8 +167,9 @@ def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=F
         if logits.dim() == 3 and width < dataset["input_ids"].shape[1]:
             logits = torch.nn.functional.pad(logits, (0, dataset["input_ids"].shape[1] - width), value=-1e4)
         out.append(logits.float().cpu())
-    logits = torch.empty_like(torch.cat(out))
-    logits[order] = torch.cat(out)
+    by_length_logits = torch.cat(out)
+    logits = torch.empty_like(by_length_logits)
+    logits[order] = by_length_logits  # back to the dataset's order
     return logits.numpy()
 
 
