@@ -177,15 +177,24 @@ def predictions_from_logits(task, logits):
     return logits[:, 0] if data.TASKS[task].is_regression else logits.argmax(-1)
 
 
-def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False):
+def predict_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False):
+    """{split: predictions} over the task's dev split(s): class indices, or scores for STS-B."""
+    return {split: predictions_from_logits(task, predict_logits(model, ds, batch_size, device, fixed_padding))
+            for split, ds in dev_sets.items()}
+
+
+def score_glue(task, dev_sets, predictions):
     """{metric: value} over the task's dev split(s); MNLI's get suffixes _m and _mm."""
     metrics = {}
     for split, ds in dev_sets.items():
-        preds = predictions_from_logits(task, predict_logits(model, ds, batch_size, device, fixed_padding))
-        m = glue_metrics(task, preds, ds["labels"].numpy())
+        m = glue_metrics(task, predictions[split], ds["labels"].numpy())
         suffix = {"dev_matched": "_m", "dev_mismatched": "_mm"}.get(split, "")
         metrics.update({k + suffix: v for k, v in m.items()})
     return metrics
+
+
+def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False):
+    return score_glue(task, dev_sets, predict_glue(model, task, dev_sets, batch_size, device, fixed_padding))
 
 
 def check_labels(model, task):
@@ -258,8 +267,13 @@ def main(argv=None):
     if args.predict:
         return write_test_predictions(model, tok, args)
     dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok) for s in task.dev_splits}
-    metrics = evaluate_glue(model, args.task, dev, args.batch_size, args.device)
+    predictions = predict_glue(model, args.task, dev, args.batch_size, args.device)
+    metrics = score_glue(args.task, dev, predictions)
     print(f"{args.task} dev: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    if not task.is_regression:  # a model that learnt only the class prior shows here
+        for split, p in predictions.items():
+            counts = np.bincount(p, minlength=len(task.labels))
+            print(f"{split} predictions: " + ", ".join(f"{name} {n}" for name, n in zip(task.labels, counts)))
     return metrics
 
 

@@ -9,6 +9,7 @@ import http.server
 import importlib.util
 import math
 import os
+import re
 import threading
 
 import numpy as np
@@ -806,7 +807,10 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     # eval.py scores the saved student as train.py did, writes test predictions, times re-headed models
     import eval as ev
     d = ["--task", "sst2", "--data_dir", str(tmp_path / "data"), "--device", "cpu"]
+    capsys.readouterr()
     assert ev.main(d + ["--model", str(out / "stage2")]) == pytest.approx(results["student"])
+    counts = re.search(r"dev predictions: 0 (\d+), 1 (\d+)", capsys.readouterr().out)  # per predicted class
+    assert counts and sum(map(int, counts.groups())) == 32  # every dev row, once
     ev.main(d + ["--model", str(out / "stage2"), "--predict"])
     lines = (out / "stage2" / "SST-2.tsv").read_text().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 7 and all(x.split("\t")[1] in ("0", "1") for x in lines[1:])
