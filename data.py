@@ -9,6 +9,7 @@ Sections:  1. download   2. tokenizer   3. GLUE   4. batches   5. SQuAD
 """
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,32 +38,38 @@ def log(msg, end="\n"):
 
 
 class DownloadError(RuntimeError):
-    def __init__(self, url, reason, status=None):
-        self.status = status
+    def __init__(self, url, reason, status=None, place=None):
+        self.url, self.reason, self.status = url, reason, status
+        where = (f"place it at {place}" if place else "place it by hand: GLUE/SQuAD under --data_dir (layout in "
+                 "README), weights as a model directory (config.json, vocab.txt, weights) passed by path")
         super().__init__(f"download of {url} failed: {reason}.\n  Offline? Fetch the file on a machine with "
-                         "internet and place it by hand: GLUE/SQuAD under --data_dir (layout in README), "
-                         "weights as a model directory (config.json, vocab.txt, weights) passed by path.")
+                         f"internet and {where}.")
 
 
-def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16):
-    """Fetch url to dest unless dest exists. A cut transfer resumes from dest + '.part'."""
+def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
+    """Fetch url to dest unless dest exists. A cut transfer resumes from dest + '.part'; a host that
+    cannot be reached at all (offline, name lookup failed) is an error at once, not retried. `place`:
+    where a user without internet should put the file (said in the error).
+    No directory is created before the server has answered, so a misspelt path leaves nothing behind."""
     if os.path.exists(dest):
         return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     part = dest + ".part"
     for attempt in range(retries):
         have = os.path.getsize(part) if os.path.exists(part) else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        answered = False
         try:
             with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+                answered = True
                 if r.status_code == 416:  # the .part already holds every byte
                     break
                 if r.status_code not in (200, 206):
-                    raise DownloadError(url, f"HTTP {r.status_code}", r.status_code)
+                    raise DownloadError(url, f"HTTP {r.status_code}", r.status_code, place)
                 if r.status_code == 200:
                     have = 0  # the server ignored Range: start over
                 total = have + int(r.headers.get("Content-Length", 0)) or None
                 done, t0, shown = have, time.time(), 0.0
+                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
                 with open(part, "ab" if have else "wb") as f:
                     for block in r.iter_content(chunk):
                         f.write(block)
@@ -74,12 +81,14 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16):
                 if total is None or done >= total:
                     break
         except requests.RequestException as e:
+            if not answered and not isinstance(e, requests.ReadTimeout):  # nothing was cut: unreachable
+                raise DownloadError(url, f"cannot reach the server ({type(e).__name__})", place=place) from None
             if attempt == retries - 1:
-                raise DownloadError(url, f"{type(e).__name__}: {e}") from None
+                raise DownloadError(url, f"{type(e).__name__}: {e}", place=place) from None
             log(f"[download] {url}: cut after {os.path.getsize(part) if os.path.exists(part) else 0} bytes "
                 f"({type(e).__name__}); resuming")
     else:
-        raise DownloadError(url, f"incomplete after {retries} attempts")
+        raise DownloadError(url, f"incomplete after {retries} attempts", place=place)
     for name, want in (("md5", md5), ("sha256", sha256)):
         if want:
             got = file_hash(part, name)
@@ -104,17 +113,24 @@ def file_hash(path, name):
     return h.hexdigest()
 
 
+TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-XXXX
+
+
 def atomic_write_bytes(path, chunks):
-    """Write to a temp file in the same directory, fsync, then rename over path: never half a file."""
+    """Write to a temp file in the same directory, fsync, then rename over path: never half a file.
+    The file gets the mode a plain open() would give (0666 less the umask), not mkstemp's 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             for c in chunks:
                 f.write(c)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.remove(tmp)
@@ -123,6 +139,28 @@ def atomic_write_bytes(path, chunks):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, [text.encode("utf-8")])
+
+
+def remove_stale_temporaries(directory):
+    """Delete what a killed atomic write left behind (SIGKILL skips the cleanup above)."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(directory, name))
+
+
+def read_text(path, encoding="utf-8"):
+    """A whole text file as str (line ends kept as they are); a byte that is not valid in the encoding
+    is an error naming the file, the line and the byte, not a bare codec message."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[e.start]:02x} is not valid "
+                         f"{encoding.upper().removesuffix('-SIG')} ({e.reason}); re-save the file as UTF-8") from None
 
 
 def unzip(zip_path, dest_dir):
@@ -264,8 +302,12 @@ def glue_path(task, split, data_dir):
     return os.path.join(data_dir, "glue", t.folder, file)
 
 
-def read_glue(task, split, data_dir):
-    """The examples of one GLUE split, downloading the task on first use."""
+def read_glue(task, split, data_dir, allow_partial=False):
+    """The examples of one GLUE split, downloading the task on first use.
+
+    A dev or test file whose number of examples is not the official one (a truncated copy) is refused:
+    a metric on fewer rows is not the task's metric. allow_partial=True reads it anyway, with a warning.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(TASKS)}")
     t = TASKS[task]
@@ -274,36 +316,52 @@ def read_glue(task, split, data_dir):
         raise ValueError(f"{task} has no split {split!r}; its splits: {', '.join(splits)}")
     path = glue_path(task, split, data_dir)
     if not os.path.exists(path):
-        download_glue(task, data_dir)
+        try:
+            download_glue(task, data_dir)
+        except DownloadError as e:
+            raise DownloadError(e.url, f"{e.reason}, and the local file {path} does not exist "
+                                       f"(--data_dir {data_dir})", e.status, place=path) from None
     test = split.startswith("test")
     a, b = t.test_cols if test and t.test_cols else (t.a, t.b)
     examples, skipped = [], 0
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC starts with a BOM
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # quotes are text in GLUE
-        header = t.header or test  # CoLA's train/dev have no header, its test file has one
-        width = len(next(rows)) if header else None
-        for i, row in enumerate(rows):
-            width = width or len(row)
-            if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
-                skipped += 1
-                continue
-            label = None
-            if not test:
-                raw = row[t.label]
-                if t.is_regression:
+    text = read_text(path, "utf-8-sig")  # utf-8-sig: MRPC starts with a BOM
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)  # quotes are text in GLUE
+    header = t.header or test  # CoLA's train/dev have no header, its test file has one
+    width = len(next(rows)) if header else None
+    for i, row in enumerate(rows):
+        width = width or len(row)
+        if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
+            skipped += 1
+            continue
+        label = None
+        if not test:
+            raw = row[t.label]
+            if t.is_regression:
+                try:
                     label = float(raw)
-                elif raw in t.labels:
-                    label = t.labels.index(raw)
-                else:
-                    raise ValueError(f"{path}, row {i + 1 + header}: label {raw!r} is not one of {t.labels}")
-            guid = row[0] if test else f"{split}-{i}"
-            examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
+                except ValueError:
+                    raise ValueError(f"{path}, line {i + 1 + header}: score {raw!r} is not a number") from None
+            elif raw in t.labels:
+                label = t.labels.index(raw)
+            else:
+                raise ValueError(f"{path}, line {i + 1 + header}: label {raw!r} is not one of {t.labels}")
+        guid = row[0] if test else f"{split}-{i}"
+        examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
     if skipped:
         log(f"[data] {path}: skipped {skipped} malformed rows (wrong number of columns)")
-    want = GLUE_ROWS.get((task, split))
-    if want is not None and len(examples) != want:
-        log(f"[data] warning: {path} has {len(examples)} examples; the official file has {want}")
+    check_rows(path, len(examples), GLUE_ROWS.get((task, split)), split != "train" and not allow_partial)
     return examples
+
+
+def check_rows(path, have, want, strict):
+    """A file with fewer or more examples than the official one: an error when strict, else a warning."""
+    if want is None or have == want:
+        return
+    msg = f"{path} has {have} examples; the official file has {want}"
+    if strict:
+        raise ValueError(f"{msg}: a truncated or altered file? Fetch it again, or pass --allow_partial to "
+                         "score on these rows anyway (the metric is then not the official one)")
+    log(f"[data] warning: {msg}")
 
 
 def download_glue(task, data_dir):
@@ -384,18 +442,21 @@ def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=Fa
 # 5. SQuAD v1.1 / v2.0
 
 
-def read_squad(path):
+# Questions in the official files (the SQuAD papers' tables); files by other names are not checked.
+SQUAD_ROWS = {"train-v1.1.json": 87599, "dev-v1.1.json": 10570, "train-v2.0.json": 130319, "dev-v2.0.json": 11873}
+
+
+def read_squad(path, allow_partial=False):
     """Flatten the official JSON into [{id, title, question, context, answers:[{text, answer_start}]}];
-    an unanswerable v2.0 question has answers == []."""
+    an unanswerable v2.0 question has answers == []. An official dev file with the wrong number of
+    questions is refused unless allow_partial (see read_glue)."""
+    name = os.path.basename(path)
     if not os.path.exists(path):
-        name = os.path.basename(path)
-        if name in ("train-v1.1.json", "dev-v1.1.json", "train-v2.0.json", "dev-v2.0.json"):
-            download(f"{SQUAD_URL}/{name}", path)
-        else:
+        if name not in SQUAD_ROWS:
             raise FileNotFoundError(f"SQuAD file {path} does not exist")
+        download(f"{SQUAD_URL}/{name}", path, place=path)
     try:
-        with open(path, encoding="utf-8") as f:
-            articles = json.load(f)["data"]
+        articles = json.loads(read_text(path))["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a SQuAD JSON file: {e!r}") from None
     examples = []
@@ -405,14 +466,14 @@ def read_squad(path):
                 answers = [] if qa.get("is_impossible") else qa["answers"]
                 examples.append(dict(id=qa["id"], title=article.get("title", ""), question=qa["question"],
                                      context=para["context"], answers=answers))
+    check_rows(path, len(examples), SQUAD_ROWS.get(name), name.startswith("dev") and not allow_partial)
     return examples
 
 
 def split_squad(path, first, head_path, tail_path=None):
     """Write the first `first` articles of a SQuAD file to head_path and the rest to tail_path (if
     given), both in the official format: a split by article keeps every paragraph's questions on one side."""
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
+    doc = json.loads(read_text(path))
     if not 0 < first < len(doc["data"]):
         raise ValueError(f"{path} has {len(doc['data'])} articles: cannot split after {first}")
     for out, part in ((head_path, doc["data"][:first]), (tail_path, doc["data"][first:])):

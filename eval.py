@@ -184,10 +184,10 @@ def predict_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padd
 
 
 def score_glue(task, dev_sets, predictions):
-    """{metric: value} over the task's dev split(s); MNLI's get suffixes _m and _mm."""
+    """{metric: value, "total": rows scored} over the task's dev split(s); MNLI's get suffixes _m and _mm."""
     metrics = {}
     for split, ds in dev_sets.items():
-        m = glue_metrics(task, predictions[split], ds["labels"].numpy())
+        m = {**glue_metrics(task, predictions[split], ds["labels"].numpy()), "total": len(ds["labels"])}
         suffix = {"dev_matched": "_m", "dev_mismatched": "_mm"}.get(split, "")
         metrics.update({k + suffix: v for k, v in m.items()})
     return metrics
@@ -195,6 +195,20 @@ def score_glue(task, dev_sets, predictions):
 
 def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False):
     return score_glue(task, dev_sets, predict_glue(model, task, dev_sets, batch_size, device, fixed_padding))
+
+
+def format_metrics(metrics):
+    """'acc 91.25, total 872': metrics with two decimals, counts as they are."""
+    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.2f}" for k, v in metrics.items())
+
+
+def trained_settings(directory):
+    """max_len and paper_exact from the args.json train.py saved with a model ({} for other models)."""
+    path = os.path.join(directory, "args.json")
+    if not os.path.exists(path):
+        return {}
+    saved = json.loads(data.read_text(path))
+    return {k: saved[k] for k in ("max_len", "paper_exact") if k in saved}
 
 
 def check_labels(model, task):
@@ -245,11 +259,21 @@ def main(argv=None):
     p.add_argument("--speed_batch", type=int, default=32)
     p.add_argument("--speed_length", type=int, default=128)
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
-    p.add_argument("--max_len", type=int, default=384, help="SQuAD window length (use the one the model was trained with)")
+    p.add_argument("--max_len", type=int, help="encoding length, SQuAD window length (default: the one in the "
+                                               "model's args.json, i.e. what it was trained and selected with; else the task's)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
     args = p.parse_args(argv)
     if not os.path.exists(args.model) and args.model.count("/") != 1:
         p.error(f"--model {args.model}: no such directory")
+    if args.max_len is not None and not 1 <= args.max_len <= 512:
+        p.error(f"--max_len {args.max_len}: must be in 1..512")
     directory = args.model = fetch(args.model)
+    trained = trained_settings(directory)
+    args.paper_exact = trained.get("paper_exact", False)
+    if args.max_len is None:
+        args.max_len = trained.get("max_len") or (384 if args.task.startswith("squad") else data.TASKS[args.task].max_len)
+        print(f"max_len {args.max_len} ({'from ' + os.path.join(directory, 'args.json') if 'max_len' in trained else 'task default'})")
     model = Bert.from_pretrained(directory).to(args.device)
     tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
     if args.speed:
@@ -266,10 +290,11 @@ def main(argv=None):
     task = data.TASKS[args.task]
     if args.predict:
         return write_test_predictions(model, tok, args)
-    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok) for s in task.dev_splits}
-    predictions = predict_glue(model, args.task, dev, args.batch_size, args.device)
+    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok, args.max_len)
+           for s in task.dev_splits}
+    predictions = predict_glue(model, args.task, dev, args.batch_size, args.device, args.paper_exact)
     metrics = score_glue(args.task, dev, predictions)
-    print(f"{args.task} dev: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print(f"{args.task} dev: " + format_metrics(metrics))
     if not task.is_regression:  # a model that learnt only the class prior shows here
         for split, p in predictions.items():
             counts = np.bincount(p, minlength=len(task.labels))
@@ -283,8 +308,9 @@ def write_test_predictions(model, tok, args):
     splits = data.TASKS[args.task].test_splits
     jobs = [(args.task, s) for s in splits] + ([("ax", "test")] if args.task == "mnli" else [])
     for task, split in jobs:
-        examples = data.read_glue(task, split, args.data_dir)
-        logits = predict_logits(model, data.encode_glue(task, examples, tok), args.batch_size, args.device)
+        examples = data.read_glue(task, split, args.data_dir, args.allow_partial)
+        logits = predict_logits(model, data.encode_glue(task, examples, tok, args.max_len), args.batch_size, args.device,
+                                args.paper_exact)
         preds = predictions_from_logits(task, logits)
         labels = data.TASKS[task].labels
         name = "AX" if task == "ax" else names.get(split, data.TASKS[task].folder)
@@ -310,13 +336,12 @@ def squad_version(task):
 def eval_squad(model, tok, args):
     version = squad_version(args.task)
     path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
-    examples = data.read_squad(path)
+    examples = data.read_squad(path, args.allow_partial)
     features = data.squad_features(examples, tok, max_len=args.max_len, train=False)
     scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
     out = os.path.join(args.model, "predictions.json")
     data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
-    print(f"SQuAD v{version} ({path}): " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                                    for k, v in scores.items()))
+    print(f"SQuAD v{version} ({path}): " + format_metrics(scores))
     print(f"wrote {out}")
     return scores
 

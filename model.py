@@ -81,8 +81,7 @@ class BertConfig:
     def from_json(cls, path, **overrides):
         """Read an HF or Google `config.json`; keys we do not use are ignored, bad values rejected."""
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
+            raw = json.loads(data.read_text(path))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read BERT config {path}: {e}") from None
         act = raw.get("hidden_act", "gelu")

@@ -51,6 +51,8 @@ def parse_args(argv=None):
                                         "(default: <data_dir>/squad/train-v1.1.json or -v2.0)")
     g.add_argument("--dev_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or -v2.0)")
     g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    g.add_argument("--allow_partial", action="store_true",
+                   help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", help="directory of an already fine-tuned teacher: skips the teacher stage")
     g.add_argument("--teacher_init", default="google-bert/bert-base-uncased",
@@ -96,7 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--eval_batch_size", type=int, default=128)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
-    args = p.parse_args(argv)
+    args = p.parse_args(glue_negative_numbers(sys.argv[1:] if argv is None else argv))
 
     if args.task not in TASK_DEFAULTS:
         p.error(f"--task {args.task!r}: unknown; choose one of {', '.join(TASK_DEFAULTS)}")
@@ -109,9 +111,12 @@ def parse_args(argv=None):
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not args.stages or any(s not in STAGES for s in args.stages):
         p.error(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
-    for name in ("batch_size", "max_len", "splits", "save_steps", "log_steps", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    for name in ("batch_size", "max_len", "splits", "save_steps", "log_steps", "eval_batch_size",
+                 "layers", "hidden", "heads", "ffn", "max_steps", "train_subset", "eval_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.weight_decay < 0:
+        p.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
     for name in ("lr1", "lr2", "teacher_lr", "temperature", "tau"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
@@ -134,6 +139,22 @@ def parse_args(argv=None):
     return args
 
 
+def glue_negative_numbers(argv):
+    """argparse reads a value like -5e-5 as an option; join such a value to its flag (--lr1=-5e-5) so that
+    the range checks above, not argparse, answer it."""
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+            except ValueError:
+                pass
+        out.append(arg)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Building the models
 
@@ -151,7 +172,7 @@ def build_student(args, teacher):
     """The student per --student_init; its attention dropout is 0 so attn_outputs are SPEC's O."""
     tc = teacher.config
     shape = {k: v for k, v in dict(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                                   num_attention_heads=args.heads, intermediate_size=args.ffn).items() if v}
+                                   num_attention_heads=args.heads, intermediate_size=args.ffn).items() if v is not None}
     overrides = dict(head_config(args.task), attention_probs_dropout_prob=0.0)
     if args.student_init == "tinybert":
         key = (args.layers or 4, args.hidden or 312)
@@ -179,9 +200,25 @@ def build_student(args, teacher):
     return student
 
 
-def save_model(model, directory, vocab_file, extra=None):
+def save_model(model, directory, vocab_file, args):
+    """The model with its vocabulary and the arguments it was trained with (eval.py reads max_len from them)."""
     with open(vocab_file, encoding="utf-8") as f:
-        model.save(directory, {"vocab.txt": f.read(), **(extra or {})})
+        model.save(directory, {"vocab.txt": f.read(), "args.json": json.dumps(vars(args), indent=2, default=str)})
+
+
+def load_teacher(directory, args):
+    """A fine-tuned teacher, frozen; its head must be the task's (a pre-trained model has none)."""
+    teacher = Bert.from_pretrained(directory, verbose=False)
+    have, want = teacher.config, head_config(args.task)
+    if have.head != want["head"] or have.num_labels != want.get("num_labels", have.num_labels):
+        shown = "no task head" if have.head == "none" else f"a {have.head} head" + (
+            f" with {have.num_labels} labels" if have.head == "classification" else "")
+        needed = f"a {want['head']} head" + (f" with {want['num_labels']} labels" if "num_labels" in want else "")
+        raise ValueError(f"--teacher {directory}: has {shown}, but --task {args.task} needs {needed}; it is not "
+                         f"a teacher fine-tuned on {args.task}. To fine-tune one from it, pass --teacher_init {directory}")
+    if want["head"] == "classification":
+        evaluation.check_labels(teacher, args.task)
+    return teacher.to(args.device).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +248,9 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     n = len(train["input_ids"])
     per_epoch = math.ceil(n / args.batch_size)
     total = max(1, math.ceil(epochs * per_epoch))
-    if args.max_steps:
-        total = min(total, args.max_steps)
+    capped = bool(args.max_steps and args.max_steps < total)
+    total = args.max_steps if capped else total
+    data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves its temporary behind
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=True)  # one kernel, CPU and CUDA
     warm = int(warmup * total) if warmup is not None else 0
@@ -223,7 +261,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         return (step + 1) / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     step, best, best_metrics = 0, None, None
-    ckpt = os.path.join(directory, "checkpoint.pt")
+    ckpt, log_path = os.path.join(directory, "checkpoint.pt"), os.path.join(directory, "log.jsonl")
     if os.path.exists(ckpt):
         state = torch.load(ckpt, map_location=device, weights_only=True)
         for m, s in zip(modules, state["modules"]):
@@ -233,60 +271,72 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         step, best, best_metrics = state["step"], state["best"], state.get("best_metrics")
         torch.set_rng_state(state["rng"].cpu())
         print(f"[{stage}] resumed from {ckpt} at step {step}/{total}")
+    keep = [r for r in open(log_path)] if step and os.path.exists(log_path) else []
+    keep = [r for r in keep if json.loads(r).get("step", 0) <= step]  # the log goes on from the checkpoint
+    data.atomic_write_text(log_path, "".join(keep))
+    saved_step = step
     forward = torch.compile(modules[0]) if args.compile else modules[0]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
-    log = open(os.path.join(directory, "log.jsonl"), "a")
-    print(f"[{stage}] {n} examples, batch {args.batch_size}, {total} steps ({epochs:g} epochs), lr {lr:g}, "
+    log = open(log_path, "a")
+    print(f"[{stage}] {n} examples, batch {args.batch_size}, {total} steps ({total / per_epoch:.3g} epochs"
+          f"{', capped by --max_steps' if capped else ''}), lr {lr:g}, "
           f"{'constant lr' if warmup is None else f'warm-up {warm} steps then linear decay'}")
     t0, start_step, seen, record = time.time(), step, 0, {}
-    while step < total:
-        epoch = step // per_epoch
-        gen = torch.Generator().manual_seed(args.seed + epoch)  # the same order again after a resume
-        for batch in data.batches(train, args.batch_size, shuffle=True, generator=gen,
-                                  fixed_padding=args.paper_exact, start=step % per_epoch):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            modules[0].train()
-            with autocast:
-                loss, parts = loss_fn(forward, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: "
-                                         f"{ {k: float(v.detach()) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            step, seen = step + 1, seen + len(batch["index"])
-            end_of_epoch = step % per_epoch == 0 or step == total
-            if step % args.log_steps == 0 or step == total:
-                rate = seen / (time.time() - t0)
-                eta = (total - step) * (time.time() - t0) / (step - start_step)
-                record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total,
-                          **{k: float(v.detach()) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": rate, "train_s": time.time() - t0}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | "
-                      + " ".join(f"{k} {record[k]:.4f}" for k in parts)
-                      + f" | lr {record['lr']:.2e} | {rate:.1f} samples/s | ETA {eta / 60:.1f} min", flush=True)
-            if evaluate and (end_of_epoch or (args.eval_steps and step % args.eval_steps == 0)):
-                t_eval = time.time()
-                metrics = evaluate()
-                t_eval = time.time() - t_eval
-                t0 += t_eval  # samples/s and ETA count training only
-                improved = best is None or metrics[args.metric] > best
-                print(f"[{stage}] dev at step {step} ({t_eval:.0f} s): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-                      + ("  (best so far: saved)" if improved else ""))
-                log.write(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": t_eval}) + "\n")
-                if improved:
-                    best, best_metrics = metrics[args.metric], metrics
-                    on_best(metrics)
-            if step % args.save_steps == 0 and step < total:
-                data.atomic_write_bytes(ckpt, [to_bytes({
-                    "modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "best": best, "best_metrics": best_metrics, "rng": torch.get_rng_state()})])
-            if step >= total:
-                break
+    try:
+        while step < total:
+            epoch = step // per_epoch
+            gen = torch.Generator().manual_seed(args.seed + epoch)  # the same order again after a resume
+            for batch in data.batches(train, args.batch_size, shuffle=True, generator=gen,
+                                      fixed_padding=args.paper_exact, start=step % per_epoch):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                modules[0].train()
+                with autocast:
+                    loss, parts = loss_fn(forward, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: "
+                                             f"{ {k: float(v.detach()) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                step, seen = step + 1, seen + len(batch["index"])
+                end_of_epoch = step % per_epoch == 0 or step == total
+                if step % args.log_steps == 0 or step == total:
+                    rate = seen / (time.time() - t0)
+                    eta = (total - step) * (time.time() - t0) / (step - start_step)
+                    record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total,
+                              **{k: float(v.detach()) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
+                              "samples_per_s": rate, "train_s": time.time() - t0}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | "
+                          + " ".join(f"{k} {record[k]:.4f}" for k in parts)
+                          + f" | lr {record['lr']:.2e} | {rate:.1f} samples/s | ETA {eta / 60:.1f} min", flush=True)
+                if evaluate and (end_of_epoch or (args.eval_steps and step % args.eval_steps == 0)):
+                    t_eval = time.time()
+                    metrics = evaluate()
+                    t_eval = time.time() - t_eval
+                    t0 += t_eval  # samples/s and ETA count training only
+                    improved = best is None or metrics[args.metric] > best
+                    print(f"[{stage}] dev at step {step} ({t_eval:.0f} s): " + evaluation.format_metrics(metrics)
+                          + ("  (best so far: saved)" if improved else ""))
+                    log.write(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": t_eval}) + "\n")
+                    if improved:
+                        best, best_metrics = metrics[args.metric], metrics
+                        on_best(metrics)
+                if step % args.save_steps == 0 and step < total:
+                    data.atomic_write_bytes(ckpt, [to_bytes({
+                        "modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step, "best": best, "best_metrics": best_metrics, "rng": torch.get_rng_state()})])
+                    saved_step = step
+                if step >= total:
+                    break
+    except KeyboardInterrupt:
+        where = f"its checkpoint of step {saved_step} is {ckpt}" if saved_step else \
+            f"no checkpoint yet (the first comes at step {args.save_steps}), so it starts over"
+        print(f"\n[{stage}] interrupted at step {step}/{total}: {where}; rerun the same command to resume", flush=True)
+        raise
     record["peak_memory_gib"] = peak_memory_gib(device)
     print(f"[{stage}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory {record['peak_memory_gib']:.2f} GiB "
           f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
@@ -312,9 +362,8 @@ def to_bytes(obj):
     return buf.getvalue()
 
 
-def finish(directory, metrics, args):
-    """Mark a stage finished: metrics.json (with done) and args.json; drop the resume checkpoint."""
-    data.atomic_write_text(os.path.join(directory, "args.json"), json.dumps(vars(args), indent=2, default=str))
+def finish(directory, metrics):
+    """Mark a stage finished: metrics.json (with done); drop the resume checkpoint."""
     data.atomic_write_text(os.path.join(directory, "metrics.json"), json.dumps({**metrics, "done": True}, indent=2))
     ckpt = os.path.join(directory, "checkpoint.pt")
     if os.path.exists(ckpt):
@@ -354,11 +403,11 @@ def load_task(args, tok):
         examples = [e for f in path("train", args.train_file).split(",") for e in data.read_squad(f)]
         rows = data.squad_features(subset(examples), tok, max_len=args.max_len)
         train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
-        dev_examples = data.read_squad(path("dev", args.dev_file))
+        dev_examples = data.read_squad(path("dev", args.dev_file), args.allow_partial)
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
         return train, lambda m: evaluation.evaluate_squad(m, dev_examples, dev, version, args.eval_batch_size, args.device)[0]
     train = data.encode_glue(args.task, subset(data.read_glue(args.task, "train", args.data_dir)), tok, args.max_len)
-    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir), tok, args.max_len)
+    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok, args.max_len)
            for s in data.TASKS[args.task].dev_splits}
     return train, lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact)
 
@@ -382,6 +431,7 @@ def main(argv=None):
     source = fetch(args.teacher or args.teacher_init)
     vocab = os.path.join(source, "vocab.txt")
     tok = data.Tokenizer(vocab)
+    teacher = load_teacher(args.teacher, args) if args.teacher else None  # checked before any work
     train, evaluate = load_task(args, tok)
     dev_set = dev_set_key(args)
 
@@ -390,18 +440,17 @@ def main(argv=None):
         os.makedirs(teacher_dir, exist_ok=True)
         teacher = Bert.from_pretrained(args.teacher_init, **head_config(args.task)).to(args.device)
         record, best = fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs,
-                           args.teacher_lr, args.warmup, lambda: evaluate(teacher), lambda _: save_model(teacher, teacher_dir, vocab))
-        finish(teacher_dir, {"dev": best, "dev_set": dev_set, "train": record}, args)
+                           args.teacher_lr, args.warmup, lambda: evaluate(teacher), lambda _: save_model(teacher, teacher_dir, vocab, args))
+        finish(teacher_dir, {"dev": best, "dev_set": dev_set, "train": record})
     elif "teacher" in args.stages:
-        print(f"[teacher] {teacher_dir} is finished: skipped")
+        print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}" if args.teacher
+              else f"[teacher] {teacher_dir} is finished: skipped")
 
     need_teacher = any(s in args.stages for s in ("stage1", "stage2", "eval"))
-    if need_teacher:
-        if not is_done(teacher_dir) and not args.teacher:
+    if need_teacher and not args.teacher:
+        if not is_done(teacher_dir):
             sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
-        teacher = Bert.from_pretrained(teacher_dir, verbose=False).to(args.device).eval().requires_grad_(False)
-        if not squad:
-            evaluation.check_labels(teacher, args.task)
+        teacher = load_teacher(teacher_dir, args)
     mask_of = (lambda b: None) if args.paper_exact else (lambda b: b["attention_mask"])  # noqa: E731
 
     def teacher_out(batch):
@@ -427,9 +476,9 @@ def main(argv=None):
             return mlkd.stage1_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
                                     teacher_out(batch), proj, mask_of(batch), lmap, weights, args.splits)
         record, _ = fit("stage1", dirs["stage1"], [student, proj], loss1, train, args, args.epochs1, args.lr1, None)
-        save_model(student, dirs["stage1"], vocab)
+        save_model(student, dirs["stage1"], vocab, args)
         write_safetensors(proj.state_dict(), os.path.join(dirs["stage1"], "projections.safetensors"))
-        finish(dirs["stage1"], {"train": record}, args)
+        finish(dirs["stage1"], {"train": record})
     elif "stage1" in args.stages:
         print(f"[stage1] {dirs['stage1']} is finished: skipped")
 
@@ -461,8 +510,8 @@ def main(argv=None):
             return total, parts
         print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
         record, best = fit("stage2", dirs["stage2"], [student, proj], loss2, train, args, args.epochs2, args.lr2,
-                           args.warmup, lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab))
-        finish(dirs["stage2"], {"dev": best, "dev_set": dev_set, "train": record}, args)
+                           args.warmup, lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab, args))
+        finish(dirs["stage2"], {"dev": best, "dev_set": dev_set, "train": record})
     elif "stage2" in args.stages:
         print(f"[stage2] {dirs['stage2']} is finished: skipped")
 
@@ -473,7 +522,8 @@ def main(argv=None):
 def dev_metrics(directory, model, evaluate, dev_set):
     """The dev metrics a stage recorded for its saved model when they were measured on the same dev set
     (SQuAD's dev set takes minutes on a CPU); otherwise evaluate the model now."""
-    saved = json.load(open(os.path.join(directory, "metrics.json")))
+    path = os.path.join(directory, "metrics.json")
+    saved = json.load(open(path)) if os.path.exists(path) else {}  # a --teacher from elsewhere has none
     if saved.get("dev_set") == dev_set and saved.get("dev"):
         print(f"[eval] {directory}: dev metrics recorded when it was saved (same dev set)")
         return saved["dev"]
@@ -492,9 +542,10 @@ def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
                "teacher_parameters": tp, "student_parameters": sp, "teacher_dir": teacher_dir, "student_dir": student_dir}
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
+    cell = lambda v: f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}"  # noqa: E731  (counts stay counts)
     print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")
-    print(f"  {'teacher':8s} " + " ".join(f"{v:9.2f}" for v in t_metrics.values()) + f" {tp / 1e6:8.1f}M")
-    print(f"  {'student':8s} " + " ".join(f"{v:9.2f}" for v in s_metrics.values()) + f" {sp / 1e6:8.1f}M")
+    print(f"  {'teacher':8s} " + " ".join(map(cell, t_metrics.values())) + f" {tp / 1e6:8.1f}M")
+    print(f"  {'student':8s} " + " ".join(map(cell, s_metrics.values())) + f" {sp / 1e6:8.1f}M")
     if results["ratio"] is not None:
         print(f"  student/teacher on {args.metric}: {100 * results['ratio']:.1f}%, {tp / sp:.1f}x fewer parameters")
     print(f"  files: {teacher_dir}, {student_dir}, {os.path.join(args.out, 'results.json')}")
@@ -506,3 +557,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # fit() has said where the checkpoint is
+        sys.exit(130)
