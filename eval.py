@@ -152,25 +152,30 @@ def best_threshold(ids, scores, has_answer, na_scores):
 
 
 @torch.no_grad()
-def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
-    """Logits of every row of an encoded dataset, in order, as a float32 numpy array. Rows are batched
-    by length (shortest first) so that dynamic padding wastes little, then put back in order."""
+def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
+    """(logits, [CLS] states) of every row of an encoded dataset, in order, float32 on the CPU: (N, ...)
+    and (N, d). Rows are batched by length (shortest first) so that dynamic padding wastes little, then
+    put back in order. Span logits are padded to the dataset width with the model's pad value."""
     model.eval()
-    out = []
+    logits, cls = [], []
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
     order = torch.argsort(dataset["lengths"], stable=True)  # (N,)
     by_length = {k: v[order] for k, v in dataset.items() if k in ("input_ids", "token_type_ids", "lengths")}
     for b in data.batches(by_length, batch_size, fixed_padding=fixed_padding):
         with autocast:
-            logits = model(b["input_ids"].to(device), b["token_type_ids"].to(device), b["attention_mask"].to(device)).logits
-        width = logits.shape[-1]  # span logits are padded to the dataset width so windows line up
-        if logits.dim() == 3 and width < dataset["input_ids"].shape[1]:
-            logits = torch.nn.functional.pad(logits, (0, dataset["input_ids"].shape[1] - width), value=-1e4)
-        out.append(logits.float().cpu())
-    by_length_logits = torch.cat(out)
-    logits = torch.empty_like(by_length_logits)
-    logits[order] = by_length_logits  # back to the dataset's order
-    return logits.numpy()
+            out = model(b["input_ids"].to(device), b["token_type_ids"].to(device), b["attention_mask"].to(device))
+        z, width = out.logits, out.logits.shape[-1]  # span logits: (B, 2, width)
+        if z.dim() == 3 and width < dataset["input_ids"].shape[1]:
+            z = torch.nn.functional.pad(z, (0, dataset["input_ids"].shape[1] - width), value=-1e4)
+        logits.append(z.float().cpu())
+        cls.append(out.hidden_states[-1][:, 0].float().cpu())
+    unsort = torch.argsort(order)  # back to the dataset's order
+    return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
+
+
+def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
+    """Logits of every row of an encoded dataset, in order, as a float32 numpy array."""
+    return model_outputs(model, dataset, batch_size, device, fixed_padding)[0].numpy()
 
 
 def predictions_from_logits(task, logits):

@@ -21,6 +21,7 @@ Everything is computed in fp32 (safe under bf16 autocast); the teacher's tensors
 """
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -240,14 +241,27 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12):
     return total, parts
 
 
+class TeacherTargets(NamedTuple):
+    """All that Stage 2 reads of the teacher: its logits and its final [CLS] state. The teacher is frozen
+    and deterministic, so these can be computed once per training example and reused every epoch."""
+    logits: torch.Tensor  # (B, C) classification, (B, 1) regression, (B, 2, L) span
+    cls: torch.Tensor     # (B, d_T): hidden_states[-1][:, 0], raw
+
+    @classmethod
+    def of(cls, out):
+        return cls(out.logits, out.hidden_states[-1][:, 0])
+
+
 def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, base_tau=1.0):
-    """L2 = w_kd L_KD + w_ss L_SS + w_sc L_SC on the student's and teacher's BertOutput.
+    """L2 = w_kd L_KD + w_ss L_SS + w_sc L_SC on the student's BertOutput and the teacher's
+    (its BertOutput, or its TeacherTargets when they were cached).
 
     The [CLS] state is hidden_states[-1][:, 0] (raw); L_SC projects the student's with the last
     projection W_M. SQuAD: set ss and sc to 0 (SPEC). Returns (weighted total, unweighted parts).
     """
     w = {**STAGE2_WEIGHTS, **(weights or {})}
-    c_s, c_t = s.hidden_states[-1][:, 0], t.hidden_states[-1][:, 0]  # (B, d_S), (B, d_T)
+    t = t if isinstance(t, TeacherTargets) else TeacherTargets.of(t)
+    c_s, c_t = s.hidden_states[-1][:, 0], t.cls  # (B, d_S), (B, d_T)
     parts = {}
     if w["kd"]:
         parts["kd"] = kd_loss(s.logits, t.logits, temperature)

@@ -826,7 +826,7 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert results["student"]["total"] == 32 and "total 32" in logged  # the rows behind every metric
     for stage in ("teacher", "stage1", "stage2"):
         assert json.load(open(out / stage / "metrics.json"))["done"]
-        assert not os.path.exists(out / stage / "checkpoint.pt")
+        assert not os.path.exists(out / stage / "checkpoint.pt") and not os.path.exists(out / stage / train.CACHE)
         for f in ("model.safetensors", "config.json", "vocab.txt", "args.json", "log.jsonl"):
             assert os.path.exists(out / stage / f), (stage, f)
     for stage, parts in (("stage1", ("emb", "mha", "ffn")), ("stage2", ("kd", "ss", "sc"))):  # the losses fall
@@ -862,7 +862,7 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
 
     def dying(*a, **k):
         for b in real(*a, **k):
-            calls["n"] += 1
+            calls["n"] += k.get("shuffle", False)  # training batches only, not the teacher cache's
             if calls["n"] == 5:
                 raise KeyboardInterrupt  # a kill after step 4 (checkpoint at step 3)
             yield b
@@ -931,6 +931,44 @@ def test_non_finite_loss_stops_with_step_parts_and_rows(tmp_path):
         return value, {"kd": value}
     with pytest.raises(FloatingPointError, match=r"step 2: \{'kd': nan\}, batch rows \[\d, \d\]"):
         train.fit("stage2", str(tmp_path), [m], loss_fn, ds, args, 1, 1e-3, None)
+
+
+@pytest.mark.parametrize("head", ["classification", "regression", "span"])
+@pytest.mark.parametrize("rows", ["ragged", "full"])
+def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsys):
+    import train
+    torch.manual_seed(0)
+    kw = dict(head="classification", num_labels=3) if head == "classification" else dict(head=head)
+    teacher = model.Bert(model.BertConfig.preset("tiny-teacher", **kw)).eval()
+    student = model.Bert(model.BertConfig.preset("tiny-student", **kw))
+    N, L = 11, 12
+    lengths = torch.tensor([12, 3, 7, 12, 5, 9, 4, 12, 6, 8, 2]) if rows == "ragged" else torch.full((N,), L)
+    ids = torch.randint(5, 128, (N, L)) * (torch.arange(L)[None] < lengths[:, None])  # (N, L), [PAD] = 0
+    labels = {"classification": torch.randint(0, 3, (N,)), "regression": torch.rand(N),
+              "span": torch.stack([torch.zeros(N, dtype=torch.long), lengths - 1], 1)}[head]
+    ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths, "labels": labels}
+    args = train.parse_args(["--task", "sst2", "--device", "cpu", "--eval_batch_size", "3"])
+    cache = train.teacher_cache(teacher, ds, args, str(tmp_path))
+    proj = mlkd.Projections(2, 24, 48)
+    w = {"kd": 1.0, "ss": 1.0, "sc": 1.0} if head != "span" else {"kd": 1.0, "ss": 0.0, "sc": 0.0}  # SPEC: SQuAD L_KD only
+    compared = 0
+    for fixed in (False, True):  # dynamic padding, and the authors' padding to the full length
+        for batch in data.batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(1), fixed_padding=fixed):
+            out = student(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            live = mlkd.stage2_loss(out, train.stage2_targets(batch, teacher, None), proj, batch["labels"], w)[1]
+            cached = mlkd.stage2_loss(out, train.stage2_targets(batch, teacher, cache), proj, batch["labels"], w)[1]
+            assert live.keys() == cached.keys() and len(live) == (3 if head != "span" else 1)
+            for k in live:
+                assert abs(live[k].item() - cached[k].item()) < 1e-5, (k, live[k].item(), cached[k].item())
+            compared += 1
+    assert compared == 6
+    assert "computed once" in capsys.readouterr().out
+    again = train.teacher_cache(teacher, ds, args, str(tmp_path))  # a resumed Stage 2 reads the file
+    assert "read from" in capsys.readouterr().out and torch.equal(again.cls, cache.cls)
+    with torch.no_grad():
+        teacher.pooler.bias += 1  # another teacher: the file is not trusted
+    train.teacher_cache(teacher, ds, args, str(tmp_path))
+    assert "computed again" in capsys.readouterr().out
 
 
 def test_teacher_without_the_task_head_is_refused_before_work(tmp_path):

@@ -14,6 +14,7 @@ log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from ch
 """
 import argparse
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -98,6 +99,8 @@ def parse_args(argv=None):
     g.add_argument("--eval_batch_size", type=int, default=128)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    g.add_argument("--no_teacher_cache", action="store_true",
+                   help="run the teacher on every Stage-2 step instead of once per example (slower; for checking)")
     args = p.parse_args(glue_negative_numbers(sys.argv[1:] if argv is None else argv))
 
     if args.task not in TASK_DEFAULTS:
@@ -363,11 +366,11 @@ def to_bytes(obj):
 
 
 def finish(directory, metrics):
-    """Mark a stage finished: metrics.json (with done); drop the resume checkpoint."""
+    """Mark a stage finished: metrics.json (with done); drop the resume checkpoint and the teacher cache."""
     data.atomic_write_text(os.path.join(directory, "metrics.json"), json.dumps({**metrics, "done": True}, indent=2))
-    ckpt = os.path.join(directory, "checkpoint.pt")
-    if os.path.exists(ckpt):
-        os.remove(ckpt)
+    for name in ("checkpoint.pt", CACHE):
+        if os.path.exists(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
 
 
 def is_done(directory):
@@ -498,12 +501,16 @@ def main(argv=None):
             proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
         weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
 
+        cache = None  # the teacher runs only when a distillation loss is on, and then once per example
+        if any(weights.values()) and not args.no_teacher_cache:
+            cache = teacher_cache(teacher, train, args, dirs["stage2"])
+
         def loss2(model, batch):
             out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
             total, parts = 0.0, {}
-            if any(weights.values()):  # the teacher runs only when a distillation loss is on
-                total, parts = mlkd.stage2_loss(out, teacher_out(batch), proj, batch["labels"], weights,
-                                                args.temperature, args.tau)
+            if any(weights.values()):
+                total, parts = mlkd.stage2_loss(out, stage2_targets(batch, teacher, cache), proj, batch["labels"],
+                                                weights, args.temperature, args.tau)
             if args.w_ce:  # gold labels: not part of MLKD (SPEC), for baselines
                 parts["ce"] = task_loss(out.logits, batch["labels"])
                 total = total + args.w_ce * parts["ce"]
@@ -517,6 +524,52 @@ def main(argv=None):
 
     if "eval" in args.stages:
         return report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
+
+
+CACHE = "teacher_cache.safetensors"
+
+
+def teacher_cache(teacher, train, args, directory):
+    """Stage 2's teacher targets (logits, [CLS] state) for every training example, computed once.
+
+    The teacher is frozen, in eval mode and deterministic, so these are the same at every epoch; the
+    student then trains alone. Computed as the live path computes them (fp32, or bf16 autocast on CUDA)
+    and kept in `directory` so that a resumed Stage 2 reuses them; finish() deletes the file.
+    """
+    path, key = os.path.join(directory, CACHE), fingerprint(teacher, train)
+    if os.path.exists(path):
+        saved = read_safetensors(path)
+        if bytes(saved["fingerprint"].tolist()) == key:
+            print(f"[stage2] teacher outputs read from {path}")
+            return mlkd.TeacherTargets(saved["logits"].to(args.device), saved["cls"].to(args.device))
+        print(f"[stage2] {path} was made by another teacher or data: computed again")
+    t0 = time.time()
+    logits, cls = evaluation.model_outputs(teacher, train, args.eval_batch_size, args.device)  # (N, ...), (N, d_T)
+    write_safetensors({"logits": logits, "cls": cls, "fingerprint": torch.tensor(list(key), dtype=torch.uint8)}, path)
+    print(f"[stage2] teacher outputs of {len(cls)} examples computed once in {time.time() - t0:.0f} s "
+          f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
+    return mlkd.TeacherTargets(logits.to(args.device), cls.to(args.device))
+
+
+def fingerprint(teacher, train):
+    """sha256 of the teacher's weights and the encoded training rows: what the cached targets depend on."""
+    h = hashlib.sha256()
+    for t in [*teacher.state_dict().values(), *(train[k] for k in ("input_ids", "token_type_ids", "lengths"))]:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def stage2_targets(batch, teacher, cache):
+    """The teacher's TeacherTargets for a batch: rows of the cache (span logits cut to the batch's width),
+    or, without a cache, a live teacher forward."""
+    if cache is None:
+        with torch.no_grad():
+            return mlkd.TeacherTargets.of(teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
+    rows = batch["index"]                                               # (B,) dataset rows
+    logits = cache.logits[rows]                                         # (B, C) or (B, 2, max_len)
+    if logits.dim() == 3:
+        logits = logits[..., :batch["input_ids"].shape[1]]              # (B, 2, width)
+    return mlkd.TeacherTargets(logits, cache.cls[rows])
 
 
 def dev_metrics(directory, model, evaluate, dev_set):
