@@ -47,9 +47,9 @@ def fp32(fn):
 def relation_logprobs(x, mask=None):
     """x (B, A, L, k) -> log softmax(x x^T / sqrt(k)) over the last dim, (B, A, L, L); pad keys masked."""
     x = x.float()
-    scores = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])           # (B, A, L, L)
+    scores = (x / math.sqrt(x.shape[-1])) @ x.transpose(-1, -2)         # (B, A, L, L); scaled on the small side
     if mask is not None:
-        scores = scores.masked_fill(mask[:, None, None, :] == 0, NEG)   # pad keys leave the softmax
+        scores.masked_fill_(mask[:, None, None, :] == 0, NEG)           # pad keys leave the softmax (in place)
     return F.log_softmax(scores, dim=-1)
 
 
