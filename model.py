@@ -653,19 +653,21 @@ def bench(args):
             models.append((f"HF BertForSeqCls ({impl})", lambda hf=hf: hf(input_ids=ids, attention_mask=mask).logits))
     except ImportError:
         print("(transformers not installed: only our model is measured)")
-    best = {name: (0.0, 0.0) for name, _ in models}
-    for _ in range(args.rounds):  # interleaved rounds, best of each: a busy machine hurts all alike
+    runs = {name: [] for name, _ in models}
+    for _ in range(args.rounds):  # interleaved rounds: a busy moment of the machine hurts every model alike
         for name, forward in models:
-            f, fb = measure(forward)
-            best[name] = (max(best[name][0], f), max(best[name][1], fb))
-    rows = [(name, *best[name]) for name, _ in models]
+            runs[name].append(measure(forward))
+    rows = [(name, float(np.median([r[0] for r in runs[name]])), float(np.median([r[1] for r in runs[name]])))
+            for name, _ in models]
     print(f"{args.config}, batch {B} x length {L}, {device}{' bf16 autocast' if device == 'cuda' else ' fp32'}, "
-          f"{torch.get_num_threads()} threads, best of {args.rounds} rounds of {args.iters} iterations after {args.warmup} warm-up, train mode")
-    best_hf = max((r for r in rows[1:]), key=lambda r: r[2], default=None)
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds of {args.iters} iterations "
+          f"after {args.warmup} warm-up, train mode")
     for name, f, fb in rows:
         print(f"  {name:28s} forward {f:10,.0f} tok/s   forward+backward {fb:10,.0f} tok/s")
-    if best_hf:
-        print(f"  ratio ours / fastest HF (forward+backward): {rows[0][2] / best_hf[2]:.2f}x")
+    if len(rows) > 1:  # per round: ours against the faster HF attention of that round
+        ratios = [runs[rows[0][0]][i][1] / max(runs[name][i][1] for name, _, _ in rows[1:]) for i in range(args.rounds)]
+        print(f"  ours / fastest HF (forward+backward), per round: {' '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median {np.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":
@@ -677,7 +679,7 @@ if __name__ == "__main__":
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cpu", action="store_true", help="benchmark on CPU even when CUDA is available")
     a = p.parse_args()
     if not a.bench:
