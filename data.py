@@ -5,7 +5,9 @@ the GLUE download script (file layout, MRPC built from SentEval), the GLUE paper
 BERT run_classifier.py / run_squad.py (pair truncation, SQuAD windows) and the official SQuAD
 evaluation scripts (post-processing lives here, scoring in eval.py).
 
-Sections:  1. download   2. tokenizer   3. GLUE   4. batches   5. SQuAD
+Sections:  1. download   2. tokenizer   3. GLUE   4. batches   5. SQuAD   6. unlabeled text
+
+    python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus (section 6)
 """
 import csv
 import hashlib
@@ -565,3 +567,126 @@ def squad_predictions(examples, features, start_logits, end_logits, n_best=20, m
                 text = ""
         predictions[ex["id"]] = text
     return predictions, null_minus_best
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Unlabeled text for general distillation: the format of Google's pre-training data
+
+
+def read_corpus(paths):
+    """Plain UTF-8 text files, one sentence or paragraph per line, documents separated by blank lines:
+    a list of documents, each a list of lines."""
+    documents = []
+    for path in paths:
+        current = []
+        for line in read_text(path).splitlines():
+            if line.strip():
+                current.append(line.strip())
+            elif current:
+                documents.append(current)
+                current = []
+        if current:
+            documents.append(current)
+    if not documents:
+        raise ValueError(f"corpus {', '.join(paths)}: no text (one sentence or paragraph per line)")
+    return documents
+
+
+def corpus_windows(documents, tokenizer, max_len=128):
+    """Pack consecutive lines of one document into windows [CLS] text [SEP] of at most max_len tokens; a
+    line longer than a window is cut into window-sized pieces. Returns {input_ids, token_type_ids,
+    lengths}, one row per window, as encode_glue does."""
+    room = max_len - 2
+    pieces = iter(tokenizer.tokenize([line for doc in documents for line in doc]))
+    windows = []
+    for doc in documents:
+        current = []
+        for _ in doc:
+            ids = next(pieces).ids
+            if current and len(current) + len(ids) > room:  # the line does not fit: close the window
+                windows.append(current)
+                current = []
+            while len(ids) > room:
+                windows.append(ids[:room])
+                ids = ids[room:]
+            current += ids
+        if current:
+            windows.append(current)
+    out = np.full((len(windows), max_len), tokenizer.pad_id, dtype=np.int64)
+    lengths = np.array([len(w) + 2 for w in windows], dtype=np.int64)
+    for i, w in enumerate(windows):  # once per corpus, before training
+        out[i, :len(w) + 2] = [tokenizer.cls_id, *w, tokenizer.sep_id]
+    ids = torch.from_numpy(out)
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": torch.from_numpy(lengths)}
+
+
+def build_corpus(data_dir, out, vocab=None):
+    """Write the corpus this repo can have offline: the paragraphs of the SQuAD *training* files present
+    (<data_dir>/squad/train-*.json; an article is a document, a paragraph a line) and the sentences of the
+    GLUE *train* splits present (a task's file is a document; a pair gives two lines); deduplicated.
+    Never a dev or test sentence: those files are not read for text, and any line that also appears in a
+    dev or test file present (GLUE dev/test, SQuAD dev contexts) is dropped. Nothing is downloaded.
+    Returns {documents, lines, words, word_pieces (with a vocab file), dropped_as_dev}."""
+    held = set()  # every dev/test text present
+    for task, t in TASKS.items():
+        for split in t.dev_splits + t.test_splits if task != "ax" else ("test",):
+            if os.path.exists(glue_path(task, split, data_dir)):
+                held.update(s.strip() for e in read_glue(task, split, data_dir, allow_partial=True)
+                            for s in (e.text_a, e.text_b) if s)
+    squad_dir = os.path.join(data_dir, "squad")
+    squad = sorted(os.listdir(squad_dir)) if os.path.isdir(squad_dir) else []
+    for name in (n for n in squad if n.startswith("dev") and n.endswith(".json")):
+        held.update(p.strip() for article in squad_articles(os.path.join(squad_dir, name)) for p in article)
+    documents, seen, dropped = [], set(), 0
+
+    def add(lines):
+        nonlocal dropped
+        doc = []
+        for line in (" ".join(x.split()) for x in lines):  # one line each, whitespace collapsed
+            if line and line not in seen:
+                seen.add(line)
+                if line in held:
+                    dropped += 1
+                else:
+                    doc.append(line)
+        if doc:
+            documents.append(doc)
+    for name in (n for n in squad if n.startswith("train") and n.endswith(".json")):
+        for paragraphs in squad_articles(os.path.join(squad_dir, name)):
+            add(paragraphs)
+    for task, t in TASKS.items():
+        if task != "ax" and os.path.exists(glue_path(task, "train", data_dir)):
+            add(s for e in read_glue(task, "train", data_dir) for s in (e.text_a, e.text_b) if s)
+    if not documents:
+        raise ValueError(f"{data_dir}: no SQuAD train-*.json under squad/ and no GLUE train.tsv under glue/")
+    atomic_write_text(out, "\n\n".join("\n".join(doc) for doc in documents) + "\n")
+    lines = [line for doc in documents for line in doc]
+    stats = {"documents": len(documents), "lines": len(lines), "words": sum(len(x.split()) for x in lines),
+             "dropped_as_dev": dropped}
+    if vocab:
+        stats["word_pieces"] = sum(len(e.ids) for e in Tokenizer(vocab).tokenize(lines))
+    log(f"[corpus] wrote {out}: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats.items()))
+    return stats
+
+
+def squad_articles(path):
+    """The paragraphs of a SQuAD file, article by article: [[context, ...], ...] (questions or not)."""
+    try:
+        return [[p["context"] for p in a["paragraphs"]] for a in json.loads(read_text(path))["data"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a SQuAD JSON file: {e!r}") from None
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="data.py corpus: " + build_corpus.__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("corpus", help="write the offline corpus for general distillation (train splits only)")
+    c.add_argument("--data_dir", required=True, help="holds glue/<TASK>/train.tsv and/or squad/train-*.json")
+    c.add_argument("--out", required=True, help="the corpus file to write")
+    c.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
+    a = p.parse_args()
+    try:
+        build_corpus(a.data_dir, a.out, a.vocab)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -971,6 +971,102 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
     assert "computed again" in capsys.readouterr().out
 
 
+def test_corpus_has_train_text_only_deduplicated(tmp_path):
+    write_pipeline_fixture(tmp_path)
+    d = tmp_path / "data"
+    train_tsv, dev_tsv = d / "glue" / "SST-2" / "train.tsv", d / "glue" / "SST-2" / "dev.tsv"
+    planted = "a planted dev sentence that also sits in train"
+    dev_tsv.write_text(dev_tsv.read_text() + f"{planted}\t1\nonly in dev , never in the corpus\t0\n")
+    train_tsv.write_text(train_tsv.read_text() + f"{planted}\t1\nthe movie was good\t1\n")  # and a duplicate
+    squad = d / "squad"
+    squad.mkdir()
+    (squad / "train-v1.1.json").write_text(json.dumps(SQUAD_FIXTURE))
+    dev_doc = {"data": [{"title": "D", "paragraphs": [{"context": "A dev context.", "qas": []}]}]}
+    (squad / "dev-v1.1.json").write_text(json.dumps(dev_doc))
+    stats = data.build_corpus(str(d), str(tmp_path / "corpus.txt"), str(tmp_path / "vocab.txt"))
+    docs = data.read_corpus([str(tmp_path / "corpus.txt")])
+    lines = [x for doc in docs for x in doc]
+    train_lines = {e.text_a for e in data.read_glue("sst2", "train", str(d))}
+    held = {e.text_a for s in ("dev", "test") for e in data.read_glue("sst2", s, str(d), allow_partial=True)}
+    assert docs[0] == [SQUAD_FIXTURE["data"][0]["paragraphs"][0]["context"]]  # SQuAD train: an article per document
+    assert planted not in lines and "only in dev , never in the corpus" not in lines and "A dev context." not in lines
+    assert len(lines) == len(set(lines)) == 1 + len(train_lines - held) and not set(lines) & held
+    assert stats["dropped_as_dev"] == len(train_lines & held) > 1 and stats["documents"] == 2
+    assert stats["word_pieces"] > stats["words"] > 0
+
+
+def test_corpus_windows_pack_lines_of_one_document(tmp_path):
+    tok = data.Tokenizer(write_vocab(tmp_path / "v.txt", ["a", "b", "c"]))
+    docs = [["a b", "c a b c", "a"], ["b " * 9]]  # 2, 4, 1 word pieces; then one line of 9
+    w = data.corpus_windows(docs, tok, max_len=8)  # room for 6 pieces per window
+    rows = [w["input_ids"][i, :n].tolist() for i, n in enumerate(w["lengths"].tolist())]
+    a, b, c, cls, sep = (tok.wp.token_to_id(t) for t in ("a", "b", "c", "[CLS]", "[SEP]"))
+    assert rows == [[cls, a, b, c, a, b, c, sep], [cls, a, sep], [cls] + [b] * 6 + [sep], [cls] + [b] * 3 + [sep]]
+    assert (w["input_ids"][1, 3:] == tok.pad_id).all() and not w["token_type_ids"].any()
+
+
+def test_student_init_dir_takes_layers_by_the_layer_map(tmp_path):
+    import train
+    init = write_pipeline_fixture(tmp_path)  # a 4-layer model directory
+    source = model.Bert.from_pretrained(str(init))
+    args = train.parse_args(["--task", "sst2", "--student_init", str(init), "--layers", "3"])
+    student = train.build_student(args, teacher=source)
+    g = mlkd.layer_map(4, 3)
+    assert g == [0, 1, 3, 4]
+    s_state, t_state = student.state_dict(), source.state_dict()
+    for key, value in s_state.items():
+        if key.startswith("layers."):
+            m, rest = key.split(".", 2)[1:]
+            assert torch.equal(value, t_state[f"layers.{g[int(m) + 1] - 1}.{rest}"]), key
+        elif not key.startswith("classifier."):
+            assert torch.equal(value, t_state[key]), key
+    assert len([k for k in s_state if k.startswith("layers.")]) == 3 * 16
+    with pytest.raises(ValueError, match="cannot take 5 layers from a model that has 4"):
+        train.build_student(train.parse_args(["--task", "sst2", "--student_init", str(init), "--layers", "5"]), source)
+    with pytest.raises(ValueError, match="--hidden 24: --student_init .* copies weights 48 wide"):
+        train.build_student(train.parse_args(["--task", "sst2", "--student_init", str(init), "--hidden", "24"]), source)
+
+
+def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, monkeypatch):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    data.build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
+    out = tmp_path / "gen"
+    argv = ["--task", "general", "--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init), "--layers", "2",
+            "--hidden", "24", "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16", "--batch_size", "8",
+            "--lr1", "2e-3", "--epochs1", "6", "--warmup", "0", "--save_steps", "3", "--log_steps", "1",
+            "--device", "cpu", "--out", str(out)]
+    real = data.batches
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        for b in real(*a, **k):
+            calls["n"] += k.get("shuffle", False)
+            if calls["n"] == 5:
+                raise KeyboardInterrupt  # killed after step 4; the checkpoint is at step 3
+            yield b
+    monkeypatch.setattr(data, "batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(data, "batches", real)
+    result = train.main(argv)
+    said = capsys.readouterr().out
+    assert "[general] resumed from" in said and "held-out at step 0" in said
+    metrics = json.load(open(out / "general" / "metrics.json"))
+    curve = metrics["heldout"]
+    assert metrics["done"] and curve == result["heldout"] and len(curve) == 7  # the start and every epoch
+    assert curve[-1]["loss"] < curve[0]["loss"] and curve[-1]["windows"] == metrics["corpus"]["heldout_windows"] >= 1
+    for f in ("model.safetensors", "config.json", "vocab.txt", "projections.safetensors", "args.json"):
+        assert os.path.exists(out / "general" / f), f
+    # the General student starts a task: Stage 1 and Stage 2 from it (its own width, its two layers)
+    task = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "task"),
+                       "--epochs1", "1", "--epochs2", "1", "--teacher_epochs", "2"]
+    task[task.index("--student_init") + 1] = str(out / "general")
+    results = train.main(task)
+    assert f"of {out / 'general'} (and its embeddings) -> a 2-layer student" in capsys.readouterr().out
+    assert results["student_parameters"] < results["teacher_parameters"]
+
+
 def test_teacher_without_the_task_head_is_refused_before_work(tmp_path):
     import train
     init = write_pipeline_fixture(tmp_path)  # a pre-trained model: no head

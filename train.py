@@ -1,6 +1,7 @@
 """train.py: the whole MLKD pipeline for one task, in one command.
 
     python train.py --task sst2
+    python train.py --task general --corpus FILE --teacher_init DIR --layers 4 --hidden 192 --ffn 768
 
 Chapter 4 of mlkd. Stages (SPEC.md "Pipeline for one task"), each in its own directory under --out:
     teacher   fine-tune the teacher (bert-base-uncased unless --teacher gives a fine-tuned one)
@@ -9,6 +10,9 @@ Chapter 4 of mlkd. Stages (SPEC.md "Pipeline for one task"), each in its own dir
               keeping the checkpoint with the best dev metric (selection on dev); run without
               stage1 it starts from --student_init (the baselines: logits-only KD, gold labels)
     eval      official dev metric of teacher and student, results.json
+    general   --task general alone: general distillation, the Stage-1 losses between a pre-trained
+              (not fine-tuned) teacher and a student on unlabeled text, as General TinyBERT was made;
+              its output is a student for --student_init
 A stage directory holds model.safetensors, config.json, vocab.txt, args.json, metrics.json and
 log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from checkpoint.pt.
 """
@@ -36,9 +40,11 @@ TASK_DEFAULTS = {
     "stsb": (128, 20, 15, 10, 3e-5), "rte": (128, 20, 15, 10, 2e-5), "qnli": (128, 10, 10, 10, 2e-5),
     "mnli": (128, 6, 6, 4, 3e-5), "qqp": (128, 6, 6, 5, 2e-5), "wnli": (128, 20, 15, 10, 2e-5),
     "squad1": (384, 4, 3, 4, 3e-5), "squad2": (384, 4, 3, 4, 3e-5),  # batch 16, stride 128, query 64
+    "general": (128, 3, 0, 0, 5e-5),  # the authors' general_distill.py: 3 epochs, lr 5e-5, 10% warm-up, 128 tokens
 }
 TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D", (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
 STAGES = ("teacher", "stage1", "stage2", "eval")
+HELDOUT = 1000  # general distillation scores at most this many corpus windows (1%) that it never trains on
 
 
 def parse_args(argv=None):
@@ -51,7 +57,9 @@ def parse_args(argv=None):
     g.add_argument("--train_file", help="SQuAD training JSON, or several joined by commas "
                                         "(default: <data_dir>/squad/train-v1.1.json or -v2.0)")
     g.add_argument("--dev_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or -v2.0)")
-    g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    g.add_argument("--corpus", help="--task general: unlabeled text files joined by commas, one sentence or paragraph "
+                                    "per line, blank lines between documents (python data.py corpus writes one)")
+    g.add_argument("--stages", help="comma-separated subset of " + ",".join(STAGES) + " (default: all)")
     g.add_argument("--allow_partial", action="store_true",
                    help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
     g = p.add_argument_group("teacher")
@@ -61,10 +69,14 @@ def parse_args(argv=None):
     g.add_argument("--teacher_epochs", type=float)
     g.add_argument("--teacher_lr", type=float)
     g = p.add_argument_group("student")
-    g.add_argument("--student_init", default="tinybert",
-                   help="tinybert (General TinyBERT of the student's shape, as the paper), teacher-layers "
-                        "(copy the mapped teacher layers; widths must match), random, or a model directory")
-    g.add_argument("--layers", type=int, help="student layers (default: 4 for tinybert, else half the teacher's)")
+    g.add_argument("--student_init",
+                   help="tinybert: General TinyBERT of the student's shape, downloaded (the paper; default for "
+                        "tasks). DIR: a model directory (e.g. a general student): its embeddings and its layers "
+                        "g(1..M) of --layer_map, all of them when it has M; its widths. teacher-layers: the same "
+                        "from the task's teacher (DistilBERT's init; it has seen the task). random: BERT's init "
+                        "(default for --task general)")
+    g.add_argument("--layers", type=int, help="student layers M (default: 4 for tinybert, a directory's own count, "
+                                              "else half the teacher's)")
     g.add_argument("--hidden", type=int, help="student width (default: 312 for tinybert, else the teacher's)")
     g.add_argument("--heads", type=int, help="student attention heads (any divisor of the width)")
     g.add_argument("--ffn", type=int, help="student FFN width")
@@ -105,6 +117,18 @@ def parse_args(argv=None):
 
     if args.task not in TASK_DEFAULTS:
         p.error(f"--task {args.task!r}: unknown; choose one of {', '.join(TASK_DEFAULTS)}")
+    general = args.task == "general"
+    args.student_init = args.student_init or ("random" if general else "tinybert")
+    args.stages = args.stages or ("general" if general else ",".join(STAGES))
+    if general and args.stages != "general":
+        p.error("--task general runs one stage, general; --stages does not apply")
+    if general and args.teacher:
+        p.error("--task general distils from a pre-trained model: pass it as --teacher_init, not --teacher")
+    if general and not args.corpus:
+        p.error("--task general needs --corpus FILE[,FILE...] (python data.py corpus --data_dir DIR --out FILE)")
+    for path in (args.corpus or "").split(",") if args.corpus else ():
+        if not os.path.isfile(path):
+            p.error(f"--corpus {path}: no such file")
     max_len, e1, e2, te, tlr = TASK_DEFAULTS[args.task]
     for name, value in (("max_len", max_len), ("epochs1", e1), ("epochs2", e2), ("teacher_epochs", te), ("teacher_lr", tlr)):
         if getattr(args, name) is None:
@@ -112,7 +136,7 @@ def parse_args(argv=None):
     if args.batch_size is None:
         args.batch_size = 16 if args.task.startswith("squad") else 32
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not args.stages or any(s not in STAGES for s in args.stages):
+    if not general and (not args.stages or any(s not in STAGES for s in args.stages)):
         p.error(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
     for name in ("batch_size", "max_len", "splits", "save_steps", "log_steps", "eval_batch_size",
                  "layers", "hidden", "heads", "ffn", "max_steps", "train_subset", "eval_steps"):
@@ -163,6 +187,8 @@ def glue_negative_numbers(argv):
 
 
 def head_config(task):
+    if task == "general":  # no task: the student is a general-purpose encoder
+        return dict(head="none", label_names=[])
     if task.startswith("squad"):
         return dict(head="span", label_names=[])
     t = data.TASKS[task]
@@ -172,35 +198,51 @@ def head_config(task):
 
 
 def build_student(args, teacher):
-    """The student per --student_init; its attention dropout is 0 so attn_outputs are SPEC's O."""
+    """The student per --student_init (see --help); its attention dropout is 0 so attn_outputs are SPEC's O."""
     tc = teacher.config
-    shape = {k: v for k, v in dict(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                                   num_attention_heads=args.heads, intermediate_size=args.ffn).items() if v is not None}
-    overrides = dict(head_config(args.task), attention_probs_dropout_prob=0.0)
+    overrides = dict(head_config(args.task), attention_probs_dropout_prob=0.0,
+                     **({"num_attention_heads": args.heads} if args.heads else {}))
     if args.student_init == "tinybert":
         key = (args.layers or 4, args.hidden or 312)
         if key not in TINYBERT:
             raise ValueError(f"no General TinyBERT with {key[0]} layers x {key[1]} wide (have 4x312, 6x768); "
-                             "use --student_init teacher-layers or random")
-        heads = {"num_attention_heads": args.heads} if args.heads else {}
-        return Bert.from_pretrained(TINYBERT[key], **overrides, **heads)
-    if os.path.isdir(args.student_init):
-        return Bert.from_pretrained(args.student_init, **overrides, **({"num_attention_heads": args.heads} if args.heads else {}))
-    shape.setdefault("num_hidden_layers", max(1, tc.num_hidden_layers // 2))
-    config = dataclasses.replace(tc, **{**shape, **overrides})
-    student = Bert(config)
-    if args.student_init == "teacher-layers":
-        if (config.hidden_size, config.intermediate_size) != (tc.hidden_size, tc.intermediate_size):
-            raise ValueError("--student_init teacher-layers needs the teacher's hidden and FFN widths")
-        g = mlkd.layer_map(tc.num_hidden_layers, config.num_hidden_layers, args.layer_map)
-        t_state = teacher.state_dict()
-        state = {k: v for k, v in t_state.items() if not k.startswith(("layers.", "classifier.", "qa_outputs."))}
-        for m in range(1, config.num_hidden_layers + 1):  # student layer m <- teacher layer g(m)
-            prefix = f"layers.{g[m] - 1}."
-            state.update({f"layers.{m - 1}.{k[len(prefix):]}": v for k, v in t_state.items() if k.startswith(prefix)})
-        student.load_state_dict(state, strict=False)
-        print(f"[student] copied teacher layers {g[1:]} into a {config.num_hidden_layers}-layer student")
+                             "use --student_init teacher-layers, random or a model directory")
+        return Bert.from_pretrained(TINYBERT[key], **overrides)
+    if args.student_init == "random":
+        shape = {k: v for k, v in dict(num_hidden_layers=args.layers or max(1, tc.num_hidden_layers // 2),
+                                       hidden_size=args.hidden, intermediate_size=args.ffn).items() if v is not None}
+        return Bert(dataclasses.replace(tc, **shape, **overrides))
+    from_teacher = args.student_init == "teacher-layers"
+    source = teacher if from_teacher else Bert.from_pretrained(args.student_init, verbose=False, **overrides)
+    sc = source.config
+    for flag, want, have in (("--hidden", args.hidden, sc.hidden_size), ("--ffn", args.ffn, sc.intermediate_size)):
+        if want is not None and want != have:
+            raise ValueError(f"{flag} {want}: --student_init {args.student_init} copies weights {have} wide; "
+                             f"use --student_init random for another width")
+    M = args.layers or (tc.num_hidden_layers // 2 if from_teacher else sc.num_hidden_layers)
+    student, g = cut_layers(source, M, args.layer_map, overrides, keep_head=not from_teacher)
+    print(f"[student] layers {g[1:]} of {'the teacher' if from_teacher else args.student_init} "
+          f"(and its embeddings) -> a {M}-layer student")
     return student
+
+
+def cut_layers(source, M, kind, overrides, keep_head=True):
+    """A model of M layers with source's embeddings and pooler and its layers g(1..M) of
+    mlkd.layer_map (DistilBERT's initialisation); the head is source's when keep_head, else fresh."""
+    N = source.config.num_hidden_layers
+    if M > N:
+        raise ValueError(f"cannot take {M} layers from a model that has {N}")
+    g = mlkd.layer_map(N, M, kind)
+    student = Bert(dataclasses.replace(source.config, num_hidden_layers=M, **overrides))
+    s_state = source.state_dict()
+    head = ("classifier.", "qa_outputs.")
+    state = {k: v for k, v in s_state.items() if not k.startswith(("layers.", *(() if keep_head else head)))}
+    for m in range(1, M + 1):  # student layer m <- source layer g(m)
+        prefix = f"layers.{g[m] - 1}."
+        state.update({f"layers.{m - 1}.{k[len(prefix):]}": v for k, v in s_state.items() if k.startswith(prefix)})
+    missing = student.load_state_dict(state, strict=False).missing_keys
+    assert all(k.startswith(head) for k in missing), missing  # only a fresh head is left as initialised
+    return student, g
 
 
 def save_model(model, directory, vocab_file, args):
@@ -243,7 +285,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
 
     Schedule: linear warm-up over `warmup` of the steps then linear decay, or constant when warmup is
     None. With `evaluate` (-> metrics dict, higher is better for args.metric) the dev metric is
-    checked every --eval_steps and at every epoch end; on_best(metrics) saves the best. Writes
+    checked every --eval_steps and at every epoch end; on_best(metrics), if given, saves the best. Writes
     checkpoint.pt every --save_steps and resumes from it. Returns the final log record (with the peak
     memory) and the best dev metrics (None without `evaluate`).
     """
@@ -321,7 +363,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                     metrics = evaluate()
                     t_eval = time.time() - t_eval
                     t0 += t_eval  # samples/s and ETA count training only
-                    improved = best is None or metrics[args.metric] > best
+                    improved = on_best is not None and (best is None or metrics[args.metric] > best)
                     print(f"[{stage}] dev at step {step} ({t_eval:.0f} s): " + evaluation.format_metrics(metrics)
                           + ("  (best so far: saved)" if improved else ""))
                     log.write(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": t_eval}) + "\n")
@@ -423,6 +465,10 @@ def dev_set_key(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.task == "general":
+        torch.manual_seed(args.seed)
+        print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        return general(args)
     squad = args.task.startswith("squad")
     args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     if squad:  # SPEC: Stage 2 on SQuAD is L_KD on start and end logits only
@@ -454,33 +500,11 @@ def main(argv=None):
         if not is_done(teacher_dir):
             sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
         teacher = load_teacher(teacher_dir, args)
-    mask_of = (lambda b: None) if args.paper_exact else (lambda b: b["attention_mask"])  # noqa: E731
-
-    def teacher_out(batch):
-        with torch.no_grad():
-            return teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
 
     # Stage 1: embeddings and Transformer layers
     if "stage1" in args.stages and not is_done(dirs["stage1"]):
         os.makedirs(dirs["stage1"], exist_ok=True)
-        student = build_student(args, teacher).to(args.device)
-        M, N = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        lmap = mlkd.layer_map(N, M, args.layer_map)
-        for d in (student.config.hidden_size, teacher.config.hidden_size):
-            if d % args.splits:
-                sys.exit(f"error: --splits {args.splits} does not divide the width {d}")
-        print(f"[stage1] layer map student -> teacher: {lmap} (0 = embeddings); student {M} x "
-              f"{student.config.hidden_size}, {student.config.num_attention_heads} heads, "
-              f"{student.num_parameters() / 1e6:.1f}M parameters")
-        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(args.device)
-        weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
-
-        def loss1(model, batch):
-            return mlkd.stage1_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
-                                    teacher_out(batch), proj, mask_of(batch), lmap, weights, args.splits)
-        record, _ = fit("stage1", dirs["stage1"], [student, proj], loss1, train, args, args.epochs1, args.lr1, None)
-        save_model(student, dirs["stage1"], vocab, args)
-        write_safetensors(proj.state_dict(), os.path.join(dirs["stage1"], "projections.safetensors"))
+        record, _ = distil_layers("stage1", dirs["stage1"], teacher, train, args, vocab)
         finish(dirs["stage1"], {"train": record})
     elif "stage1" in args.stages:
         print(f"[stage1] {dirs['stage1']} is finished: skipped")
@@ -524,6 +548,100 @@ def main(argv=None):
 
     if "eval" in args.stages:
         return report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
+
+
+def stage1_objective(teacher, proj, lmap, args):
+    """loss_fn(model, batch) of Stage 1 and of general distillation: mlkd.stage1_loss against the frozen teacher."""
+    weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
+
+    def loss_fn(model, batch):
+        inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            t = teacher(*inputs)
+        mask = None if args.paper_exact else batch["attention_mask"]
+        return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits)
+    return loss_fn
+
+
+def distil_layers(stage, directory, teacher, train, args, vocab, heldout=None):
+    """Stage 1 (constant lr), or general distillation (warm-up then decay; the held-out windows scored at
+    the start and every epoch): the student per --student_init learns the teacher's embeddings and
+    layers. Saves the student and its projections W_0..W_M. Returns (last log record, held-out at start)."""
+    student = build_student(args, teacher).to(args.device)
+    M, N = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    lmap = mlkd.layer_map(N, M, args.layer_map)
+    for d in (student.config.hidden_size, teacher.config.hidden_size):
+        if d % args.splits:
+            raise ValueError(f"--splits {args.splits} does not divide the width {d}")
+    print(f"[{stage}] layer map student -> teacher: {lmap} (0 = embeddings); student {M} x "
+          f"{student.config.hidden_size}, {student.config.num_attention_heads} heads, "
+          f"{student.num_parameters() / 1e6:.1f}M parameters")
+    proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(args.device)
+    saved = os.path.join(args.student_init, "projections.safetensors")
+    if stage == "general" and os.path.isfile(saved):  # continuing a general student: its projections too
+        state = read_safetensors(saved)
+        if {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in proj.state_dict().items()}:
+            proj.load_state_dict(state)
+            print(f"[{stage}] projections from {saved}")
+    loss_fn = stage1_objective(teacher, proj, lmap, args)
+    evaluate, start = None, None
+    if heldout is not None:
+        evaluate = lambda: heldout_losses(student, loss_fn, heldout, args)  # noqa: E731
+        start = evaluate()
+        print(f"[{stage}] held-out at step 0: " + evaluation.format_metrics(start))
+    warmup = args.warmup if stage == "general" else None  # SPEC: Stage 1 at a constant lr
+    record, _ = fit(stage, directory, [student, proj], loss_fn, train, args, args.epochs1, args.lr1, warmup, evaluate)
+    save_model(student, directory, vocab, args)
+    write_safetensors(proj.state_dict(), os.path.join(directory, "projections.safetensors"))
+    return record, start
+
+
+@torch.no_grad()
+def heldout_losses(student, loss_fn, heldout, args):
+    """Each unweighted Stage-1 loss and their weighted sum, averaged over the held-out windows (student in
+    eval mode: no dropout), and the number of windows."""
+    student.eval()
+    sums, n = {}, 0
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
+    for b in data.batches(heldout, args.eval_batch_size):
+        b = {k: v.to(args.device) for k, v in b.items()}
+        with autocast:
+            total, parts = loss_fn(student, b)
+        for k, v in {**parts, "loss": total}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(b["index"])
+        n += len(b["index"])
+    return {**{k: v / n for k, v in sums.items()}, "windows": n}
+
+
+def general(args):
+    """--task general: general distillation on unlabeled text; writes <out>/general, a student for --student_init."""
+    directory = os.path.join(args.out, "general")
+    if is_done(directory):
+        print(f"[general] {directory} is finished: skipped")
+        return json.load(open(os.path.join(directory, "metrics.json")))
+    os.makedirs(directory, exist_ok=True)
+    source = fetch(args.teacher_init)
+    vocab = os.path.join(source, "vocab.txt")
+    teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
+    windows = data.corpus_windows(data.read_corpus(args.corpus.split(",")), data.Tokenizer(vocab), args.max_len)
+    n = len(windows["lengths"])
+    if n < 2:
+        raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs at least 2")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    k = min(HELDOUT, max(1, n // 100))  # windows the training never sees
+    heldout = {key: v[order[:k]] for key, v in windows.items()}
+    train = {key: v[order[k:]] for key, v in windows.items()}
+    corpus = {"files": args.corpus, "windows": n, "heldout_windows": k, "word_pieces": int(windows["lengths"].sum()) - 2 * n}
+    print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {corpus['word_pieces']:,} word pieces; "
+          f"{k} windows held out; teacher {source} (pre-trained)")
+    record, start = distil_layers("general", directory, teacher, train, args, vocab, heldout)
+    curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]}
+                                      for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))) if "dev" in r]
+    finish(directory, {"corpus": corpus, "heldout": curve, "train": record})
+    print(f"[general] held-out losses, start -> end: " + ", ".join(
+        f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
+    print(f"[general] the student is {directory}: pass it as --student_init {directory}")
+    return {"corpus": corpus, "heldout": curve}
 
 
 CACHE = "teacher_cache.safetensors"
