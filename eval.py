@@ -12,6 +12,7 @@ numpy only. Every number is in percent, as the leaderboards and the official scr
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 import data
-from model import Bert, fetch
+from model import Bert, fetch, read_safetensors, write_safetensors
 
 # ----------------------------------------------------------------------------------------------
 # GLUE metrics
@@ -173,6 +174,29 @@ def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=Fa
     return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
 
 
+def cached_outputs(model, dataset, path, batch_size=128, device="cpu", compute=True):
+    """model_outputs(model, dataset) kept in `path` with a sha256 fingerprint of the model's weights and
+    the encoded rows: read back when they match; otherwise computed and written (compute=False: an error)."""
+    h = hashlib.sha256()
+    for t in [*model.state_dict().values(), *(dataset[k] for k in ("input_ids", "token_type_ids", "lengths"))]:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    saved = read_safetensors(path) if os.path.exists(path) else None
+    if saved is not None and bytes(saved["fingerprint"].tolist()) == h.digest():
+        if compute:
+            print(f"[stage2] teacher outputs read from {path}")
+        return saved["logits"], saved["cls"]
+    if not compute:
+        raise ValueError(f"{path}: missing or made by another model or data")
+    if saved is not None:
+        print(f"[stage2] {path} was made by another teacher or data: computed again")
+    t0 = time.time()
+    logits, cls = model_outputs(model, dataset, batch_size, device)
+    write_safetensors({"logits": logits, "cls": cls, "fingerprint": torch.tensor(list(h.digest()), dtype=torch.uint8)}, path)
+    print(f"[stage2] teacher outputs of {len(cls)} examples computed once in {time.time() - t0:.0f} s "
+          f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
+    return logits, cls
+
+
 def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
     """Logits of every row of an encoded dataset, in order, as a float32 numpy array."""
     return model_outputs(model, dataset, batch_size, device, fixed_padding)[0].numpy()
@@ -202,9 +226,9 @@ def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_pad
     return score_glue(task, dev_sets, predict_glue(model, task, dev_sets, batch_size, device, fixed_padding))
 
 
-def format_metrics(metrics):
-    """'acc 91.25, total 872': metrics with two decimals, counts as they are."""
-    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.2f}" for k, v in metrics.items())
+def format_metrics(metrics, digits=2):
+    """'acc 91.25, total 872': metrics with two decimals (losses: more), counts as they are."""
+    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.{digits}f}" for k, v in metrics.items())
 
 
 def trained_settings(directory):
@@ -222,6 +246,34 @@ def check_labels(model, task):
     have = list(model.config.label_names)
     if have and have != want:
         raise ValueError(f"the model's labels {have} differ from task {task}'s {want}")
+
+
+@torch.no_grad()
+def heldout_losses(student, loss_fn, heldout, batch_size=128, device="cpu"):
+    """General distillation's held-out score: each unweighted Stage-1 loss of loss_fn(student, batch) and
+    their weighted sum, averaged over the held-out windows (student in eval mode), and the window count."""
+    student.eval()
+    sums, n = {}, 0
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+    for b in data.batches(heldout, batch_size):
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast:
+            total, parts = loss_fn(student, b)
+        for k, v in {**parts, "loss": total}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(b["index"])
+        n += len(b["index"])
+    return {**{k: v / n for k, v in sums.items()}, "windows": n}
+
+
+def peak_memory_gib(device):
+    """Peak CUDA memory allocated, or on CPU the peak resident set size of this process."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, device="cpu"):
@@ -250,6 +302,43 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
         latency = float(np.median(times))
         rows.append({"heads": h, "latency_ms": 1000 * latency, "samples_per_s": batch / latency})
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's last stage
+
+
+def dev_metrics(directory, model, evaluate, dev_set):
+    """The dev metrics a stage recorded for its saved model when they were measured on the same dev set
+    (SQuAD's dev set takes minutes on a CPU); otherwise evaluate the model now."""
+    path = os.path.join(directory, "metrics.json")
+    saved = json.load(open(path)) if os.path.exists(path) else {}  # a --teacher from elsewhere has none
+    if saved.get("dev_set") == dev_set and saved.get("dev"):
+        print(f"[eval] {directory}: dev metrics recorded when it was saved (same dev set)")
+        return saved["dev"]
+    return evaluate(model)
+
+
+def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
+    """train.py's eval stage: the teacher's and the finished student's dev metrics side by side, results.json."""
+    student = Bert.from_pretrained(student_dir, verbose=False).to(args.device)
+    t_metrics = dev_metrics(teacher_dir, teacher, evaluate, dev_set)
+    s_metrics = dev_metrics(student_dir, student, evaluate, dev_set)
+    tp, sp = teacher.num_parameters(), student.num_parameters()
+    results = {"task": args.task, "metric": args.metric, "split": "dev", "teacher": t_metrics, "student": s_metrics,
+               "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
+               "teacher_parameters": tp, "student_parameters": sp, "teacher_dir": teacher_dir, "student_dir": student_dir}
+    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
+    cell = lambda v: f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}"  # noqa: E731  (counts stay counts)
+    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")
+    print(f"  {'teacher':8s} " + " ".join(map(cell, t_metrics.values())) + f" {tp / 1e6:8.1f}M")
+    print(f"  {'student':8s} " + " ".join(map(cell, s_metrics.values())) + f" {sp / 1e6:8.1f}M")
+    if results["ratio"] is not None:
+        print(f"  student/teacher on {args.metric}: {100 * results['ratio']:.1f}%, {tp / sp:.1f}x fewer parameters")
+    print(f"  files: {teacher_dir}, {student_dir}, {os.path.join(args.out, 'results.json')}")
+    return results
+
 
 
 def main(argv=None):

@@ -252,6 +252,19 @@ class TeacherTargets(NamedTuple):
         return cls(out.logits, out.hidden_states[-1][:, 0])
 
 
+def stage2_targets(batch, teacher, cache=None):
+    """The teacher's TeacherTargets for a batch: its rows of the cache (span logits cut to the batch's
+    width), or, without a cache, a live forward of the frozen teacher."""
+    if cache is None:
+        with torch.no_grad():
+            return TeacherTargets.of(teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
+    rows = batch["index"]                                               # (B,) dataset rows
+    logits = cache.logits[rows]                                         # (B, C) or (B, 2, max_len)
+    if logits.dim() == 3:
+        logits = logits[..., :batch["input_ids"].shape[1]]              # (B, 2, width)
+    return TeacherTargets(logits, cache.cls[rows])
+
+
 def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, base_tau=1.0):
     """L2 = w_kd L_KD + w_ss L_SS + w_sc L_SC on the student's BertOutput and the teacher's
     (its BertOutput, or its TeacherTargets when they were cached).

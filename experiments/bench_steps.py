@@ -14,7 +14,7 @@ interleaved rounds on one batch whose rows have random lengths (so padding and m
     stage2 cached  the same step with the teacher's targets read from train.teacher_cache
 
 and prints the median of each and the ratios "stage1 / (teacher + student)" and "stage2 live / cached".
-The steps are train.py's own: mlkd.stage1_loss / stage2_loss, train.stage2_targets, the same optimizer
+The steps are train.py's own: mlkd.stage1_loss / stage2_loss, mlkd.stage2_targets, the same optimizer
 and clipping. With --tokens_of TASK it also prints what a Stage-1 cache of the mapped teacher states
 would hold for that task's training set (the reason train.py caches only Stage 2's targets).
 """
@@ -95,7 +95,7 @@ def steps(teacher, student, proj, params, optimizer, b, cache, device):
         return mlkd.stage1_loss(student(*inputs), t, proj, b["attention_mask"], lmap)
 
     def stage2(use_cache):
-        return lambda: mlkd.stage2_loss(student(*inputs), train.stage2_targets(b, teacher, cache if use_cache else None),
+        return lambda: mlkd.stage2_loss(student(*inputs), mlkd.stage2_targets(b, teacher, cache if use_cache else None),
                                         proj, b["labels"])
     return {"teacher": teacher_forward, "student": student_forward_backward, "stage1": full_step(stage1),
             "stage2 live": full_step(stage2(False)), "stage2 cached": full_step(stage2(True))}
