@@ -1145,6 +1145,71 @@ def test_offline_errors_name_the_local_path_and_create_nothing(tmp_path, monkeyp
     assert not os.path.exists(tmp_path / "cache" / "models" / "org--some-bert")  # no empty directory left
 
 
+DDP_HELPER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import data, train
+fail, die = os.environ.get("FAIL_RANK"), int(os.environ.get("DIE_AT", 0))
+if fail == os.environ["RANK"]:
+    def broken(*a, **k):
+        raise ValueError(f"rank {{fail}} broke")
+    train.fit = broken
+if die:  # both ranks stop at the same training batch, as a kill would stop the run
+    real, seen = data.batches, [0]
+
+    def dying(*a, **k):
+        for b in real(*a, **k):
+            seen[0] += k.get("shuffle", False)
+            if seen[0] == die:
+                raise SystemExit("killed")
+            yield b
+    data.batches = dying
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(tmp_path, argv, **env):
+    import subprocess
+    import sys
+    helper = tmp_path / "ddp_helper.py"
+    helper.write_text(DDP_HELPER.format(repo=HERE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
+    import train
+    write_pipeline_fixture(tmp_path)
+    init = tmp_path / "init0"  # no dropout: one process and two then see exactly the same computation
+    config = model.BertConfig.preset("tiny-teacher", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model.Bert(config).save(init, {"vocab.txt": open(tmp_path / "vocab.txt").read()})
+    base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--teacher_epochs", "1",
+                       "--epochs1", "1", "--save_steps", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for stage in ("teacher", "stage1"):
+        train.main(base + ["--out", str(one), "--stages", stage])
+
+    def max_diff(stage, file="model.safetensors"):
+        a, b = (model.read_safetensors(str(d / stage / file)) for d in (one, two))
+        assert a.keys() == b.keys()
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    run = torchrun(tmp_path, base + ["--out", str(two), "--stages", "teacher"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "batch 16 (8 per process), 4 steps" in run.stdout and run.stdout.count("[teacher] done") == 1  # rank 0 prints
+    assert max_diff("teacher") < 1e-5
+    killed = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage1"], DIE_AT="4")  # after step 3
+    assert killed.returncode != 0 and os.path.exists(two / "stage1" / "checkpoint.pt")
+    resumed = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage1"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+    diffs = max_diff("stage1"), max_diff("stage1", "projections.safetensors")
+    print(f"torchrun 2 processes vs 1: max weight difference teacher {max_diff('teacher'):.2e}, stage1 {diffs}")
+    assert max(diffs) < 1e-5
+    failed = torchrun(tmp_path, base + ["--out", str(tmp_path / "three"), "--stages", "teacher"], FAIL_RANK="1")
+    assert failed.returncode != 0 and "rank 1 broke" in failed.stdout + failed.stderr
+
+
 # ==============================================================================================
 # model.py: TensorFlow checkpoints (Google's release format) without TensorFlow
 

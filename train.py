@@ -265,9 +265,6 @@ def start_distributed(args):
     if cuda:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
-    if args.batch_size < dist.get_world_size():
-        raise ValueError(f"--batch_size {args.batch_size} is the global batch: it needs a row for each of "
-                         f"the {dist.get_world_size()} processes")
     if dist.get_rank():
         sys.stdout = open(os.devnull, "w")
 
@@ -293,8 +290,7 @@ def shard(batch, by_tokens):
 
 
 class Objective(torch.nn.Module):
-    """The trained modules (model, projections) with their loss: one forward is one step's loss, so DDP,
-    which wraps this, sees every trained parameter in a single forward."""
+    """The trained modules with their loss: what DDP wraps, so one forward is one step's loss."""
 
     def __init__(self, modules, fn):
         super().__init__()
@@ -502,16 +498,23 @@ def dev_set_key(args):
 def main(argv=None):
     args = parse_args(argv)
     start_distributed(args)
-    if args.task == "general":
-        torch.manual_seed(args.seed)
-        print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-        return general(args)
     squad = args.task.startswith("squad")
-    args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
+    args.metric = "f1" if squad else "loss" if args.task == "general" else "acc_m" if args.task == "mnli" \
+        else data.TASKS[args.task].metric
     if squad:  # SPEC: Stage 2 on SQuAD is L_KD on start and end logits only
         args.w_ss = args.w_sc = 0.0
     torch.manual_seed(args.seed)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    result = general(args) if args.task == "general" else pipeline(args)
+    if dist.is_initialized():  # the ranks leave together: one that exits early can abort the others
+        sync()
+        dist.destroy_process_group()
+    return result
+
+
+def pipeline(args):
+    """teacher, stage1, stage2, eval for one task (see the module docstring)."""
+    squad = args.task.startswith("squad")
     dirs = {s: os.path.join(args.out, s) for s in STAGES[:3]}
     teacher_dir = args.teacher or dirs["teacher"]
     source = fetch(args.teacher or args.teacher_init)
