@@ -18,6 +18,9 @@ Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher 
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
 masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked loss.
 Everything is computed in fp32 (safe under bf16 autocast); the teacher's tensors are detached.
+Under torchrun (train.py) each process computes these on its own rows of the batch: the token-level
+losses then average exactly as on one process, while the batch relations L_SS and L_SC see only the
+local batch, as in the authors' multi-GPU runs.
 """
 import functools
 import math

@@ -374,6 +374,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             gen = torch.Generator().manual_seed(args.seed + epoch)  # the same order again after a resume
             for batch in data.batches(train, args.batch_size, shuffle=True, generator=gen,
                                       fixed_padding=args.paper_exact, start=step % per_epoch):
+                rows = len(batch["index"])  # the global batch: samples/s counts every process's rows
                 batch, weight = shard(batch, by_tokens) if distributed else (batch, 1.0)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 modules[0].train()
@@ -387,7 +388,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
-                step, seen = step + 1, seen + len(batch["index"])
+                step, seen = step + 1, seen + rows
                 end_of_epoch = step % per_epoch == 0 or step == total
                 if step % args.log_steps == 0 or step == total:
                     rate = seen / (time.time() - t0)
