@@ -305,6 +305,67 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
 
 
 # ----------------------------------------------------------------------------------------------
+# Loss curves: an SVG beside every finished stage's log.jsonl, and an index page for a run
+
+LOG_META = {"stage", "epoch", "step", "total", "lr", "samples_per_s", "train_s", "eval_s"}
+
+
+def curves_svg(records, title, width=560, height=150):
+    """Small multiples, one panel per curve against step: each unweighted loss of the training records and
+    each dev metric (held-out loss for general distillation) of the evaluation records. A loss is the
+    batch's value at each logged step (--log_steps), not a running mean. Each panel has its own y range,
+    printed at its top and bottom; counts (total, windows) are not drawn."""
+    series = {}
+    for r in records:
+        if "peak_memory_gib" in r:  # the closing summary repeats the last step
+            continue
+        values = {f"{'held-out' if r['stage'] == 'general' else 'dev'} {k}": v for k, v in r["dev"].items()} \
+            if "dev" in r else {k: v for k, v in r.items() if k not in LOG_META}
+        for name, v in values.items():
+            if isinstance(v, float):
+                series.setdefault(name, []).append((r["step"], v))
+    last = max([s for pts in series.values() for s, _ in pts] + [1])
+    left, right, top, bottom = 64, 16, 26, 24
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height * len(series) + 30}" '
+           f'font-family="sans-serif" font-size="12"><title>{title}</title>',
+           f'<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        y0 = 30 + i * height
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)  # a flat curve sits mid-panel
+        span = hi - lo
+        x = lambda s: left + (width - left - right) * s / last  # noqa: E731
+        y = lambda v: y0 + top + (height - top - bottom) * (hi - v) / span  # noqa: E731
+        out += [f'<g class="panel" data-name="{name}">',
+                f'<rect x="{left}" y="{y0 + top}" width="{width - left - right}" height="{height - top - bottom}" '
+                'fill="none" stroke="#999"/>',
+                f'<text x="{left}" y="{y0 + top - 6}" font-weight="bold">{name}</text>',
+                f'<text x="{left - 4}" y="{y0 + top + 10}" text-anchor="end">{hi:.4g}</text>',
+                f'<text x="{left - 4}" y="{y0 + height - bottom}" text-anchor="end">{lo:.4g}</text>',
+                f'<text x="{left}" y="{y0 + height - 8}">step 0</text>',
+                f'<text x="{width - right}" y="{y0 + height - 8}" text-anchor="end">step {last}</text>',
+                '<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="'
+                + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>',
+                *(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="#1f5fa8"/>' for s, v in pts if len(pts) <= 40),
+                '</g>']
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def write_curves(directory):
+    """<directory>/curves.svg from <directory>/log.jsonl."""
+    records = [json.loads(line) for line in open(os.path.join(directory, "log.jsonl")) if line.strip()]
+    data.atomic_write_text(os.path.join(directory, "curves.svg"), curves_svg(records, f"{os.path.basename(directory)}: {directory}"))
+
+
+def write_index(out, directories):
+    """<out>/index.html: the loss curves of each stage of a run, one below the other."""
+    parts = [f'<h2>{os.path.basename(d)}</h2>\n<img src="{os.path.relpath(os.path.join(d, "curves.svg"), out)}" '
+             f'alt="loss curves of {d}">' for d in directories if os.path.exists(os.path.join(d, "curves.svg"))]
+    data.atomic_write_text(os.path.join(out, "index.html"), "<!doctype html>\n<meta charset=\"utf-8\">\n"
+                           f"<title>{out}</title>\n<h1>{out}</h1>\n" + "\n".join(parts) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
 # train.py's last stage
 
 
@@ -329,6 +390,7 @@ def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
                "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
                "teacher_parameters": tp, "student_parameters": sp, "teacher_dir": teacher_dir, "student_dir": student_dir}
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    write_index(args.out, [teacher_dir, os.path.join(args.out, "stage1"), student_dir])
     print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
     cell = lambda v: f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}"  # noqa: E731  (counts stay counts)
     print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")

@@ -833,6 +833,17 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
         log = [sum(r[p] for p in parts) for r in map(json.loads, open(out / stage / "log.jsonl")) if parts[0] in r]
         assert np.mean(log[-3:]) < log[0], (stage, log)
     assert "selection on dev" in logged and json.load(open(out / "results.json"))["task"] == "sst2"
+    # every finished stage draws its curves from its log; the run's index page shows them
+    import xml.etree.ElementTree as ET
+    svg = "{http://www.w3.org/2000/svg}"
+    panels = {g.get("data-name"): g for g in ET.parse(out / "stage2" / "curves.svg").getroot().iter(svg + "g")}
+    assert set(panels) == {"kd", "ss", "sc", "dev acc"}
+    records = [r for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "kd" in r and "peak_memory_gib" not in r]
+    ys = [float(p.split(",")[1]) for p in panels["kd"].find(svg + "polyline").get("points").split()]
+    kd = [r["kd"] for r in records]
+    assert len(ys) == len(kd) == 40 and all(ys[i] >= ys[j] for i in range(40) for j in range(40) if kd[i] < kd[j])
+    index = (out / "index.html").read_text()
+    assert all(f'src="{s}/curves.svg"' in index for s in ("teacher", "stage1", "stage2"))
     # eval.py scores the saved student as train.py did, writes test predictions, times re-headed models
     import eval as ev
     d = ["--task", "sst2", "--data_dir", str(tmp_path / "data"), "--device", "cpu", "--allow_partial"]

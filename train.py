@@ -437,11 +437,12 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
 
 
 def finish(directory, metrics):
-    """Mark a stage finished: metrics.json (with done); drop the resume checkpoint and the teacher cache.
+    """Mark a stage finished: metrics.json (with done), curves.svg; drop the checkpoint and the teacher cache.
     Every rank calls it; rank 0 writes, the others wait until it has."""
     if not lead():
         return sync()
     data.atomic_write_text(os.path.join(directory, "metrics.json"), json.dumps({**metrics, "done": True}, indent=2))
+    evaluation.write_curves(directory)  # curves.svg: every loss and dev metric against step
     for name in ("checkpoint.pt", CACHE):
         if os.path.exists(os.path.join(directory, name)):
             os.remove(os.path.join(directory, name))
@@ -536,8 +537,7 @@ def pipeline(args):
         print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}" if args.teacher
               else f"[teacher] {teacher_dir} is finished: skipped")
 
-    need_teacher = any(s in args.stages for s in ("stage1", "stage2", "eval"))
-    if need_teacher and not args.teacher:
+    if not args.teacher and any(s in args.stages for s in ("stage1", "stage2", "eval")):
         if not is_done(teacher_dir):
             sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
         teacher = load_teacher(teacher_dir, args)
