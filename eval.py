@@ -13,6 +13,7 @@ import argparse
 import collections
 import dataclasses
 import hashlib
+import html
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 import data
+import mlkd
 from model import Bert, fetch, read_safetensors, write_safetensors
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +368,83 @@ def write_index(out, directories):
 
 
 # ----------------------------------------------------------------------------------------------
+# Relation maps: what MLKD's relation losses compare, teacher beside student, on one page
+
+
+def colour(v, vmax):
+    """White (0) to dark blue (vmax), linear in each channel: lighter is always smaller."""
+    t = min(max(v / vmax, 0.0), 1.0) if vmax > 0 else 0.0
+    r, g, b = (round(255 + t * (c - 255)) for c in (8, 48, 107))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14, legend=True):
+    """One matrix (numpy 2-d) as an SVG grid: one <rect class="cell"> per entry with its value in data-v,
+    tick labels when given, and the colour scale as a legend bar."""
+    n_r, n_c = m.shape
+    left = 8 + 7 * max((len(s) for s in rows), default=0) if rows else 8
+    top = 22 + (7 * max((len(s) for s in cols), default=0) if cols else 0)
+    w, h = max(left + n_c * cell + (70 if legend else 12), 8 + 6.5 * len(title)), top + n_r * cell + (92 - n_r * cell if legend and n_r * cell < 84 else 8)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<text x="4" y="14" font-weight="bold">{html.escape(title)}</text>']
+    for i in range(n_r):
+        for j in range(n_c):
+            out.append(f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                       f'fill="{colour(m[i, j], vmax)}" data-v="{m[i, j]:.9g}"/>')
+    for i, s in enumerate(rows or []):
+        out.append(f'<text x="{left - 3}" y="{top + i * cell + cell - 3}" text-anchor="end">{html.escape(s)}</text>')
+    for j, s in enumerate(cols or []):
+        x = left + j * cell + cell - 3
+        out.append(f'<text x="{x}" y="{top - 3}" transform="rotate(-90 {x} {top - 3})">{html.escape(s)}</text>')
+    lx = left + n_c * cell + 12
+    out += [] if not legend else [f'<defs><linearGradient id="g" x1="0" y1="1" x2="0" y2="0"><stop offset="0" stop-color="{colour(0, 1)}"/>'
+            f'<stop offset="1" stop-color="{colour(1, 1)}"/></linearGradient></defs>',
+            f'<rect x="{lx}" y="{top}" width="10" height="80" fill="url(#g)" stroke="#999"/>',
+            f'<text x="{lx + 14}" y="{top + 8}">{vmax:.3g}</text>', f'<text x="{lx + 14}" y="{top + 80}">0</text>']
+    return "\n".join(out + ["</svg>"])
+
+
+@torch.no_grad()
+def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu"):
+    """HTML: for one sentence, the L_EMB relation, every L_MHA relation of every mapped layer pair (student
+    layer m, teacher layer g(m)) and the KL of every query row, teacher beside student; with dev (an encoded
+    dev set with labels), the L_SS matrix G of its first 32 rows sorted by label. Every number drawn is
+    computed by mlkd.relation_logprobs / relation_kl_rows; colours share one scale per pair (legend)."""
+    ids, types, lengths = tok.encode([sentence], max_length=min(64, student.config.max_position_embeddings))
+    n = int(lengths[0])
+    batch = [t[:, :n].to(device) for t in (ids, types)]
+    pieces = [tok.wp.id_to_token(i) for i in ids[0, :n].tolist()]
+    s, t = (m.eval()(*batch) for m in (student, teacher))
+    rel = lambda x: mlkd.relation_logprobs(x).exp()[0].cpu().numpy()  # noqa: E731  (1, A, L, k) -> (A, L, L)
+    parts = [f"<h2>L_EMB: token-token relation of the word-piece embeddings</h2>"]
+    pair = [rel(o.token_embeddings[:, None])[0] for o in (t, s)]
+    vmax = max(float(p.max()) for p in pair)
+    parts += [heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces) for who, p in zip(("teacher", "student"), pair)]
+    g = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    for m in range(1, len(g)):
+        o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, g[m])))  # (1, A, L, k)
+        r_t, r_s = rel(o_t), rel(o_s)
+        vmax = max(float(r_t.max()), float(r_s.max()))
+        parts.append(f"<h2>L_MHA: student layer {m} against teacher layer {g[m]}, {splits} MHA-splits</h2>")
+        for who, r in (("teacher", r_t), ("student", r_s)):
+            parts.append(f"<div><b>{who}</b><br>" + "".join(heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6, legend=a == splits - 1) for a in range(splits)) + "</div>")
+        kl = mlkd.relation_kl_rows(o_s, o_t)[0].cpu().numpy()  # (A, L)
+        parts.append(heatmap_svg(kl, "KL(teacher || student) of each query row (rows: splits)", float(kl.max()),
+                                 [f"split {a + 1}" for a in range(splits)], pieces))
+    if dev is not None:
+        order = torch.argsort(dev["labels"][:32], stable=True)
+        rows = {k: v[:32][order] for k, v in dev.items() if k in ("input_ids", "token_type_ids", "lengths", "labels")}
+        b = next(data.batches(rows, 32))
+        inputs = [b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")]
+        pair = [rel(o.hidden_states[-1][:, 0][None, None]) [0] for o in (teacher(*inputs), student(*inputs))]
+        vmax, labels = max(float(p.max()) for p in pair), [str(v) for v in rows["labels"].tolist()]
+        parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows sorted by label</h2>")
+        parts += [heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels) for who, p in zip(("teacher", "student"), pair)]
+    head = f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>MLKD relations</title>\n<h1>{html.escape(sentence)}</h1>\n"
+    return head + "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n" + "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # train.py's last stage
 
 
@@ -417,6 +496,10 @@ def main(argv=None):
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
     p.add_argument("--max_len", type=int, help="encoding length, SQuAD window length (default: the one in the "
                                                "model's args.json, i.e. what it was trained and selected with; else the task's)")
+    p.add_argument("--show", metavar="SENTENCE", help="write a page of the relation maps of --model against "
+                                                       "--teacher on this sentence (and a dev batch)")
+    p.add_argument("--teacher", help="the teacher for --show")
+    p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
     p.add_argument("--allow_partial", action="store_true",
                    help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
     args = p.parse_args(argv)
@@ -432,6 +515,18 @@ def main(argv=None):
         print(f"max_len {args.max_len} ({'from ' + os.path.join(directory, 'args.json') if 'max_len' in trained else 'task default'})")
     model = Bert.from_pretrained(directory).to(args.device)
     tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
+    if args.show:
+        if not args.teacher:
+            p.error("--show needs --teacher DIR")
+        teacher = Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device)
+        dev = None
+        if args.task in data.TASKS and not data.TASKS[args.task].is_regression:  # G sorted by class label
+            split = data.TASKS[args.task].dev_splits[0]
+            dev = data.encode_glue(args.task, data.read_glue(args.task, split, args.data_dir, args.allow_partial), tok, args.max_len)
+        out = args.show_out or os.path.join(directory, "relations.html")
+        data.atomic_write_text(out, relation_page(model, teacher, tok, args.show, dev, device=args.device))
+        print(f"wrote {out}")
+        return out
     if args.speed:
         print(f"speed: batch {args.speed_batch} x length {args.speed_length}, {args.device}"
               f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")

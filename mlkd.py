@@ -56,14 +56,19 @@ def relation_logprobs(x, mask=None):
     return F.log_softmax(scores, dim=-1)
 
 
-def relation_kl(x_s, x_t, mask=None):
-    """Mean over valid (example, split, query row) of KL(R_T || R_S), with R = relation of x.
+def relation_kl_rows(x_s, x_t, mask=None):
+    """KL(R_T[i] || R_S[i]) of every query row i, (B, A, L), with R = relation of x.
 
     x_s (B, A, L, k_S), x_t (B, A, L, k_T): each side uses its own width k in its scaling.
     """
     logp_s = relation_logprobs(x_s, mask)                  # (B, A, L, L)
     logp_t = relation_logprobs(x_t.detach(), mask)         # (B, A, L, L)
-    kl_rows = (logp_t.exp() * (logp_t - logp_s)).sum(-1)   # (B, A, L): KL of each query row
+    return (logp_t.exp() * (logp_t - logp_s)).sum(-1)      # (B, A, L)
+
+
+def relation_kl(x_s, x_t, mask=None):
+    """Mean over valid (example, split, query row) of KL(R_T || R_S): relation_kl_rows, pad rows left out."""
+    kl_rows = relation_kl_rows(x_s, x_t, mask)             # (B, A, L)
     if mask is None:
         return kl_rows.mean()
     rows = mask[:, None, :].to(kl_rows.dtype)              # (B, 1, L): pad query rows leave the mean

@@ -1078,6 +1078,38 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     assert results["student_parameters"] < results["teacher_parameters"]
 
 
+def test_relation_page_draws_what_mlkd_computes(tmp_path):
+    import xml.etree.ElementTree as ET
+    import eval as ev
+    write_pipeline_fixture(tmp_path)
+    tok = data.Tokenizer(str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    teacher = model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)).eval()
+    student = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)).eval()
+    dev = data.encode_glue("sst2", data.read_glue("sst2", "dev", str(tmp_path / "data"), allow_partial=True), tok, 16)
+    page = ev.relation_page(student, teacher, tok, "the movie was good", dev, splits=4)
+    svgs = [ET.fromstring(s) for s in re.findall(r"<svg.*?</svg>", page, re.S)]  # well-formed XML, each
+    assert len(svgs) == 2 + 2 * (2 * 4 + 1) + 2  # L_EMB pair; per layer pair 2 x 4 splits and the row KLs; G pair
+
+    def cells(svg):
+        found = [c for c in svg.iter("{http://www.w3.org/2000/svg}rect") if c.get("class") == "cell"]
+        return np.array([float(c.get("data-v")) for c in found]), [sum(int(c.get("fill")[k:k + 2], 16) for k in (1, 3, 5)) for c in found]
+    ids = tok.encode(["the movie was good"], max_length=16)[0][:, :6]  # [CLS] the movie was good [SEP]
+    t, s = teacher(ids), student(ids)
+    want = [mlkd.relation_logprobs(o.token_embeddings[:, None]).exp()[0, 0] for o in (t, s)]
+    g = mlkd.layer_map(4, 2)
+    o_s, o_t = mlkd.mha_splits(s.attn_outputs[0], 4), mlkd.mha_splits(t.attn_outputs[g[1] - 1], 4)
+    want += [mlkd.relation_logprobs(o_t).exp()[0, 0], mlkd.relation_kl_rows(o_s, o_t)[0]]
+    for svg, w in zip((svgs[0], svgs[1], svgs[2], svgs[10]), want):  # teacher/student L_EMB, teacher split 1, KL rows
+        values, light = cells(svg)
+        assert len(values) == w.numel() and np.abs(values - w.detach().flatten().numpy()).max() < 1e-6
+    for svg in svgs:  # the colour of a cell is monotone in its value: a larger value is never lighter
+        values, light = cells(svg)
+        order = np.argsort(values, kind="stable")
+        assert all(np.diff(np.array(light)[order]) <= 0)
+    assert len(cells(svgs[-1])[0]) == 32 * 32  # G of the 32 dev rows
+
+
 def test_teacher_without_the_task_head_is_refused_before_work(tmp_path):
     import train
     init = write_pipeline_fixture(tmp_path)  # a pre-trained model: no head
