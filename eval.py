@@ -1,4 +1,5 @@
-"""eval.py: score a saved model with the official metric, write test predictions, measure speed.
+"""eval.py: score a saved model with the official metric, write test predictions, measure speed, and draw
+a run's loss curves and the relation maps of teacher and student.
 
 Chapter 3 of mlkd. Metrics are restated from their definitions (GLUE paper and the scikit-learn /
 scipy conventions its leaderboard uses; the official SQuAD v1.1 and v2.0 evaluation scripts), in
@@ -8,6 +9,9 @@ numpy only. Every number is in percent, as the leaderboards and the official scr
     python eval.py --task sst2 --model out/sst2/stage2 --predict   # GLUE test predictions (submission TSV)
     python eval.py --task sst2 --model out/sst2/stage2 --speed     # latency at 12/6/4/3/2/1 heads
     python eval.py --task squad1 --model DIR                       # EM/F1 + predictions.json
+    python eval.py --task sst2 --model DIR --teacher T --show "a sentence"   # relations.html: teacher vs student
+
+Imports data, model, and mlkd (whose relation functions the --show page draws); train.py sits above it.
 """
 import argparse
 import collections
