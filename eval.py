@@ -409,6 +409,20 @@ def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14, legend=True):
 
 
 @torch.no_grad()
+def ss_maps(student, teacher, dev, device="cpu", n=32):
+    """The L_SS relation G = softmax(C C^T / sqrt(d)) of the final [CLS] states of the first n dev rows sorted
+    by label, teacher and student: two heatmap SVGs on one colour scale."""
+    order = torch.argsort(dev["labels"][:n], stable=True)
+    rows = {k: v[:n][order] for k, v in dev.items() if k in ("input_ids", "token_type_ids", "lengths", "labels")}
+    b = next(data.batches(rows, n))
+    inputs = [b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")]
+    pair = [mlkd.relation_logprobs(m.eval()(*inputs).hidden_states[-1][:, 0][None, None]).exp()[0, 0].cpu().numpy()
+            for m in (teacher, student)]
+    vmax, labels = max(float(p.max()) for p in pair), [str(v) for v in rows["labels"].tolist()]
+    return [heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels) for who, p in zip(("teacher", "student"), pair)]
+
+
+@torch.no_grad()
 def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu"):
     """HTML: for one sentence, the L_EMB relation, every L_MHA relation of every mapped layer pair (student
     layer m, teacher layer g(m)) and the KL of every query row, teacher beside student; with dev (an encoded
@@ -436,14 +450,8 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
         parts.append(heatmap_svg(kl, "KL(teacher || student) of each query row (rows: splits)", float(kl.max()),
                                  [f"split {a + 1}" for a in range(splits)], pieces))
     if dev is not None:
-        order = torch.argsort(dev["labels"][:32], stable=True)
-        rows = {k: v[:32][order] for k, v in dev.items() if k in ("input_ids", "token_type_ids", "lengths", "labels")}
-        b = next(data.batches(rows, 32))
-        inputs = [b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")]
-        pair = [rel(o.hidden_states[-1][:, 0][None, None]) [0] for o in (teacher(*inputs), student(*inputs))]
-        vmax, labels = max(float(p.max()) for p in pair), [str(v) for v in rows["labels"].tolist()]
         parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows sorted by label</h2>")
-        parts += [heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels) for who, p in zip(("teacher", "student"), pair)]
+        parts += ss_maps(student, teacher, dev, device)
     head = f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>MLKD relations</title>\n<h1>{html.escape(sentence)}</h1>\n"
     return head + "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n" + "\n".join(parts) + "\n"
 
