@@ -434,7 +434,7 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     pieces = [tok.wp.id_to_token(i) for i in ids[0, :n].tolist()]
     s, t = (m.eval()(*batch) for m in (student, teacher))
     rel = lambda x: mlkd.relation_logprobs(x).exp()[0].cpu().numpy()  # noqa: E731  (1, A, L, k) -> (A, L, L)
-    parts = [f"<h2>L_EMB: token-token relation of the word-piece embeddings</h2>"]
+    parts = ["<h2>L_EMB: token-token relation of the word-piece embeddings</h2>"]
     pair = [rel(o.token_embeddings[:, None])[0] for o in (t, s)]
     vmax = max(float(p.max()) for p in pair)
     parts += [heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces) for who, p in zip(("teacher", "student"), pair)]

@@ -516,7 +516,6 @@ def main(argv=None):
 
 def pipeline(args):
     """teacher, stage1, stage2, eval for one task (see the module docstring)."""
-    squad = args.task.startswith("squad")
     dirs = {s: os.path.join(args.out, s) for s in STAGES[:3]}
     teacher_dir = args.teacher or dirs["teacher"]
     source = fetch(args.teacher or args.teacher_init)
@@ -667,7 +666,7 @@ def general(args):
     curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]}
                                       for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))) if "dev" in r]
     finish(directory, {"corpus": corpus, "heldout": curve, "train": record})
-    print(f"[general] held-out losses, start -> end: " + ", ".join(f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}"
+    print("[general] held-out losses, start -> end: " + ", ".join(f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}"
           for key in start if key != "windows") + f"; the student: --student_init {directory}")
     return {"corpus": corpus, "heldout": curve}
 
