@@ -13,7 +13,8 @@ interleaved rounds on one batch whose rows have random lengths (so padding and m
     stage2 live  a full Stage-2 step with the teacher run on the batch (--no_teacher_cache)
     stage2 cached  the same step with the teacher's targets read from train.teacher_cache
 
-and prints the median of each and the ratios "stage1 / (teacher + student)" and "stage2 live / cached".
+and prints the median of each and the ratios "stage1 / (teacher + student)" and "stage2 live / cached",
+then all shapes as one markdown table (the one in experiments/README.md).
 The steps are train.py's own: mlkd.stage1_loss / stage2_loss, mlkd.stage2_targets, the same optimizer
 and clipping. With --tokens_of TASK it also prints what a Stage-1 cache of the mapped teacher states
 would hold for that task's training set (the reason train.py caches only Stage 2's targets).
@@ -165,9 +166,16 @@ if __name__ == "__main__":
     p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"))
     p.add_argument("--vocab", help="a model directory with vocab.txt (for --tokens_of)")
     a = p.parse_args()
+    results = {}
     for s in a.shapes.split(","):
         if s not in SHAPES:
             p.error(f"--shapes {s}: choose from {','.join(SHAPES)}")
-        bench(s, a)
+        results[s] = bench(s, a)
+    print("\n| step | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))  # the README's table
+    for name in ("teacher", "student", "stage1", "stage2 live", "stage2 cached"):
+        print(f"| {name} | " + " | ".join(f"{1000 * r[name]:,.0f} ms" for r in results.values()) + " |")
+    print("| stage1 / (teacher + student) | " + " | ".join(
+        f"{r['stage1'] / (r['teacher'] + r['student']):.2f}x" for r in results.values()) + " |")
+    print("| stage2 live / cached | " + " | ".join(f"{r['stage2 live'] / r['stage2 cached']:.2f}x" for r in results.values()) + " |")
     if a.tokens_of:
         stage1_cache_size(a)
