@@ -15,7 +15,7 @@ interleaved rounds on one batch whose rows have random lengths (so padding and m
 
 and prints the median of each and the ratios "stage1 / (teacher + student)" and "stage2 live / cached",
 then all shapes as one markdown table (the one in experiments/README.md).
-The steps are train.py's own: mlkd.stage1_loss / stage2_loss, mlkd.stage2_targets, the same optimizer
+The steps are train.py's own: train.stage1_objective, mlkd.stage2_loss with mlkd.stage2_targets, the same optimizer
 and clipping. With --tokens_of TASK it also prints what a Stage-1 cache of the mapped teacher states
 would hold for that task's training set (the reason train.py caches only Stage 2's targets).
 """
@@ -90,15 +90,12 @@ def steps(teacher, student, proj, params, optimizer, b, cache, device):
             optimizer.step()
         return step
 
-    def stage1():
-        with torch.no_grad():
-            t = teacher(*inputs)
-        return mlkd.stage1_loss(student(*inputs), t, proj, b["attention_mask"], lmap)
+    stage1 = train.stage1_objective(teacher, proj, lmap, train.parse_args(["--task", "sst2"]))  # train.py's own
 
     def stage2(use_cache):
         return lambda: mlkd.stage2_loss(student(*inputs), mlkd.stage2_targets(b, teacher, cache if use_cache else None),
                                         proj, b["labels"])
-    return {"teacher": teacher_forward, "student": student_forward_backward, "stage1": full_step(stage1),
+    return {"teacher": teacher_forward, "student": student_forward_backward, "stage1": full_step(lambda: stage1(student, b)),
             "stage2 live": full_step(stage2(False)), "stage2 cached": full_step(stage2(True))}
 
 
