@@ -10,6 +10,7 @@ numpy only. Every number is in percent, as the leaderboards and the official scr
     python eval.py --task sst2 --model out/sst2/stage2 --speed     # latency at 12/6/4/3/2/1 heads
     python eval.py --task squad1 --model DIR                       # EM/F1 + predictions.json
     python eval.py --task sst2 --model DIR --teacher T --show "a sentence"   # relations.html: teacher vs student
+    python eval.py --task sst2 --model DIR --noise 0.1              # dev with a typo in 10% of the words
 
 Imports data, model, and mlkd (whose relation functions the --show page draws); train.py sits above it.
 """
@@ -152,6 +153,46 @@ def best_threshold(ids, scores, has_answer, na_scores):
         if current > best:
             best, threshold = current, na_scores[i]
     return 100.0 * best / len(ids), threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Noisy input: is a distilled student as robust to typos as its teacher? (eval.py --noise P)
+
+
+def typo(word, rng):
+    """One character-level typo in a word: swap two neighbouring letters, drop, insert or substitute a
+    letter (chosen uniformly; a word too short for the drawn typo gets a substitution). Case is kept."""
+    letters = [i for i, c in enumerate(word) if c.isalpha()]
+    pairs = [i for i in letters if i + 1 in letters and word[i] != word[i + 1]]
+    op, i = int(rng.integers(4)), int(rng.choice(letters))
+    new = string.ascii_lowercase[rng.integers(26)]
+    new = new.upper() if word[i].isupper() else new
+    if op == 0 and pairs:
+        j = int(rng.choice(pairs))
+        return word[:j] + word[j + 1] + word[j] + word[j + 2:]
+    if op == 1 and len(word) > 1:
+        return word[:i] + word[i + 1:]
+    if op == 2:
+        return word[:i] + new + word[i:]
+    while new.lower() == word[i].lower():
+        new = string.ascii_lowercase[rng.integers(26)]
+    return word[:i] + new + word[i + 1:]
+
+
+def with_typos(examples, p, seed=0):
+    """The examples with a typo in a seeded random fraction p of their words (space-separated tokens with
+    a letter), across the whole set; labels unchanged. Returns (examples, words, words changed)."""
+    rng = np.random.default_rng(seed)
+    texts = [[e.text_a.split(" "), e.text_b.split(" ") if e.text_b is not None else None] for e in examples]
+    words = [(i, f, w) for i, t in enumerate(texts) for f in (0, 1) if t[f] for w, tok in enumerate(t[f])
+             if any(c.isalpha() for c in tok)]
+    chosen = sorted(rng.choice(len(words), size=round(p * len(words)), replace=False).tolist())
+    for k in chosen:
+        i, f, w = words[k]
+        texts[i][f][w] = typo(texts[i][f][w], rng)
+    noisy = [dataclasses.replace(e, text_a=" ".join(t[0]), text_b=" ".join(t[1]) if t[1] is not None else None)
+             for e, t in zip(examples, texts)]
+    return noisy, len(words), len(chosen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,7 +555,12 @@ def main(argv=None):
     p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
     p.add_argument("--allow_partial", action="store_true",
                    help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
+    p.add_argument("--noise", type=float, metavar="P", help="score on dev with a typo in a fraction P of the words "
+                   "(seeded; labels unchanged); writes the noisy set to <model>/noise-P-<split>.tsv, the metrics to noise-P.json")
+    p.add_argument("--noise_seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
+        p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
     if not os.path.exists(args.model) and args.model.count("/") != 1:
         p.error(f"--model {args.model}: no such directory")
     if args.max_len is not None and not 1 <= args.max_len <= 512:
@@ -553,11 +599,22 @@ def main(argv=None):
     task = data.TASKS[args.task]
     if args.predict:
         return write_test_predictions(model, tok, args)
-    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok, args.max_len)
-           for s in task.dev_splits}
+    examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial) for s in task.dev_splits}
+    noise = {}
+    for split in examples if args.noise else ():
+        examples[split], words, changed = with_typos(examples[split], args.noise, args.noise_seed)
+        lines = [f"{e.guid}\t{e.label}\t{e.text_a}\t{e.text_b or ''}" for e in examples[split]]
+        path = os.path.join(directory, f"noise-{args.noise:g}-{split}.tsv")
+        data.atomic_write_text(path, "guid\tlabel\ttext_a\ttext_b\n" + "\n".join(lines) + "\n")
+        noise[split] = {"words": words, "changed": changed}
+        print(f"{split}: a typo in {changed:,} of {words:,} words (seed {args.noise_seed}); the noisy set is {path}")
+    dev = {s: data.encode_glue(args.task, ex, tok, args.max_len) for s, ex in examples.items()}
     predictions = predict_glue(model, args.task, dev, args.batch_size, args.device, args.paper_exact)
     metrics = score_glue(args.task, dev, predictions)
-    print(f"{args.task} dev: " + format_metrics(metrics))
+    print(f"{args.task} dev{f' with noise {args.noise:g}' if args.noise else ''}: " + format_metrics(metrics))
+    if args.noise:
+        record = {**metrics, "noise": args.noise, "seed": args.noise_seed, "splits": noise}
+        data.atomic_write_text(os.path.join(directory, f"noise-{args.noise:g}.json"), json.dumps(record, indent=2))
     if not task.is_regression:  # a model that learnt only the class prior shows here
         for split, p in predictions.items():
             counts = np.bincount(p, minlength=len(task.labels))

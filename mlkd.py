@@ -13,6 +13,8 @@ token_embeddings, logits) by name.
     feature    L_KD    soft labels, or the teacher's score for regression                   Stage 2
     relation   L_SS    sample-sample similarity of the final [CLS] states (KL)              Stage 2
     relation   L_SC    supervised contrast of student and teacher [CLS] features            Stage 2
+And, at the end, the baseline the paper compares with: TinyBERT's task distillation (attention
+scores and hidden states by MSE in Stage 1, L_KD alone in Stage 2; train.py --recipe tinybert).
 
 Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher layers.
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
@@ -292,3 +294,40 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
         parts["sc"] = sc_loss(proj(len(proj.w) - 1, c_s), c_t, labels, tau, base_tau)
     total = sum(w[k] * v for k, v in parts.items())
     return total, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# The baseline MLKD is compared with: TinyBERT's task distillation (Jiao et al. 2020, "TinyBERT:
+# Distilling BERT for Natural Language Understanding", eq. 7-10). Its Stage 1 matches features, not
+# relations; its Stage 2 is L_KD alone (soft cross-entropy at t = 1), so kd_loss serves it unchanged.
+
+
+def attention_mse(a_s, a_t, mask=None):
+    """TinyBERT's L_attn for one layer pair = MSE(A_S, A_T) over heads and valid (query, key) pairs,
+    A = Q K^T / sqrt(d/h) the pre-softmax scores, (B, h, L, L). Head i of the student learns head i of
+    the teacher, so both need the same head count (MLKD's L_MHA does not). TinyBERT's code zeroes the
+    masked scores (its "<= -100 -> 0"); here masked pairs leave the mean, as in every loss of this file.
+    """
+    if a_s.shape[1] != a_t.shape[1]:
+        raise ValueError(f"TinyBERT's attention loss matches heads one to one: the student has {a_s.shape[1]} "
+                         f"heads, the teacher {a_t.shape[1]}; give the student --heads {a_t.shape[1]}")
+    sq = (a_s.float() - a_t.detach().float()) ** 2                     # (B, h, L, L)
+    if mask is None:
+        return sq.mean()
+    pairs = (mask[:, :, None] * mask[:, None, :])[:, None].to(sq.dtype)  # (B, 1, L, L): real query x real key
+    return (sq * pairs).sum() / (pairs.sum() * sq.shape[1])
+
+
+def tinybert_stage1_loss(s, t, proj, mask=None, lmap=None):
+    """TinyBERT's intermediate-layer distillation, with MLKD's layer map and projections:
+        L = sum_{m=1..M} MSE(A_S^m, A_T^g(m))  +  sum_{m=0..M} MSE(W_m h_S^m, h_T^g(m))
+    att (attention scores) and hid (m = 0: the embedding layer's output, TinyBERT's L_embd; m >= 1:
+    the layers' outputs, L_hidn). s, t: BertOutputs computed with scores=True. TinyBERT shares one W
+    between the layers; a W_m per layer (TextBrewer's choice) lets the same Projections serve both.
+    Returns (total, {name: value}).
+    """
+    M = len(s.attn_scores)
+    g = lmap or layer_map(len(t.attn_scores), M)
+    parts = {"att": sum(attention_mse(s.attn_scores[m - 1], t.attn_scores[g[m] - 1], mask) for m in range(1, M + 1)),
+             "hid": sum(ffn_loss(proj(m, s.hidden_states[m]), t.hidden_states[g[m]], mask) for m in range(M + 1))}
+    return parts["att"] + parts["hid"], parts

@@ -130,6 +130,7 @@ class BertOutput:
     token_embeddings: torch.Tensor  # (B, L, d): LayerNorm_emb(word_embeddings[ids]) (SPEC L_EMB)
     pooled: torch.Tensor    # (B, d): tanh(Dense(h_last[:, 0]))
     logits: torch.Tensor = None  # (B, C) classification, (B, 1) regression, (B, 2, L) span; None without head
+    attn_scores: list = None  # with scores=True: num_layers tensors (B, h, L, L), Q K^T / sqrt(d/h), unmasked
 
 
 class Layer(nn.Module):
@@ -148,8 +149,9 @@ class Layer(nn.Module):
         self.ffn_ln = nn.LayerNorm(d, eps=c.layer_norm_eps)              # output.LayerNorm
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
-    def forward(self, x, key_mask):
-        """x (B, L, d); key_mask (B, 1, 1, L) additive (0 keep, very negative drop) or None."""
+    def forward(self, x, key_mask, scores=False):
+        """x (B, L, d); key_mask (B, 1, 1, L) additive (0 keep, very negative drop) or None.
+        Returns (output, head contexts, the raw attention scores when `scores` else None)."""
         B, L, d = x.shape
         h = self.heads
 
@@ -157,12 +159,17 @@ class Layer(nn.Module):
             return t.view(B, L, h, d // h).transpose(1, 2)
 
         p = self.attn_dropout if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
-                                             attn_mask=key_mask, dropout_p=p)  # (B, h, L, d/h)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))          # (B, h, L, d/h)
+        s = None
+        if scores:  # written out, as SDPA computes it, to keep the pre-softmax scores (TinyBERT's loss)
+            s = q @ k.transpose(-1, -2) / math.sqrt(d // h)                      # (B, h, L, L)
+            ctx = F.dropout(torch.softmax(s if key_mask is None else s + key_mask, -1), p) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)  # (B, h, L, d/h)
         ctx = ctx.transpose(1, 2).reshape(B, L, d)                              # (B, L, d)
         a = self.attn_ln(x + self.dropout(self.attn_out(ctx)))                  # (B, L, d)
         out = self.ffn_ln(a + self.dropout(self.ffn_out(F.gelu(self.ffn_in(a)))))  # exact erf gelu
-        return out, ctx
+        return out, ctx, s
 
 
 class Bert(nn.Module):
@@ -191,8 +198,9 @@ class Bert(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> BertOutput:
-        """input_ids, token_type_ids, attention_mask: (B, L) integer tensors; mask 1 = real token."""
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, scores=False) -> BertOutput:
+        """input_ids, token_type_ids, attention_mask: (B, L) integer tensors; mask 1 = real token.
+        scores=True also returns each layer's attention scores (for TinyBERT's loss; slower)."""
         B, L = input_ids.shape
         if L > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {L} exceeds max_position_embeddings "
@@ -207,11 +215,12 @@ class Bert(nn.Module):
         if attention_mask is not None:  # additive, on keys only, in the dtype attention runs in
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             key_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B,1,1,L)
-        hidden_states, attn_outputs = [x], []
+        hidden_states, attn_outputs, attn_scores = [x], [], []
         for layer in self.layers:
-            x, ctx = layer(x, key_mask)
+            x, ctx, s = layer(x, key_mask, scores)
             hidden_states.append(x)
             attn_outputs.append(ctx)
+            attn_scores.append(s)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, d)
         logits = None
         if self.config.head in ("classification", "regression"):
@@ -220,7 +229,7 @@ class Bert(nn.Module):
             logits = self.qa_outputs(x).transpose(1, 2)  # (B, 2, L): start and end logits
             if attention_mask is not None:  # a pad position is never an answer; finite, so 0 * it = 0 in KD
                 logits = logits.masked_fill(attention_mask[:, None, :] == 0, -1e4)
-        return BertOutput(hidden_states, attn_outputs, token_embeddings, pooled, logits)
+        return BertOutput(hidden_states, attn_outputs, token_embeddings, pooled, logits, attn_scores if scores else None)
 
     def num_parameters(self, with_head=True):
         return sum(p.numel() for n, p in self.named_parameters()

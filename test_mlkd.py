@@ -458,6 +458,52 @@ def test_312_wide_student_with_any_heads_against_768_teacher(heads):
         mlkd.mha_loss(torch.randn(1, 3, 312), torch.randn(1, 3, 768), splits=7)
 
 
+def test_attention_scores_are_what_sdpa_computes_inside():
+    s, _ = tiny_pair()
+    s.eval()
+    ids = torch.randint(5, 128, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    plain, with_scores = s(ids, None, mask), s(ids, None, mask, scores=True)
+    assert plain.attn_scores is None and len(with_scores.attn_scores) == 2
+    for a, b in zip(plain.hidden_states, with_scores.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    layer, x = s.layers[0], with_scores.hidden_states[0]  # layer 1's scores by hand: q k^T / sqrt(d/h), unmasked
+    q = layer.q(x).view(3, 7, 2, 12).transpose(1, 2)
+    k = layer.k(x).view(3, 7, 2, 12).transpose(1, 2)
+    torch.testing.assert_close(with_scores.attn_scores[0], q @ k.transpose(-1, -2) / math.sqrt(12))
+
+
+def test_tinybert_losses_match_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    a_s, a_t = torch.randn(3, 2, 5, 5, generator=g), torch.randn(3, 2, 5, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    total = count = 0.0
+    for b in range(3):  # every head, every (query, key) pair of real tokens
+        n = int(mask[b].sum())
+        for h in range(2):
+            for i in range(n):
+                for j in range(n):
+                    total += (a_s[b, h, i, j].item() - a_t[b, h, i, j].item()) ** 2
+                    count += 1
+    assert abs(mlkd.attention_mse(a_s, a_t, mask).item() - total / count) < 1e-5
+    assert abs(mlkd.attention_mse(a_s, a_t).item() - ((a_s - a_t) ** 2).mean().item()) < 1e-6
+    with pytest.raises(ValueError, match="--heads 2"):
+        mlkd.attention_mse(a_s[:, :1], a_t, mask)
+    s, t = tiny_pair(student_heads=4)
+    ids, mask = torch.randint(5, 128, (4, 9)), torch.ones(4, 9, dtype=torch.long)
+    mask[2, 6:] = 0
+    so, to = s(ids, None, mask, scores=True), t(ids, None, mask, scores=True)
+    proj, g = mlkd.Projections(2, 24, 48), mlkd.layer_map(4, 2)
+    loss, parts = mlkd.tinybert_stage1_loss(so, to, proj, mask, g)
+    att = sum(mlkd.attention_mse(so.attn_scores[m - 1], to.attn_scores[g[m] - 1], mask) for m in (1, 2))
+    hid = sum(mlkd.ffn_loss(proj(m, so.hidden_states[m]), to.hidden_states[g[m]], mask) for m in (0, 1, 2))
+    assert set(parts) == {"att", "hid"} and torch.allclose(parts["att"], att) and torch.allclose(parts["hid"], hid)
+    loss.backward()
+    assert all(p.grad is not None for p in proj.parameters()) and s.layers[0].q.weight.grad is not None
+    assert all(p.grad is None for p in t.parameters())
+
+
 def test_identity_projections_make_an_equal_student_lossless():
     x, _, mask = random_batch(d_s=12)
     proj = mlkd.Projections(1, 12, 12, init="identity")
@@ -908,6 +954,53 @@ def test_train_rejects_bad_flags_before_work(capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_typos_change_exactly_the_drawn_words_by_one_edit():
+    import eval as ev
+
+    def one_edit(a, b):  # b is a with one letter swapped with its neighbour, dropped, inserted or substituted
+        if len(a) == len(b):
+            diff = [i for i in range(len(a)) if a[i] != b[i]]
+            return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                      and a[diff[1]] == b[diff[0]])
+        short, long_ = sorted((a, b), key=len)
+        return len(long_) == len(short) + 1 and any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+    rows = [data.Example(f"dev-{i}", "the film , sadly , was a mess of ideas .", "it is OK 42" if i % 2 else None, i % 2)
+            for i in range(50)]
+    noisy, words, changed = ev.with_typos(rows, 0.1, seed=3)
+    assert words == 50 * 8 + 25 * 3 and changed == round(0.1 * words)  # "," "." "42" have no letter
+    assert ev.with_typos(rows, 0.1, seed=3)[0] == noisy != ev.with_typos(rows, 0.1, seed=4)[0]
+    edits = 0
+    for e, n in zip(rows, noisy):
+        assert (n.guid, n.label, n.text_b is None) == (e.guid, e.label, e.text_b is None)
+        for a, b in ((e.text_a, n.text_a), (e.text_b or "", n.text_b or "")):
+            for wa, wb in zip(a.split(" "), b.split(" ")):
+                assert wa == wb or one_edit(wa, wb), (wa, wb)
+                edits += wa != wb
+    assert edits == changed
+
+
+def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
+    import train
+    import eval as ev
+    init = write_pipeline_fixture(tmp_path)
+    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "out"),
+                       "--stages", "teacher", "--teacher_epochs", "1"]
+    train.main(argv)
+    teacher = tmp_path / "out" / "teacher"
+    common = ["--task", "sst2", "--model", str(teacher), "--data_dir", str(tmp_path / "data"), "--allow_partial"]
+    clean, noisy = ev.main(common), ev.main(common + ["--noise", "0.5"])
+    record = json.load(open(teacher / "noise-0.5.json"))
+    assert record["acc"] == noisy["acc"] and record["splits"]["dev"]["changed"] > 0 and noisy["total"] == clean["total"]
+    lines = open(teacher / "noise-0.5-dev.tsv").read().splitlines()
+    original = open(tmp_path / "data" / "glue" / "SST-2" / "dev.tsv").read().splitlines()
+    assert len(lines) == len(original) and [x.split("\t")[1] for x in lines[1:]] == [x.split("\t")[1] for x in original[1:]]
+    assert sum(a.split("\t")[2] != b.split("\t")[0] for a, b in zip(lines[1:], original[1:])) > 5
+    with pytest.raises(SystemExit):
+        ev.main(common + ["--noise", "0"])
+    assert "--noise 0.0: a fraction of words in (0, 1]" in capsys.readouterr().err
+
+
 def test_squad_pipeline_end_to_end(tmp_path, capsys):
     import train
     import eval as ev
@@ -928,6 +1021,22 @@ def test_squad_pipeline_end_to_end(tmp_path, capsys):
     scores = ev.main(["--task", "squad2", "--model", str(out / "stage2"), "--squad_file", str(path), "--device", "cpu"])
     assert scores["f1"] == pytest.approx(results["student"]["f1"])
     assert set(json.load(open(out / "stage2" / "predictions.json"))) == {"q1", "q2", "q3"}
+
+
+def test_tinybert_recipe_runs_both_stages_and_needs_equal_heads(tmp_path, capsys):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--recipe", "tinybert",
+                       "--teacher_epochs", "2", "--epochs1", "2", "--epochs2", "1"]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="the student has 2 heads, the teacher 4; give the student --heads 4"):
+        train.main(argv + ["--out", str(out)])
+    results = train.main(argv + ["--out", str(out), "--heads", "4"])
+    stage1 = [json.loads(x) for x in open(out / "stage1" / "log.jsonl") if '"att"' in x]
+    stage2 = [json.loads(x) for x in open(out / "stage2" / "log.jsonl") if '"kd"' in x]
+    assert stage1 and all(set(r) >= {"att", "hid"} and "mha" not in r for r in stage1)
+    assert stage2 and all("ss" not in r and "sc" not in r for r in stage2)  # TinyBERT's Stage 2: L_KD alone
+    assert stage1[-1]["att"] < stage1[0]["att"] and "acc" in results["student"]
 
 
 def test_non_finite_loss_stops_with_step_parts_and_rows(tmp_path):

@@ -6,6 +6,7 @@
 Chapter 4 of mlkd. Stages (SPEC.md "Pipeline for one task"), each in its own directory under --out:
     teacher   fine-tune the teacher (bert-base-uncased unless --teacher gives a fine-tuned one)
     stage1    distil embeddings and Transformer layers: L_EMB + L_MHA + L_FFN, constant lr
+              (--recipe tinybert: TinyBERT's task distillation, the paper's baseline, in both stages)
     stage2    distil the prediction layer: L_KD + L_SS + L_SC, warm-up then linear decay,
               keeping the checkpoint with the best dev metric (selection on dev); run without
               stage1 it starts from --student_init (the baselines: logits-only KD, gold labels)
@@ -94,6 +95,9 @@ def parse_args(argv=None):
                    help="weight of the gold-label loss in Stage 2 (0 in MLKD; for the fine-tuning baseline)")
     g.add_argument("--temperature", type=float, default=1.0, help="L_KD temperature")
     g.add_argument("--tau", type=float, default=0.07, help="L_SC temperature")
+    g.add_argument("--recipe", default="mlkd", choices=["mlkd", "tinybert"],
+                   help="tinybert: TinyBERT's task distillation, the paper's baseline: Stage 1 MSE of attention scores "
+                        "(equal head counts) and projected hidden states, Stage 2 L_KD alone")
     g.add_argument("--paper_exact", action="store_true",
                    help="the authors' behaviour: pad every batch to max length, relation losses unmasked")
     g = p.add_argument_group("optimisation")
@@ -230,10 +234,8 @@ def cut_layers(source, M, kind, overrides, keep_head=True):
 
 def save_model(model, directory, vocab_file, args):
     """The model with its vocabulary and the arguments it was trained with (eval.py reads max_len from them)."""
-    if not lead():
-        return
-    with open(vocab_file, encoding="utf-8") as f:
-        model.save(directory, {"vocab.txt": f.read(), "args.json": json.dumps(vars(args), indent=2, default=str)})
+    if lead():
+        model.save(directory, {"vocab.txt": data.read_text(vocab_file), "args.json": json.dumps(vars(args), indent=2, default=str)})
 
 
 def load_teacher(directory, args):
@@ -306,12 +308,9 @@ class Objective(torch.nn.Module):
 
 def param_groups(modules, weight_decay):
     """AdamW groups: weight decay except on biases and LayerNorm weights (1-d tensors)."""
-    decay, no_decay = [], []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                (no_decay if p.dim() < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, evaluate=None, on_best=None):
@@ -402,8 +401,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                           + " ".join(f"{k} {record[k]:.4f}" for k in parts)
                           + f" | lr {record['lr']:.2e} | {rate:.1f} samples/s | ETA {eta / 60:.1f} min", flush=True)
                 if evaluate and lead() and (end_of_epoch or (args.eval_steps and step % args.eval_steps == 0)):
-                    t_eval = time.time()
-                    metrics = evaluate()
+                    t_eval, metrics = time.time(), evaluate()
                     t_eval = time.time() - t_eval
                     t0 += t_eval  # samples/s and ETA count training only
                     improved = on_best is not None and (best is None or metrics[args.metric] > best)
@@ -503,7 +501,7 @@ def main(argv=None):
     squad = args.task.startswith("squad")
     args.metric = "f1" if squad else "loss" if args.task == "general" else "acc_m" if args.task == "mnli" \
         else data.TASKS[args.task].metric
-    if squad:  # SPEC: Stage 2 on SQuAD is L_KD on start and end logits only
+    if squad or args.recipe == "tinybert":  # SPEC: Stage 2 on SQuAD is L_KD only; TinyBERT's Stage 2 too
         args.w_ss = args.w_sc = 0.0
     torch.manual_seed(args.seed)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
@@ -593,14 +591,17 @@ def pipeline(args):
 
 
 def stage1_objective(teacher, proj, lmap, args):
-    """loss_fn(model, batch) of Stage 1 and of general distillation: mlkd.stage1_loss against the frozen teacher."""
-    weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
+    """loss_fn(model, batch) of Stage 1 and of general distillation: mlkd.stage1_loss (or, with --recipe
+    tinybert, mlkd.tinybert_stage1_loss) against the frozen teacher."""
+    weights, tiny = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}, args.recipe == "tinybert"
 
     def loss_fn(model, batch):
         inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         with torch.no_grad():
-            t = teacher(*inputs)
+            t = teacher(*inputs, scores=tiny)
         mask = None if args.paper_exact else batch["attention_mask"]
+        if tiny:  # the baseline: attention scores and hidden states, MSE
+            return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, mask, lmap)
         return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits)
     return loss_fn
 
