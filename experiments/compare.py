@@ -141,6 +141,7 @@ def run_all(args):
             sys.exit(f"error: {name} failed; see {job[2]}")
         print(f"[compare] done {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
     todo, running = row_jobs(args, mini), []
+    failed += score_noisy(args)
     while todo or running:
         while todo and len(running) < args.jobs:
             running.append(start(todo.pop(0), 1 if args.jobs > 1 else None))
@@ -150,6 +151,13 @@ def run_all(args):
             print(f"[compare] {'done' if proc.returncode == 0 else 'FAILED'} {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
             if proc.returncode:
                 failed.append(name)
+            failed += score_noisy(args)
+    return failed
+
+
+def score_noisy(args):
+    """eval.py --noise on every model of noise_models (a few seconds each); returns the failed ones."""
+    failed = []
     for model in noise_models(args):
         proc, name, _ = start((f"noise {model}", [sys.executable, "eval.py", "--task", args.task, "--data_dir", args.data_dir,
                                                    "--model", model, "--noise", str(NOISE)],
@@ -160,7 +168,7 @@ def run_all(args):
 
 
 def noise_models(args):
-    """The teacher and the seeded rows' students not yet scored on the noisy dev set."""
+    """The teacher and the finished seeded rows' students not yet scored on the noisy dev set."""
     models = [os.path.join(teacher_out(args.task, *TASKS[args.task]["teachers"][0]), "teacher")]
     for setting in args.settings:
         models += [os.path.join(row_out(args.task, setting, row, seed), "stage2")
