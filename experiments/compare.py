@@ -218,8 +218,9 @@ def table(args):
              f"metrics.json and log.jsonl under out/compare/{args.task}/; no number is typed. Dev {metric} in %, "
              "mean ± sample std over the seeds finished (n). *last*: the checkpoint at the end of Stage 2 "
              "(no selection; the verdict uses it); *best*: the best of the dev evaluations (about 10 per epoch), "
-             "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps. *min*: training wall minutes "
-             f"(Stage 1 + Stage 2; rows may have run two at a time on the 2 cores). *noise {NOISE:g}*: the saved "
+             "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps of batch 32. *min*: training wall "
+             "minutes, Stage 1 + Stage 2, without the dev evaluations and the teacher's one pass for the Stage-2 "
+             f"cache (with --jobs 2 two rows share the 2 cores, one thread each). *noise {NOISE:g}*: the saved "
              f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise).", ""]
     lines.append("| teacher (full training set) | dev " + metric + f" | noise {NOISE:g} | steps | min |")
     lines.append("|---|---|---|---|---|")
