@@ -1465,7 +1465,7 @@ def test_compare_table_is_computed_from_the_runs_files(tmp_path, monkeypatch):
     run("gold", 1, 82.0, 81.0)
     run("mlkd", 2, 85.0, 84.5, stage1=10)
     lines = {line.split(" | ")[0]: line for line in compare.table(args) if line.startswith("| ")}
-    assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 30 | 30 ± 0 |"
-    assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | 40 | 40 |"
+    assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"
+    assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
     assert "not run yet" in lines["| 1 epoch(s), lr 5e-05 (kept)"]

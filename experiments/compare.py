@@ -222,29 +222,32 @@ def table(args):
              "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps of batch 32. *min*: training wall "
              "minutes, Stage 1 + Stage 2, without the dev evaluations and the teacher's one pass for the Stage-2 "
              f"cache (with --jobs 2 two rows share the 2 cores, one thread each). *noise {NOISE:g}*: the saved "
-             f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise).", ""]
-    lines.append("| teacher (full training set) | dev " + metric + f" | noise {NOISE:g} | steps | min |")
-    lines.append("|---|---|---|---|---|")
+             f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise); *drop*: "
+             "best minus noise, seed by seed.", ""]
+    lines.append("| teacher (full training set) | dev " + metric + f" | noise {NOISE:g} | drop | steps | min |")
+    lines.append("|---|---|---|---|---|---|")
     for i, (epochs, lr) in enumerate(spec["teachers"]):
         m = load(os.path.join(teacher_out(args.task, epochs, lr), "teacher", "metrics.json"))
         noisy = load(os.path.join(teacher_out(args.task, epochs, lr), "teacher", f"noise-{NOISE:g}.json"))
         kept = " (kept)" if i == 0 else ""
         lines.append(f"| {epochs} epoch(s), lr {lr:g}{kept} | " + (
-            f"{m['dev'][metric]:.2f} | {spread([noisy and noisy[metric]])} | {m['train']['total']} | "
-            f"{m['train']['train_s'] / 60:.0f} |" if m else "not run yet | | | |"))
+            f"{m['dev'][metric]:.2f} | {spread([noisy and noisy[metric]])} | "
+            f"{spread([noisy and m['dev'][metric] - noisy[metric]])} | {m['train']['total']:,} | "
+            f"{m['train']['train_s'] / 60:.0f} |" if m else "not run yet | | | | |"))
     subset = f"a seeded subset of {spec['subset']:,} training examples" if spec["subset"] else "the full training set"
     for setting in args.settings:
         lines += ["", f"## {setting}: {SETTINGS[setting]['what']}", "",
                   f"Students train on {subset}; Stage 1 {spec['epochs1']} epoch(s), Stage 2 {spec['epochs2']} epochs "
                   f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", "",
-                  f"| row | n | last | best | noise {NOISE:g} | steps | min |", "|---|---|---|---|---|---|---|"]
+                  f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
         for row, (label, _, seeds, _) in ROWS.items():
             got = [n for n in (row_numbers(row_out(args.task, setting, row, s), metric) for s in seeds) if n]
             if not got:
-                lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | |")
+                lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | | |")
                 continue
             lines.append(f"| {label} | {len(got)} of {len(seeds)} | {spread([g['last'] for g in got])} | "
                          f"{spread([g['best'] for g in got])} | {spread([g['noise'] for g in got])} | "
+                         f"{spread([g['best'] - g['noise'] for g in got if g['noise'] is not None])} | "
                          f"{got[0]['steps']:,} | {spread([g['minutes'] for g in got], 0)} |")
     return lines
 
