@@ -10,7 +10,8 @@ compute it, to fp32 parity (test_mlkd.py proves it against golden outputs of HF 
 
 One forward returns a `BertOutput` that carries everything the MLKD losses need (SPEC.md):
 every hidden state, every layer's attention context before its output projection, and the
-LayerNorm'd word-piece embeddings; collecting them costs no second pass.
+LayerNorm'd word-piece embeddings; collecting them costs no second pass. Asked with scores=True
+it also returns every layer's pre-softmax attention scores (TinyBERT's loss), written out, not SDPA.
 
 Weights: `Bert.from_pretrained` reads a local directory or fetches a hub repository
 (https://huggingface.co/{name}/resolve/main/{file}) through data.download. It reads
