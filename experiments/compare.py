@@ -29,6 +29,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+import data  # noqa: E402  (the repo's data.py: the task's metric)
 SEEDS = (42, 1, 2)
 
 # Per task: training subset for students (None: the full set), Stage-1 / Stage-2 epochs, dev every N steps,
@@ -213,7 +215,7 @@ def spread(xs, digits=2):
 def table(args):
     """The markdown table of every teacher and row under out/compare/<task>/, as lines."""
     spec = TASKS[args.task]
-    metric = {"stsb": "pearson", "cola": "mcc"}.get(args.task, "acc")
+    metric = data.TASKS[args.task].metric  # what train.py selects on: acc, mcc (CoLA), spearman (STS-B)
     lines = [f"# {args.task}: MLKD against its baselines", "",
              f"Written by `python experiments/compare.py {args.task} --table` from the runs' results.json, "
              f"metrics.json and log.jsonl under out/compare/{args.task}/; no number is typed. Dev {metric} in %, "
