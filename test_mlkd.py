@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 
 import numpy as np
@@ -1441,31 +1442,42 @@ def test_minilm_from_tensorflow_checkpoint_equals_safetensors():
     assert torch.equal(a, b)
 
 
-def test_compare_table_is_computed_from_the_runs_files(tmp_path, monkeypatch):
+def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("compare", os.path.join(os.path.dirname(__file__), "experiments", "compare.py"))
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
     monkeypatch.chdir(tmp_path)
-    args = argparse.Namespace(task="sst2", settings=["S2"])
+    monkeypatch.setattr(compare, "RUNS", str(tmp_path / "runs"))
+    args = argparse.Namespace(task="sst2", settings=["S2"], data_dir="/data")
 
-    def run(row, seed, best, last, stage1=None, noise=None):
-        out = tmp_path / compare.row_out("sst2", "S2", row, seed)
-        (out / "stage2").mkdir(parents=True)
-        (out / "results.json").write_text(json.dumps({"student": {"acc": best}}))
+    def run(out, stage, best, last, stage1=None, noise=None):
+        out = tmp_path / out
+        (out / stage).mkdir(parents=True)
+        final = {"dev": {"acc": best}} if stage == "teacher" else {"student": {"acc": best}}
+        (out / (stage if stage == "teacher" else "") / ("metrics.json" if stage == "teacher" else "results.json")).write_text(json.dumps(final))
         dev = [{"step": s, "dev": {"acc": a}} for s, a in ((10, best - 1), (20, best), (30, last))]
-        (out / "stage2" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
-        for stage, steps in (("stage1", stage1), ("stage2", 30)):
+        (out / stage / "log.jsonl").write_text('{"step": 5, "loss": 1.0}\n' + "".join(json.dumps(r) + "\n" for r in dev))
+        for name, steps in (("stage1", stage1), (stage, 30)):
             if steps:
-                (out / stage).mkdir(exist_ok=True)
-                (out / stage / "metrics.json").write_text(json.dumps({"train": {"total": steps, "train_s": 60 * steps}}))
+                (out / name).mkdir(exist_ok=True)
+                m = json.loads((out / name / "metrics.json").read_text()) if (out / name / "metrics.json").exists() else {}
+                (out / name / "metrics.json").write_text(json.dumps({**m, "train": {"total": steps, "train_s": 60 * steps}}))
         if noise is not None:
-            (out / "stage2" / "noise-0.1.json").write_text(json.dumps({"acc": noise}))
+            (out / stage / "noise-0.1.json").write_text(json.dumps({"acc": noise}))
 
-    run("gold", 42, 80.0, 79.0, noise=70.0)
-    run("gold", 1, 82.0, 81.0)
-    run("mlkd", 2, 85.0, 84.5, stage1=10)
+    run(compare.teacher_out("sst2", 1, 5e-5), "teacher", 88.0, 87.0, noise=85.5)
+    run(compare.row_out("sst2", "S2", "gold", 42), "stage2", 80.0, 79.0, noise=70.0)
+    run(compare.row_out("sst2", "S2", "gold", 1), "stage2", 82.0, 81.0)
+    run(compare.row_out("sst2", "S2", "mlkd", 2), "stage2", 85.0, 84.5, stage1=10)
+    assert compare.harvest(args, "/mini") == 4
+    record = json.loads((tmp_path / "runs" / "sst2" / "S2" / "gold-s42.json").read_text())
+    assert record["curve"] == [[10, 79.0], [20, 80.0], [30, 79.0]] and record["noise"] == 70.0
+    assert record["command"].startswith("train.py --task sst2 --data_dir $DATA --teacher out/compare/sst2/teacher-e1-lr5e-05/teacher")
+    assert compare.harvest(args, "/mini") == 0  # up to date: nothing rewritten
+    shutil.rmtree(tmp_path / "out")  # the table needs the records only
     lines = {line.split(" | ")[0]: line for line in compare.table(args) if line.startswith("| ")}
     assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"
     assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
-    assert "not run yet" in lines["| 1 epoch(s), lr 5e-05 (kept)"]
+    assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == "| 1 epoch(s), lr 5e-05 (kept) | 88.00 | 85.50 | 2.50 | 30 | 30 |"
+    assert "not run yet" in lines["| 2 epoch(s), lr 2e-05"]

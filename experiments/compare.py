@@ -16,7 +16,10 @@ distillation (--recipe tinybert); MLKD at 6 and 3 heads. Every row sees the same
 and the same Stage-2 epochs; dev is scored about 10 times per epoch and both the best-on-dev checkpoint
 and the last are reported. Rows run in priority order (the first five with seeds 42, 1, 2); a row with a
 results.json is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
-Outputs go to out/compare/<task>/; logs to each row's train.log; the table to experiments/<task>.md.
+Outputs go to out/compare/<task>/ (not kept in git: models and checkpoints), logs to each row's train.log.
+Each finished teacher and row leaves a small record in experiments/runs/<task>/ (kept in git: its numbers,
+its dev curve, the command, the commit and date); the table in experiments/<task>.md is written from those
+records alone, so it can be rewritten on a clone that never ran a row.
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the repo's data.py: the task's metric)
 SEEDS = (42, 1, 2)
+RUNS = os.path.join(HERE, "runs")  # one JSON record per finished teacher or row, committed
 
 # Per task: training subset for students (None: the full set), Stage-1 / Stage-2 epochs, dev every N steps,
 # teacher settings tried (the first is kept and used by every row).
@@ -97,9 +101,9 @@ def first_jobs(args, mini):
     return [j for j in jobs if not os.path.exists(j[3])]
 
 
-def row_jobs(args, mini):
-    """Every row still to run, in priority order: per setting the seeded rows (row by row), then the others;
-    the other teacher settings last."""
+def all_jobs(args, mini):
+    """Every row, in priority order: per setting the seeded rows (row by row), then the others; the other
+    teacher settings last. A job is (name, command, log, the file that says it finished)."""
     spec = TASKS[args.task]
     teacher = os.path.join(teacher_out(args.task, *spec["teachers"][0]), "teacher")
     budget = ["--epochs1", str(spec["epochs1"]), "--eval_steps", str(spec["eval_steps"])]
@@ -116,8 +120,12 @@ def row_jobs(args, mini):
                     sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir, "--teacher", teacher,
                     *flags, *budget, "--epochs2", str(epochs2), "--stages", which, "--seed", str(seed), *extra, "--out", out],
                     os.path.join(out, "train.log"), os.path.join(out, "results.json")))
-    jobs += [teacher_job(args, mini, *t) for t in spec["teachers"][1:]]
-    return [j for j in jobs if not os.path.exists(j[3])]
+    return jobs + [teacher_job(args, mini, *t) for t in spec["teachers"][1:]]
+
+
+def row_jobs(args, mini):
+    """The rows still to run."""
+    return [j for j in all_jobs(args, mini) if not os.path.exists(j[3])]
 
 
 def start(job, threads):
@@ -144,6 +152,7 @@ def run_all(args):
         print(f"[compare] done {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
     todo, running = row_jobs(args, mini), []
     failed += score_noisy(args)
+    harvest(args, mini)
     while todo or running:
         while todo and len(running) < args.jobs:
             running.append(start(todo.pop(0), 1 if args.jobs > 1 else None))
@@ -154,6 +163,7 @@ def run_all(args):
             if proc.returncode:
                 failed.append(name)
             failed += score_noisy(args)
+            harvest(args, mini)
     return failed
 
 
@@ -180,27 +190,65 @@ def noise_models(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The table, from the runs' files
+# Records: what a finished run leaves in git (out/ holds models and checkpoints and is not kept)
 
 
 def load(path):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-def row_numbers(out, metric):
-    """best-on-dev, last, total steps, wall minutes, noisy-dev metric of one finished row."""
-    results = load(os.path.join(out, "results.json"))
-    if results is None:
+def record_path(task, out):
+    """experiments/runs/<task>/<setting>/<row>-s<seed>.json for out/compare/<task>/<setting>/<row>-s<seed>;
+    experiments/runs/<task>/teacher-e1-lr5e-05.json for a teacher."""
+    return os.path.join(RUNS, task, os.path.relpath(out, os.path.join("out", "compare", task)) + ".json")
+
+
+def run_numbers(out, metric):
+    """One finished teacher or row, from its files under out/: best-on-dev, last, the dev curve, total steps,
+    training minutes, the noisy-dev metric of the best checkpoint. None while it has not finished."""
+    teacher = os.path.basename(out).startswith("teacher-")
+    model = os.path.join(out, "teacher" if teacher else "stage2")
+    final = load(os.path.join(model, "metrics.json") if teacher else os.path.join(out, "results.json"))
+    if final is None:
         return None
-    log = [json.loads(x) for x in open(os.path.join(out, "stage2", "log.jsonl")) if '"dev"' in x]
+    curve = [[r["step"], r["dev"][metric]] for r in map(json.loads, open(os.path.join(model, "log.jsonl"))) if "dev" in r]
     steps = minutes = 0
-    for stage in ("stage1", "stage2"):
+    for stage in ("teacher",) if teacher else ("stage1", "stage2"):
         m = load(os.path.join(out, stage, "metrics.json"))
         if m:
             steps, minutes = steps + m["train"]["total"], minutes + m["train"]["train_s"] / 60
-    noisy = load(os.path.join(out, "stage2", f"noise-{NOISE:g}.json"))
-    return dict(best=results["student"][metric], last=log[-1]["dev"][metric], steps=steps, minutes=minutes,
-                noise=noisy[metric] if noisy else None)
+    noisy = load(os.path.join(model, f"noise-{NOISE:g}.json"))
+    return dict(best=final["dev"][metric] if teacher else final["student"][metric], last=curve[-1][1], curve=curve,
+                steps=steps, minutes=round(minutes, 2), noise=noisy[metric] if noisy else None)
+
+
+def commit():
+    got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return got.stdout.strip() or None
+
+
+def harvest(args, mini):
+    """Write (or bring up to date) the record of every finished teacher and row of args.settings; returns
+    how many changed. A record keeps the date and commit of the run it was first written for."""
+    metric, changed = data.TASKS[args.task].metric, 0
+    for name, cmd, _, _ in [teacher_job(args, mini, *t) for t in TASKS[args.task]["teachers"]] + all_jobs(args, mini):
+        out = cmd[cmd.index("--out") + 1]
+        numbers = run_numbers(out, metric)
+        if numbers is None:
+            continue
+        path, old = record_path(args.task, out), load(record_path(args.task, out)) or {}
+        shown = " ".join(cmd[1:]).replace(mini, "$MINILM").replace(args.data_dir, "$DATA")
+        rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", commit()),
+                   date=old.get("date", time.strftime("%Y-%m-%d")))
+        if rec != old:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            data.atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+            changed += 1
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------
+# The table, from the records
 
 
 def spread(xs, digits=2):
@@ -217,8 +265,9 @@ def table(args):
     spec = TASKS[args.task]
     metric = data.TASKS[args.task].metric  # what train.py selects on: acc, mcc (CoLA), spearman (STS-B)
     lines = [f"# {args.task}: MLKD against its baselines", "",
-             f"Written by `python experiments/compare.py {args.task} --table` from the runs' results.json, "
-             f"metrics.json and log.jsonl under out/compare/{args.task}/; no number is typed. Dev {metric} in %, "
+             f"Written by `python experiments/compare.py {args.task} --table` from the records of the finished runs "
+             f"in experiments/runs/{args.task}/ (each with its command, commit and dev curve); no number is typed. "
+             f"Dev {metric} in %, "
              "mean ± sample std over the seeds finished (n). *last*: the checkpoint at the end of Stage 2 "
              "(no selection; the verdict uses it); *best*: the best of the dev evaluations (about 10 per epoch), "
              "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps of batch 32. *min*: training wall "
@@ -229,13 +278,11 @@ def table(args):
     lines.append("| teacher (full training set) | dev " + metric + f" | noise {NOISE:g} | drop | steps | min |")
     lines.append("|---|---|---|---|---|---|")
     for i, (epochs, lr) in enumerate(spec["teachers"]):
-        m = load(os.path.join(teacher_out(args.task, epochs, lr), "teacher", "metrics.json"))
-        noisy = load(os.path.join(teacher_out(args.task, epochs, lr), "teacher", f"noise-{NOISE:g}.json"))
+        m = load(record_path(args.task, teacher_out(args.task, epochs, lr)))
         kept = " (kept)" if i == 0 else ""
         lines.append(f"| {epochs} epoch(s), lr {lr:g}{kept} | " + (
-            f"{m['dev'][metric]:.2f} | {spread([noisy and noisy[metric]])} | "
-            f"{spread([noisy and m['dev'][metric] - noisy[metric]])} | {m['train']['total']:,} | "
-            f"{m['train']['train_s'] / 60:.0f} |" if m else "not run yet | | | | |"))
+            f"{m['best']:.2f} | {spread([m['noise']])} | {spread([m['noise'] and m['best'] - m['noise']])} | "
+            f"{m['steps']:,} | {m['minutes']:.0f} |" if m else "not run yet | | | | |"))
     subset = f"a seeded subset of {spec['subset']:,} training examples" if spec["subset"] else "the full training set"
     for setting in args.settings:
         lines += ["", f"## {setting}: {SETTINGS[setting]['what']}", "",
@@ -243,7 +290,7 @@ def table(args):
                   f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", "",
                   f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
         for row, (label, _, seeds, _) in ROWS.items():
-            got = [n for n in (row_numbers(row_out(args.task, setting, row, s), metric) for s in seeds) if n]
+            got = [n for n in (load(record_path(args.task, row_out(args.task, setting, row, s))) for s in seeds) if n]
             if not got:
                 lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | | |")
                 continue
@@ -268,6 +315,8 @@ if __name__ == "__main__":
     if any(s not in SETTINGS for s in a.settings):
         p.error(f"--settings {','.join(a.settings)}: choose from {','.join(SETTINGS)}")
     bad = [] if a.table else run_all(a)
+    if os.path.isdir(os.path.join("out", "compare", a.task)):  # runs of this machine to record
+        print(f"[compare] {harvest(a, minilm())} record(s) written to {os.path.join(RUNS, a.task)}")
     path, lines = os.path.join(HERE, f"{a.task}.md"), table(a)
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
