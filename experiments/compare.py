@@ -14,7 +14,7 @@ Rows (train.py flags in ROWS): gold labels; logits-only KD; KD with as many step
 feature level only (L_FFN, then L_KD); full MLKD; MLKD without L_SS and L_SC; TinyBERT's task
 distillation (--recipe tinybert); MLKD at 6 and 3 heads. Every row sees the same seeded training subset
 and the same Stage-2 epochs; dev is scored about 10 times per epoch and both the best-on-dev checkpoint
-and the last are reported. Rows run in priority order (the first five with seeds 42, 1, 2); a row with a
+and the last are reported. Rows run in priority order (the first five with seeds 42, 1, 2, seed by seed); a row with a
 results.json is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
 Outputs go to out/compare/<task>/ (not kept in git: models and checkpoints), logs to each row's train.log.
 Each finished teacher and row leaves a small record in experiments/runs/<task>/ (kept in git: its numbers,
@@ -102,8 +102,9 @@ def first_jobs(args, mini):
 
 
 def all_jobs(args, mini):
-    """Every row, in priority order: per setting the seeded rows (row by row), then the others; the other
-    teacher settings last. A job is (name, command, log, the file that says it finished)."""
+    """Every row, in priority order: per setting seed by seed (seed 42 of the five seeded rows in ROWS order,
+    then seed 1, then seed 2, so a first comparison of all five exists early), then the one-seed rows; the
+    other teacher settings last. A job is (name, command, log, the file that says it finished)."""
     spec = TASKS[args.task]
     teacher = os.path.join(teacher_out(args.task, *spec["teachers"][0]), "teacher")
     budget = ["--epochs1", str(spec["epochs1"]), "--eval_steps", str(spec["eval_steps"])]
@@ -111,15 +112,17 @@ def all_jobs(args, mini):
     jobs = []
     for setting in args.settings:
         flags = [mini if f == "MINILM" else f for f in SETTINGS[setting]["flags"]]
-        for row, (label, extra, seeds, stages) in sorted(ROWS.items(), key=lambda kv: len(kv[1][2]) == 1):
+        order = [(r, s) for s in SEEDS for r, v in ROWS.items() if len(v[2]) > 1 and s in v[2]]
+        order += [(r, s) for r, v in ROWS.items() if len(v[2]) == 1 for s in v[2]]
+        for row, seed in order:
+            _, extra, _, stages = ROWS[row]
             epochs2 = spec["epochs2"] + (spec["epochs1"] if stages == "stage2+" else 0)
             which = "stage1,stage2,eval" if stages == "stage1" else "stage2,eval"
-            for seed in seeds:
-                out = row_out(args.task, setting, row, seed)
-                jobs.append((f"{setting} {row} seed {seed}", [
-                    sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir, "--teacher", teacher,
-                    *flags, *budget, "--epochs2", str(epochs2), "--stages", which, "--seed", str(seed), *extra, "--out", out],
-                    os.path.join(out, "train.log"), os.path.join(out, "results.json")))
+            out = row_out(args.task, setting, row, seed)
+            jobs.append((f"{setting} {row} seed {seed}", [
+                sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir, "--teacher", teacher,
+                *flags, *budget, "--epochs2", str(epochs2), "--stages", which, "--seed", str(seed), *extra, "--out", out],
+                os.path.join(out, "train.log"), os.path.join(out, "results.json")))
     return jobs + [teacher_job(args, mini, *t) for t in spec["teachers"][1:]]
 
 
