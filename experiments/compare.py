@@ -245,9 +245,10 @@ def harvest(args, mini):
         shown = " ".join(cmd[1:]).replace(mini, "$MINILM").replace(args.data_dir, "$DATA")
         rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", commit()),
                    date=old.get("date", time.strftime("%Y-%m-%d")))
-        if rec != old:
+        text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()) + "\n}\n"  # a line a field
+        if not os.path.exists(path) or data.read_text(path) != text:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            data.atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+            data.atomic_write_text(path, text)
             changed += 1
     return changed
 
