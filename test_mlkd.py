@@ -1474,6 +1474,9 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert record["curve"] == [[10, 79.0], [20, 80.0], [30, 79.0]] and record["noise"] == 70.0
     assert record["command"].startswith("train.py --task sst2 --data_dir $DATA --teacher out/compare/sst2/teacher-e1-lr5e-05/teacher")
     assert compare.harvest(args, "/mini") == 0  # up to date: nothing rewritten
+    args.rows = ["kd", "mlkd"]  # --rows: only those rows, seed by seed, the finished mlkd seed 2 skipped
+    assert [j[0] for j in compare.row_jobs(args, "/mini")] == ["S2 kd seed 42", "S2 mlkd seed 42", "S2 kd seed 1",
+                                                                 "S2 mlkd seed 1", "S2 kd seed 2"]
     shutil.rmtree(tmp_path / "out")  # the table needs the records only
     lines = {line.split(" | ")[0]: line for line in compare.table(args) if line.startswith("| ")}
     assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"

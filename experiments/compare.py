@@ -234,9 +234,9 @@ def commit():
 
 def harvest(args, mini):
     """Write (or bring up to date) the record of every finished teacher and row of args.settings; returns
-    how many changed. A record keeps the date and commit of the run it was first written for."""
+    how many changed. A record keeps the date and the commit of the code of its first writing."""
     metric, changed = data.TASKS[args.task].metric, 0
-    for name, cmd, _, _ in [teacher_job(args, mini, *t) for t in TASKS[args.task]["teachers"]] + all_jobs(args, mini):
+    for name, cmd, _, _ in [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])] + all_jobs(args, mini):
         out = cmd[cmd.index("--out") + 1]
         numbers = run_numbers(out, metric)
         if numbers is None:
@@ -331,9 +331,7 @@ if __name__ == "__main__":
     if os.path.isdir(os.path.join("out", "compare", a.task)):  # runs of this machine to record
         print(f"[compare] {harvest(a, minilm())} record(s) written to {os.path.join(RUNS, a.task)}")
     path, lines = os.path.join(HERE, f"{a.task}.md"), table(a)
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    data.atomic_write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines) + f"\nwrote {path}")
     if bad:
         sys.exit("failed (see their train.log; rerun to retry): " + ", ".join(bad))
