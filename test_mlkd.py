@@ -1477,7 +1477,10 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     args.rows = ["kd", "mlkd"]  # --rows: only those rows, seed by seed, the finished mlkd seed 2 skipped
     assert [j[0] for j in compare.row_jobs(args, "/mini")] == ["S2 kd seed 42", "S2 mlkd seed 42", "S2 kd seed 1",
                                                                  "S2 mlkd seed 1", "S2 kd seed 2"]
-    shutil.rmtree(tmp_path / "out")  # the table needs the records only
+    shutil.rmtree(tmp_path / "out")  # a fresh clone: no out/, the committed records say mlkd seed 2 is done
+    assert [j[0] for j in compare.row_jobs(args, "/mini")][-1] == "S2 kd seed 2"
+    args.rows = None
+    assert "S2 gold seed 42" not in [j[0] for j in compare.row_jobs(args, "/mini")]  # the table needs the records only
     lines = {line.split(" | ")[0]: line for line in compare.table(args) if line.startswith("| ")}
     assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"
     assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"

@@ -16,7 +16,7 @@ feature level only (L_FFN, then L_KD); full MLKD; MLKD without L_SS and L_SC; Ti
 distillation (--recipe tinybert); MLKD at 6 and 3 heads. Every row sees the same seeded training subset
 and the same Stage-2 epochs; dev is scored about 10 times per epoch and both the best-on-dev checkpoint
 and the last are reported. Rows run in priority order (the first five with seeds 42, 1, 2, seed by seed); a row with a
-results.json is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
+results.json or a record is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
 Outputs go to out/compare/<task>/ (not kept in git: models and checkpoints), logs to each row's train.log.
 Each finished teacher and row leaves a small record in experiments/runs/<task>/ (kept in git: its numbers,
 its dev curve, the command, the commit and date); the table in experiments/<task>.md is written from those
@@ -128,8 +128,10 @@ def all_jobs(args, mini):
 
 
 def row_jobs(args, mini):
-    """The rows still to run; with --rows only those rows (and no other teacher setting)."""
-    jobs = [j for j in all_jobs(args, mini) if not os.path.exists(j[3])]
+    """The rows still to run: neither finished under out/ nor recorded in experiments/runs/ (a clone that never
+    ran them keeps the committed records); with --rows only those rows (and no other teacher setting)."""
+    done = lambda j: os.path.exists(j[3]) or os.path.exists(record_path(args.task, j[1][j[1].index("--out") + 1]))
+    jobs = [j for j in all_jobs(args, mini) if not done(j)]
     return [j for j in jobs if j[0].split()[1] in args.rows] if args.rows else jobs  # name: "S1 mlkd seed 42"
 
 
