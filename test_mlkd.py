@@ -1472,6 +1472,7 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert compare.harvest(args, "/mini") == 4
     record = json.loads((tmp_path / "runs" / "sst2" / "S2" / "gold-s42.json").read_text())
     assert record["curve"] == [[10, 79.0], [20, 80.0], [30, 79.0]] and record["noise"] == 70.0
+    assert record["machine"] == compare.machine()  # the minutes are this machine's
     assert record["command"].startswith("train.py --task sst2 --data_dir $DATA --teacher out/compare/sst2/teacher-e1-lr5e-05/teacher")
     assert compare.harvest(args, "/mini") == 0  # up to date: nothing rewritten
     args.rows = ["kd", "mlkd"]  # --rows: only those rows, seed by seed, the finished mlkd seed 2 skipped

@@ -234,9 +234,20 @@ def commit():
     return got.stdout.strip() or None
 
 
+def machine():
+    """The CPU the minutes were measured on, e.g. "2 cores, AMD EPYC, AVX-512" (None where unknown)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{os.cpu_count()} cores, {model}, {'AVX-512' if ' avx512f' in info else 'no AVX-512'}"
+
+
 def harvest(args, mini):
     """Write (or bring up to date) the record of every finished teacher and row of args.settings; returns
-    how many changed. A record keeps the date and the commit of the code of its first writing."""
+    how many changed. A record keeps the date and the commit of the code of its first writing, and names the
+    machine whose minutes it holds."""
     metric, changed = data.TASKS[args.task].metric, 0
     for name, cmd, _, _ in [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])] + all_jobs(args, mini):
         out = cmd[cmd.index("--out") + 1]
@@ -245,8 +256,9 @@ def harvest(args, mini):
             continue
         path, old = record_path(args.task, out), load(record_path(args.task, out)) or {}
         shown = " ".join(cmd[1:]).replace(mini, "$MINILM").replace(args.data_dir, "$DATA")
+        same = old.get("machine") and all(old.get(k) == v for k, v in numbers.items())  # else it ran (again) here
         rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", commit()),
-                   date=old.get("date", time.strftime("%Y-%m-%d")))
+                   date=old.get("date", time.strftime("%Y-%m-%d")), machine=old["machine"] if same else machine())
         text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()) + "\n}\n"  # a line a field
         if not os.path.exists(path) or data.read_text(path) != text:
             os.makedirs(os.path.dirname(path), exist_ok=True)
