@@ -292,7 +292,8 @@ def table(args):
              "(no selection; the verdict uses it); *best*: the best of the dev evaluations (about 10 per epoch), "
              "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps of batch 32. *min*: training wall "
              "minutes, Stage 1 + Stage 2, without the dev evaluations and the teacher's one pass for the Stage-2 "
-             f"cache, on the machine each record names (with --jobs 2 two rows share the 2 cores, one thread each). *noise {NOISE:g}*: the saved "
+             "cache, on the machine each record names (with --jobs 2 two rows share the 2 cores, one thread each). "
+             f"*noise {NOISE:g}*: the saved "
              f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise); *drop*: "
              "best minus noise, seed by seed.", ""]
     lines.append("| teacher (full training set) | dev " + metric + f" | noise {NOISE:g} | drop | steps | min |")
