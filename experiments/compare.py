@@ -19,8 +19,9 @@ and the last are reported. Rows run in priority order (the first five with seeds
 results.json or a record is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
 Outputs go to out/compare/<task>/ (not kept in git: models and checkpoints), logs to each row's train.log.
 Each finished teacher and row leaves a small record in experiments/runs/<task>/ (kept in git: its numbers,
-its dev curve, the command, the commit and date); the table in experiments/<task>.md is written from those
-records alone, so it can be rewritten on a clone that never ran a row.
+its dev curve, the command, the commit, the date and the machine); the table in experiments/<task>.md is
+written from those records alone, so it can be rewritten on a clone that never ran a row, and a rerun there
+skips every recorded row.
 """
 import argparse
 import json
@@ -127,18 +128,23 @@ def all_jobs(args, mini):
     return jobs + [teacher_job(args, mini, *t) for t in spec["teachers"][1:]]
 
 
+def out_dir(cmd):
+    """The --out of a job's command (None for one without, such as eval.py's)."""
+    return cmd[cmd.index("--out") + 1] if "--out" in cmd else None
+
+
 def row_jobs(args, mini):
     """The rows still to run: neither finished under out/ nor recorded in experiments/runs/ (a clone that never
     ran them keeps the committed records); with --rows only those rows (and no other teacher setting)."""
-    done = lambda j: os.path.exists(j[3]) or os.path.exists(record_path(args.task, j[1][j[1].index("--out") + 1]))
-    jobs = [j for j in all_jobs(args, mini) if not done(j)]
+    jobs = [j for j in all_jobs(args, mini)
+            if not os.path.exists(j[3]) and not os.path.exists(record_path(args.task, out_dir(j[1])))]
     return [j for j in jobs if j[0].split()[1] in args.rows] if args.rows else jobs  # name: "S1 mlkd seed 42"
 
 
 def start(job, threads):
     """Start one job, its output appended to its log; MLKD without L_SS, L_SC takes MLKD's finished Stage 1."""
     name, cmd, log, _ = job
-    out = cmd[cmd.index("--out") + 1] if "--out" in cmd else None
+    out = out_dir(cmd)
     if out and "/mlkd-norel-" in out:
         src, dst = os.path.join(out.replace("mlkd-norel", "mlkd"), "stage1"), os.path.join(out, "stage1")
         if os.path.exists(os.path.join(src, "metrics.json")) and not os.path.exists(dst):
@@ -250,7 +256,7 @@ def harvest(args, mini):
     machine whose minutes it holds."""
     metric, changed = data.TASKS[args.task].metric, 0
     for name, cmd, _, _ in [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])] + all_jobs(args, mini):
-        out = cmd[cmd.index("--out") + 1]
+        out = out_dir(cmd)
         numbers = run_numbers(out, metric)
         if numbers is None:
             continue
