@@ -1489,3 +1489,16 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
     assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == "| 1 epoch(s), lr 5e-05 (kept) | 88.00 | 85.50 | 2.50 | 30 | 30 |"
     assert "not run yet" in lines["| 2 epoch(s), lr 2e-05"]
+    # The READMEs' copies: only the marked blocks of this task are rewritten, every other line is kept.
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- compare.py sst2 S2 -->\n\n| stale |\n\n<!-- /compare.py -->\nmiddle\n"
+                   "<!-- compare.py stsb S2 -->\n| other task |\n<!-- /compare.py -->\n")
+    monkeypatch.setattr(compare, "DOCS", (str(doc),))
+    assert compare.sync_docs(args) == [str(doc)] and compare.sync_docs(args) == []
+    got = doc.read_text().split("\n")
+    assert got[:3] == ["intro", "<!-- compare.py sst2 S2 -->", ""] and "| stale |" not in got
+    assert got[3:3 + len(compare.setting_table("sst2", "S2"))] == compare.setting_table("sst2", "S2")
+    assert got[-5:] == ["middle", "<!-- compare.py stsb S2 -->", "| other task |", "<!-- /compare.py -->", ""]
+    doc.write_text("a\n<!-- compare.py sst2 teacher -->\n| no end |\n")
+    with pytest.raises(SystemExit, match="doc.md:2: .* has no <!-- /compare.py -->"):
+        compare.sync_docs(args)

@@ -21,7 +21,8 @@ Outputs go to out/compare/<task>/ (not kept in git: models and checkpoints), log
 Each finished teacher and row leaves a small record in experiments/runs/<task>/ (kept in git: its numbers,
 its dev curve, the command, the commit, the date and the machine); the table in experiments/<task>.md is
 written from those records alone, so it can be rewritten on a clone that never ran a row, and a rerun there
-skips every recorded row.
+skips every recorded row. The READMEs quote some of these tables between markers (see sync_docs); --table
+and every run rewrite those copies too, so no copy is typed either.
 """
 import argparse
 import json
@@ -286,8 +287,36 @@ def spread(xs, digits=2):
     return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
+def teacher_table(task):
+    """The teacher settings tried, as markdown table lines."""
+    lines = [f"| teacher (full training set) | dev {data.TASKS[task].metric} | noise {NOISE:g} | drop | steps | min |",
+             "|---|---|---|---|---|---|"]
+    for i, (epochs, lr) in enumerate(TASKS[task]["teachers"]):
+        m = load(record_path(task, teacher_out(task, epochs, lr)))
+        kept = " (kept)" if i == 0 else ""
+        lines.append(f"| {epochs} epoch(s), lr {lr:g}{kept} | " + (
+            f"{m['best']:.2f} | {spread([m['noise']])} | {spread([m['noise'] and m['best'] - m['noise']])} | "
+            f"{m['steps']:,} | {m['minutes']:.0f} |" if m else "not run yet | | | | |"))
+    return lines
+
+
+def setting_table(task, setting):
+    """Every row of one student setting, mean ± std over its recorded seeds, as markdown table lines."""
+    lines = [f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
+    for row, (label, _, seeds, _) in ROWS.items():
+        got = [n for n in (load(record_path(task, row_out(task, setting, row, s))) for s in seeds) if n]
+        if not got:
+            lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | | |")
+            continue
+        lines.append(f"| {label} | {len(got)} of {len(seeds)} | {spread([g['last'] for g in got])} | "
+                     f"{spread([g['best'] for g in got])} | {spread([g['noise'] for g in got])} | "
+                     f"{spread([g['best'] - g['noise'] for g in got if g['noise'] is not None])} | "
+                     f"{got[0]['steps']:,} | {spread([g['minutes'] for g in got], 0)} |")
+    return lines
+
+
 def table(args):
-    """The markdown table of every teacher and row under out/compare/<task>/, as lines."""
+    """experiments/<task>.md: the teacher table and a table for each setting, with what their columns mean."""
     spec = TASKS[args.task]
     metric = data.TASKS[args.task].metric  # what train.py selects on: acc, mcc (CoLA), spearman (STS-B)
     lines = [f"# {args.task}: MLKD against its baselines", "",
@@ -301,33 +330,45 @@ def table(args):
              "cache, on the machine each record names (with --jobs 2 two rows share the 2 cores, one thread each). "
              f"*noise {NOISE:g}*: the saved "
              f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise); *drop*: "
-             "best minus noise, seed by seed.", ""]
-    lines.append("| teacher (full training set) | dev " + metric + f" | noise {NOISE:g} | drop | steps | min |")
-    lines.append("|---|---|---|---|---|---|")
-    for i, (epochs, lr) in enumerate(spec["teachers"]):
-        m = load(record_path(args.task, teacher_out(args.task, epochs, lr)))
-        kept = " (kept)" if i == 0 else ""
-        lines.append(f"| {epochs} epoch(s), lr {lr:g}{kept} | " + (
-            f"{m['best']:.2f} | {spread([m['noise']])} | {spread([m['noise'] and m['best'] - m['noise']])} | "
-            f"{m['steps']:,} | {m['minutes']:.0f} |" if m else "not run yet | | | | |"))
+             "best minus noise, seed by seed.", "", *teacher_table(args.task)]
     subset = f"a seeded subset of {spec['subset']:,} training examples" if spec["subset"] else "the full training set"
-    for setting in args.settings:
+    for setting in SETTINGS:  # every setting, whichever --settings ran
         lines += ["", f"## {setting}: {SETTINGS[setting]['what']}", "",
                   f"Students train on {subset}; Stage 1 {spec['epochs1']} epoch(s), Stage 2 {spec['epochs2']} epochs "
                   f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", ""]
-        if not any(os.path.exists(record_path(args.task, row_out(args.task, setting, r, s))) for r, v in ROWS.items() for s in v[2]):
-            lines += [f"No records yet: `python experiments/compare.py {args.task} --settings {setting}` runs its rows.", ""]
-        lines += [f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
-        for row, (label, _, seeds, _) in ROWS.items():
-            got = [n for n in (load(record_path(args.task, row_out(args.task, setting, row, s))) for s in seeds) if n]
-            if not got:
-                lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | | |")
-                continue
-            lines.append(f"| {label} | {len(got)} of {len(seeds)} | {spread([g['last'] for g in got])} | "
-                         f"{spread([g['best'] for g in got])} | {spread([g['noise'] for g in got])} | "
-                         f"{spread([g['best'] - g['noise'] for g in got if g['noise'] is not None])} | "
-                         f"{got[0]['steps']:,} | {spread([g['minutes'] for g in got], 0)} |")
+        if any(os.path.exists(record_path(args.task, row_out(args.task, setting, r, s))) for r, v in ROWS.items() for s in v[2]):
+            lines += setting_table(args.task, setting)
+        else:
+            lines.append(f"No records yet: `python experiments/compare.py {args.task} --settings {setting}` runs its rows.")
     return lines
+
+
+# The READMEs quote these tables; each copy sits between two markers and is rewritten with the .md file:
+#     <!-- compare.py stsb S1 -->   (or "teacher")      ...the table...      <!-- /compare.py -->
+DOCS = ("README.md", os.path.join("experiments", "README.md"))
+
+
+def sync_docs(args):
+    """Rewrite every marked copy of this task's tables in DOCS (paths from the repo root); returns the files changed."""
+    blocks = {"teacher": teacher_table(args.task), **{s: setting_table(args.task, s) for s in SETTINGS}}
+    changed = []
+    for doc in DOCS:
+        old = data.read_text(doc).split("\n")
+        new, i = [], 0
+        while i < len(old):
+            new.append(old[i])
+            parts = old[i].split()
+            if parts[:3] == ["<!--", "compare.py", args.task] and len(parts) == 5 and parts[3] in blocks:
+                if "<!-- /compare.py -->" not in old[i + 1:]:
+                    sys.exit(f"{doc}:{i + 1}: {old[i]} has no <!-- /compare.py --> after it")
+                new += ["", *blocks[parts[3]], ""]
+                i = old.index("<!-- /compare.py -->", i + 1)  # the end marker is kept by the next turn
+                continue
+            i += 1
+        if new != old:
+            data.atomic_write_text(doc, "\n".join(new))
+            changed.append(doc)
+    return changed
 
 
 if __name__ == "__main__":
@@ -354,5 +395,7 @@ if __name__ == "__main__":
     path, lines = os.path.join(HERE, f"{a.task}.md"), table(a)
     data.atomic_write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines) + f"\nwrote {path}")
+    for doc in sync_docs(a):
+        print(f"rewrote the {a.task} tables quoted in {doc}")
     if bad:
         sys.exit("failed (see their train.log; rerun to retry): " + ", ".join(bad))
