@@ -242,19 +242,21 @@ def commit():
 
 
 def machine():
-    """The CPU the minutes were measured on, e.g. "2 cores, AMD EPYC, AVX-512" (None where unknown)."""
+    """The CPU the minutes were measured on, e.g. "2 cores, AMD EPYC, AVX-512, 32768 KB cache" (None where unknown);
+    the cache size and AMX tell apart machines of one model name whose speeds differ by 2x."""
     try:
         info = open("/proc/cpuinfo").read()
     except OSError:
         return None
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{os.cpu_count()} cores, {model}, {'AVX-512' if ' avx512f' in info else 'no AVX-512'}"
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(name)), "?")
+    return (f"{os.cpu_count()} cores, {field('model name')}, {'AVX-512' if ' avx512f' in info else 'no AVX-512'}"
+            f"{', AMX' if ' amx_tile' in info else ''}, {field('cache size')} cache")
 
 
 def harvest(args, mini):
     """Write (or bring up to date) the record of every finished teacher and row of args.settings; returns
     how many changed. A record keeps the date and the commit of the code of its first writing, and names the
-    machine whose minutes it holds."""
+    machine whose minutes it holds: this one, since out/ is never carried from one machine to another."""
     metric, changed = data.TASKS[args.task].metric, 0
     for name, cmd, _, _ in [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])] + all_jobs(args, mini):
         out = out_dir(cmd)
@@ -263,9 +265,8 @@ def harvest(args, mini):
             continue
         path, old = record_path(args.task, out), load(record_path(args.task, out)) or {}
         shown = " ".join(cmd[1:]).replace(mini, "$MINILM").replace(args.data_dir, "$DATA")
-        same = old.get("machine") and all(old.get(k) == v for k, v in numbers.items())  # else it ran (again) here
         rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", commit()),
-                   date=old.get("date", time.strftime("%Y-%m-%d")), machine=old["machine"] if same else machine())
+                   date=old.get("date", time.strftime("%Y-%m-%d")), machine=machine())  # out/ holds this machine's runs
         text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()) + "\n}\n"  # a line a field
         if not os.path.exists(path) or data.read_text(path) != text:
             os.makedirs(os.path.dirname(path), exist_ok=True)
