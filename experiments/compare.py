@@ -395,8 +395,7 @@ if __name__ == "__main__":
         print(f"[compare] {harvest(a, minilm())} record(s) written to {os.path.join(RUNS, a.task)}")
     path, lines = os.path.join(HERE, f"{a.task}.md"), table(a)
     data.atomic_write_text(path, "\n".join(lines) + "\n")
-    print("\n".join(lines) + f"\nwrote {path}")
-    for doc in sync_docs(a):
-        print(f"rewrote the {a.task} tables quoted in {doc}")
+    docs = sync_docs(a)
+    print("\n".join(lines) + f"\nwrote {path}" + "".join(f"\nrewrote the {a.task} tables quoted in {d}" for d in docs))
     if bad:
         sys.exit("failed (see their train.log; rerun to retry): " + ", ".join(bad))
