@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import threading
 
 import numpy as np
@@ -1465,7 +1466,13 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         if noise is not None:
             (out / stage / "noise-0.1.json").write_text(json.dumps({"acc": noise}))
 
+    names = lambda chains: [[job[0] for job in chain] for chain in chains]
+    assert names(compare.first_jobs(args, "/mini")) == [["teacher e1 lr5e-05"], ["corpus", "General student"]]
     run(compare.teacher_out("sst2", 1, 5e-5), "teacher", 88.0, 87.0, noise=85.5)
+    assert names(compare.first_jobs(args, "/mini")) == [["corpus", "General student"]]  # the teacher is done
+    touch = lambda name, code: (name, [sys.executable, "-c", f"open({name!r}, 'w'); raise SystemExit({code})"], f"logs/{name}.log", name)
+    assert compare.run_chain([touch("a", 0), touch("b", 1), touch("c", 0)], 1)[0] == "b"  # stops at the first failure
+    assert os.path.exists("a") and os.path.exists("b") and not os.path.exists("c")
     run(compare.row_out("sst2", "S2", "gold", 42), "stage2", 80.0, 79.0, noise=70.0)
     run(compare.row_out("sst2", "S2", "gold", 1), "stage2", 82.0, 81.0)
     run(compare.row_out("sst2", "S2", "mlkd", 2), "stage2", 85.0, 84.5, stage1=10)

@@ -2,7 +2,8 @@
 
     python experiments/compare.py sst2               # teacher, students S2 then S1, noise, experiments/sst2.md
     python experiments/compare.py stsb --settings S1
-    python experiments/compare.py sst2 --jobs 2      # two rows at a time, one thread each
+    python experiments/compare.py sst2 --jobs 2      # two rows at a time, one thread each (the teacher and the
+                                                     # General student too, side by side)
     python experiments/compare.py sst2 --table       # only record the finished runs and write the table
     python experiments/compare.py sst2 --settings S1 --rows mlkd,tinybert   # some rows only
 
@@ -25,6 +26,7 @@ skips every recorded row. The READMEs quote some of these tables between markers
 and every run rewrite those copies too, so no copy is typed either.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -92,16 +94,18 @@ def teacher_job(args, mini, epochs, lr):
 
 
 def first_jobs(args, mini):
-    """What every row needs, run one after the other: the kept teacher; for S2 the corpus and the General student."""
-    py, jobs = sys.executable, [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])]
+    """What every row needs, as chains of jobs run in order: the kept teacher; for S2 the corpus, then the
+    General student (which needs the corpus, not the teacher). Finished jobs and empty chains are left out."""
+    py, chains = sys.executable, [[teacher_job(args, mini, *TASKS[args.task]["teachers"][0])]]
     if "S2" in args.settings:
-        jobs.append(("corpus", [py, "data.py", "corpus", "--data_dir", args.data_dir, "--out", "out/corpus.txt",
-                                "--vocab", os.path.join(mini, "vocab.txt")], "out/corpus.log", "out/corpus.txt"))
-        jobs.append(("General student", [py, "train.py", "--task", "general", "--corpus", "out/corpus.txt", "--teacher_init",
-                                         mini, "--layers", "4", "--hidden", "192", "--heads", "12", "--ffn", "768",
-                                         "--out", "out/general-4x192"],
-                     "out/general-4x192.log", "out/general-4x192/general/metrics.json"))
-    return [j for j in jobs if not os.path.exists(j[3])]
+        chains.append([("corpus", [py, "data.py", "corpus", "--data_dir", args.data_dir, "--out", "out/corpus.txt",
+                                   "--vocab", os.path.join(mini, "vocab.txt")], "out/corpus.log", "out/corpus.txt"),
+                       ("General student", [py, "train.py", "--task", "general", "--corpus", "out/corpus.txt",
+                                            "--teacher_init", mini, "--layers", "4", "--hidden", "192", "--heads", "12",
+                                            "--ffn", "768", "--out", "out/general-4x192"],
+                        "out/general-4x192.log", "out/general-4x192/general/metrics.json")])
+    chains = [[j for j in chain if not os.path.exists(j[3])] for chain in chains]
+    return [chain for chain in chains if chain]
 
 
 def all_jobs(args, mini):
@@ -156,14 +160,24 @@ def start(job, threads):
     return subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env), name, time.time()
 
 
+def run_chain(chain, threads):
+    """Run a chain's jobs one after the other; returns the first that failed (None when all finished)."""
+    for job in chain:
+        proc, name, t0 = start(job, threads)
+        if proc.wait():
+            return job
+        print(f"[compare] done {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return None
+
+
 def run_all(args):
     """Run what is missing; returns the names of the jobs that failed (a rerun retries them)."""
     mini, failed = minilm(), []
-    for job in first_jobs(args, mini):
-        proc, name, t0 = start(job, None)
-        if proc.wait():
-            sys.exit(f"error: {name} failed; see {job[2]}")
-        print(f"[compare] done {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
+    chains = first_jobs(args, mini)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # with --jobs 2: side by side, one thread each
+        for broken in pool.map(lambda chain: run_chain(chain, 1 if args.jobs > 1 and len(chains) > 1 else None), chains):
+            if broken:
+                sys.exit(f"error: {broken[0]} failed; see {broken[2]}")
     todo, running = row_jobs(args, mini), []
     failed += score_noisy(args)
     harvest(args, mini)
