@@ -1509,3 +1509,385 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     doc.write_text("a\n<!-- compare.py sst2 teacher -->\n| no end |\n")
     with pytest.raises(SystemExit, match="doc.md:2: .* has no <!-- /compare.py -->"):
         compare.sync_docs(args)
+
+
+# ==============================================================================================
+# The wiring: which tensors each stage objective reads, what each stage trains, each stage's schedule.
+# The references below are written from the paper's equations over tensors named as the paper names them
+# (E, H_m, O_m, A_m, W_m); they share no loop with mlkd.py. Every tensor of every layer is drawn apart, so
+# a loss that reads a neighbouring layer, another projection or another [CLS] cannot give the right number.
+
+
+def named_outputs(n_layers, d, heads, B=3, L=5, C=2, seed=0):
+    """Random outputs of an n-layer model, by name: E the word-piece embeddings after LayerNorm, H[0] the
+    embedding layer's output, H[m] layer m's, O[m] layer m's head contexts before its output projection, A[m]
+    its attention scores, the pooled [CLS], the logits. Returned with the same packed as model.BertOutput."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    n = {"E": r(B, L, d), "H": {m: r(B, L, d) for m in range(n_layers + 1)},
+         "O": {m: r(B, L, d) for m in range(1, n_layers + 1)}, "A": {m: r(B, heads, L, L) for m in range(1, n_layers + 1)},
+         "pooled": r(B, d), "logits": r(B, C)}
+    out = model.BertOutput(hidden_states=[n["H"][m] for m in range(n_layers + 1)],
+                           attn_outputs=[n["O"][m] for m in range(1, n_layers + 1)], token_embeddings=n["E"],
+                           pooled=n["pooled"], logits=n["logits"], attn_scores=[n["A"][m] for m in range(1, n_layers + 1)])
+    return n, out
+
+
+def chunks(x, splits):
+    """x (B, L, d) -> nested lists [b][a][i] of the a-th of `splits` contiguous feature chunks of row i."""
+    k = x.shape[-1] // splits
+    return [[[row[a * k:(a + 1) * k] for row in x[b].tolist()] for a in range(splits)] for b in range(len(x))]
+
+
+def ref_linear(lin, x):
+    return (x.double() @ lin.weight.double().T + lin.bias.double()).detach()  # W x + b, in float64
+
+
+def ref_mse(x, y, mask):
+    """Mean of (x - y)^2 over every element of the real positions; x, y (B, L, ...), mask (B, L)."""
+    total = count = 0.0
+    for b in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            if mask is None or mask[b][i]:
+                total += float(((x[b, i].double() - y[b, i].double()) ** 2).sum())
+                count += x[b, i].numel()
+    return total / count
+
+
+def ref_pair_mse(a_s, a_t, mask):
+    """TinyBERT's attention MSE: mean over heads and (real query, real key) pairs; a (B, h, L, L)."""
+    total = count = 0.0
+    for b in range(a_s.shape[0]):
+        real = [i for i in range(a_s.shape[2]) if mask[b][i]]
+        for h in range(a_s.shape[1]):
+            for i in real:
+                for j in real:
+                    total += (a_s[b, h, i, j].item() - a_t[b, h, i, j].item()) ** 2
+                    count += 1
+    return total / count
+
+
+def ref_stage1(S, T, W, g, mask, splits):
+    """MLKD's Stage-1 terms (paper section 3.2): L_EMB on E; L_MHA on O_m against O_g(m), m = 1..M; L_FFN on
+    W_m H_m against H_g(m), m = 0..M (m = 0: the embedding layers)."""
+    M = len(S["O"])
+    return {"emb": ref_relation_kl(S["E"][:, None].tolist(), T["E"][:, None].tolist(), mask),
+            "mha": sum(ref_relation_kl(chunks(S["O"][m], splits), chunks(T["O"][g[m]], splits), mask)
+                       for m in range(1, M + 1)),
+            "ffn": sum(ref_mse(ref_linear(W.w[m], S["H"][m]), T["H"][g[m]], mask) for m in range(M + 1))}
+
+
+def ref_stage2(S, T, W, labels, temperature, tau):
+    """MLKD's Stage-2 terms (paper section 3.3): L_KD on the logits; L_SS and L_SC on the raw final-layer [CLS]
+    states H_M[:, 0] and H_N[:, 0], the student's projected by W_M for L_SC."""
+    M, N = len(S["O"]), len(T["O"])
+    c_s, c_t = S["H"][M][:, 0], T["H"][N][:, 0]
+    kd = 0.0
+    for zs, zt in zip(S["logits"].tolist(), T["logits"].tolist()):
+        p = [math.exp(v / temperature) for v in zt]
+        q = [math.exp(v / temperature) for v in zs]
+        kd += -sum(pi / sum(p) * math.log(qi / sum(q)) for pi, qi in zip(p, q)) * temperature ** 2
+    return {"kd": kd / len(labels), "ss": ref_relation_kl([[c_s.tolist()]], [[c_t.tolist()]], None),
+            "sc": ref_sc_loss(ref_linear(W.w[M], c_s).float(), c_t, labels, tau)}
+
+
+def random_projections(M, d_s, d_t, seed=1):
+    torch.manual_seed(seed)
+    proj = mlkd.Projections(M, d_s, d_t)
+    for lin in proj.w:  # a bias of its own for each W_m, so W_m and W_m' differ in every part
+        torch.nn.init.normal_(lin.bias)
+    return proj
+
+
+@pytest.mark.parametrize("kind", ["uniform", [4, 1, 6, 3]])
+def test_stage_objectives_read_the_layers_of_the_paper(kind):
+    M, N, splits = 4, 6, 4
+    S, s_out = named_outputs(M, 8, 2, seed=1)
+    T, t_out = named_outputs(N, 12, 2, seed=2)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    g = mlkd.layer_map(N, M, kind)
+    assert g == ([0, 2, 3, 5, 6] if kind == "uniform" else [0, 4, 1, 6, 3])
+    proj = random_projections(M, 8, 12)
+    w1 = {"emb": 0.5, "mha": 2.0, "ffn": 3.0}
+    total, parts = mlkd.stage1_loss(s_out, t_out, proj, mask, g, w1, splits)
+    ref = ref_stage1(S, T, proj, g, mask.tolist(), splits)
+    assert parts.keys() == ref.keys()
+    for k in ref:
+        assert parts[k].item() == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+    assert total.item() == pytest.approx(sum(w1[k] * ref[k] for k in ref), rel=1e-5)
+    # TinyBERT's Stage 1: A_m against A_g(m), W_m H_m against H_g(m)
+    total, parts = mlkd.tinybert_stage1_loss(s_out, t_out, proj, mask, g)
+    att = sum(ref_pair_mse(S["A"][m], T["A"][g[m]], mask.tolist()) for m in range(1, M + 1))
+    assert parts["att"].item() == pytest.approx(att, rel=1e-5) and parts["hid"].item() == pytest.approx(ref["ffn"], rel=1e-5)
+    assert total.item() == pytest.approx(att + ref["ffn"], rel=1e-5)
+    # Stage 2, from the teacher's outputs and from its cached targets alike
+    labels = torch.tensor([0, 1, 0])
+    w2 = {"kd": 0.7, "ss": 1.3, "sc": 2.1}
+    ref = ref_stage2(S, T, proj, labels, 2.0, 0.5)
+    for teacher in (t_out, mlkd.TeacherTargets.of(t_out)):
+        total, parts = mlkd.stage2_loss(s_out, teacher, proj, labels, w2, temperature=2.0, tau=0.5)
+        assert parts.keys() == ref.keys()
+        for k in ref:
+            assert parts[k].item() == pytest.approx(ref[k], rel=1e-5), k
+        assert total.item() == pytest.approx(sum(w2[k] * ref[k] for k in ref), rel=1e-5)
+
+
+def ref_bert(m, ids, types, mask):
+    """model.Bert's forward written out layer by layer and head by head (eval mode), by the paper's names."""
+    c = m.config
+    B, L = ids.shape
+    heads, d = c.num_attention_heads, c.hidden_size
+    k = d // heads
+    E = m.emb_ln(m.word.weight[ids])
+    H = {0: m.emb_ln(m.word.weight[ids] + m.position.weight[torch.arange(L)][None] + m.token_type.weight[types])}
+    O, A = {}, {}
+    for i, layer in enumerate(m.layers, start=1):
+        x = H[i - 1]
+        q, kk, v = layer.q(x), layer.k(x), layer.v(x)
+        contexts, scores = [], []
+        for h in range(heads):
+            part = slice(h * k, (h + 1) * k)
+            s = q[..., part] @ kk[..., part].transpose(1, 2) / math.sqrt(k)  # (B, L, L)
+            p = torch.softmax(s.masked_fill(mask[:, None, :] == 0, -math.inf), -1)
+            contexts.append(p @ v[..., part])
+            scores.append(s)
+        O[i], A[i] = torch.cat(contexts, -1), torch.stack(scores, 1)
+        a = layer.attn_ln(x + layer.attn_out(O[i]))
+        H[i] = layer.ffn_ln(a + layer.ffn_out(torch.nn.functional.gelu(layer.ffn_in(a))))
+    logits = m.classifier(torch.tanh(m.pooler(H[len(m.layers)][:, 0]))) if c.head == "classification" else None
+    return {"E": E, "H": H, "O": O, "A": A, "logits": logits}
+
+
+def test_bert_outputs_are_the_tensors_the_losses_name():
+    torch.manual_seed(0)
+    m = model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)).eval()
+    ids = torch.randint(5, 128, (3, 7))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 3)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        out, ref = m(ids, types, mask, scores=True), ref_bert(m, ids, types, mask)
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # noqa: E731
+    close(out.token_embeddings, ref["E"])
+    assert len(out.hidden_states) == 5 and len(out.attn_outputs) == len(out.attn_scores) == 4
+    for i in range(5):
+        close(out.hidden_states[i], ref["H"][i])
+    for i in range(1, 5):
+        close(out.attn_outputs[i - 1], ref["O"][i])
+        close(out.attn_scores[i - 1], ref["A"][i])
+    close(out.pooled, torch.tanh(m.pooler(ref["H"][4][:, 0])))
+    close(mlkd.TeacherTargets.of(out).cls, ref["H"][4][:, 0])
+
+
+def sharpened(m, std=0.3):
+    """m with weights drawn wider than BERT's init, so that its relations are far from uniform and every loss
+    term is far from 0 (at N(0, 0.02) a tiny model's L_MHA is about 1e-8: reading a wrong layer would not show)."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, std)
+    return m.eval()
+
+
+def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path):
+    import train
+    torch.manual_seed(0)
+    teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)))
+    student = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)))
+    proj = random_projections(2, 24, 48)
+    flags = ["--task", "sst2", "--splits", "4", "--layer_map", "4,1", "--w_emb", "0.5", "--w_mha", "2", "--w_ffn", "3",
+             "--w_kd", "0.7", "--w_ss", "1.3", "--w_sc", "2.1", "--w_ce", "0.4", "--temperature", "2", "--tau", "0.5",
+             "--device", "cpu"]
+    args = train.parse_args(flags)
+    g = mlkd.layer_map(4, 2, args.layer_map)
+    ids = torch.randint(5, 128, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 4:], mask[3, 6:] = 0, 0
+    batch = {"input_ids": ids * mask, "token_type_ids": torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 4),
+             "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0]), "index": torch.tensor([3, 0, 2, 1])}
+    inputs = (batch["input_ids"], batch["token_type_ids"], mask)
+    with torch.no_grad():
+        S, T = ref_bert(student, *inputs), ref_bert(teacher, *inputs)
+        _, parts = train.stage1_objective(teacher, proj, g, args)(student, batch)
+    ref = ref_stage1(S, T, proj, g, mask.tolist(), 4)
+    assert min(ref.values()) > 0.01  # every term is far from 0
+    assert parts.keys() == ref.keys() and all(parts[k].item() == pytest.approx(ref[k], rel=1e-4) for k in ref)
+    exact = train.parse_args(flags + ["--paper_exact"])  # the authors' losses: no mask, every position counts
+    with torch.no_grad():
+        _, parts = train.stage1_objective(teacher, proj, g, exact)(student, batch)
+    unmasked = ref_stage1(S, T, proj, g, None, 4)
+    assert all(parts[k].item() == pytest.approx(unmasked[k], rel=1e-4) for k in ref)
+    tiny = train.parse_args(flags + ["--recipe", "tinybert"])
+    student4 = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2,
+                                                            num_attention_heads=4)))
+    with torch.no_grad():
+        _, parts = train.stage1_objective(teacher, proj, g, tiny)(student4, batch)
+        S4 = ref_bert(student4, *inputs)
+    att = sum(ref_pair_mse(S4["A"][m], T["A"][g[m]], mask.tolist()) for m in (1, 2))
+    assert parts["att"].item() == pytest.approx(att, rel=1e-4)
+    assert parts["hid"].item() == pytest.approx(ref_stage1(S4, T, proj, g, mask.tolist(), 4)["ffn"], rel=1e-4)
+    # Stage 2: the live teacher, and the cache's rows of the batch's examples (index), give the same terms
+    S["logits"], T["logits"] = S["logits"].detach(), T["logits"].detach()
+    ref = ref_stage2(S, T, proj, batch["labels"], 2.0, 0.5)
+    ref["ce"] = -float(torch.log_softmax(S["logits"].double(), -1)[torch.arange(4), batch["labels"]].mean())
+    order = torch.tensor([1, 3, 2, 0])  # the cached dataset holds the batch's examples at rows `index`
+    dataset = {"input_ids": ids[order] * mask[order], "token_type_ids": batch["token_type_ids"][order],
+               "lengths": mask[order].sum(1), "labels": batch["labels"][order]}
+    assert torch.equal(dataset["input_ids"][batch["index"]], batch["input_ids"])
+    cache = train.teacher_cache(teacher, dataset, args, str(tmp_path))
+    for targets in (None, cache):
+        with torch.no_grad():
+            total, parts = train.stage2_objective(teacher, proj, targets, args)(student, batch)
+        assert parts.keys() == ref.keys()
+        for k in ref:
+            assert parts[k].item() == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (k, targets is None)
+        weights = {"kd": 0.7, "ss": 1.3, "sc": 2.1, "ce": 0.4}
+        assert total.item() == pytest.approx(sum(weights[k] * ref[k] for k in ref), rel=1e-4)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def spy_on_stages(monkeypatch, train):
+    """Record, for every call of train.fit, its modules' weights before and after, and every teacher an
+    objective was built with (with its weights then)."""
+    seen, teachers = {}, []
+    real_fit, real_s1, real_s2 = train.fit, train.stage1_objective, train.stage2_objective
+
+    def fit(stage, directory, modules, *a, **k):
+        before = [snapshot(m) for m in modules]
+        result = real_fit(stage, directory, modules, *a, **k)
+        seen[stage] = before, [snapshot(m) for m in modules]
+        return result
+
+    def objective(real):
+        def build(teacher, *a, **k):
+            teachers.append((teacher, snapshot(teacher)))
+            return real(teacher, *a, **k)
+        return build
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(train, "stage1_objective", objective(real_s1))
+    monkeypatch.setattr(train, "stage2_objective", objective(real_s2))
+    return seen, teachers
+
+
+def logged_lrs(directory):
+    return [r["lr"] for r in map(json.loads, open(directory / "log.jsonl")) if "lr" in r and "peak_memory_gib" not in r]
+
+
+def test_each_stage_trains_its_modules_on_its_schedule(tmp_path, monkeypatch, capsys):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    seen, teachers = spy_on_stages(monkeypatch, train)
+    out = tmp_path / "out"
+    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--teacher_epochs", "2",
+                       "--epochs1", "1", "--epochs2", "2", "--warmup", "0.25", "--teacher_lr", "4e-3", "--lr1", "2e-3",
+                       "--lr2", "1e-3", "--layers", "3"]
+    train.main(argv + ["--out", str(out)])
+    head = ("pooler.", "classifier.")
+    (t0, t1), (s1_0, s1_1), (s2_0, s2_1) = seen["teacher"], seen["stage1"], seen["stage2"]
+    assert changed(t0[0], t1[0]) == set(t0[0])  # the teacher's fine-tuning trains all of it
+    assert changed(s1_0[0], s1_1[0]) == {k for k in s1_0[0] if not k.startswith(head)}  # Stage 1: no head
+    assert changed(s1_0[1], s1_1[1]) == set(s1_0[1])  # and every W_m, m = 0..3
+    assert changed(s2_0[0], s2_1[0]) == set(s2_0[0])  # Stage 2: the whole student
+    assert changed(s2_0[1], s2_1[1]) == {"w.3.weight", "w.3.bias"}  # and W_M alone (L_SC)
+    # Stage 2 starts from Stage 1's student and projections, not from fresh ones
+    assert s2_0[0].keys() == s1_1[0].keys() and not changed(s1_1[0], s2_0[0])
+    assert not changed(s1_1[1], s2_0[1])
+    saved = model.read_safetensors(str(out / "teacher" / "model.safetensors"))
+    assert len(teachers) == 2 and all(not changed(state, snapshot(t)) for t, state in teachers)  # never trained
+    assert all(not changed(saved, state) for _, state in teachers)  # the teacher the stages read is the kept one
+    # the learning rate of every step: warm-up then linear decay (teacher, Stage 2), constant (Stage 1)
+    decay = [0.5, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]  # 8 steps, 2 of warm-up
+    assert logged_lrs(out / "teacher") == pytest.approx([4e-3 * f for f in decay])
+    assert logged_lrs(out / "stage1") == pytest.approx([2e-3] * 4)
+    assert logged_lrs(out / "stage2") == pytest.approx([1e-3 * f for f in decay])
+    # ... and after a resume: Stage 2 killed after step 5 (checkpoint at step 3) goes on with the same lrs
+    shutil.rmtree(out / "stage2")
+    real, calls = data.batches, {"n": 0}
+
+    def dying(*a, **k):
+        for b in real(*a, **k):
+            calls["n"] += k.get("shuffle", False)
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+            yield b
+    monkeypatch.setattr(data, "batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv + ["--out", str(out), "--stages", "stage2"])
+    monkeypatch.setattr(data, "batches", real)
+    train.main(argv + ["--out", str(out), "--stages", "stage2"])
+    assert "resumed from" in capsys.readouterr().out
+    assert logged_lrs(out / "stage2") == pytest.approx([1e-3 * f for f in decay])
+    # TinyBERT's recipe trains the same modules in Stage 1; its Stage 2 (L_KD alone) no projection
+    seen.clear()
+    tiny = tmp_path / "tiny"
+    train.main(argv + ["--out", str(tiny), "--teacher", str(out / "teacher"), "--recipe", "tinybert", "--heads", "4",
+                       "--stages", "stage1,stage2"])
+    (s1_0, s1_1), (s2_0, s2_1) = seen["stage1"], seen["stage2"]
+    assert changed(s1_0[0], s1_1[0]) == {k for k in s1_0[0] if not k.startswith(head)}
+    assert changed(s1_0[1], s1_1[1]) == set(s1_0[1]) and not changed(s2_0[1], s2_1[1])
+    assert changed(s2_0[0], s2_1[0]) == set(s2_0[0]) and not changed(s1_1[0], s2_0[0])
+    assert all(not changed(state, snapshot(t)) for t, state in teachers)
+
+
+def test_general_distillation_trains_the_encoder_and_every_projection_with_warmup(tmp_path, monkeypatch):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    data.build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
+    seen, teachers = spy_on_stages(monkeypatch, train)
+    out = tmp_path / "gen"
+    train.main(["--task", "general", "--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init),
+                "--layers", "2", "--hidden", "24", "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16",
+                "--batch_size", "8", "--lr1", "2e-3", "--max_steps", "5", "--warmup", "0.4", "--log_steps", "1",
+                "--device", "cpu", "--out", str(out)])
+    before, after = seen["general"]
+    assert changed(before[0], after[0]) == {k for k in before[0] if not k.startswith("pooler.")}
+    assert changed(before[1], after[1]) == set(before[1])
+    assert len(teachers) == 1 and not changed(teachers[0][1], snapshot(teachers[0][0]))
+    assert not changed(model.Bert.from_pretrained(str(init)).state_dict(), teachers[0][1])  # the pre-trained one
+    assert logged_lrs(out / "general") == pytest.approx([2e-3 * f for f in (0.5, 1, 1, 2 / 3, 1 / 3)])
+
+
+def write_stsb_fixture(root):
+    """An STS-B-format fixture (10 columns, the score last) on the SST-2 fixture's vocabulary."""
+    init = write_pipeline_fixture(root)
+    rng = np.random.default_rng(1)
+    words = "good great fine nice bad awful poor sad".split()
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    rows = []
+    for i in range(96):
+        a, b = rng.choice(words, 2), rng.choice(words, 2)
+        score = 5.0 * len(set(a) & set(b)) / 2
+        rows.append(f"{i}\tmain\tfix\t2024\t{i}\tnone\tnone\tthe film was {' '.join(a)}\tthe movie is {' '.join(b)}\t{score}")
+    for split, part in (("train", rows[:64]), ("dev", rows[64:])):
+        path = root / "data" / "glue" / "STS-B" / f"{split}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(head + "\n" + "\n".join(part) + "\n")
+    return init
+
+
+def test_eval_scores_the_checkpoint_train_says_it_kept(tmp_path, capsys):
+    import eval as ev
+    import train
+    init = write_stsb_fixture(tmp_path)
+    out = tmp_path / "out"
+    d = ["--data_dir", str(tmp_path / "data"), "--allow_partial"]
+    argv = PIPELINE + d + ["--teacher_init", str(init), "--out", str(out), "--eval_steps", "1", "--teacher_epochs", "3",
+                           "--epochs2", "3", "--teacher_lr", "2e-3", "--stages", "teacher,stage2,eval"]
+    argv[argv.index("sst2")] = "stsb"
+    results = train.main(argv)
+    said = capsys.readouterr().out
+    for stage, kept in (("teacher", json.load(open(out / "teacher" / "metrics.json"))["dev"]), ("stage2", results["student"])):
+        dev = [r for r in map(json.loads, open(out / stage / "log.jsonl")) if "dev" in r]
+        best = max(dev, key=lambda r: r["dev"]["spearman"])  # the first of the best
+        assert best["step"] != dev[-1]["step"]  # else keeping the last would pass too
+        saved = [int(s) for s in re.findall(rf"\[{stage}\] dev at step (\d+) .*best so far: saved", said)]
+        assert saved[-1] == best["step"] and kept == pytest.approx(best["dev"])
+        scored = ev.main(["--task", "stsb", "--model", str(out / stage), "--device", "cpu", *d])
+        assert scored == pytest.approx(best["dev"], abs=1e-9), stage

@@ -386,6 +386,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 (loss * weight).backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
+                used_lr = optimizer.param_groups[0]["lr"]  # the lr of this step's update (the scheduler moves on)
                 scheduler.step()
                 step, seen = step + 1, seen + rows
                 end_of_epoch = step % per_epoch == 0 or step == total
@@ -393,7 +394,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                     rate = seen / (time.time() - t0)
                     eta = (total - step) * (time.time() - t0) / (step - start_step)
                     record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total,
-                              **{k: float(v.detach()) for k, v in parts.items()}, "lr": scheduler.get_last_lr()[0],
+                              **{k: float(v.detach()) for k, v in parts.items()}, "lr": used_lr,
                               "samples_per_s": rate, "train_s": time.time() - t0}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
@@ -561,23 +562,12 @@ def pipeline(args):
         proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(args.device)
         if is_done(dirs["stage1"]):
             proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
-        weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
-
         cache = None  # the teacher runs only when a distillation loss is on, and then once per example
-        if any(weights.values()) and not args.no_teacher_cache:
+        if any((args.w_kd, args.w_ss, args.w_sc)) and not args.no_teacher_cache:
             cache = teacher_cache(teacher, train, args, dirs["stage2"])
 
-        def loss2(model, batch):
-            out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-            total, parts = 0.0, {}
-            if any(weights.values()):
-                total, parts = mlkd.stage2_loss(out, mlkd.stage2_targets(batch, teacher, cache), proj, batch["labels"],
-                                                weights, args.temperature, args.tau)
-            if args.w_ce:  # gold labels: not part of MLKD (SPEC), for baselines
-                parts["ce"] = task_loss(out.logits, batch["labels"])
-                total = total + args.w_ce * parts["ce"]
-            return total, parts
         print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
+        loss2 = stage2_objective(teacher, proj, cache, args)
         record, best = fit("stage2", dirs["stage2"], [student, proj], loss2, train, args, args.epochs2, args.lr2,
                            args.warmup, lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab, args))
         finish(dirs["stage2"], {"dev": best, "dev_set": dev_set, "train": record})
@@ -603,6 +593,24 @@ def stage1_objective(teacher, proj, lmap, args):
         if tiny:  # the baseline: attention scores and hidden states, MSE
             return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, mask, lmap)
         return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits)
+    return loss_fn
+
+
+def stage2_objective(teacher, proj, cache, args):
+    """loss_fn(model, batch) of Stage 2: mlkd.stage2_loss against the teacher's targets (its cached rows, or a
+    live forward without a cache), plus --w_ce times the gold-label loss (not MLKD: the fine-tuning baseline)."""
+    weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
+
+    def loss_fn(model, batch):
+        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        total, parts = 0.0, {}
+        if any(weights.values()):
+            total, parts = mlkd.stage2_loss(out, mlkd.stage2_targets(batch, teacher, cache), proj, batch["labels"],
+                                            weights, args.temperature, args.tau)
+        if args.w_ce:
+            parts["ce"] = task_loss(out.logits, batch["labels"])
+            total = total + args.w_ce * parts["ce"]
+        return total, parts
     return loss_fn
 
 
