@@ -279,12 +279,12 @@ def format_metrics(metrics, digits=2):
 
 
 def trained_settings(directory):
-    """max_len and paper_exact from the args.json train.py saved with a model ({} for other models)."""
+    """The settings eval.py reuses from the args.json train.py saved with a model ({} for other models)."""
     path = os.path.join(directory, "args.json")
     if not os.path.exists(path):
         return {}
     saved = json.loads(data.read_text(path))
-    return {k: saved[k] for k in ("max_len", "paper_exact") if k in saved}
+    return {k: saved[k] for k in ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature") if k in saved}
 
 
 def check_labels(model, task):
@@ -464,7 +464,50 @@ def ss_maps(student, teacher, dev, device="cpu", n=32):
 
 
 @torch.no_grad()
-def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu"):
+def relation_sharpness(student, teacher, batch, lmap, splits=12, temperature=1.0):
+    """How sharp the relations MLKD's losses compare are, on one batch: for L_EMB, L_MHA (each mapped layer pair
+    m -> g(m), each split) and L_SS, the mean over real query rows of the normalised entropy H(R[i]) / log n of
+    the teacher's and the student's relation (1: uniform over the row's n real tokens or samples; 0: all on one)
+    and the mean KL(R_T[i] || R_S[i]) the loss averages. A nearly uniform target has little to teach.
+    temperature divides L_MHA's logits as train.py --mha_temperature does. Returns a list of row dicts."""
+    inputs = [batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")]
+    mask = batch["attention_mask"]                                              # (B, L)
+    s, t = student.eval()(*inputs), teacher.eval()(*inputs)
+
+    def summary(x_s, x_t, m, temp=1.0):  # x (B, A, L, k) -> per split: mean H_T / log n, H_S / log n, KL
+        real = (m if m is not None else torch.ones(x_s.shape[:1] + x_s.shape[2:3]))[:, None, :].float()  # (B, 1, L)
+        log_n = real.sum(-1, keepdim=True).log()                               # (B, 1, 1): log of the real keys
+        mean = lambda v: (v * real).sum((0, 2)) / real.sum((0, 2))  # noqa: E731  (B, A, L) -> (A,)
+        entropy = [-(lp.exp() * lp).sum(-1) / log_n for lp in (mlkd.relation_logprobs(x, m, temp) for x in (x_t, x_s))]
+        return zip(*(mean(v).tolist() for v in (*entropy, mlkd.relation_kl_rows(x_s, x_t, m, temp))))
+
+    def rows(loss, m, g_m, values, per_split=False):
+        return [dict(loss=loss, student=m, teacher=g_m, split=a + 1 if per_split else None, h_teacher=h_t, h_student=h_s,
+                     kl=kl) for a, (h_t, h_s, kl) in enumerate(values)]
+    out = rows("L_EMB", 0, 0, summary(s.token_embeddings[:, None], t.token_embeddings[:, None], mask))
+    for m in range(1, len(lmap)):
+        o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, lmap[m])))  # (B, A, L, k)
+        out += rows("L_MHA", m, lmap[m], summary(o_s, o_t, mask, temperature), per_split=True)
+    c_s, c_t = s.hidden_states[-1][:, 0], t.hidden_states[-1][:, 0]                # (B, d)
+    return out + rows("L_SS", len(lmap) - 1, len(t.attn_outputs), summary(c_s[None, None], c_t[None, None], None))
+
+
+def sharpness_table(rows):
+    """relation_sharpness's rows as text: one line per loss and layer pair (L_MHA: the mean over its splits,
+    then the teacher's H / log n split by split)."""
+    lines = [f"{'loss':6s} {'layers S->T':>11s} {'H_T/log n':>9s} {'H_S/log n':>9s} {'KL(T||S)':>9s}"]
+    pairs = dict.fromkeys((r["loss"], r["student"], r["teacher"]) for r in rows)
+    for loss, m, g_m in pairs:
+        group = [r for r in rows if (r["loss"], r["student"], r["teacher"]) == (loss, m, g_m)]
+        avg = {k: sum(r[k] for r in group) / len(group) for k in ("h_teacher", "h_student", "kl")}
+        lines.append(f"{loss:6s} {f'{m}->{g_m}':>11s} {avg['h_teacher']:9.3f} {avg['h_student']:9.3f} {avg['kl']:9.4f}")
+        if len(group) > 1:
+            lines.append(f"{'':18s} teacher by split: " + " ".join(f"{r['h_teacher']:.3f}" for r in group))
+    return lines
+
+
+@torch.no_grad()
+def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu", kind="uniform"):
     """HTML: for one sentence, the L_EMB relation, every L_MHA relation of every mapped layer pair (student
     layer m, teacher layer g(m)) and the KL of every query row, teacher beside student; with dev (an encoded
     dev set with labels), the L_SS matrix G of its first 32 rows sorted by label. Every number drawn is
@@ -479,7 +522,7 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     pair = [rel(o.token_embeddings[:, None])[0] for o in (t, s)]
     vmax = max(float(p.max()) for p in pair)
     parts += [heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces) for who, p in zip(("teacher", "student"), pair)]
-    g = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    g = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, kind)
     for m in range(1, len(g)):
         o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, g[m])))  # (1, A, L, k)
         r_t, r_s = rel(o_t), rel(o_s)
@@ -493,7 +536,9 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     if dev is not None:
         parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows sorted by label</h2>")
         parts += ss_maps(student, teacher, dev, device)
-    head = f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>MLKD relations</title>\n<h1>{html.escape(sentence)}</h1>\n"
+    head = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>MLKD relations</title>\n"
+            "<style>svg {vertical-align: top}</style>\n"  # a tile with its legend is taller: align tops, keep one row
+            f"<h1>{html.escape(sentence)}</h1>\n")
     return head + "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n" + "\n".join(parts) + "\n"
 
 
@@ -552,6 +597,8 @@ def main(argv=None):
     p.add_argument("--show", metavar="SENTENCE", help="write a page of the relation maps of --model against "
                                                        "--teacher on this sentence (and a dev batch)")
     p.add_argument("--teacher", help="the teacher for --show")
+    p.add_argument("--mha_temperature", type=float, help="--show: L_MHA's relation temperature for the sharpness "
+                                                           "table (default: the model's args.json, else 1, the paper's)")
     p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
     p.add_argument("--allow_partial", action="store_true",
                    help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
@@ -576,15 +623,8 @@ def main(argv=None):
     if args.show:
         if not args.teacher:
             p.error("--show needs --teacher DIR")
-        teacher = Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device)
-        dev = None
-        if args.task in data.TASKS and not data.TASKS[args.task].is_regression:  # G sorted by class label
-            split = data.TASKS[args.task].dev_splits[0]
-            dev = data.encode_glue(args.task, data.read_glue(args.task, split, args.data_dir, args.allow_partial), tok, args.max_len)
-        out = args.show_out or os.path.join(directory, "relations.html")
-        data.atomic_write_text(out, relation_page(model, teacher, tok, args.show, dev, device=args.device))
-        print(f"wrote {out}")
-        return out
+        return show(args, model, teacher=Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device),
+                    tok=tok, trained=trained)
     if args.speed:
         print(f"speed: batch {args.speed_batch} x length {args.speed_length}, {args.device}"
               f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")
@@ -620,6 +660,35 @@ def main(argv=None):
             counts = np.bincount(p, minlength=len(task.labels))
             print(f"{split} predictions: " + ", ".join(f"{name} {n}" for name, n in zip(task.labels, counts)))
     return metrics
+
+
+def show(args, model, teacher, tok, trained):
+    """--show: the relation page of one sentence and, on the first 32 dev rows, the sharpness of every relation
+    (printed, and kept in <model>/relations.json), with the layer map, splits and temperature the model was
+    trained with."""
+    kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
+    temperature = args.mha_temperature or trained.get("mha_temperature", 1.0)
+    dev = None
+    if args.task in data.TASKS:
+        split = data.TASKS[args.task].dev_splits[0]
+        dev = data.encode_glue(args.task, data.read_glue(args.task, split, args.data_dir, args.allow_partial), tok, args.max_len)
+    labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by class label
+    out = args.show_out or os.path.join(args.model, "relations.html")
+    page = relation_page(model, teacher, tok, args.show, dev if labelled else None, splits, args.device, kind)
+    data.atomic_write_text(out, page)
+    print(f"wrote {out}")
+    if dev is None:
+        return out
+    batch = {k: v.to(args.device) for k, v in next(data.batches({k: v[:32] for k, v in dev.items()}, 32)).items()}
+    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers, kind)
+    rows = relation_sharpness(model, teacher, batch, lmap, splits, temperature)
+    print(f"relation sharpness on the first {len(batch['index'])} dev rows (L_MHA temperature {temperature:g}; "
+          "H/log n: 1 = uniform, 0 = one-hot)")
+    print("\n".join(sharpness_table(rows)))
+    path = os.path.join(os.path.dirname(out), "relations.json")
+    data.atomic_write_text(path, json.dumps({"temperature": temperature, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return out
 
 
 def write_test_predictions(model, tok, args):

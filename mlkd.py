@@ -49,28 +49,30 @@ def fp32(fn):
 
 
 @fp32
-def relation_logprobs(x, mask=None):
-    """x (B, A, L, k) -> log softmax(x x^T / sqrt(k)) over the last dim, (B, A, L, L); pad keys masked."""
+def relation_logprobs(x, mask=None, temperature=1.0):
+    """x (B, A, L, k) -> log softmax(x x^T / (sqrt(k) t)) over the last dim, (B, A, L, L); pad keys masked.
+    The paper's relations have t = 1; t < 1 sharpens them (train.py --mha_temperature, not the paper's method)."""
     x = x.float()
-    scores = (x / math.sqrt(x.shape[-1])) @ x.transpose(-1, -2)         # (B, A, L, L); scaled on the small side
+    scale = math.sqrt(x.shape[-1]) * temperature
+    scores = (x / scale) @ x.transpose(-1, -2)                          # (B, A, L, L); scaled on the small side
     if mask is not None:
         scores.masked_fill_(mask[:, None, None, :] == 0, NEG)           # pad keys leave the softmax (in place)
     return F.log_softmax(scores, dim=-1)
 
 
-def relation_kl_rows(x_s, x_t, mask=None):
+def relation_kl_rows(x_s, x_t, mask=None, temperature=1.0):
     """KL(R_T[i] || R_S[i]) of every query row i, (B, A, L), with R = relation of x.
 
     x_s (B, A, L, k_S), x_t (B, A, L, k_T): each side uses its own width k in its scaling.
     """
-    logp_s = relation_logprobs(x_s, mask)                  # (B, A, L, L)
-    logp_t = relation_logprobs(x_t.detach(), mask)         # (B, A, L, L)
+    logp_s = relation_logprobs(x_s, mask, temperature)             # (B, A, L, L)
+    logp_t = relation_logprobs(x_t.detach(), mask, temperature)    # (B, A, L, L)
     return (logp_t.exp() * (logp_t - logp_s)).sum(-1)      # (B, A, L)
 
 
-def relation_kl(x_s, x_t, mask=None):
+def relation_kl(x_s, x_t, mask=None, temperature=1.0):
     """Mean over valid (example, split, query row) of KL(R_T || R_S): relation_kl_rows, pad rows left out."""
-    kl_rows = relation_kl_rows(x_s, x_t, mask)             # (B, A, L)
+    kl_rows = relation_kl_rows(x_s, x_t, mask, temperature)  # (B, A, L)
     if mask is None:
         return kl_rows.mean()
     rows = mask[:, None, :].to(kl_rows.dtype)              # (B, 1, L): pad query rows leave the mean
@@ -98,14 +100,16 @@ def emb_loss(e_s, e_t, mask=None):
     return relation_kl(e_s[:, None], e_t[:, None], mask)
 
 
-def mha_loss(o_s, o_t, mask=None, splits=12):
+def mha_loss(o_s, o_t, mask=None, splits=12, temperature=1.0):
     """L_MHA for one layer pair = mean over (split a, query row i) of KL(R^T_a[i] || R^S_a[i]),
     R_a = softmax(O_a O_a^T / sqrt(d/A)), O_a the a-th of A contiguous feature chunks of O.
 
     o_s (B, L, d_S), o_t (B, L, d_T): concatenated head contexts before the output projection.
     The splits, not the heads, are matched: the student may have any number of heads.
+    temperature t divides both relations' logits, O_a O_a^T / (sqrt(d/A) t): 1 is the paper's loss; t < 1
+    sharpens relations that are nearly uniform (an experiment beyond the paper).
     """
-    return relation_kl(mha_splits(o_s, splits), mha_splits(o_t, splits), mask)
+    return relation_kl(mha_splits(o_s, splits), mha_splits(o_t, splits), mask, temperature)
 
 
 def ffn_loss(h_s, h_t, mask=None):
@@ -229,7 +233,7 @@ STAGE1_WEIGHTS = {"emb": 1.0, "mha": 1.0, "ffn": 1.0}
 STAGE2_WEIGHTS = {"kd": 1.0, "ss": 1.0, "sc": 1.0}
 
 
-def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12):
+def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_temperature=1.0):
     """L1 = w_emb L_EMB + w_mha sum_m L_MHA(m, g(m)) + w_ffn sum_{m=0..M} L_FFN(m, g(m)).
 
     s, t: student and teacher BertOutput; proj: Projections; lmap: layer_map(N, M).
@@ -242,7 +246,7 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12):
     if w["emb"]:
         parts["emb"] = emb_loss(s.token_embeddings, t.token_embeddings, mask)
     if w["mha"]:  # attn_outputs[m - 1] is the output of layer m
-        parts["mha"] = sum(mha_loss(s.attn_outputs[m - 1], t.attn_outputs[g[m] - 1], mask, splits)
+        parts["mha"] = sum(mha_loss(s.attn_outputs[m - 1], t.attn_outputs[g[m] - 1], mask, splits, mha_temperature)
                            for m in range(1, M + 1))
     if w["ffn"]:  # hidden_states[0] is the embedding output, hidden_states[m] the output of layer m
         parts["ffn"] = sum(ffn_loss(proj(m, s.hidden_states[m]), t.hidden_states[g[m]], mask)

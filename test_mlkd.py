@@ -290,8 +290,8 @@ def test_output_object_and_heads():
 # mlkd.py: every loss against a slow, obvious reference (loops, math.exp / math.log, float64)
 
 
-def ref_relation_kl(x_s, x_t, mask):
-    """x (B, A, L, k) nested lists; mean over valid (b, a, i) of KL over valid keys."""
+def ref_relation_kl(x_s, x_t, mask, temperature=1.0):
+    """x (B, A, L, k) nested lists; mean over valid (b, a, i) of KL over valid keys; logits / (sqrt(k) t)."""
     B, A, L = len(x_s), len(x_s[0]), len(x_s[0][0])
     total, count = 0.0, 0
     for b in range(B):
@@ -299,7 +299,7 @@ def ref_relation_kl(x_s, x_t, mask):
         for a in range(A):
             def probs(x, i):
                 k = len(x[b][a][i])
-                s = [sum(x[b][a][i][c] * x[b][a][j][c] for c in range(k)) / math.sqrt(k) for j in valid]
+                s = [sum(x[b][a][i][c] * x[b][a][j][c] for c in range(k)) / (math.sqrt(k) * temperature) for j in valid]
                 mx = max(s)
                 e = [math.exp(v - mx) for v in s]
                 return [v / sum(e) for v in e]
@@ -905,6 +905,11 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert lines[0] == "index\tprediction" and len(lines) == 7 and all(x.split("\t")[1] in ("0", "1") for x in lines[1:])
     rows = ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_batch", "2", "--speed_length", "8"])
     assert [r["heads"] for r in rows] == [12, 6, 4, 3, 2, 1] and all(r["latency_ms"] > 0 for r in rows)
+    capsys.readouterr()  # --show: the page, and the sharpness of every relation with the trained map and splits
+    ev.main(d + ["--model", str(out / "stage1"), "--teacher", str(out / "teacher"), "--show", "the movie was good"])
+    said, shown = capsys.readouterr().out, json.load(open(out / "stage1" / "relations.json"))
+    assert "relation sharpness on the first 32 dev rows (L_MHA temperature 1" in said and "L_SS" in said
+    assert shown["temperature"] == 1 and len(shown["rows"]) == 1 + 2 * 4 + 1  # L_EMB, 2 pairs x 4 splits, L_SS
     # baseline: no Stage 1, gold labels only, the finished teacher reused; the teacher never runs
     base = train.main(argv[:-2] + ["--out", str(tmp_path / "base"), "--teacher", str(out / "teacher"),
                                    "--stages", "stage2,eval", "--w_kd", "0", "--w_ss", "0", "--w_sc", "0", "--w_ce", "1"])
@@ -1476,7 +1481,15 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     run(compare.row_out("sst2", "S2", "gold", 42), "stage2", 80.0, 79.0, noise=70.0)
     run(compare.row_out("sst2", "S2", "gold", 1), "stage2", 82.0, 81.0)
     run(compare.row_out("sst2", "S2", "mlkd", 2), "stage2", 85.0, 84.5, stage1=10)
+    rows = [dict(loss="L_EMB", student=0, teacher=0, split=None, h_teacher=0.2, h_student=0.3, kl=0.1)] + [
+        dict(loss="L_MHA", student=1, teacher=2, split=a, h_teacher=0.9 + a / 100, h_student=0.8, kl=0.01) for a in (1, 2)] + [
+        dict(loss="L_SS", student=1, teacher=6, split=None, h_teacher=0.5, h_student=0.6, kl=0.2)]
+    (tmp_path / compare.row_out("sst2", "S2", "mlkd", 2) / "stage1" / "relations.json").write_text(json.dumps({"rows": rows}))
     assert compare.harvest(args, "/mini") == 4
+    shown = json.loads((tmp_path / "runs" / "sst2" / "S2" / "mlkd-s2.json").read_text())["relations"]
+    assert shown == [["L_EMB", 0, 0, 0.2, 0.3, 0.1], ["L_MHA", 1, 2, 0.915, 0.8, 0.01], ["L_SS", 1, 6, 0.5, 0.6, 0.2]]
+    assert compare.relations_table("sst2", "S2")[2:] == [
+        "| MLKD (all six losses) | 2 | 0.200 | 0.300 | 0.100 | 0.915 | 0.800 | 0.010 | 0.500 | 0.600 | 0.200 |"]
     record = json.loads((tmp_path / "runs" / "sst2" / "S2" / "gold-s42.json").read_text())
     assert record["curve"] == [[10, 79.0], [20, 80.0], [30, 79.0]] and record["noise"] == 70.0
     assert record["machine"] == compare.machine()  # the minutes are this machine's
@@ -1490,7 +1503,7 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
                                                                  "S2 mlkd seed 1", "S2 kd seed 2"]
     args.rows = None
     assert "S2 gold seed 42" not in [j[0] for j in compare.row_jobs(args, "/mini")]  # the table needs the records only
-    lines = {line.split(" | ")[0]: line for line in compare.table(args) if line.startswith("| ")}
+    lines = {line.split(" | ")[0]: line for line in reversed(compare.table(args)) if line.startswith("| ")}  # first wins
     assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"
     assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
@@ -1567,12 +1580,12 @@ def ref_pair_mse(a_s, a_t, mask):
     return total / count
 
 
-def ref_stage1(S, T, W, g, mask, splits):
+def ref_stage1(S, T, W, g, mask, splits, mha_temperature=1.0):
     """MLKD's Stage-1 terms (paper section 3.2): L_EMB on E; L_MHA on O_m against O_g(m), m = 1..M; L_FFN on
     W_m H_m against H_g(m), m = 0..M (m = 0: the embedding layers)."""
     M = len(S["O"])
     return {"emb": ref_relation_kl(S["E"][:, None].tolist(), T["E"][:, None].tolist(), mask),
-            "mha": sum(ref_relation_kl(chunks(S["O"][m], splits), chunks(T["O"][g[m]], splits), mask)
+            "mha": sum(ref_relation_kl(chunks(S["O"][m], splits), chunks(T["O"][g[m]], splits), mask, mha_temperature)
                        for m in range(1, M + 1)),
             "ffn": sum(ref_mse(ref_linear(W.w[m], S["H"][m]), T["H"][g[m]], mask) for m in range(M + 1))}
 
@@ -1615,6 +1628,9 @@ def test_stage_objectives_read_the_layers_of_the_paper(kind):
     for k in ref:
         assert parts[k].item() == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
     assert total.item() == pytest.approx(sum(w1[k] * ref[k] for k in ref), rel=1e-5)
+    _, sharp = mlkd.stage1_loss(s_out, t_out, proj, mask, g, w1, splits, mha_temperature=0.25)  # beyond the paper
+    assert sharp["mha"].item() == pytest.approx(ref_stage1(S, T, proj, g, mask.tolist(), splits, 0.25)["mha"], rel=1e-5)
+    assert sharp["emb"] == parts["emb"] and sharp["ffn"] == parts["ffn"]  # L_MHA's alone
     # TinyBERT's Stage 1: A_m against A_g(m), W_m H_m against H_g(m)
     total, parts = mlkd.tinybert_stage1_loss(s_out, t_out, proj, mask, g)
     att = sum(ref_pair_mse(S["A"][m], T["A"][g[m]], mask.tolist()) for m in range(1, M + 1))
@@ -1697,7 +1713,7 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
     proj = random_projections(2, 24, 48)
     flags = ["--task", "sst2", "--splits", "4", "--layer_map", "4,1", "--w_emb", "0.5", "--w_mha", "2", "--w_ffn", "3",
              "--w_kd", "0.7", "--w_ss", "1.3", "--w_sc", "2.1", "--w_ce", "0.4", "--temperature", "2", "--tau", "0.5",
-             "--device", "cpu"]
+             "--mha_temperature", "0.5", "--device", "cpu"]
     args = train.parse_args(flags)
     g = mlkd.layer_map(4, 2, args.layer_map)
     ids = torch.randint(5, 128, (4, 7))
@@ -1709,13 +1725,13 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
     with torch.no_grad():
         S, T = ref_bert(student, *inputs), ref_bert(teacher, *inputs)
         _, parts = train.stage1_objective(teacher, proj, g, args)(student, batch)
-    ref = ref_stage1(S, T, proj, g, mask.tolist(), 4)
+    ref = ref_stage1(S, T, proj, g, mask.tolist(), 4, mha_temperature=0.5)
     assert min(ref.values()) > 0.01  # every term is far from 0
     assert parts.keys() == ref.keys() and all(parts[k].item() == pytest.approx(ref[k], rel=1e-4) for k in ref)
     exact = train.parse_args(flags + ["--paper_exact"])  # the authors' losses: no mask, every position counts
     with torch.no_grad():
         _, parts = train.stage1_objective(teacher, proj, g, exact)(student, batch)
-    unmasked = ref_stage1(S, T, proj, g, None, 4)
+    unmasked = ref_stage1(S, T, proj, g, None, 4, mha_temperature=0.5)
     assert all(parts[k].item() == pytest.approx(unmasked[k], rel=1e-4) for k in ref)
     tiny = train.parse_args(flags + ["--recipe", "tinybert"])
     student4 = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2,
@@ -1891,3 +1907,51 @@ def test_eval_scores_the_checkpoint_train_says_it_kept(tmp_path, capsys):
         assert saved[-1] == best["step"] and kept == pytest.approx(best["dev"])
         scored = ev.main(["--task", "stsb", "--model", str(out / stage), "--device", "cpu", *d])
         assert scored == pytest.approx(best["dev"], abs=1e-9), stage
+
+
+def ref_relation_entropy(x, mask, temperature=1.0):
+    """Mean over real query rows of H(R[i]) / log n, n the real keys; x (B, L, k) nested lists."""
+    total = count = 0.0
+    for b in range(len(x)):
+        valid = [j for j in range(len(x[b])) if mask is None or mask[b][j]]
+        for i in valid:
+            k = len(x[b][i])
+            s = [sum(x[b][i][c] * x[b][j][c] for c in range(k)) / (math.sqrt(k) * temperature) for j in valid]
+            e = [math.exp(v - max(s)) for v in s]
+            p = [v / sum(e) for v in e]
+            total += -sum(q * math.log(q) for q in p if q > 0) / math.log(len(valid))
+            count += 1
+    return total / count
+
+
+def test_relation_sharpness_is_the_entropy_and_kl_of_each_mapped_relation():
+    import eval as ev
+    torch.manual_seed(0)
+    teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)))
+    student = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)), 0.1)
+    ids = torch.randint(5, 128, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 4:], mask[3, 6:] = 0, 0
+    batch = {"input_ids": ids * mask, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+    g = [0, 4, 1]
+    rows = ev.relation_sharpness(student, teacher, batch, g, splits=4, temperature=0.5)
+    assert [(r["loss"], r["student"], r["teacher"], r["split"]) for r in rows] == [("L_EMB", 0, 0, None)] + [
+        ("L_MHA", m, g[m], a) for m in (1, 2) for a in (1, 2, 3, 4)] + [("L_SS", 2, 4, None)]
+    with torch.no_grad():
+        S, T = ref_bert(student, *batch.values()), ref_bert(teacher, *batch.values())
+    m_ = mask.tolist()
+    emb = rows[0]
+    assert emb["h_teacher"] == pytest.approx(ref_relation_entropy(T["E"].tolist(), m_), rel=1e-4)
+    assert emb["h_student"] == pytest.approx(ref_relation_entropy(S["E"].tolist(), m_), rel=1e-4)
+    assert emb["kl"] == pytest.approx(ref_relation_kl(S["E"][:, None].tolist(), T["E"][:, None].tolist(), m_), rel=1e-4)
+    for r in rows[1:-1]:  # split a of O_m against split a of O_g(m), at the temperature
+        o_s, o_t = ([per_b[r["split"] - 1] for per_b in chunks(x, 4)] for x in (S["O"][r["student"]], T["O"][r["teacher"]]))
+        assert r["h_teacher"] == pytest.approx(ref_relation_entropy(o_t, m_, 0.5), rel=1e-4)
+        assert r["h_student"] == pytest.approx(ref_relation_entropy(o_s, m_, 0.5), rel=1e-4)
+        assert r["kl"] == pytest.approx(ref_relation_kl([[b] for b in o_s], [[b] for b in o_t], m_, 0.5), rel=1e-3, abs=1e-6)
+    c_s, c_t = S["H"][2][:, 0].tolist(), T["H"][4][:, 0].tolist()
+    assert rows[-1]["h_teacher"] == pytest.approx(ref_relation_entropy([c_t], None), rel=1e-4)
+    assert rows[-1]["kl"] == pytest.approx(ref_relation_kl([[c_s]], [[c_t]], None), rel=1e-4)
+    assert all(0 < r["h_teacher"] <= 1 and 0 < r["h_student"] <= 1 for r in rows)
+    lines = ev.sharpness_table(rows)
+    assert len(lines) == 1 + 1 + 2 * 2 + 1 and lines[2].split()[:2] == ["L_MHA", "1->4"]

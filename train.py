@@ -94,6 +94,9 @@ def parse_args(argv=None):
     g.add_argument("--w_ce", type=float, default=0.0,
                    help="weight of the gold-label loss in Stage 2 (0 in MLKD; for the fine-tuning baseline)")
     g.add_argument("--temperature", type=float, default=1.0, help="L_KD temperature")
+    g.add_argument("--mha_temperature", type=float, default=1.0,
+                   help="divide L_MHA's relation logits (teacher and student) by this; 1 is the paper's loss, any "
+                        "other value is NOT the paper's method (an experiment: < 1 sharpens nearly uniform relations)")
     g.add_argument("--tau", type=float, default=0.07, help="L_SC temperature")
     g.add_argument("--recipe", default="mlkd", choices=["mlkd", "tinybert"],
                    help="tinybert: TinyBERT's task distillation, the paper's baseline: Stage 1 MSE of attention scores "
@@ -147,7 +150,7 @@ def parse_args(argv=None):
                  "layers", "hidden", "heads", "ffn", "max_steps", "train_subset", "eval_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr1", "lr2", "teacher_lr", "temperature", "tau"):
+    for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive (a negative value is written --{name}=-5e-5)")
     for bad, msg in ((args.weight_decay < 0, f"--weight_decay must be >= 0, got {args.weight_decay}"),
@@ -592,7 +595,7 @@ def stage1_objective(teacher, proj, lmap, args):
         mask = None if args.paper_exact else batch["attention_mask"]
         if tiny:  # the baseline: attention scores and hidden states, MSE
             return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, mask, lmap)
-        return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits)
+        return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits, args.mha_temperature)
     return loss_fn
 
 

@@ -64,6 +64,10 @@ ROWS = {
     "mlkd-norel": ("MLKD without L_SS, L_SC", KD, (42,), "stage1"),
     "mlkd-6heads": ("MLKD, student at 6 heads", ["--heads", "6"], (42,), "stage1"),
     "mlkd-3heads": ("MLKD, student at 3 heads", ["--heads", "3"], (42,), "stage1"),
+    # Beyond the paper: L_MHA's relation logits divided by a temperature t < 1 (train.py --mha_temperature).
+    # The three values are a choice on dev (S2 seed 42); README "Why TinyBERT is ahead here" says which was kept.
+    **{f"mlkd-t{t:g}": (f"MLKD, L_MHA temperature {t:g} (not the paper's)", ["--mha_temperature", f"{t:g}"], (42,), "stage1")
+       for t in (0.5, 0.2, 0.1)},
 }
 NOISE = 0.1  # fraction of dev words given a character-level typo (eval.py --noise)
 NOISE_ROWS = ("gold", "kd", "kd-equal", "mlkd", "tinybert")
@@ -179,7 +183,7 @@ def run_all(args):
             if broken:
                 sys.exit(f"error: {broken[0]} failed; see {broken[2]}")
     todo, running = row_jobs(args, mini), []
-    failed += score_noisy(args)
+    failed += score_noisy(args) + show_relations(args)
     harvest(args, mini)
     while todo or running:
         while todo and len(running) < args.jobs:
@@ -190,9 +194,44 @@ def run_all(args):
             print(f"[compare] {'done' if proc.returncode == 0 else 'FAILED'} {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
             if proc.returncode:
                 failed.append(name)
-            failed += score_noisy(args)
+            failed += score_noisy(args) + show_relations(args)
             harvest(args, mini)
     return failed
+
+
+SENTENCE = "a gripping , funny and ultimately moving film ."  # each Stage 1's relation page (eval.py --show)
+
+
+def show_relations(args):
+    """eval.py --show on every finished Stage 1 of args.settings not shown yet: its relations.json holds the
+    sharpness of the teacher's and the student's relations on 32 dev rows (harvest puts it in the record)."""
+    teacher, failed = os.path.join(teacher_out(args.task, *TASKS[args.task]["teachers"][0]), "teacher"), []
+    for setting in args.settings:
+        for row, (_, _, seeds, stages) in ROWS.items():
+            for seed in seeds:
+                model = os.path.join(row_out(args.task, setting, row, seed), "stage1")
+                if stages != "stage1" or not os.path.exists(os.path.join(model, "metrics.json")) or \
+                        os.path.exists(os.path.join(model, "relations.json")):
+                    continue
+                proc, name, _ = start((f"relations {model}", [sys.executable, "eval.py", "--task", args.task, "--data_dir",
+                                       args.data_dir, "--model", model, "--teacher", teacher, "--show", SENTENCE],
+                                       os.path.join(model, "relations.log"), None), None)
+                if proc.wait():
+                    failed.append(name)
+    return failed
+
+
+def relations(out):
+    """A finished Stage 1's relations.json as [loss, student layer, teacher layer, H_T/log n, H_S/log n, KL] per
+    loss and layer pair, L_MHA's averaged over its splits; None where it was not shown."""
+    shown = load(os.path.join(out, "stage1", "relations.json"))
+    if shown is None:
+        return None
+    pairs = {}
+    for r in shown["rows"]:
+        pairs.setdefault((r["loss"], r["student"], r["teacher"]), []).append(r)
+    return [[loss, m, g, *(round(statistics.mean(r[k] for r in rs), 5) for k in ("h_teacher", "h_student", "kl"))]
+            for (loss, m, g), rs in pairs.items()]
 
 
 def score_noisy(args):
@@ -274,13 +313,18 @@ def harvest(args, mini):
     metric, changed = data.TASKS[args.task].metric, 0
     for name, cmd, _, _ in [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])] + all_jobs(args, mini):
         out = out_dir(cmd)
-        numbers = run_numbers(out, metric)
-        if numbers is None:
-            continue
+        numbers, rel = run_numbers(out, metric), relations(out)
         path, old = record_path(args.task, out), load(record_path(args.task, out)) or {}
+        if numbers is None and not (old and rel):
+            continue
         shown = " ".join(cmd[1:]).replace(mini, "$MINILM").replace(args.data_dir, "$DATA")
-        rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", commit()),
-                   date=old.get("date", time.strftime("%Y-%m-%d")), machine=machine())  # out/ holds this machine's runs
+        if numbers is None:  # a recorded row whose Stage 1 was run again to be shown: its numbers stay
+            rec = dict(old)
+        else:
+            rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", commit()),
+                       date=old.get("date", time.strftime("%Y-%m-%d")), machine=machine())  # out/ is this machine's
+        if rel or old.get("relations"):
+            rec["relations"] = rel or old["relations"]
         text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()) + "\n}\n"  # a line a field
         if not os.path.exists(path) or data.read_text(path) != text:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -330,6 +374,22 @@ def setting_table(task, setting):
     return lines
 
 
+def relations_table(task, setting):
+    """The sharpness of the relations after Stage 1 (eval.py --show on 32 dev rows), for every row recorded with
+    them: H/log n of the teacher's and the student's rows (1 = uniform) and the KL, L_MHA's averaged over its
+    layer pairs and splits. Empty when no record has them."""
+    lines = []
+    for row, (label, _, seeds, _) in ROWS.items():
+        for seed in seeds:
+            rec = load(record_path(task, row_out(task, setting, row, seed)))
+            if rec and rec.get("relations"):
+                by = {loss: [r for r in rec["relations"] if r[0] == loss] for loss in ("L_EMB", "L_MHA", "L_SS")}
+                cells = [f"{statistics.mean(r[k] for r in by[loss]):.3f}" for loss in by for k in (3, 4, 5)]
+                lines.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+    head = ["| row | seed | L_EMB H_T | H_S | KL | L_MHA H_T | H_S | KL | L_SS H_T | H_S | KL |", "|---" * 11 + "|"]
+    return head + lines if lines else []
+
+
 def table(args):
     """experiments/<task>.md: the teacher table and a table for each setting, with what their columns mean."""
     spec = TASKS[args.task]
@@ -353,6 +413,12 @@ def table(args):
                   f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", ""]
         if any(os.path.exists(record_path(args.task, row_out(args.task, setting, r, s))) for r, v in ROWS.items() for s in v[2]):
             lines += setting_table(args.task, setting)
+            if relations_table(args.task, setting):
+                lines += ["", "How sharp the relations are after Stage 1 (`eval.py --show` on the first 32 dev rows, "
+                          "recorded with each row): H_T, H_S = the mean normalised entropy H/log n of the teacher's and "
+                          "the student's relation rows (1 = uniform, 0 = one-hot; L_MHA at the row's temperature), KL = "
+                          "the mean KL(teacher || student) the loss averages; L_MHA over every layer pair and split.", "",
+                          *relations_table(args.task, setting)]
         else:
             lines.append(f"No records yet: `python experiments/compare.py {args.task} --settings {setting}` runs its rows.")
     return lines
@@ -365,7 +431,8 @@ DOCS = ("README.md", os.path.join("experiments", "README.md"))
 
 def sync_docs(args):
     """Rewrite every marked copy of this task's tables in DOCS (paths from the repo root); returns the files changed."""
-    blocks = {"teacher": teacher_table(args.task), **{s: setting_table(args.task, s) for s in SETTINGS}}
+    blocks = {"teacher": teacher_table(args.task), **{s: setting_table(args.task, s) for s in SETTINGS},
+              **{f"{s}-relations": relations_table(args.task, s) for s in SETTINGS}}
     changed = []
     for doc in DOCS:
         old = data.read_text(doc).split("\n")
