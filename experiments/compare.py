@@ -65,8 +65,8 @@ ROWS = {
     "mlkd-6heads": ("MLKD, student at 6 heads", ["--heads", "6"], (42,), "stage1"),
     "mlkd-3heads": ("MLKD, student at 3 heads", ["--heads", "3"], (42,), "stage1"),
     # Beyond the paper: L_MHA's relation logits divided by a temperature t < 1 (train.py --mha_temperature).
-    # Three values chosen from the pre-trained MiniLM's L_MHA rows (H/log n 0.99 at t = 1; 0.90, 0.79, 0.63 at these), then
-    # one of them on dev (S2 seed 42): a choice on dev, said so where it is reported.
+    # Three values, from the pre-trained MiniLM's L_MHA rows (H/log n 0.99 at t = 1; 0.90, 0.79, 0.63 at these);
+    # then one of them is kept on dev (S2 seed 42): a choice on dev, said so where it is reported.
     **{f"mlkd-t{t:g}": (f"MLKD, L_MHA temperature {t:g} (not the paper's)", ["--mha_temperature", f"{t:g}"], (42,), "stage1")
        for t in (0.2, 0.1, 0.05)},
 }
