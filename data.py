@@ -10,6 +10,7 @@ Sections:  1. download   2. tokenizer   3. GLUE   4. batches   5. SQuAD   6. unl
     python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus (section 6)
 """
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -134,8 +135,10 @@ def atomic_write_bytes(path, chunks):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a full disk: say which file it stopped
         raise
 
 
@@ -149,6 +152,17 @@ def remove_stale_temporaries(directory):
         for name in os.listdir(directory):
             if name.startswith(TMP_PREFIX):
                 os.remove(os.path.join(directory, name))
+
+
+def error_line(e, writable):
+    """The one line a user reads for an error: a full disk or a file we may not write said in words (atomic writes
+    leave nothing half-written, so a rerun resumes); `writable` names what to choose instead ("an --out")."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written was kept. "
+                "Free some space and rerun the same command: finished work is kept, an interrupted stage resumes")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
+    return str(e)
 
 
 def read_text(path, encoding="utf-8"):
@@ -458,18 +472,38 @@ def read_squad(path, allow_partial=False):
             raise FileNotFoundError(f"SQuAD file {path} does not exist")
         download(f"{SQUAD_URL}/{name}", path, place=path)
     try:
-        articles = json.loads(read_text(path))["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a SQuAD JSON file: {e!r}") from None
+        top = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a JSON file: {e}") from None
     examples = []
-    for article in articles:
-        for para in article["paragraphs"]:
-            for qa in para["qas"]:
-                answers = [] if qa.get("is_impossible") else qa["answers"]
-                examples.append(dict(id=qa["id"], title=article.get("title", ""), question=qa["question"],
-                                     context=para["context"], answers=answers))
+    for i, article in enumerate(squad_field(top, "data", list, "the file", path)):
+        for j, para in enumerate(squad_field(article, "paragraphs", list, f"data[{i}]", path)):
+            where = f"data[{i}].paragraphs[{j}]"
+            context = squad_field(para, "context", str, where, path)
+            for k, qa in enumerate(squad_field(para, "qas", list, where, path)):
+                at = f"{where}.qas[{k}]"
+                impossible = isinstance(qa, dict) and qa.get("is_impossible")  # v2.0: no answer to find
+                answers = [] if impossible else squad_field(qa, "answers", list, at, path)
+                for n, answer in enumerate(answers):
+                    squad_field(answer, "text", str, f"{at}.answers[{n}]", path)
+                    squad_field(answer, "answer_start", int, f"{at}.answers[{n}]", path)
+                examples.append(dict(id=squad_field(qa, "id", str, at, path), title=article.get("title", ""),
+                                     question=squad_field(qa, "question", str, at, path), context=context,
+                                     answers=answers))
     check_rows(path, len(examples), SQUAD_ROWS.get(name), name.startswith("dev") and not allow_partial)
     return examples
+
+
+def squad_field(obj, key, kind, where, path):
+    """obj[key], which the official layout (data[].paragraphs[].{context, qas[].{id, question, answers[]}})
+    says is a `kind`; a clear error naming the file and the place otherwise."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        got = "nothing" if value is None else type(value).__name__
+        want = {list: "a list", str: "a string", int: "an integer"}[kind]
+        raise ValueError(f"{path}: {where}.{key} should be {want}, found {got}; not the official SQuAD "
+                         "layout data[].paragraphs[].qas[] (rajpurkar.github.io/SQuAD-explorer)")
+    return value
 
 
 def split_squad(path, first, head_path, tail_path=None):
@@ -499,6 +533,9 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
     for i, (ex, q, c) in enumerate(zip(examples, questions, contexts)):
         q_ids = q.ids[:max_query]
         room = max_len - len(q_ids) - 3
+        if room < 1:
+            raise ValueError(f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word pieces, which leaves no "
+                             f"room for its context; use --max_len {len(q_ids) + 4} or more")
         offsets = np.array(c.offsets, dtype=np.int64).reshape(-1, 2)  # (n_ctx, 2) char [start, end)
         span = None
         if train and ex["answers"]:

@@ -284,7 +284,31 @@ def trained_settings(directory):
     if not os.path.exists(path):
         return {}
     saved = json.loads(data.read_text(path))
-    return {k: saved[k] for k in ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature") if k in saved}
+    keep = ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature", "data_dir")
+    return {k: saved[k] for k in keep if k in saved}
+
+
+def head_config(task):
+    """The head a model of this task has: none (general distillation), span (SQuAD), regression, classification."""
+    if task == "general":  # no task: the student is a general-purpose encoder
+        return dict(head="none", label_names=[])
+    if task.startswith("squad"):
+        return dict(head="span", label_names=[])
+    t = data.TASKS[task]
+    if t.is_regression:
+        return dict(head="regression", label_names=[])
+    return dict(head="classification", num_labels=len(t.labels), label_names=list(t.labels))
+
+
+def head_mismatch(model, task):
+    """None when the model's head is the task's, else what differs ("has no task head, but --task ... needs ...")."""
+    have, want = model.config, head_config(task)
+    if have.head == want["head"] and have.num_labels == want.get("num_labels", have.num_labels):
+        return None
+    shown = "no task head" if have.head == "none" else f"a {have.head} head" + (
+        f" with {have.num_labels} labels" if have.head == "classification" else "")
+    needed = f"a {want['head']} head" + (f" with {want['num_labels']} labels" if "num_labels" in want else "")
+    return f"has {shown}, but --task {task} needs {needed}"
 
 
 def check_labels(model, task):
@@ -364,7 +388,7 @@ def curves_svg(records, title, width=560, height=150):
     printed at its top and bottom; counts (total, windows) are not drawn."""
     series = {}
     for r in records:
-        if "peak_memory_gib" in r:  # the closing summary repeats the last step
+        if r.get("done"):  # the closing line: peak memory
             continue
         values = {f"{'held-out' if r['stage'] == 'general' else 'dev'} {k}": v for k, v in r["dev"].items()} \
             if "dev" in r else {k: v for k, v in r.items() if k not in LOG_META}
@@ -512,8 +536,11 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     layer m, teacher layer g(m)) and the KL of every query row, teacher beside student; with dev (an encoded
     dev set with labels), the L_SS matrix G of its first 32 rows sorted by label. Every number drawn is
     computed by mlkd.relation_logprobs / relation_kl_rows; colours share one scale per pair (legend)."""
-    ids, types, lengths = tok.encode([sentence], max_length=min(64, student.config.max_position_embeddings))
+    room = min(64, student.config.max_position_embeddings)
+    ids, types, lengths = tok.encode([sentence], max_length=room)
     n = int(lengths[0])
+    if len(tok.tokenize([sentence])[0].ids) + 2 > room:
+        print(f"--show: the sentence is longer than {room} positions; the page draws its first {room - 2} word pieces")
     batch = [t[:, :n].to(device) for t in (ids, types)]
     pieces = [tok.wp.id_to_token(i) for i in ids[0, :n].tolist()]
     s, t = (m.eval()(*batch) for m in (student, teacher))
@@ -584,13 +611,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a saved model on a GLUE task or SQuAD with the official metric.")
     p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
     p.add_argument("--model", required=True, help="a model directory written by train.py (or any Bert.from_pretrained input)")
-    p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"), help="holds glue/<TASK>/ and squad/")
+    p.add_argument("--data_dir", help="holds glue/<TASK>/ and squad/ (default: the model's args.json, else $MLKD_DATA, "
+                                      "else data)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--predict", action="store_true", help="write GLUE test predictions (submission format) into --model")
     p.add_argument("--speed", action="store_true", help="latency and throughput at 12/6/4/3/2/1 heads")
     p.add_argument("--speed_batch", type=int, default=32)
-    p.add_argument("--speed_length", type=int, default=128)
+    p.add_argument("--speed_length", type=int, help="default: the max_len the model was trained with, else 128")
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
     p.add_argument("--max_len", type=int, help="encoding length, SQuAD window length (default: the one in the "
                                                "model's args.json, i.e. what it was trained and selected with; else the task's)")
@@ -610,10 +638,24 @@ def main(argv=None):
         p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
     if not os.path.exists(args.model) and args.model.count("/") != 1:
         p.error(f"--model {args.model}: no such directory")
-    if args.max_len is not None and not 1 <= args.max_len <= 512:
-        p.error(f"--max_len {args.max_len}: must be in 1..512")
+    pairs = args.task.startswith("squad") or data.TASKS[args.task].b is not None
+    if args.max_len is not None and not (5 if pairs else 3) <= args.max_len <= 512:
+        p.error(f"--max_len {args.max_len}: must be in {5 if pairs else 3}..512 (room for the special tokens and one "
+                "word piece of each text)")
+    for name in ("batch_size", "speed_batch", "speed_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.show is not None and not args.show.strip():
+        p.error("--show: give a sentence to draw (it is empty)")
+    writes = args.noise or args.show or args.predict or args.task.startswith("squad")
+    if writes and os.path.isdir(args.model) and not os.access(args.model, os.W_OK) and not args.show_out:
+        p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy the model to a "
+                "directory you can write to" + (" or give --show_out FILE" if args.show else ""))
     directory = args.model = fetch(args.model)
     trained = trained_settings(directory)
+    if args.data_dir is None:
+        args.data_dir = trained.get("data_dir") or os.environ.get("MLKD_DATA", "data")
+        print(f"data_dir {args.data_dir} ({'from ' + os.path.join(directory, 'args.json') if 'data_dir' in trained else 'default'})")
     args.paper_exact = trained.get("paper_exact", False)
     if args.max_len is None:
         args.max_len = trained.get("max_len") or (384 if args.task.startswith("squad") else data.TASKS[args.task].max_len)
@@ -626,13 +668,21 @@ def main(argv=None):
         return show(args, model, teacher=Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device),
                     tok=tok, trained=trained)
     if args.speed:
+        args.speed_length = args.speed_length or trained.get("max_len", 128)
         print(f"speed: batch {args.speed_batch} x length {args.speed_length}, {args.device}"
               f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")
         rows = speed(model, args.speed_batch, args.speed_length, device=args.device)
         for r in rows:
-            print(f"  {r['heads']:2d} heads: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
+            print(f"  {r['heads']:2d} head{'s' if r['heads'] > 1 else ' '}: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
                   f"x{rows[0]['latency_ms'] / r['latency_ms']:.2f} vs {rows[0]['heads']} heads")
         return rows
+    why = head_mismatch(model, args.task)
+    if why:
+        raise ValueError(f"--model {directory}: {why}" + ("; a pre-trained model or General student is not fine-tuned "
+                         "on any task" if model.config.head == "none" else "; score it on the task it was trained on"))
+    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # stage1/ (and general/) keep W_0..W_M
+        print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so this scores an untrained "
+              "classifier; the distilled student is the stage2 directory")
     if args.task.startswith("squad"):
         return eval_squad(model, tok, args)
     check_labels(model, args.task)
@@ -738,5 +788,5 @@ def eval_squad(model, tok, args):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.DownloadError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, data.DownloadError, OSError) as e:
+        sys.exit(f"error: {data.error_line(e, 'a model directory')}")

@@ -887,7 +887,7 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     svg = "{http://www.w3.org/2000/svg}"
     panels = {g.get("data-name"): g for g in ET.parse(out / "stage2" / "curves.svg").getroot().iter(svg + "g")}
     assert set(panels) == {"kd", "ss", "sc", "dev acc"}
-    records = [r for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "kd" in r and "peak_memory_gib" not in r]
+    records = [r for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "kd" in r]
     ys = [float(p.split(",")[1]) for p in panels["kd"].find(svg + "polyline").get("points").split()]
     kd = [r["kd"] for r in records]
     assert len(ys) == len(kd) == 40 and all(ys[i] >= ys[j] for i in range(40) for j in range(40) if kd[i] < kd[j])
@@ -940,8 +940,9 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "batches", real)
     train.main(argv + ["--stages", "stage2"])
     assert "resumed from" in capsys.readouterr().out and json.load(open(out / "stage2" / "metrics.json"))["done"]
-    steps = [r["step"] for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "lr" in r][:-1]  # last: the summary
-    assert steps == list(range(1, 41))  # the log goes on from the checkpoint: no step twice
+    steps = [r["step"] for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "lr" in r]
+    assert steps == list(range(1, 41))  # the log goes on from the checkpoint: no step twice, the last once
+    assert json.loads(open(out / "stage2" / "log.jsonl").readlines()[-1]).keys() == {"stage", "done", "peak_memory_gib"}
     # a given teacher is not "finished": it is used as it is
     train.main(argv + ["--teacher", str(out / "teacher"), "--stages", "teacher"])
     assert f"[teacher] skipped: using the fine-tuned teacher of --teacher {out / 'teacher'}" in capsys.readouterr().out
@@ -1037,8 +1038,9 @@ def test_tinybert_recipe_runs_both_stages_and_needs_equal_heads(tmp_path, capsys
     argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--recipe", "tinybert",
                        "--teacher_epochs", "2", "--epochs1", "2", "--epochs2", "1"]
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="the student has 2 heads, the teacher 4; give the student --heads 4"):
+    with pytest.raises(ValueError, match="--recipe tinybert matches heads one to one: give the student --heads 4"):
         train.main(argv + ["--out", str(out)])
+    assert not os.path.exists(out)  # refused before the teacher trained
     results = train.main(argv + ["--out", str(out), "--heads", "4"])
     stage1 = [json.loads(x) for x in open(out / "stage1" / "log.jsonl") if '"att"' in x]
     stage2 = [json.loads(x) for x in open(out / "stage2" / "log.jsonl") if '"kd"' in x]
@@ -1793,7 +1795,7 @@ def spy_on_stages(monkeypatch, train):
 
 
 def logged_lrs(directory):
-    return [r["lr"] for r in map(json.loads, open(directory / "log.jsonl")) if "lr" in r and "peak_memory_gib" not in r]
+    return [r["lr"] for r in map(json.loads, open(directory / "log.jsonl")) if "lr" in r]
 
 
 def test_each_stage_trains_its_modules_on_its_schedule(tmp_path, monkeypatch, capsys):
@@ -1895,7 +1897,7 @@ def test_eval_scores_the_checkpoint_train_says_it_kept(tmp_path, capsys):
     out = tmp_path / "out"
     d = ["--data_dir", str(tmp_path / "data"), "--allow_partial"]
     argv = PIPELINE + d + ["--teacher_init", str(init), "--out", str(out), "--eval_steps", "1", "--teacher_epochs", "3",
-                           "--epochs2", "3", "--teacher_lr", "2e-3", "--stages", "teacher,stage2,eval"]
+                           "--epochs2", "3", "--teacher_lr", "2e-3", "--stages", "teacher,stage2,eval", "--max_len", "32"]
     argv[argv.index("sst2")] = "stsb"
     results = train.main(argv)
     said = capsys.readouterr().out
@@ -1955,3 +1957,176 @@ def test_relation_sharpness_is_the_entropy_and_kl_of_each_mapped_relation():
     assert all(0 < r["h_teacher"] <= 1 and 0 < r["h_student"] <= 1 for r in rows)
     lines = ev.sharpness_table(rows)
     assert len(lines) == 1 + 1 + 2 * 2 + 1 and lines[2].split()[:2] == ["L_MHA", "1->4"]
+
+
+# ==============================================================================================
+# Bad input: every flag that can be checked without data is checked before any work; a rerun never
+# reuses a result made with other settings; errors are one line naming the flag or the file
+
+
+def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    out = tmp_path / "out"
+    base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out)]
+    for extra, msg in ((["--layer_map", "4,1,2"], "--layer_map: layer map \\[4, 1, 2\\]: need 2 teacher layers in 1..4"),
+                       (["--layer_map", "2,9"], "--layer_map: .*in 1..4"),
+                       (["--splits", "5"], "--splits 5 must divide the student's width 24 and the teacher's 48"),
+                       (["--heads", "5"], "--heads 5 does not divide the student's width 24"),
+                       (["--max_len", "128"], "--max_len 128: the teacher has 64 positions")):
+        with pytest.raises(ValueError, match=msg):
+            train.main(base + extra)
+        assert not os.path.exists(out), extra  # nothing trained, nothing left behind
+    for extra, msg in ((["--layer_map=-1,2"], "teacher layers count from 1"),
+                       (["--max_len", "2"], "--max_len 2: sst2 needs at least 3 positions"),
+                       (["--max_len", "4", "--task", "rte"], "--max_len 4: rte needs at least 5 positions"),
+                       (["--batch_size", "1"], "--batch_size 1: L_SS and L_SC relate the samples of a batch"),
+                       (["--warmup", "1"], "--warmup must be a fraction in \\[0, 1\\), got 1.0"),
+                       (["--epochs1=-1"], "--epochs1 must be >= 0, got -1.0"),
+                       (["--temperature", "0"], "--temperature must be positive, got 0.0$")):
+        with pytest.raises(SystemExit):
+            train.parse_args(base + extra)
+        assert re.search(msg, capsys.readouterr().err.strip()), extra
+    train.parse_args(base + ["--batch_size", "1", "--w_ss", "0", "--w_sc", "0"])  # no batch relation: fine
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere: nothing to refuse then
+            with pytest.raises(SystemExit):
+                train.parse_args(base + ["--out", str(tmp_path / "ro" / "run")])
+            assert "is not writable; choose an --out you can write to" in capsys.readouterr().err
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
+
+
+def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, monkeypatch):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    out = tmp_path / "out"
+    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out),
+                       "--teacher_epochs", "1", "--epochs1", "2", "--epochs2", "1", "--save_steps", "3"]
+    train.main(argv)
+    with pytest.raises(ValueError, match=r"stage2 was run with other settings: --w_ss 1.0 \(now 0.0\), --lr2 0.001 "
+                                         r"\(now 0.0001\)\. Rerun with those to resume or reuse it, or pass a new --out"):
+        train.main(argv + ["--w_ss", "0", "--lr2", "1e-4"])
+    with pytest.raises(ValueError, match=r"teacher was run with other settings: --seed 42 \(now 7\)"):
+        train.main(argv + ["--seed", "7"])
+    capsys.readouterr()
+    train.main(argv + ["--eval_batch_size", "64", "--log_steps", "2"])  # what does not change a stage does not block it
+    assert capsys.readouterr().out.count("is finished: skipped") == 3
+    # an interrupted Stage 1 resumes only with its own settings
+    shutil.rmtree(out / "stage1")
+    shutil.rmtree(out / "stage2")
+    real, calls = data.batches, {"n": 0}
+
+    def dying(*a, **k):
+        for b in real(*a, **k):
+            calls["n"] += k.get("shuffle", False)
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            yield b
+    monkeypatch.setattr(data, "batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(data, "batches", real)
+    assert os.path.exists(out / "stage1" / "checkpoint.pt")
+    for extra, msg in ((["--lr1", "2e-3", "--w_mha", "0"], r"--w_mha 1.0 \(now 0.0\), --lr1 0.001 \(now 0.002\)"),
+                       (["--layers", "3"], r"--layers 2 \(now 3\)")):
+        with pytest.raises(ValueError, match="stage1 was run with other settings: " + msg):
+            train.main(argv + extra)
+    train.main(argv)
+    assert "[stage1] resumed from" in capsys.readouterr().out and train.is_done(out / "stage1")
+
+
+def test_an_error_after_the_checks_leaves_no_empty_stage_directory(tmp_path, monkeypatch):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    out = tmp_path / "out"
+    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out),
+                       "--teacher_epochs", "1"]
+    train.main(argv + ["--stages", "teacher"])
+
+    def offline(*a, **k):
+        raise data.DownloadError("https://huggingface.co/x", "no network")
+    monkeypatch.setattr(train, "build_student", offline)
+    with pytest.raises(data.DownloadError):
+        train.main(argv)
+    assert sorted(os.listdir(out)) == ["teacher"]  # stage1 held nothing but its settings: removed
+
+
+def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
+    import train
+    examples = list(range(10))
+    assert train.train_subset(None, examples) is examples and train.train_subset(20, examples) is examples
+    assert "--train_subset 20 is not less than the 10 training examples: training on all of them" in capsys.readouterr().out
+    assert train.train_subset(4, examples) == train.train_subset(4, examples) and len(train.train_subset(4, examples)) == 4
+
+
+def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path, capsys):
+    import eval as ev
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    out = tmp_path / "out"
+    train.main(PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out),
+                           "--teacher_epochs", "1", "--epochs1", "1", "--epochs2", "1", "--max_len", "32"])
+    vocab = {"vocab.txt": open(init / "vocab.txt").read()}
+    model.Bert(model.BertConfig.preset("tiny-student", head="span")).save(tmp_path / "squad_model", vocab)
+    cpu = ["--device", "cpu", "--allow_partial"]
+    for task, directory, msg in (("sst2", init, "has no task head, but --task sst2 needs a classification head with 2 "
+                                                "labels; a pre-trained model or General student is not fine-tuned"),
+                                 ("squad1", out / "stage2", "has a classification head with 2 labels, but --task squad1 "
+                                                            "needs a span head; score it on the task it was trained on"),
+                                 ("sst2", tmp_path / "squad_model", "has a span head, but --task sst2 needs a "
+                                                                    "classification head with 2 labels")):
+        with pytest.raises(ValueError, match=re.escape(f"--model {directory}: {msg}")):
+            ev.main(["--task", task, "--model", str(directory), *cpu, "--data_dir", str(tmp_path / "data")])
+    capsys.readouterr()  # no --data_dir: the one the model was trained with (its args.json), at its max_len
+    assert ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu])["total"] == 32
+    said = capsys.readouterr().out
+    assert f"data_dir {tmp_path / 'data'} (from {out / 'stage2' / 'args.json'})" in said and "max_len 32" in said
+    ev.main(["--task", "sst2", "--model", str(out / "stage1"), *cpu])  # a Stage-1 student: its head never trained
+    assert "is a Stage-1 student: Stage 1 never trains the task head" in capsys.readouterr().out
+    rows = ev.main(["--task", "sst2", "--model", str(out / "stage2"), "--speed", "--speed_batch", "2", *cpu])
+    assert "speed: batch 2 x length 32" in capsys.readouterr().out and rows[-1]["heads"] == 1
+    for flags, msg in ((["--show", " "], "--show: give a sentence to draw (it is empty)"),
+                       (["--speed", "--speed_batch", "0"], "--speed_batch must be at least 1, got 0"),
+                       (["--max_len", "2"], "--max_len 2: must be in 3..512")):
+        with pytest.raises(SystemExit):
+            ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu, *flags])
+        assert msg in capsys.readouterr().err
+    long = " ".join(["good"] * 80)
+    ev.main(["--task", "sst2", "--model", str(out / "stage2"), "--teacher", str(out / "teacher"), "--show", long, *cpu])
+    assert "--show: the sentence is longer than 64 positions; the page draws its first 62 word pieces" in capsys.readouterr().out
+
+
+def test_a_full_disk_is_said_in_words_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as caught:
+        data.atomic_write_text(str(target), "{}")
+    assert os.listdir(tmp_path) == []  # nothing half-written, no temporary left
+    line = data.error_line(caught.value, "an --out")
+    assert line.startswith(f"no space left on the device while writing {target}; nothing half-written was kept")
+    assert "rerun the same command" in line
+    denied = PermissionError(errno.EACCES, "Permission denied", "/ro/out/teacher/args.json")
+    assert data.error_line(denied, "an --out") == ("cannot write /ro/out/teacher/args.json: Permission denied; "
+                                                   "choose an --out you can write to")
+
+
+@pytest.mark.parametrize("bad, where", [({"data": {"a": 1}}, "the file.data should be a list, found dict"),
+                                        ({"data": [{"title": "x"}]}, "data[0].paragraphs should be a list, found nothing"),
+                                        ({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "q", "question": "?"}]}]}]},
+                                         "data[0].paragraphs[0].qas[0].answers should be a list, found nothing"),
+                                        ({"data": [{"paragraphs": [{"context": "c", "qas": [
+                                            {"id": "q", "question": "?", "answers": [{"text": "c"}]}]}]}]},
+                                         "qas[0].answers[0].answer_start should be an integer, found nothing")])
+def test_squad_file_of_another_layout_is_one_line_naming_the_place(tmp_path, bad, where):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=re.escape(where) + "; not the official SQuAD layout") as caught:
+        data.read_squad(str(path))
+    assert str(caught.value).startswith(f"{path}: ")

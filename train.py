@@ -21,10 +21,12 @@ Under `torchrun --nproc_per_node N train.py ...` every stage is data-parallel (P
 import argparse
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -35,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import eval as evaluation
 import mlkd
-from model import Bert, fetch, read_safetensors, write_safetensors
+from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 
 # SPEC "Hyper-parameters": max length, Stage-1 epochs, Stage-2 epochs, teacher epochs, teacher lr.
 # WNLI is not in the authors' table; it gets RTE's settings.
@@ -124,6 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
     g.add_argument("--no_teacher_cache", action="store_true",
                    help="run the teacher on every Stage-2 step instead of once per example (slower; for checking)")
+    if int(os.environ.get("RANK", 0)):  # under torchrun every process parses the same flags: one of them says why
+        p.error = lambda message: sys.exit(2)
     args = p.parse_args(argv)
 
     if args.task not in TASK_DEFAULTS:
@@ -152,12 +156,17 @@ def parse_args(argv=None):
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau"):
         if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive (a negative value is written --{name}=-5e-5)")
-    for bad, msg in ((args.weight_decay < 0, f"--weight_decay must be >= 0, got {args.weight_decay}"),
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("epochs1", "epochs2", "teacher_epochs", "weight_decay"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    pairs = args.task.startswith("squad") or args.task in data.TASKS and data.TASKS[args.task].b is not None
+    shortest = 5 if pairs else 3  # [CLS] a [SEP] (b [SEP]): one word piece of each text at least
+    for bad, msg in ((not 0 <= args.warmup < 1, f"--warmup must be a fraction in [0, 1), got {args.warmup}"),
                      (not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)), "Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0"),
-                     (min(args.epochs1, args.epochs2, args.teacher_epochs) < 0 or not 0 <= args.warmup < 1,
-                      "epochs must be >= 0 and --warmup in [0, 1)"),
-                     (args.max_len > 512, "--max_len cannot exceed BERT's 512 positions"),
+                     (args.max_len > 512, f"--max_len {args.max_len}: BERT has 512 positions"),
+                     (args.max_len < shortest, f"--max_len {args.max_len}: {args.task} needs at least {shortest} positions "
+                                               f"(one word piece of {'each text' if pairs else 'text'} and the special tokens)"),
                      (args.teacher and not os.path.isdir(args.teacher), f"--teacher {args.teacher}: no such directory"),
                      (args.student_init not in ("tinybert", "teacher-layers", "random") and not os.path.isdir(args.student_init),
                       f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory")):
@@ -168,7 +177,19 @@ def parse_args(argv=None):
             args.layer_map = [int(x) for x in args.layer_map.split(",")]
         except ValueError:
             p.error(f"--layer_map {args.layer_map}: use uniform, last or comma-separated teacher layers")
+        if args.layer_map[0] < 0 or any(x < 1 for x in args.layer_map[1:]):
+            p.error(f"--layer_map {','.join(map(str, args.layer_map))}: teacher layers count from 1 (0 is the embeddings)")
     args.out = args.out or os.path.join("out", args.task)
+    existing = args.out
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.access(existing, os.W_OK):
+        p.error(f"--out {args.out}: {existing} is not writable; choose an --out you can write to")
+    relations = args.recipe == "mlkd" and (args.w_ss or args.w_sc) and not args.task.startswith("squad")
+    per_process = math.ceil(args.batch_size / int(os.environ.get("WORLD_SIZE", 1)))
+    if relations and "stage2" in args.stages and per_process < 2:
+        p.error(f"--batch_size {args.batch_size}: L_SS and L_SC relate the samples of a batch and are 0 with one sample "
+                f"per process; use --batch_size {2 * int(os.environ.get('WORLD_SIZE', 1))} or more, or --w_ss 0 --w_sc 0")
     return args
 
 
@@ -176,21 +197,10 @@ def parse_args(argv=None):
 # Building the models
 
 
-def head_config(task):
-    if task == "general":  # no task: the student is a general-purpose encoder
-        return dict(head="none", label_names=[])
-    if task.startswith("squad"):
-        return dict(head="span", label_names=[])
-    t = data.TASKS[task]
-    if t.is_regression:
-        return dict(head="regression", label_names=[])
-    return dict(head="classification", num_labels=len(t.labels), label_names=list(t.labels))
-
-
 def build_student(args, teacher):
     """The student per --student_init (see --help); its attention dropout is 0 so attn_outputs are SPEC's O."""
     tc = teacher.config
-    overrides = dict(head_config(args.task), attention_probs_dropout_prob=0.0,
+    overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
                      **({"num_attention_heads": args.heads} if args.heads else {}))
     if args.student_init == "tinybert":
         key = (args.layers or 4, args.hidden or 312)
@@ -244,14 +254,11 @@ def save_model(model, directory, vocab_file, args):
 def load_teacher(directory, args):
     """A fine-tuned teacher, frozen; its head must be the task's (a pre-trained model has none)."""
     teacher = Bert.from_pretrained(directory, verbose=False)
-    have, want = teacher.config, head_config(args.task)
-    if have.head != want["head"] or have.num_labels != want.get("num_labels", have.num_labels):
-        shown = "no task head" if have.head == "none" else f"a {have.head} head" + (
-            f" with {have.num_labels} labels" if have.head == "classification" else "")
-        needed = f"a {want['head']} head" + (f" with {want['num_labels']} labels" if "num_labels" in want else "")
-        raise ValueError(f"--teacher {directory}: has {shown}, but --task {args.task} needs {needed}; it is not "
-                         f"a teacher fine-tuned on {args.task}. To fine-tune one from it, pass --teacher_init {directory}")
-    if want["head"] == "classification":
+    why = evaluation.head_mismatch(teacher, args.task)
+    if why:
+        raise ValueError(f"--teacher {directory}: {why}; it is not a teacher fine-tuned on {args.task}. To fine-tune "
+                         f"one from it, pass --teacher_init {directory}")
+    if teacher.config.head == "classification":
         evaluation.check_labels(teacher, args.task)
     return teacher.to(args.device).eval().requires_grad_(False)
 
@@ -433,7 +440,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     record["peak_memory_gib"] = evaluation.peak_memory_gib(device)
     print(f"[{stage}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory {record['peak_memory_gib']:.2f} GiB "
           f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
-    log.write(json.dumps(record) + "\n")
+    log.write(json.dumps({"stage": stage, "done": True, "peak_memory_gib": record["peak_memory_gib"]}) + "\n")
     log.close()
     return record, best_metrics
 
@@ -456,6 +463,95 @@ def is_done(directory):
     return os.path.exists(path) and json.load(open(path)).get("done", False)
 
 
+# The flags that change what a stage computes. A stage directory keeps the settings it was started with
+# (args.json); a rerun into it with other values would skip or resume a different run, so it is refused.
+FIT_FLAGS = ("task", "batch_size", "max_len", "seed", "max_steps", "train_subset", "weight_decay", "paper_exact",
+             "train_file")
+STUDENT_FLAGS = ("teacher", "student_init", "layers", "hidden", "heads", "ffn", "splits", "layer_map", "w_emb", "w_mha",
+                 "w_ffn", "mha_temperature", "proj_init", "recipe", "epochs1", "lr1")
+STAGE_FLAGS = {"teacher": (*FIT_FLAGS, "teacher_init", "teacher_epochs", "teacher_lr", "warmup", "eval_steps", "dev_file"),
+               "stage1": (*FIT_FLAGS, *STUDENT_FLAGS),
+               "stage2": (*FIT_FLAGS, *STUDENT_FLAGS, "w_kd", "w_ss", "w_sc", "w_ce", "temperature", "tau", "epochs2",
+                          "lr2", "warmup", "eval_steps", "dev_file"),
+               "general": (*FIT_FLAGS, *STUDENT_FLAGS, "corpus", "teacher_init", "warmup")}
+WORK = ("metrics.json", "checkpoint.pt", "model.safetensors", "log.jsonl")  # a directory holding any of these has work
+
+
+def same_settings(stage, directory, args):
+    """Refuse to reuse a stage directory whose work was done with other values of STAGE_FLAGS[stage]."""
+    path = os.path.join(directory, "args.json")
+    if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f)) for f in WORK):
+        return
+    was, now = json.loads(data.read_text(path)), json.loads(json.dumps(vars(args), default=str))
+    differ = [f for f in STAGE_FLAGS[stage] if f in was and was[f] != now[f]]
+    if differ:
+        flags = ", ".join(f"--{f} {was[f]} (now {now[f]})" for f in differ)
+        raise ValueError(f"{directory} was run with other settings: {flags}. Rerun with those to resume or reuse it, "
+                         f"or pass a new --out")
+
+
+def finished(stage, directory, args):
+    """True when the stage's directory holds its finished result for these settings (the stage is skipped);
+    otherwise make the directory, remembering the settings in args.json. Other settings are refused."""
+    same_settings(stage, directory, args)
+    if is_done(directory):
+        return True
+    if lead():
+        os.makedirs(directory, exist_ok=True)
+        data.atomic_write_text(os.path.join(directory, "args.json"), json.dumps(vars(args), indent=2, default=str))
+    sync()
+    return False
+
+
+def drop_unstarted(out):
+    """After an error: remove the stage directories that hold nothing but their args.json (no work to keep)."""
+    if not lead() or not os.path.isdir(out):
+        return
+    for stage in (*STAGES[:3], "general"):
+        directory = os.path.join(out, stage)
+        if os.path.isdir(directory) and set(os.listdir(directory)) <= {"args.json"}:
+            shutil.rmtree(directory)
+    if not os.listdir(out):
+        os.rmdir(out)
+
+
+def student_shape(args, teacher):
+    """(layers, width, heads) of the student --student_init and the shape flags will build, without building it."""
+    N, d, h = teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads
+    if args.student_init == "tinybert":
+        return args.layers or 4, args.hidden or 312, args.heads or 12  # General TinyBERT has 12 heads
+    if args.student_init in ("random", "teacher-layers"):
+        return args.layers or max(1, N // 2), args.hidden or d, args.heads or h
+    c = BertConfig.from_json(os.path.join(args.student_init, "config.json"))
+    return args.layers or c.num_hidden_layers, c.hidden_size, args.heads or c.num_attention_heads
+
+
+def check_shapes(args, teacher):
+    """Refuse, before any training, the shapes a later stage would refuse: the student's heads and the MHA-splits
+    must divide the widths, the layer map must fit, TinyBERT's recipe needs equal head counts. teacher: BertConfig."""
+    M, d_s, h_s = student_shape(args, teacher)
+    N, d_t = teacher.num_hidden_layers, teacher.hidden_size
+    distils = any(s in args.stages for s in ("stage1", "general"))
+    whose = "--heads" if args.heads else f"--student_init {args.student_init}'s head count"
+    for bad, msg in ((d_s % h_s, f"{whose} {h_s} does not divide the student's width {d_s}; choose a divisor of {d_s}"),
+                     (distils and args.w_mha and args.recipe == "mlkd" and (d_s % args.splits or d_t % args.splits),
+                      f"--splits {args.splits} must divide the student's width {d_s} and the teacher's {d_t}"),
+                     (distils and args.recipe == "tinybert" and h_s != teacher.num_attention_heads,
+                      f"--recipe tinybert matches heads one to one: give the student --heads {teacher.num_attention_heads}"),
+                     (args.max_len > teacher.max_position_embeddings,
+                      f"--max_len {args.max_len}: the teacher has {teacher.max_position_embeddings} positions"),
+                     (args.student_init == "tinybert" and (M, d_s) not in TINYBERT,
+                      f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x 312, 6 x 768); use "
+                      "--student_init teacher-layers, random or a model directory")):
+        if bad:
+            raise ValueError(msg)
+    if distils:
+        try:
+            mlkd.layer_map(N, M, args.layer_map)
+        except ValueError as e:
+            raise ValueError(f"--layer_map: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # The stages
 
@@ -476,8 +572,7 @@ def teacher_loss(model, batch):
 
 def load_task(args, tok):
     """Tokenised training rows (tokenised once) and evaluate(model) -> {metric: value} on dev."""
-    subset = lambda xs: xs if not args.train_subset or args.train_subset >= len(xs) else [  # noqa: E731
-        xs[i] for i in sorted(torch.randperm(len(xs), generator=torch.Generator().manual_seed(42))[:args.train_subset].tolist())]
+    subset = functools.partial(train_subset, args.train_subset)
     if args.task.startswith("squad"):
         version = evaluation.squad_version(args.task)
         path = lambda split, given: given or os.path.join(args.data_dir, "squad", f"{split}-v{version}.json")  # noqa: E731
@@ -491,6 +586,17 @@ def load_task(args, tok):
     dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok, args.max_len)
            for s in data.TASKS[args.task].dev_splits}
     return train, lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact)
+
+
+def train_subset(n, examples):
+    """A random subset of n training examples, the same for every --seed (all of them without n)."""
+    if not n:
+        return examples
+    if n >= len(examples):
+        print(f"[data] --train_subset {n} is not less than the {len(examples)} training examples: training on all of them")
+        return examples
+    keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(42))[:n]
+    return [examples[i] for i in sorted(keep.tolist())]
 
 
 def dev_set_key(args):
@@ -509,7 +615,11 @@ def main(argv=None):
         args.w_ss = args.w_sc = 0.0
     torch.manual_seed(args.seed)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    result = general(args) if args.task == "general" else pipeline(args)
+    try:
+        result = general(args) if args.task == "general" else pipeline(args)
+    except Exception:
+        drop_unstarted(args.out)
+        raise
     if dist.is_initialized():  # the ranks leave together: one that exits early can abort the others
         sync()
         dist.destroy_process_group()
@@ -521,6 +631,7 @@ def pipeline(args):
     dirs = {s: os.path.join(args.out, s) for s in STAGES[:3]}
     teacher_dir = args.teacher or dirs["teacher"]
     source = fetch(args.teacher or args.teacher_init)
+    check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
     vocab = os.path.join(source, "vocab.txt")
     tok = data.Tokenizer(vocab)
     teacher = load_teacher(args.teacher, args) if args.teacher else None  # checked before any work
@@ -528,9 +639,8 @@ def pipeline(args):
     dev_set = dev_set_key(args)
 
     # Stage 0: the teacher
-    if "teacher" in args.stages and not args.teacher and not is_done(teacher_dir):
-        os.makedirs(teacher_dir, exist_ok=True)
-        teacher = Bert.from_pretrained(args.teacher_init, **head_config(args.task)).to(args.device)
+    if "teacher" in args.stages and not args.teacher and not finished("teacher", teacher_dir, args):
+        teacher = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task)).to(args.device)
         record, best = fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs,
                            args.teacher_lr, args.warmup, lambda: evaluate(teacher), lambda _: save_model(teacher, teacher_dir, vocab, args))
         finish(teacher_dir, {"dev": best, "dev_set": dev_set, "train": record})
@@ -541,20 +651,20 @@ def pipeline(args):
     if not args.teacher and any(s in args.stages for s in ("stage1", "stage2", "eval")):
         if not is_done(teacher_dir):
             sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
+        same_settings("teacher", teacher_dir, args)
         teacher = load_teacher(teacher_dir, args)
 
     # Stage 1: embeddings and Transformer layers
-    if "stage1" in args.stages and not is_done(dirs["stage1"]):
-        os.makedirs(dirs["stage1"], exist_ok=True)
+    if "stage1" in args.stages and not finished("stage1", dirs["stage1"], args):
         record, _ = distil_layers("stage1", dirs["stage1"], teacher, train, args, vocab)
         finish(dirs["stage1"], {"train": record})
     elif "stage1" in args.stages:
         print(f"[stage1] {dirs['stage1']} is finished: skipped")
 
     # Stage 2: prediction layer, best on dev kept
-    if "stage2" in args.stages and not is_done(dirs["stage2"]):
-        os.makedirs(dirs["stage2"], exist_ok=True)
+    if "stage2" in args.stages and not finished("stage2", dirs["stage2"], args):
         if is_done(dirs["stage1"]):
+            same_settings("stage1", dirs["stage1"], args)
             student = Bert.from_pretrained(dirs["stage1"], verbose=False).to(args.device)
         elif "stage1" not in args.stages:  # a baseline: logits-only KD or gold labels, no Stage 1
             print(f"[stage2] no finished Stage 1 in {dirs['stage1']}: starting from --student_init {args.student_init}")
@@ -654,11 +764,11 @@ def distil_layers(stage, directory, teacher, train, args, vocab, heldout=None):
 def general(args):
     """--task general: general distillation on unlabeled text; writes <out>/general, a student for --student_init."""
     directory = os.path.join(args.out, "general")
-    if is_done(directory):
+    source = fetch(args.teacher_init)
+    check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
+    if finished("general", directory, args):
         print(f"[general] {directory} is finished: skipped")
         return json.load(open(os.path.join(directory, "metrics.json")))
-    os.makedirs(directory, exist_ok=True)
-    source = fetch(args.teacher_init)
     vocab = os.path.join(source, "vocab.txt")
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
     windows = data.corpus_windows(data.read_corpus(args.corpus.split(",")), data.Tokenizer(vocab), args.max_len)
@@ -671,7 +781,7 @@ def general(args):
     train = {key: v[order[k:]] for key, v in windows.items()}
     corpus = {"files": args.corpus, "windows": n, "heldout_windows": k, "word_pieces": int(windows["lengths"].sum() - 2 * n)}
     print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {corpus['word_pieces']:,} word pieces; "
-          f"{k} windows held out; teacher {source} (pre-trained)")
+          f"{k} window{'s' * (k != 1)} held out; teacher {source} (pre-trained)")
     record, start = distil_layers("general", directory, teacher, train, args, vocab, heldout)
     if not lead():
         return finish(directory, {})
@@ -705,7 +815,9 @@ def teacher_cache(teacher, train, args, directory):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError, OSError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # once, not once per torchrun process
+            print(f"error: {data.error_line(e, 'an --out')}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # fit() has said where the checkpoint is
         sys.exit(130)
