@@ -1,9 +1,10 @@
 """data.py: downloads, the WordPiece tokenizer, GLUE and SQuAD, read exactly as the official tools do.
 
-Chapter 0 of mlkd; imports nothing of ours. Sources and facts: SPEC.md "Official data sources",
-the GLUE download script (file layout, MRPC built from SentEval), the GLUE paper's task table, Google's
-BERT run_classifier.py / run_squad.py (pair truncation, SQuAD windows) and the official SQuAD
-evaluation scripts (post-processing lives here, scoring in eval.py).
+Chapter 0 of mlkd; imports nothing of ours. Sources and facts: the official URLs (GLUE's and SentEval's
+files on dl.fbaipublicfiles.com, SQuAD-explorer, the Hugging Face hub), the GLUE download script (file
+layout, MRPC built from SentEval), the GLUE paper's task table, Google's BERT run_classifier.py /
+run_squad.py (pair truncation, SQuAD windows) and the official SQuAD evaluation scripts (post-processing
+lives here, scoring in eval.py).
 
 Sections:  1. download   2. tokenizer   3. GLUE   4. batches   5. SQuAD   6. unlabeled text
 
@@ -255,7 +256,7 @@ class Task:
     b: int | None     # column of the second sentence, None for single-sentence tasks
     label: int | None  # column of the label (-1 = last), None in test files
     labels: tuple     # label strings in index order; () = regression
-    metric: str       # the metric kept for model selection (SPEC table)
+    metric: str       # GLUE's official metric, the one the paper reports and train.py selects on
     max_len: int
     header: bool = True
     test_cols: tuple = None  # (a, b) in test.tsv when they differ from train/dev
@@ -534,8 +535,10 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
         q_ids = q.ids[:max_query]
         room = max_len - len(q_ids) - 3
         if room < 1:
-            raise ValueError(f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word pieces, which leaves no "
-                             f"room for its context; use --max_len {len(q_ids) + 4} or more")
+            raise ValueError(
+                f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word pieces, which leaves no "
+                f"room for its context; use --max_len {len(q_ids) + 4} or more"
+            )
         offsets = np.array(c.offsets, dtype=np.int64).reshape(-1, 2)  # (n_ctx, 2) char [start, end)
         span = None
         if train and ex["answers"]:

@@ -129,7 +129,11 @@ def squad_scores(dataset, predictions, version="1.1", na_scores=None):
         exact[ex["id"]] = max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
         f1[ex["id"]] = max(squad_f1(pred, g) for g in golds)
     ids = list(exact)
-    out = {"exact": 100 * np.mean([exact[i] for i in ids]), "f1": 100 * np.mean([f1[i] for i in ids]), "total": len(ids)}
+    out = {
+        "exact": 100 * np.mean([exact[i] for i in ids]),
+        "f1": 100 * np.mean([f1[i] for i in ids]),
+        "total": len(ids),
+    }
     if version == "2.0":
         for name, keep in (("HasAns", True), ("NoAns", False)):
             sub = [i for i in ids if has_answer[i] == keep]
@@ -238,7 +242,9 @@ def cached_outputs(model, dataset, path, batch_size=128, device="cpu", compute=T
         print(f"[stage2] {path} was made by another teacher or data: computed again")
     t0 = time.time()
     logits, cls = model_outputs(model, dataset, batch_size, device)
-    write_safetensors({"logits": logits, "cls": cls, "fingerprint": torch.tensor(list(h.digest()), dtype=torch.uint8)}, path)
+    write_safetensors(
+        {"logits": logits, "cls": cls, "fingerprint": torch.tensor(list(h.digest()), dtype=torch.uint8)}, path
+    )
     print(f"[stage2] teacher outputs of {len(cls)} examples computed once in {time.time() - t0:.0f} s "
           f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
     return logits, cls
@@ -349,7 +355,8 @@ def peak_memory_gib(device):
 
 def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, device="cpu"):
     """Median latency (ms) and throughput (samples/s) of the model re-headed to each head count:
-    same weights, same width and FLOPs, only the split of the width into heads changes (SPEC)."""
+    same weights, same width and FLOPs, only the split of the width into heads changes (what the paper's
+    claim that a student may have fewer heads is about)."""
     rows = []
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     mask = torch.ones_like(ids)
@@ -407,25 +414,30 @@ def curves_svg(records, title, width=560, height=150):
         span = hi - lo
         x = lambda s: left + (width - left - right) * s / last  # noqa: E731
         y = lambda v: y0 + top + (height - top - bottom) * (hi - v) / span  # noqa: E731
-        out += [f'<g class="panel" data-name="{name}">',
-                f'<rect x="{left}" y="{y0 + top}" width="{width - left - right}" height="{height - top - bottom}" '
-                'fill="none" stroke="#999"/>',
-                f'<text x="{left}" y="{y0 + top - 6}" font-weight="bold">{name}</text>',
-                f'<text x="{left - 4}" y="{y0 + top + 10}" text-anchor="end">{hi:.4g}</text>',
-                f'<text x="{left - 4}" y="{y0 + height - bottom}" text-anchor="end">{lo:.4g}</text>',
-                f'<text x="{left}" y="{y0 + height - 8}">step 0</text>',
-                f'<text x="{width - right}" y="{y0 + height - 8}" text-anchor="end">step {last}</text>',
-                '<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="'
-                + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>',
-                *(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="#1f5fa8"/>' for s, v in pts if len(pts) <= 40),
-                '</g>']
+        out += [
+            f'<g class="panel" data-name="{name}">',
+            f'<rect x="{left}" y="{y0 + top}" width="{width - left - right}" height="{height - top - bottom}" '
+            'fill="none" stroke="#999"/>',
+            f'<text x="{left}" y="{y0 + top - 6}" font-weight="bold">{name}</text>',
+            f'<text x="{left - 4}" y="{y0 + top + 10}" text-anchor="end">{hi:.4g}</text>',
+            f'<text x="{left - 4}" y="{y0 + height - bottom}" text-anchor="end">{lo:.4g}</text>',
+            f'<text x="{left}" y="{y0 + height - 8}">step 0</text>',
+            f'<text x="{width - right}" y="{y0 + height - 8}" text-anchor="end">step {last}</text>',
+            '<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="'
+            + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts)
+            + '"/>',
+            *(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="#1f5fa8"/>' for s, v in pts if len(pts) <= 40),
+            '</g>',
+        ]
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
 def write_curves(directory):
     """<directory>/curves.svg from <directory>/log.jsonl."""
     records = [json.loads(line) for line in open(os.path.join(directory, "log.jsonl")) if line.strip()]
-    data.atomic_write_text(os.path.join(directory, "curves.svg"), curves_svg(records, f"{os.path.basename(directory)}: {directory}"))
+    data.atomic_write_text(
+        os.path.join(directory, "curves.svg"), curves_svg(records, f"{os.path.basename(directory)}: {directory}")
+    )
 
 
 def write_index(out, directories):
@@ -453,7 +465,8 @@ def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14, legend=True):
     n_r, n_c = m.shape
     left = 8 + 7 * max((len(s) for s in rows), default=0) if rows else 8
     top = 22 + (7 * max((len(s) for s in cols), default=0) if cols else 0)
-    w, h = max(left + n_c * cell + (70 if legend else 12), 8 + 6.5 * len(title)), top + n_r * cell + (92 - n_r * cell if legend and n_r * cell < 84 else 8)
+    w = max(left + n_c * cell + (70 if legend else 12), 8 + 6.5 * len(title))
+    h = top + n_r * cell + (92 - n_r * cell if legend and n_r * cell < 84 else 8)  # room for the legend bar
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
            f'<text x="4" y="14" font-weight="bold">{html.escape(title)}</text>']
     for i in range(n_r):
@@ -466,10 +479,12 @@ def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14, legend=True):
         x = left + j * cell + cell - 3
         out.append(f'<text x="{x}" y="{top - 3}" transform="rotate(-90 {x} {top - 3})">{html.escape(s)}</text>')
     lx = left + n_c * cell + 12
-    out += [] if not legend else [f'<defs><linearGradient id="g" x1="0" y1="1" x2="0" y2="0"><stop offset="0" stop-color="{colour(0, 1)}"/>'
-            f'<stop offset="1" stop-color="{colour(1, 1)}"/></linearGradient></defs>',
-            f'<rect x="{lx}" y="{top}" width="10" height="80" fill="url(#g)" stroke="#999"/>',
-            f'<text x="{lx + 14}" y="{top + 8}">{vmax:.3g}</text>', f'<text x="{lx + 14}" y="{top + 80}">0</text>']
+    if legend:
+        out += [f'<defs><linearGradient id="g" x1="0" y1="1" x2="0" y2="0">'
+                f'<stop offset="0" stop-color="{colour(0, 1)}"/><stop offset="1" stop-color="{colour(1, 1)}"/>'
+                '</linearGradient></defs>',
+                f'<rect x="{lx}" y="{top}" width="10" height="80" fill="url(#g)" stroke="#999"/>',
+                f'<text x="{lx + 14}" y="{top + 8}">{vmax:.3g}</text>', f'<text x="{lx + 14}" y="{top + 80}">0</text>']
     return "\n".join(out + ["</svg>"])
 
 
@@ -484,7 +499,10 @@ def ss_maps(student, teacher, dev, device="cpu", n=32):
     pair = [mlkd.relation_logprobs(m.eval()(*inputs).hidden_states[-1][:, 0][None, None]).exp()[0, 0].cpu().numpy()
             for m in (teacher, student)]
     vmax, labels = max(float(p.max()) for p in pair), [str(v) for v in rows["labels"].tolist()]
-    return [heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels) for who, p in zip(("teacher", "student"), pair)]
+    return [
+        heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels)
+        for who, p in zip(("teacher", "student"), pair)
+    ]
 
 
 @torch.no_grad()
@@ -506,8 +524,8 @@ def relation_sharpness(student, teacher, batch, lmap, splits=12, temperature=1.0
         return zip(*(mean(v).tolist() for v in (*entropy, mlkd.relation_kl_rows(x_s, x_t, m, temp))))
 
     def rows(loss, m, g_m, values, per_split=False):
-        return [dict(loss=loss, student=m, teacher=g_m, split=a + 1 if per_split else None, h_teacher=h_t, h_student=h_s,
-                     kl=kl) for a, (h_t, h_s, kl) in enumerate(values)]
+        return [dict(loss=loss, student=m, teacher=g_m, split=a + 1 if per_split else None,
+                     h_teacher=h_t, h_student=h_s, kl=kl) for a, (h_t, h_s, kl) in enumerate(values)]
     out = rows("L_EMB", 0, 0, summary(s.token_embeddings[:, None], t.token_embeddings[:, None], mask))
     for m in range(1, len(lmap)):
         o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, lmap[m])))  # (B, A, L, k)
@@ -548,7 +566,10 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     parts = ["<h2>L_EMB: token-token relation of the word-piece embeddings</h2>"]
     pair = [rel(o.token_embeddings[:, None])[0] for o in (t, s)]
     vmax = max(float(p.max()) for p in pair)
-    parts += [heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces) for who, p in zip(("teacher", "student"), pair)]
+    parts += [
+        heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces)
+        for who, p in zip(("teacher", "student"), pair)
+    ]
     g = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, kind)
     for m in range(1, len(g)):
         o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, g[m])))  # (1, A, L, k)
@@ -556,7 +577,13 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
         vmax = max(float(r_t.max()), float(r_s.max()))
         parts.append(f"<h2>L_MHA: student layer {m} against teacher layer {g[m]}, {splits} MHA-splits</h2>")
         for who, r in (("teacher", r_t), ("student", r_s)):
-            parts.append(f"<div><b>{who}</b><br>" + "".join(heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6, legend=a == splits - 1) for a in range(splits)) + "</div>")
+            parts.append(
+                f"<div><b>{who}</b><br>"
+                + "".join(
+                    heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6, legend=a == splits - 1) for a in range(splits)
+                )
+                + "</div>"
+            )
         kl = mlkd.relation_kl_rows(o_s, o_t)[0].cpu().numpy()  # (A, L)
         parts.append(heatmap_svg(kl, "KL(teacher || student) of each query row (rows: splits)", float(kl.max()),
                                  [f"split {a + 1}" for a in range(splits)], pieces))
@@ -566,7 +593,12 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     head = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>MLKD relations</title>\n"
             "<style>svg {vertical-align: top}</style>\n"  # a tile with its legend is taller: align tops, keep one row
             f"<h1>{html.escape(sentence)}</h1>\n")
-    return head + "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n" + "\n".join(parts) + "\n"
+    return (
+        head
+        + "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n"
+        + "\n".join(parts)
+        + "\n"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,9 +622,18 @@ def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
     t_metrics = dev_metrics(teacher_dir, teacher, evaluate, dev_set)
     s_metrics = dev_metrics(student_dir, student, evaluate, dev_set)
     tp, sp = teacher.num_parameters(), student.num_parameters()
-    results = {"task": args.task, "metric": args.metric, "split": "dev", "teacher": t_metrics, "student": s_metrics,
-               "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
-               "teacher_parameters": tp, "student_parameters": sp, "teacher_dir": teacher_dir, "student_dir": student_dir}
+    results = {
+        "task": args.task,
+        "metric": args.metric,
+        "split": "dev",
+        "teacher": t_metrics,
+        "student": s_metrics,
+        "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
+        "teacher_parameters": tp,
+        "student_parameters": sp,
+        "teacher_dir": teacher_dir,
+        "student_dir": student_dir,
+    }
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     write_index(args.out, [teacher_dir, os.path.join(args.out, "stage1"), student_dir])
     print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
@@ -610,28 +651,45 @@ def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a saved model on a GLUE task or SQuAD with the official metric.")
     p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
-    p.add_argument("--model", required=True, help="a model directory written by train.py (or any Bert.from_pretrained input)")
+    p.add_argument(
+        "--model", required=True, help="a model directory written by train.py (or any Bert.from_pretrained input)"
+    )
     p.add_argument("--data_dir", help="holds glue/<TASK>/ and squad/ (default: the model's args.json, else $MLKD_DATA, "
                                       "else data)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--predict", action="store_true", help="write GLUE test predictions (submission format) into --model")
+    p.add_argument(
+        "--predict", action="store_true", help="write GLUE test predictions (submission format) into --model"
+    )
     p.add_argument("--speed", action="store_true", help="latency and throughput at 12/6/4/3/2/1 heads")
     p.add_argument("--speed_batch", type=int, default=32)
     p.add_argument("--speed_length", type=int, help="default: the max_len the model was trained with, else 128")
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
-    p.add_argument("--max_len", type=int, help="encoding length, SQuAD window length (default: the one in the "
-                                               "model's args.json, i.e. what it was trained and selected with; else the task's)")
+    p.add_argument(
+        "--max_len",
+        type=int,
+        help="encoding length, SQuAD window length (default: the one in the "
+        "model's args.json, i.e. what it was trained and selected with; else the task's)",
+    )
     p.add_argument("--show", metavar="SENTENCE", help="write a page of the relation maps of --model against "
                                                        "--teacher on this sentence (and a dev batch)")
     p.add_argument("--teacher", help="the teacher for --show")
-    p.add_argument("--mha_temperature", type=float, help="--show: L_MHA's relation temperature for the sharpness "
-                                                           "table (default: the model's args.json, else 1, the paper's)")
+    p.add_argument(
+        "--mha_temperature",
+        type=float,
+        help="--show: L_MHA's relation temperature for the sharpness "
+        "table (default: the model's args.json, else 1, the paper's)",
+    )
     p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
     p.add_argument("--allow_partial", action="store_true",
                    help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
-    p.add_argument("--noise", type=float, metavar="P", help="score on dev with a typo in a fraction P of the words "
-                   "(seeded; labels unchanged); writes the noisy set to <model>/noise-P-<split>.tsv, the metrics to noise-P.json")
+    p.add_argument(
+        "--noise",
+        type=float,
+        metavar="P",
+        help="score on dev with a typo in a fraction P of the words "
+        "(seeded; labels unchanged); writes the noisy set to <model>/noise-P-<split>.tsv, the metrics to noise-P.json",
+    )
     p.add_argument("--noise_seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
@@ -652,14 +710,16 @@ def main(argv=None):
         p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy the model to a "
                 "directory you can write to" + (" or give --show_out FILE" if args.show else ""))
     directory = args.model = fetch(args.model)
-    trained = trained_settings(directory)
+    trained, saved = trained_settings(directory), os.path.join(directory, "args.json")
     if args.data_dir is None:
         args.data_dir = trained.get("data_dir") or os.environ.get("MLKD_DATA", "data")
-        print(f"data_dir {args.data_dir} ({'from ' + os.path.join(directory, 'args.json') if 'data_dir' in trained else 'default'})")
+        print(f"data_dir {args.data_dir} ({'from ' + saved if 'data_dir' in trained else 'default'})")
     args.paper_exact = trained.get("paper_exact", False)
     if args.max_len is None:
-        args.max_len = trained.get("max_len") or (384 if args.task.startswith("squad") else data.TASKS[args.task].max_len)
-        print(f"max_len {args.max_len} ({'from ' + os.path.join(directory, 'args.json') if 'max_len' in trained else 'task default'})")
+        args.max_len = trained.get("max_len") or (
+            384 if args.task.startswith("squad") else data.TASKS[args.task].max_len
+        )
+        print(f"max_len {args.max_len} ({'from ' + saved if 'max_len' in trained else 'task default'})")
     model = Bert.from_pretrained(directory).to(args.device)
     tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
     if args.show:
@@ -673,7 +733,8 @@ def main(argv=None):
               f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")
         rows = speed(model, args.speed_batch, args.speed_length, device=args.device)
         for r in rows:
-            print(f"  {r['heads']:2d} head{'s' if r['heads'] > 1 else ' '}: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
+            heads = f"{r['heads']:2d} head{'s' if r['heads'] > 1 else ' '}"
+            print(f"  {heads}: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
                   f"x{rows[0]['latency_ms'] / r['latency_ms']:.2f} vs {rows[0]['heads']} heads")
         return rows
     why = head_mismatch(model, args.task)
@@ -681,8 +742,10 @@ def main(argv=None):
         raise ValueError(f"--model {directory}: {why}" + ("; a pre-trained model or General student is not fine-tuned "
                          "on any task" if model.config.head == "none" else "; score it on the task it was trained on"))
     if os.path.exists(os.path.join(directory, "projections.safetensors")):  # stage1/ (and general/) keep W_0..W_M
-        print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so this scores an untrained "
-              "classifier; the distilled student is the stage2 directory")
+        print(
+            f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so this scores an untrained "
+            "classifier; the distilled student is the stage2 directory"
+        )
     if args.task.startswith("squad"):
         return eval_squad(model, tok, args)
     check_labels(model, args.task)
@@ -721,7 +784,9 @@ def show(args, model, teacher, tok, trained):
     dev = None
     if args.task in data.TASKS:
         split = data.TASKS[args.task].dev_splits[0]
-        dev = data.encode_glue(args.task, data.read_glue(args.task, split, args.data_dir, args.allow_partial), tok, args.max_len)
+        dev = data.encode_glue(
+            args.task, data.read_glue(args.task, split, args.data_dir, args.allow_partial), tok, args.max_len
+        )
     labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by class label
     out = args.show_out or os.path.join(args.model, "relations.html")
     page = relation_page(model, teacher, tok, args.show, dev if labelled else None, splits, args.device, kind)
@@ -748,8 +813,9 @@ def write_test_predictions(model, tok, args):
     jobs = [(args.task, s) for s in splits] + ([("ax", "test")] if args.task == "mnli" else [])
     for task, split in jobs:
         examples = data.read_glue(task, split, args.data_dir, args.allow_partial)
-        logits = predict_logits(model, data.encode_glue(task, examples, tok, args.max_len), args.batch_size, args.device,
-                                args.paper_exact)
+        logits = predict_logits(
+            model, data.encode_glue(task, examples, tok, args.max_len), args.batch_size, args.device, args.paper_exact
+        )
         preds = predictions_from_logits(task, logits)
         labels = data.TASKS[task].labels
         name = "AX" if task == "ax" else names.get(split, data.TASKS[task].folder)

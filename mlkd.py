@@ -2,7 +2,8 @@
 
 Chapter 2 of mlkd, and the one to read to learn the method. Source: Zhang, Yang and Ji,
 "MLKD-BERT: Multi-level Knowledge Distillation for Pre-trained Language Models" (arXiv 2407.02775),
-with the details the paper leaves open taken as SPEC.md states them. Imports nothing of ours: the
+with the details the paper leaves open read from the authors' code (HandH1998/tmp_bert_mlkd, a fork
+of TinyBERT's). Imports nothing of ours: the
 stage objectives read the fields of model.py's BertOutput (hidden_states, attn_outputs,
 token_embeddings, logits) by name.
 
@@ -284,7 +285,8 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
     (its BertOutput, or its TeacherTargets when they were cached).
 
     The [CLS] state is hidden_states[-1][:, 0] (raw); L_SC projects the student's with the last
-    projection W_M. SQuAD: set ss and sc to 0 (SPEC). Returns (weighted total, unweighted parts).
+    projection W_M. SQuAD: ss and sc are 0 (the authors distil span logits alone).
+    Returns (weighted total, unweighted parts).
     """
     w = {**STAGE2_WEIGHTS, **(weights or {})}
     t = t if isinstance(t, TeacherTargets) else TeacherTargets.of(t)

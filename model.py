@@ -8,7 +8,7 @@ compute it, to fp32 parity (test_mlkd.py proves it against golden outputs of HF 
                 H = LayerNorm(A + Dense(gelu_erf(Dense(A))))
     pooler      tanh(Dense(H_last[:, 0]))
 
-One forward returns a `BertOutput` that carries everything the MLKD losses need (SPEC.md):
+One forward returns a `BertOutput` that carries everything the MLKD losses need:
 every hidden state, every layer's attention context before its output projection, and the
 LayerNorm'd word-piece embeddings; collecting them costs no second pass. Asked with scores=True
 it also returns every layer's pre-softmax attention scores (TinyBERT's loss), written out, not SDPA.
@@ -128,7 +128,7 @@ PRESETS = {
 class BertOutput:
     hidden_states: list     # num_layers + 1 tensors (B, L, d): embedding output, then each layer's output
     attn_outputs: list      # num_layers tensors (B, L, d): concatenated head contexts, before the output Dense
-    token_embeddings: torch.Tensor  # (B, L, d): LayerNorm_emb(word_embeddings[ids]) (SPEC L_EMB)
+    token_embeddings: torch.Tensor  # (B, L, d): LayerNorm_emb(word_embeddings[ids]), L_EMB's E
     pooled: torch.Tensor    # (B, d): tanh(Dense(h_last[:, 0]))
     logits: torch.Tensor = None  # (B, C) classification, (B, 1) regression, (B, 2, L) span; None without head
     attn_scores: list = None  # with scores=True: num_layers tensors (B, h, L, L), Q K^T / sqrt(d/h), unmasked
@@ -191,7 +191,8 @@ class Bert(nn.Module):
         self.apply(self._init)
 
     def _init(self, m):
-        """BERT's init (NOTES 2.13): N(0, 0.02) for weights, zero bias, LayerNorm (1, 0)."""
+        """BERT's init (Google's modeling.py, initializer_range 0.02): N(0, 0.02) weights, zero bias,
+        LayerNorm (1, 0)."""
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.config.initializer_range)
             if isinstance(m, nn.Linear):
@@ -211,7 +212,7 @@ class Bert(nn.Module):
         words = self.word(input_ids)                                             # (B, L, d)
         x = words + self.position.weight[:L] + self.token_type(token_type_ids)  # (B, L, d)
         x = self.dropout(self.emb_ln(x))
-        token_embeddings = self.emb_ln(words)  # SPEC L_EMB: word pieces only, no dropout
+        token_embeddings = self.emb_ln(words)  # L_EMB's E: word pieces only (no positions), no dropout
         key_mask = None
         if attention_mask is not None:  # additive, on keys only, in the dtype attention runs in
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -230,7 +231,9 @@ class Bert(nn.Module):
             logits = self.qa_outputs(x).transpose(1, 2)  # (B, 2, L): start and end logits
             if attention_mask is not None:  # a pad position is never an answer; finite, so 0 * it = 0 in KD
                 logits = logits.masked_fill(attention_mask[:, None, :] == 0, -1e4)
-        return BertOutput(hidden_states, attn_outputs, token_embeddings, pooled, logits, attn_scores if scores else None)
+        return BertOutput(
+            hidden_states, attn_outputs, token_embeddings, pooled, logits, attn_scores if scores else None
+        )
 
     def num_parameters(self, with_head=True):
         return sum(p.numel() for n, p in self.named_parameters()
@@ -313,7 +316,7 @@ IGNORED_KEYS = [r"^cls\.", r"(^|\.)fit_dense", r"position_ids$", r"adam_[mv]$", 
 
 def to_our_name(key):
     key = key.removeprefix("bert.")
-    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)  # old Google/TF names (NOTES 3)
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)  # Google's TF checkpoints: gamma, beta
     key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
     module, _, param = key.rpartition(".")
     m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", module)
@@ -419,7 +422,9 @@ def table_block(buf, offset, size, path):
     """The (key, value) entries of one table block: prefix-compressed keys, then restart points."""
     if offset + size + 5 > len(buf) or buf[offset + size] != 0:
         raise ValueError(f"{path}: corrupt or compressed table block at {offset}")
-    if masked_crc32c(buf[offset:offset + size + 1]) != int.from_bytes(buf[offset + size + 1:offset + size + 5], "little"):
+    if masked_crc32c(buf[offset : offset + size + 1]) != int.from_bytes(
+        buf[offset + size + 1 : offset + size + 5], "little"
+    ):
         raise ValueError(f"{path}: checksum mismatch in the table block at {offset}")
     block = buf[offset:offset + size]
     end = size - 4 - 4 * int.from_bytes(block[-4:], "little")
@@ -478,8 +483,11 @@ def read_tf_checkpoint(prefix):
             raise ValueError(f"{prefix}: {name} should hold {want} bytes at offset {offset}; the data file is corrupt")
         if 6 in entry and masked_crc32c(blob[offset:offset + size]) != entry[6][0]:
             raise ValueError(f"{prefix}: checksum mismatch in {name}: the data file is corrupt")
-        state[name] = torch.frombuffer(blob, dtype=TF_DTYPES[dtype], count=math.prod(shape), offset=offset).view(shape) \
-            if size else torch.empty(shape, dtype=TF_DTYPES[dtype])
+        state[name] = (
+            torch.frombuffer(blob, dtype=TF_DTYPES[dtype], count=math.prod(shape), offset=offset).view(shape)
+            if size
+            else torch.empty(shape, dtype=TF_DTYPES[dtype])
+        )
     return state
 
 
@@ -596,7 +604,11 @@ def read_safetensors(path):
         count = math.prod(info.get("shape", []))
         if dtype is None or end - begin != count * dtype.itemsize or start + end > len(buf):
             raise ValueError(f"{path}: corrupt safetensors entry {name!r}: {info}")
-        flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
         state[name] = flat.view(info["shape"])
     return state
 
@@ -657,8 +669,10 @@ def bench(args):
     try:
         import transformers
         for impl in ("sdpa", "eager"):
-            hf_cfg = transformers.BertConfig(**{k: v for k, v in asdict(config).items() if k not in ("head", "label_names")},
-                                             attn_implementation=impl)
+            hf_cfg = transformers.BertConfig(
+                **{k: v for k, v in asdict(config).items() if k not in ("head", "label_names")},
+                attn_implementation=impl,
+            )
             hf = transformers.BertForSequenceClassification(hf_cfg).to(device).train()
             models.append((f"HF BertForSeqCls ({impl})", lambda hf=hf: hf(input_ids=ids, attention_mask=mask).logits))
     except ImportError:

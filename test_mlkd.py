@@ -100,7 +100,9 @@ class Server:
 def test_download_resumes_after_a_cut(tmp_path):
     body = os.urandom(300_000)
     with Server({"/f.bin": body}, cut_first=True) as s:
-        dest = data.download(f"{s.url}/f.bin", str(tmp_path / "f.bin"), sha256=__import__("hashlib").sha256(body).hexdigest())
+        dest = data.download(
+            f"{s.url}/f.bin", str(tmp_path / "f.bin"), sha256=__import__("hashlib").sha256(body).hexdigest()
+        )
         assert open(dest, "rb").read() == body
         ranges = [r for _, r in s.requests]
         resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))  # resumed, not restarted
@@ -145,7 +147,7 @@ def test_config_validation_and_presets(tmp_path):
 
 def test_bert_base_parameter_count():
     m = model.Bert(model.BertConfig())
-    assert m.num_parameters() == 109_482_240  # NOTES 2.11
+    assert m.num_parameters() == 109_482_240  # what HF's BertModel of bert-base-uncased counts
     assert len(m.state_dict()) == 199
 
 
@@ -253,7 +255,9 @@ def test_from_pretrained_fetches_hub_layout_with_bin_fallback(tmp_path, monkeypa
     state["fit_dense.weight"] = torch.zeros(3, 3)
     src = tmp_path / "src"
     write_model_dir(src, config, state, fmt="bin")
-    files = {f"/org/tiny/resolve/main/{f}": (src / f).read_bytes() for f in ("config.json", "vocab.txt", "pytorch_model.bin")}
+    files = {
+        f"/org/tiny/resolve/main/{f}": (src / f).read_bytes() for f in ("config.json", "vocab.txt", "pytorch_model.bin")
+    }
     with Server(files) as s:
         monkeypatch.setattr(data, "HUB_URL", s.url)
         monkeypatch.setenv("MLKD_CACHE", str(tmp_path / "cache"))
@@ -569,16 +573,64 @@ GLUE_FIXTURES = {  # (folder, file): rows, tab-separated, in each task's officia
     ("CoLA", "test.tsv"): ["index\tsentence", "0\tBill whistled past the house."],
     ("SST-2", "train.tsv"): ["sentence\tlabel", "hide new secretions \t0", "\"a \" great film \t1"],
     ("SST-2", "test.tsv"): ["index\tsentence", "0\tuneasy mishmash of styles"],
-    ("MRPC", "train.tsv"): ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String", "1\t702876\t702977\tHe said so.\tSo he said."],
-    ("STS-B", "train.tsv"): ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-                             "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000"],
-    ("QQP", "train.tsv"): ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "1\t3\t4\tHow?\tWhy?\t0",
-                           "2\t5\t6\tbroken row with a stray\ttab\tin it\t1", "3\t7\t8\tWhat is \"x\"?\tWhat's x?\t1"],
+    ("MRPC", "train.tsv"): [
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+        "1\t702876\t702977\tHe said so.\tSo he said.",
+    ],
+    ("STS-B", "train.tsv"): [
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+        "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\t"
+        "An air plane is taking off.\t5.000",
+    ],
+    ("QQP", "train.tsv"): [
+        "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+        "1\t3\t4\tHow?\tWhy?\t0",
+        "2\t5\t6\tbroken row with a stray\ttab\tin it\t1",
+        "3\t7\t8\tWhat is \"x\"?\tWhat's x?\t1",
+    ],
     ("QQP", "test.tsv"): ["id\tquestion1\tquestion2", "0\tIs it?\tIs it not?"],
-    ("MNLI", "dev_matched.tsv"): ["\t".join(["index", "promptID", "pairID", "genre", "s1b", "s2b", "s1p", "s2p",
-                                             "sentence1", "sentence2", "label1", "label2", "label3", "label4", "label5", "gold_label"]),
-                                  "\t".join(["0", "1", "1e", "gov", "(", "(", "(", "(", "P.", "H.", "neutral", "neutral",
-                                             "neutral", "neutral", "neutral", "neutral"])],
+    ("MNLI", "dev_matched.tsv"): [
+        "\t".join(
+            [
+                "index",
+                "promptID",
+                "pairID",
+                "genre",
+                "s1b",
+                "s2b",
+                "s1p",
+                "s2p",
+                "sentence1",
+                "sentence2",
+                "label1",
+                "label2",
+                "label3",
+                "label4",
+                "label5",
+                "gold_label",
+            ]
+        ),
+        "\t".join(
+            [
+                "0",
+                "1",
+                "1e",
+                "gov",
+                "(",
+                "(",
+                "(",
+                "(",
+                "P.",
+                "H.",
+                "neutral",
+                "neutral",
+                "neutral",
+                "neutral",
+                "neutral",
+                "neutral",
+            ]
+        ),
+    ],
     ("QNLI", "train.tsv"): ["index\tquestion\tsentence\tlabel", "0\tWhat?\tThis.\tnot_entailment"],
     ("RTE", "train.tsv"): ["index\tsentence1\tsentence2\tlabel", "0\tA man.\tA person.\tentailment"],
     ("WNLI", "train.tsv"): ["index\tsentence1\tsentence2\tlabel", "0\tI put it.\tIt was put.\t1"],
@@ -596,7 +648,10 @@ def test_glue_readers_on_official_formats(tmp_path, capsys):
     write_glue_fixtures(tmp_path)
     d = str(tmp_path)
     cola = data.read_glue("cola", "train", d)
-    assert [(e.text_a, e.label) for e in cola] == [("Our friends won't buy this analysis.", 1), ('They drank the pub "dry.', 0)]
+    assert [(e.text_a, e.label) for e in cola] == [
+        ("Our friends won't buy this analysis.", 1),
+        ('They drank the pub "dry.', 0),
+    ]
     assert data.read_glue("cola", "test", d, allow_partial=True)[0].text_a == "Bill whistled past the house."
     sst = data.read_glue("sst2", "train", d)
     assert [(e.text_a, e.label) for e in sst] == [("hide new secretions ", 0), ('"a " great film ', 1)]
@@ -607,7 +662,9 @@ def test_glue_readers_on_official_formats(tmp_path, capsys):
     qqp = data.read_glue("qqp", "train", d)
     assert [(e.text_a, e.label) for e in qqp] == [("How?", 0), ('What is "x"?', 1)]
     assert "skipped 1 malformed rows" in capsys.readouterr().err
-    assert [(e.guid, e.text_a, e.text_b) for e in data.read_glue("qqp", "test", d, allow_partial=True)] == [("0", "Is it?", "Is it not?")]
+    assert [(e.guid, e.text_a, e.text_b) for e in data.read_glue("qqp", "test", d, allow_partial=True)] == [
+        ("0", "Is it?", "Is it not?")
+    ]
     mnli = data.read_glue("mnli", "dev_matched", d, allow_partial=True)[0]
     assert (mnli.text_a, mnli.text_b, mnli.label) == ("P.", "H.", 2)  # contradiction, entailment, neutral
     assert data.read_glue("qnli", "train", d)[0].label == 1
@@ -658,7 +715,9 @@ def test_glue_download_unzips_and_mrpc_is_built_from_senteval(tmp_path, monkeypa
     header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n"
     files = {
         "/glue/RTE.zip": buf.getvalue(),
-        "/senteval/msr_paraphrase_train.txt": (header + "1\t1\t2\tA.\tB.\r\n0\t3\t4\tC.\tD.\r\n1\t5\t6\tE.\tF.\r\n").encode(),
+        "/senteval/msr_paraphrase_train.txt": (
+            header + "1\t1\t2\tA.\tB.\r\n0\t3\t4\tC.\tD.\r\n1\t5\t6\tE.\tF.\r\n"
+        ).encode(),
         "/senteval/msr_paraphrase_test.txt": (header + "1\t7\t8\tG.\tH.\r\n").encode(),
         "/glue/mrpc_dev_ids.tsv": b"3\t4\n",
     }
@@ -674,12 +733,19 @@ def test_glue_download_unzips_and_mrpc_is_built_from_senteval(tmp_path, monkeypa
 
 
 REAL_GLUE = {  # SOURCES.md: rows and label counts of the real files
-    ("sst2", "train"): (67349, {1: 37569, 0: 29780}), ("sst2", "dev"): (872, {1: 444, 0: 428}),
-    ("cola", "train"): (8551, None), ("cola", "dev"): (1043, {1: 721, 0: 322}),
-    ("mrpc", "train"): (3668, None), ("mrpc", "dev"): (408, None),
-    ("stsb", "train"): (5749, None), ("stsb", "dev"): (1500, None),
-    ("qnli", "dev"): (5463, {0: 2702, 1: 2761}), ("rte", "train"): (2490, None), ("rte", "dev"): (277, {0: 146, 1: 131}),
-    ("wnli", "train"): (635, None), ("wnli", "dev"): (71, None),
+    ("sst2", "train"): (67349, {1: 37569, 0: 29780}),
+    ("sst2", "dev"): (872, {1: 444, 0: 428}),
+    ("cola", "train"): (8551, None),
+    ("cola", "dev"): (1043, {1: 721, 0: 322}),
+    ("mrpc", "train"): (3668, None),
+    ("mrpc", "dev"): (408, None),
+    ("stsb", "train"): (5749, None),
+    ("stsb", "dev"): (1500, None),
+    ("qnli", "dev"): (5463, {0: 2702, 1: 2761}),
+    ("rte", "train"): (2490, None),
+    ("rte", "dev"): (277, {0: 146, 1: 131}),
+    ("wnli", "train"): (635, None),
+    ("wnli", "dev"): (71, None),
 }
 
 
@@ -745,8 +811,23 @@ def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
 
 
 def test_split_squad_by_article(tmp_path):
-    doc = {"version": "v2.0", "data": SQUAD_FIXTURE["data"] + [{"title": "U", "paragraphs": [{
-        "context": "Rain fell.", "qas": [{"id": "u1", "question": "What fell?", "answers": [{"text": "Rain", "answer_start": 0}]}]}]}]}
+    doc = {
+        "version": "v2.0",
+        "data": SQUAD_FIXTURE["data"]
+        + [
+            {
+                "title": "U",
+                "paragraphs": [
+                    {
+                        "context": "Rain fell.",
+                        "qas": [
+                            {"id": "u1", "question": "What fell?", "answers": [{"text": "Rain", "answer_start": 0}]}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
     path, head, tail = tmp_path / "all.json", tmp_path / "head.json", tmp_path / "parts" / "tail.json"
     path.write_text(json.dumps(doc))
     data.split_squad(str(path), 1, str(head), str(tail))
@@ -773,7 +854,9 @@ def test_real_squad_answers_round_trip():
         if ex["context"][offsets[k, s, 0]:offsets[k, e, 1]] == gold["text"]:
             exact += 1
         else:  # the only allowed miss: a gold boundary strictly inside a word piece ("six" in "sixth")
-            assert offsets[k, s, 0] < gold["answer_start"] or offsets[k, e, 1] > gold["answer_start"] + len(gold["text"])
+            assert offsets[k, s, 0] < gold["answer_start"] or offsets[k, e, 1] > gold["answer_start"] + len(
+                gold["text"]
+            )
             inside_token += 1
     rate = exact / (exact + inside_token)
     print(f"SQuAD round trip: {exact}/{exact + inside_token} windows = {rate:.4f}")
@@ -798,7 +881,9 @@ def test_glue_metrics_by_hand():
     preds, labels = [1, 1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 1, 0, 0, 0, 1]
     m = ev.glue_metrics("mrpc", preds, labels)
     assert m == {"acc": 75.0, "f1": pytest.approx(100 * 8 / 10)}  # 2TP / (2TP + FP + FN)
-    assert ev.glue_metrics("cola", preds, labels)["mcc"] == pytest.approx(100 * (4 * 2 - 1 * 1) / math.sqrt(5 * 5 * 3 * 3))
+    assert ev.glue_metrics("cola", preds, labels)["mcc"] == pytest.approx(
+        100 * (4 * 2 - 1 * 1) / math.sqrt(5 * 5 * 3 * 3)
+    )
     assert ev.glue_metrics("cola", [1, 1, 1], [1, 0, 1]) == {"mcc": 0.0}  # one predicted class: denominator 0
     assert ev.glue_metrics("sst2", [0, 1], [1, 1]) == {"acc": 50.0}
     # ties get average ranks: [1, 2, 2, 3] -> ranks [1, 2.5, 2.5, 4]
@@ -902,7 +987,9 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert counts and sum(map(int, counts.groups())) == 32  # every dev row, once
     ev.main(d + ["--model", str(out / "stage2"), "--predict"])
     lines = (out / "stage2" / "SST-2.tsv").read_text().splitlines()
-    assert lines[0] == "index\tprediction" and len(lines) == 7 and all(x.split("\t")[1] in ("0", "1") for x in lines[1:])
+    assert (
+        lines[0] == "index\tprediction" and len(lines) == 7 and all(x.split("\t")[1] in ("0", "1") for x in lines[1:])
+    )
     rows = ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_batch", "2", "--speed_length", "8"])
     assert [r["heads"] for r in rows] == [12, 6, 4, 3, 2, 1] and all(r["latency_ms"] > 0 for r in rows)
     capsys.readouterr()  # --show: the page, and the sharpness of every relation with the trained map and splits
@@ -911,9 +998,28 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert "relation sharpness on the first 32 dev rows (L_MHA temperature 1" in said and "L_SS" in said
     assert shown["temperature"] == 1 and len(shown["rows"]) == 1 + 2 * 4 + 1  # L_EMB, 2 pairs x 4 splits, L_SS
     # baseline: no Stage 1, gold labels only, the finished teacher reused; the teacher never runs
-    base = train.main(argv[:-2] + ["--out", str(tmp_path / "base"), "--teacher", str(out / "teacher"),
-                                   "--stages", "stage2,eval", "--w_kd", "0", "--w_ss", "0", "--w_sc", "0", "--w_ce", "1"])
-    assert set(json.loads(open(tmp_path / "base" / "stage2" / "log.jsonl").readline())) & {"kd", "ss", "sc", "ce"} == {"ce"}
+    base = train.main(
+        argv[:-2]
+        + [
+            "--out",
+            str(tmp_path / "base"),
+            "--teacher",
+            str(out / "teacher"),
+            "--stages",
+            "stage2,eval",
+            "--w_kd",
+            "0",
+            "--w_ss",
+            "0",
+            "--w_sc",
+            "0",
+            "--w_ce",
+            "1",
+        ]
+    )
+    assert set(json.loads(open(tmp_path / "base" / "stage2" / "log.jsonl").readline())) & {"kd", "ss", "sc", "ce"} == {
+        "ce"
+    }
     assert base["teacher"] == results["teacher"] and not os.path.exists(tmp_path / "base" / "stage1")  # teacher reused
     # a second run skips every finished stage
     capsys.readouterr()
@@ -936,7 +1042,8 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
         train.main(argv + ["--stages", "stage2"])
     assert os.path.exists(out / "stage2" / "checkpoint.pt")
     said = capsys.readouterr().out  # one line, not a traceback: where the checkpoint is and what to do
-    assert f"interrupted at step 4/40: its checkpoint of step 3 is {out / 'stage2' / 'checkpoint.pt'}; rerun the same command" in said
+    ckpt = out / "stage2" / "checkpoint.pt"
+    assert f"interrupted at step 4/40: its checkpoint of step 3 is {ckpt}; rerun the same command" in said
     monkeypatch.setattr(data, "batches", real)
     train.main(argv + ["--stages", "stage2"])
     assert "resumed from" in capsys.readouterr().out and json.load(open(out / "stage2" / "metrics.json"))["done"]
@@ -974,8 +1081,10 @@ def test_typos_change_exactly_the_drawn_words_by_one_edit():
         short, long_ = sorted((a, b), key=len)
         return len(long_) == len(short) + 1 and any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
-    rows = [data.Example(f"dev-{i}", "the film , sadly , was a mess of ideas .", "it is OK 42" if i % 2 else None, i % 2)
-            for i in range(50)]
+    rows = [
+        data.Example(f"dev-{i}", "the film , sadly , was a mess of ideas .", "it is OK 42" if i % 2 else None, i % 2)
+        for i in range(50)
+    ]
     noisy, words, changed = ev.with_typos(rows, 0.1, seed=3)
     assert words == 50 * 8 + 25 * 3 and changed == round(0.1 * words)  # "," "." "42" have no letter
     assert ev.with_typos(rows, 0.1, seed=3)[0] == noisy != ev.with_typos(rows, 0.1, seed=4)[0]
@@ -993,8 +1102,18 @@ def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
     import train
     import eval as ev
     init = write_pipeline_fixture(tmp_path)
-    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "out"),
-                       "--stages", "teacher", "--teacher_epochs", "1"]
+    argv = PIPELINE + [
+        "--data_dir",
+        str(tmp_path / "data"),
+        "--teacher_init",
+        str(init),
+        "--out",
+        str(tmp_path / "out"),
+        "--stages",
+        "teacher",
+        "--teacher_epochs",
+        "1",
+    ]
     train.main(argv)
     teacher = tmp_path / "out" / "teacher"
     common = ["--task", "sst2", "--model", str(teacher), "--data_dir", str(tmp_path / "data"), "--allow_partial"]
@@ -1003,7 +1122,9 @@ def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
     assert record["acc"] == noisy["acc"] and record["splits"]["dev"]["changed"] > 0 and noisy["total"] == clean["total"]
     lines = open(teacher / "noise-0.5-dev.tsv").read().splitlines()
     original = open(tmp_path / "data" / "glue" / "SST-2" / "dev.tsv").read().splitlines()
-    assert len(lines) == len(original) and [x.split("\t")[1] for x in lines[1:]] == [x.split("\t")[1] for x in original[1:]]
+    assert len(lines) == len(original) and [x.split("\t")[1] for x in lines[1:]] == [
+        x.split("\t")[1] for x in original[1:]
+    ]
     assert sum(a.split("\t")[2] != b.split("\t")[0] for a, b in zip(lines[1:], original[1:])) > 5
     with pytest.raises(SystemExit):
         ev.main(common + ["--noise", "0"])
@@ -1017,7 +1138,9 @@ def test_squad_pipeline_end_to_end(tmp_path, capsys):
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(SQUAD_FIXTURE))
     out = tmp_path / "out"
-    windows = len(data.squad_features(data.read_squad(str(path)), data.Tokenizer(str(init / "vocab.txt")), max_len=24)["labels"])
+    windows = len(
+        data.squad_features(data.read_squad(str(path)), data.Tokenizer(str(init / "vocab.txt")), max_len=24)["labels"]
+    )
     argv = PIPELINE + ["--task", "squad2", "--train_file", f"{path},{path}", "--dev_file", str(path), "--max_len", "24",
                        "--teacher_init", str(init), "--out", str(out), "--teacher_epochs", "2", "--epochs1", "1",
                        "--epochs2", "1", "--w_ss", "1", "--w_sc", "1"]
@@ -1080,7 +1203,8 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
     args = train.parse_args(["--task", "sst2", "--device", "cpu", "--eval_batch_size", "3"])
     cache = train.teacher_cache(teacher, ds, args, str(tmp_path))
     proj = mlkd.Projections(2, 24, 48)
-    w = {"kd": 1.0, "ss": 1.0, "sc": 1.0} if head != "span" else {"kd": 1.0, "ss": 0.0, "sc": 0.0}  # SPEC: SQuAD L_KD only
+    # SQuAD: L_KD only (the paper's section 4.1 runs SQuAD without the sample relations)
+    w = {"kd": 1.0, "ss": 1.0, "sc": 1.0} if head != "span" else {"kd": 1.0, "ss": 0.0, "sc": 0.0}
     compared = 0
     for fixed in (False, True):  # dynamic padding, and the authors' padding to the full length
         for batch in data.batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(1), fixed_padding=fixed):
@@ -1189,8 +1313,20 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     for f in ("model.safetensors", "config.json", "vocab.txt", "projections.safetensors", "args.json"):
         assert os.path.exists(out / "general" / f), f
     # the General student starts a task: Stage 1 and Stage 2 from it (its own width, its two layers)
-    task = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "task"),
-                       "--epochs1", "1", "--epochs2", "1", "--teacher_epochs", "2"]
+    task = PIPELINE + [
+        "--data_dir",
+        str(tmp_path / "data"),
+        "--teacher_init",
+        str(init),
+        "--out",
+        str(tmp_path / "task"),
+        "--epochs1",
+        "1",
+        "--epochs2",
+        "1",
+        "--teacher_epochs",
+        "2",
+    ]
     task[task.index("--student_init") + 1] = str(out / "general")
     results = train.main(task)
     assert f"of {out / 'general'} (and its embeddings) -> a 2-layer student" in capsys.readouterr().out
@@ -1212,7 +1348,9 @@ def test_relation_page_draws_what_mlkd_computes(tmp_path):
 
     def cells(svg):
         found = [c for c in svg.iter("{http://www.w3.org/2000/svg}rect") if c.get("class") == "cell"]
-        return np.array([float(c.get("data-v")) for c in found]), [sum(int(c.get("fill")[k:k + 2], 16) for k in (1, 3, 5)) for c in found]
+        return np.array([float(c.get("data-v")) for c in found]), [
+            sum(int(c.get("fill")[k : k + 2], 16) for k in (1, 3, 5)) for c in found
+        ]
     ids = tok.encode(["the movie was good"], max_length=16)[0][:, :6]  # [CLS] the movie was good [SEP]
     t, s = teacher(ids), student(ids)
     want = [mlkd.relation_logprobs(o.token_embeddings[:, None]).exp()[0, 0] for o in (t, s)]
@@ -1233,7 +1371,9 @@ def test_teacher_without_the_task_head_is_refused_before_work(tmp_path):
     import train
     init = write_pipeline_fixture(tmp_path)  # a pre-trained model: no head
     regression = tmp_path / "stsb_teacher"
-    model.Bert(model.BertConfig.preset("tiny-teacher", head="regression")).save(regression, {"vocab.txt": open(init / "vocab.txt").read()})
+    model.Bert(model.BertConfig.preset("tiny-teacher", head="regression")).save(
+        regression, {"vocab.txt": open(init / "vocab.txt").read()}
+    )
     base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
     for teacher, shown in ((init, "has no task head"), (regression, "has a regression head")):
         with pytest.raises(ValueError, match=rf"--teacher {teacher}: {shown}, but --task sst2 needs a classification "
@@ -1298,7 +1438,9 @@ def test_offline_errors_name_the_local_path_and_create_nothing(tmp_path, monkeyp
     monkeypatch.setattr(data.requests, "get", counted)
     monkeypatch.setattr(data, "GLUE_URL", "http://127.0.0.1:9/glue")  # nothing listens: like a failed name lookup
     misspelt = tmp_path / "dtaa"
-    with pytest.raises(data.DownloadError, match=rf"(?s)cannot reach the server.*place it at {misspelt}/glue/SST-2/train.tsv"):
+    with pytest.raises(
+        data.DownloadError, match=rf"(?s)cannot reach the server.*place it at {misspelt}/glue/SST-2/train.tsv"
+    ):
         data.read_glue("sst2", "train", str(misspelt))
     assert len(calls) == 1 and not os.path.exists(misspelt)  # failed at once; the misspelt folder is not created
     monkeypatch.setattr(data, "HUB_URL", "http://127.0.0.1:9")
@@ -1359,7 +1501,8 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
         return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     run = torchrun(tmp_path, base + ["--out", str(two), "--stages", "teacher"])
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "batch 16 (8 per process), 4 steps" in run.stdout and run.stdout.count("[teacher] done") == 1  # rank 0 prints
+    assert "batch 16 (8 per process), 4 steps" in run.stdout
+    assert run.stdout.count("[teacher] done") == 1  # rank 0 prints
     assert max_diff("teacher") < 1e-5
     killed = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage1"], DIE_AT="4")  # after step 3
     assert killed.returncode != 0 and os.path.exists(two / "stage1" / "checkpoint.pt")
@@ -1410,7 +1553,9 @@ def test_google_checkpoint_loads_into_bert_with_transposed_kernels(tmp_path):
     write_vocab(tmp_path / "google" / "vocab.txt")
     m = model.Bert.from_pretrained(str(tmp_path / "google"), verbose=False)  # cls/*, adam slots, global_step ignored
     values = np.load(TF_VALUES, allow_pickle=False)
-    assert np.array_equal(m.layers[1].q.weight.detach().numpy(), values["tf1/bert/encoder/layer_1/attention/self/query/kernel"].T)
+    assert np.array_equal(
+        m.layers[1].q.weight.detach().numpy(), values["tf1/bert/encoder/layer_1/attention/self/query/kernel"].T
+    )
     assert np.array_equal(m.emb_ln.weight.detach().numpy(), values["tf1/bert/embeddings/LayerNorm/gamma"])
     assert np.array_equal(m.word.weight.detach().numpy(), values["tf1/bert/embeddings/word_embeddings"])
     # the same directory as a zip, as Google ships it, through fetch
@@ -1451,7 +1596,9 @@ def test_minilm_from_tensorflow_checkpoint_equals_safetensors():
 
 
 def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("compare", os.path.join(os.path.dirname(__file__), "experiments", "compare.py"))
+    spec = importlib.util.spec_from_file_location(
+        "compare", os.path.join(os.path.dirname(__file__), "experiments", "compare.py")
+    )
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
     monkeypatch.chdir(tmp_path)
@@ -1462,14 +1609,24 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         out = tmp_path / out
         (out / stage).mkdir(parents=True)
         final = {"dev": {"acc": best}} if stage == "teacher" else {"student": {"acc": best}}
-        (out / (stage if stage == "teacher" else "") / ("metrics.json" if stage == "teacher" else "results.json")).write_text(json.dumps(final))
+        (
+            out / (stage if stage == "teacher" else "") / ("metrics.json" if stage == "teacher" else "results.json")
+        ).write_text(json.dumps(final))
         dev = [{"step": s, "dev": {"acc": a}} for s, a in ((10, best - 1), (20, best), (30, last))]
-        (out / stage / "log.jsonl").write_text('{"step": 5, "loss": 1.0}\n' + "".join(json.dumps(r) + "\n" for r in dev))
+        (out / stage / "log.jsonl").write_text(
+            '{"step": 5, "loss": 1.0}\n' + "".join(json.dumps(r) + "\n" for r in dev)
+        )
         for name, steps in (("stage1", stage1), (stage, 30)):
             if steps:
                 (out / name).mkdir(exist_ok=True)
-                m = json.loads((out / name / "metrics.json").read_text()) if (out / name / "metrics.json").exists() else {}
-                (out / name / "metrics.json").write_text(json.dumps({**m, "train": {"total": steps, "train_s": 60 * steps}}))
+                m = (
+                    json.loads((out / name / "metrics.json").read_text())
+                    if (out / name / "metrics.json").exists()
+                    else {}
+                )
+                (out / name / "metrics.json").write_text(
+                    json.dumps({**m, "train": {"total": steps, "train_s": 60 * steps}})
+                )
         if noise is not None:
             (out / stage / "noise-0.1.json").write_text(json.dumps({"acc": noise}))
 
@@ -1477,16 +1634,28 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert names(compare.first_jobs(args, "/mini")) == [["teacher e1 lr5e-05"], ["corpus", "General student"]]
     run(compare.teacher_out("sst2", 1, 5e-5), "teacher", 88.0, 87.0, noise=85.5)
     assert names(compare.first_jobs(args, "/mini")) == [["corpus", "General student"]]  # the teacher is done
-    touch = lambda name, code: (name, [sys.executable, "-c", f"open({name!r}, 'w'); raise SystemExit({code})"], f"logs/{name}.log", name)
+    touch = lambda name, code: (
+        name,
+        [sys.executable, "-c", f"open({name!r}, 'w'); raise SystemExit({code})"],
+        f"logs/{name}.log",
+        name,
+    )
     assert compare.run_chain([touch("a", 0), touch("b", 1), touch("c", 0)], 1)[0] == "b"  # stops at the first failure
     assert os.path.exists("a") and os.path.exists("b") and not os.path.exists("c")
     run(compare.row_out("sst2", "S2", "gold", 42), "stage2", 80.0, 79.0, noise=70.0)
     run(compare.row_out("sst2", "S2", "gold", 1), "stage2", 82.0, 81.0)
     run(compare.row_out("sst2", "S2", "mlkd", 2), "stage2", 85.0, 84.5, stage1=10)
-    rows = [dict(loss="L_EMB", student=0, teacher=0, split=None, h_teacher=0.2, h_student=0.3, kl=0.1)] + [
-        dict(loss="L_MHA", student=1, teacher=2, split=a, h_teacher=0.9 + a / 100, h_student=0.8, kl=0.01) for a in (1, 2)] + [
-        dict(loss="L_SS", student=1, teacher=6, split=None, h_teacher=0.5, h_student=0.6, kl=0.2)]
-    (tmp_path / compare.row_out("sst2", "S2", "mlkd", 2) / "stage1" / "relations.json").write_text(json.dumps({"rows": rows}))
+    rows = (
+        [dict(loss="L_EMB", student=0, teacher=0, split=None, h_teacher=0.2, h_student=0.3, kl=0.1)]
+        + [
+            dict(loss="L_MHA", student=1, teacher=2, split=a, h_teacher=0.9 + a / 100, h_student=0.8, kl=0.01)
+            for a in (1, 2)
+        ]
+        + [dict(loss="L_SS", student=1, teacher=6, split=None, h_teacher=0.5, h_student=0.6, kl=0.2)]
+    )
+    (tmp_path / compare.row_out("sst2", "S2", "mlkd", 2) / "stage1" / "relations.json").write_text(
+        json.dumps({"rows": rows})
+    )
     assert compare.harvest(args, "/mini") == 4
     shown = json.loads((tmp_path / "runs" / "sst2" / "S2" / "mlkd-s2.json").read_text())["relations"]
     assert shown == [["L_EMB", 0, 0, 0.2, 0.3, 0.1], ["L_MHA", 1, 2, 0.915, 0.8, 0.01], ["L_SS", 1, 6, 0.5, 0.6, 0.2]]
@@ -1495,7 +1664,9 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "runs" / "sst2" / "S2" / "gold-s42.json").read_text())
     assert record["curve"] == [[10, 79.0], [20, 80.0], [30, 79.0]] and record["noise"] == 70.0
     assert record["machine"] == compare.machine()  # the minutes are this machine's
-    assert record["command"].startswith("train.py --task sst2 --data_dir $DATA --teacher out/compare/sst2/teacher-e1-lr5e-05/teacher")
+    assert record["command"].startswith(
+        "train.py --task sst2 --data_dir $DATA --teacher out/compare/sst2/teacher-e1-lr5e-05/teacher"
+    )
     assert compare.harvest(args, "/mini") == 0  # up to date: nothing rewritten
     args.rows = ["kd", "mlkd"]  # --rows: only those rows, seed by seed, the finished mlkd seed 2 skipped
     assert [j[0] for j in compare.row_jobs(args, "/mini")] == ["S2 kd seed 42", "S2 mlkd seed 42", "S2 kd seed 1",
@@ -1505,8 +1676,13 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
                                                                  "S2 mlkd seed 1", "S2 kd seed 2"]
     args.rows = None
     assert "S2 gold seed 42" not in [j[0] for j in compare.row_jobs(args, "/mini")]  # the table needs the records only
-    lines = {line.split(" | ")[0]: line for line in reversed(compare.table(args)) if line.startswith("| ")}  # first wins
-    assert lines["| gold labels (fine-tuning)"] == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"
+    lines = {
+        line.split(" | ")[0]: line for line in reversed(compare.table(args)) if line.startswith("| ")
+    }  # first wins
+    assert (
+        lines["| gold labels (fine-tuning)"]
+        == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"
+    )
     assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
     assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == "| 1 epoch(s), lr 5e-05 (kept) | 88.00 | 85.50 | 2.50 | 30 | 30 |"
@@ -1539,12 +1715,22 @@ def named_outputs(n_layers, d, heads, B=3, L=5, C=2, seed=0):
     its attention scores, the pooled [CLS], the logits. Returned with the same packed as model.BertOutput."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    n = {"E": r(B, L, d), "H": {m: r(B, L, d) for m in range(n_layers + 1)},
-         "O": {m: r(B, L, d) for m in range(1, n_layers + 1)}, "A": {m: r(B, heads, L, L) for m in range(1, n_layers + 1)},
-         "pooled": r(B, d), "logits": r(B, C)}
-    out = model.BertOutput(hidden_states=[n["H"][m] for m in range(n_layers + 1)],
-                           attn_outputs=[n["O"][m] for m in range(1, n_layers + 1)], token_embeddings=n["E"],
-                           pooled=n["pooled"], logits=n["logits"], attn_scores=[n["A"][m] for m in range(1, n_layers + 1)])
+    n = {
+        "E": r(B, L, d),
+        "H": {m: r(B, L, d) for m in range(n_layers + 1)},
+        "O": {m: r(B, L, d) for m in range(1, n_layers + 1)},
+        "A": {m: r(B, heads, L, L) for m in range(1, n_layers + 1)},
+        "pooled": r(B, d),
+        "logits": r(B, C),
+    }
+    out = model.BertOutput(
+        hidden_states=[n["H"][m] for m in range(n_layers + 1)],
+        attn_outputs=[n["O"][m] for m in range(1, n_layers + 1)],
+        token_embeddings=n["E"],
+        pooled=n["pooled"],
+        logits=n["logits"],
+        attn_scores=[n["A"][m] for m in range(1, n_layers + 1)],
+    )
     return n, out
 
 
@@ -1636,7 +1822,9 @@ def test_stage_objectives_read_the_layers_of_the_paper(kind):
     # TinyBERT's Stage 1: A_m against A_g(m), W_m H_m against H_g(m)
     total, parts = mlkd.tinybert_stage1_loss(s_out, t_out, proj, mask, g)
     att = sum(ref_pair_mse(S["A"][m], T["A"][g[m]], mask.tolist()) for m in range(1, M + 1))
-    assert parts["att"].item() == pytest.approx(att, rel=1e-5) and parts["hid"].item() == pytest.approx(ref["ffn"], rel=1e-5)
+    assert parts["att"].item() == pytest.approx(att, rel=1e-5) and parts["hid"].item() == pytest.approx(
+        ref["ffn"], rel=1e-5
+    )
     assert total.item() == pytest.approx(att + ref["ffn"], rel=1e-5)
     # Stage 2, from the teacher's outputs and from its cached targets alike
     labels = torch.tensor([0, 1, 0])
@@ -1726,10 +1914,11 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
     inputs = (batch["input_ids"], batch["token_type_ids"], mask)
     with torch.no_grad():
         S, T = ref_bert(student, *inputs), ref_bert(teacher, *inputs)
-        _, parts = train.stage1_objective(teacher, proj, g, args)(student, batch)
+        total, parts = train.stage1_objective(teacher, proj, g, args)(student, batch)
     ref = ref_stage1(S, T, proj, g, mask.tolist(), 4, mha_temperature=0.5)
     assert min(ref.values()) > 0.01  # every term is far from 0
     assert parts.keys() == ref.keys() and all(parts[k].item() == pytest.approx(ref[k], rel=1e-4) for k in ref)
+    assert total.item() == pytest.approx(0.5 * ref["emb"] + 2 * ref["mha"] + 3 * ref["ffn"], rel=1e-4)  # each its flag
     exact = train.parse_args(flags + ["--paper_exact"])  # the authors' losses: no mask, every position counts
     with torch.no_grad():
         _, parts = train.stage1_objective(teacher, proj, g, exact)(student, batch)
@@ -1882,7 +2071,9 @@ def write_stsb_fixture(root):
     for i in range(96):
         a, b = rng.choice(words, 2), rng.choice(words, 2)
         score = 5.0 * len(set(a) & set(b)) / 2
-        rows.append(f"{i}\tmain\tfix\t2024\t{i}\tnone\tnone\tthe film was {' '.join(a)}\tthe movie is {' '.join(b)}\t{score}")
+        rows.append(
+            f"{i}\tmain\tfix\t2024\t{i}\tnone\tnone\tthe film was {' '.join(a)}\tthe movie is {' '.join(b)}\t{score}"
+        )
     for split, part in (("train", rows[:64]), ("dev", rows[64:])):
         path = root / "data" / "glue" / "STS-B" / f"{split}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1896,12 +2087,35 @@ def test_eval_scores_the_checkpoint_train_says_it_kept(tmp_path, capsys):
     init = write_stsb_fixture(tmp_path)
     out = tmp_path / "out"
     d = ["--data_dir", str(tmp_path / "data"), "--allow_partial"]
-    argv = PIPELINE + d + ["--teacher_init", str(init), "--out", str(out), "--eval_steps", "1", "--teacher_epochs", "3",
-                           "--epochs2", "3", "--teacher_lr", "2e-3", "--stages", "teacher,stage2,eval", "--max_len", "32"]
+    argv = (
+        PIPELINE
+        + d
+        + [
+            "--teacher_init",
+            str(init),
+            "--out",
+            str(out),
+            "--eval_steps",
+            "1",
+            "--teacher_epochs",
+            "3",
+            "--epochs2",
+            "3",
+            "--teacher_lr",
+            "2e-3",
+            "--stages",
+            "teacher,stage2,eval",
+            "--max_len",
+            "32",
+        ]
+    )
     argv[argv.index("sst2")] = "stsb"
     results = train.main(argv)
     said = capsys.readouterr().out
-    for stage, kept in (("teacher", json.load(open(out / "teacher" / "metrics.json"))["dev"]), ("stage2", results["student"])):
+    for stage, kept in (
+        ("teacher", json.load(open(out / "teacher" / "metrics.json"))["dev"]),
+        ("stage2", results["student"]),
+    ):
         dev = [r for r in map(json.loads, open(out / stage / "log.jsonl")) if "dev" in r]
         best = max(dev, key=lambda r: r["dev"]["spearman"])  # the first of the best
         assert best["step"] != dev[-1]["step"]  # else keeping the last would pass too
@@ -1947,10 +2161,14 @@ def test_relation_sharpness_is_the_entropy_and_kl_of_each_mapped_relation():
     assert emb["h_student"] == pytest.approx(ref_relation_entropy(S["E"].tolist(), m_), rel=1e-4)
     assert emb["kl"] == pytest.approx(ref_relation_kl(S["E"][:, None].tolist(), T["E"][:, None].tolist(), m_), rel=1e-4)
     for r in rows[1:-1]:  # split a of O_m against split a of O_g(m), at the temperature
-        o_s, o_t = ([per_b[r["split"] - 1] for per_b in chunks(x, 4)] for x in (S["O"][r["student"]], T["O"][r["teacher"]]))
+        o_s, o_t = (
+            [per_b[r["split"] - 1] for per_b in chunks(x, 4)] for x in (S["O"][r["student"]], T["O"][r["teacher"]])
+        )
         assert r["h_teacher"] == pytest.approx(ref_relation_entropy(o_t, m_, 0.5), rel=1e-4)
         assert r["h_student"] == pytest.approx(ref_relation_entropy(o_s, m_, 0.5), rel=1e-4)
-        assert r["kl"] == pytest.approx(ref_relation_kl([[b] for b in o_s], [[b] for b in o_t], m_, 0.5), rel=1e-3, abs=1e-6)
+        assert r["kl"] == pytest.approx(
+            ref_relation_kl([[b] for b in o_s], [[b] for b in o_t], m_, 0.5), rel=1e-3, abs=1e-6
+        )
     c_s, c_t = S["H"][2][:, 0].tolist(), T["H"][4][:, 0].tolist()
     assert rows[-1]["h_teacher"] == pytest.approx(ref_relation_entropy([c_t], None), rel=1e-4)
     assert rows[-1]["kl"] == pytest.approx(ref_relation_kl([[c_s]], [[c_t]], None), rel=1e-4)
@@ -1969,11 +2187,13 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
     init = write_pipeline_fixture(tmp_path)
     out = tmp_path / "out"
     base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out)]
-    for extra, msg in ((["--layer_map", "4,1,2"], "--layer_map: layer map \\[4, 1, 2\\]: need 2 teacher layers in 1..4"),
-                       (["--layer_map", "2,9"], "--layer_map: .*in 1..4"),
-                       (["--splits", "5"], "--splits 5 must divide the student's width 24 and the teacher's 48"),
-                       (["--heads", "5"], "--heads 5 does not divide the student's width 24"),
-                       (["--max_len", "128"], "--max_len 128: the teacher has 64 positions")):
+    for extra, msg in (
+        (["--layer_map", "4,1,2"], "--layer_map: layer map \\[4, 1, 2\\]: need 2 teacher layers in 1..4"),
+        (["--layer_map", "2,9"], "--layer_map: .*in 1..4"),
+        (["--splits", "5"], "--splits 5 must divide the student's width 24 and the teacher's 48"),
+        (["--heads", "5"], "--heads 5 does not divide the student's width 24"),
+        (["--max_len", "128"], "--max_len 128: the teacher has 64 positions"),
+    ):
         with pytest.raises(ValueError, match=msg):
             train.main(base + extra)
         assert not os.path.exists(out), extra  # nothing trained, nothing left behind
@@ -2006,8 +2226,11 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out),
                        "--teacher_epochs", "1", "--epochs1", "2", "--epochs2", "1", "--save_steps", "3"]
     train.main(argv)
-    with pytest.raises(ValueError, match=r"stage2 was run with other settings: --w_ss 1.0 \(now 0.0\), --lr2 0.001 "
-                                         r"\(now 0.0001\)\. Rerun with those to resume or reuse it, or pass a new --out"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage2 was run with other settings: --w_ss 1.0 \(now 0.0\), --lr2 0.001 "
+        r"\(now 0.0001\)\. Rerun with those to resume or reuse it, or pass a new --out",
+    ):
         train.main(argv + ["--w_ss", "0", "--lr2", "1e-4"])
     with pytest.raises(ValueError, match=r"teacher was run with other settings: --seed 42 \(now 7\)"):
         train.main(argv + ["--seed", "7"])
@@ -2058,8 +2281,13 @@ def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
     import train
     examples = list(range(10))
     assert train.train_subset(None, examples) is examples and train.train_subset(20, examples) is examples
-    assert "--train_subset 20 is not less than the 10 training examples: training on all of them" in capsys.readouterr().out
-    assert train.train_subset(4, examples) == train.train_subset(4, examples) and len(train.train_subset(4, examples)) == 4
+    assert (
+        "--train_subset 20 is not less than the 10 training examples: training on all of them"
+        in capsys.readouterr().out
+    )
+    assert (
+        train.train_subset(4, examples) == train.train_subset(4, examples) and len(train.train_subset(4, examples)) == 4
+    )
 
 
 def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path, capsys):
@@ -2072,12 +2300,25 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
     vocab = {"vocab.txt": open(init / "vocab.txt").read()}
     model.Bert(model.BertConfig.preset("tiny-student", head="span")).save(tmp_path / "squad_model", vocab)
     cpu = ["--device", "cpu", "--allow_partial"]
-    for task, directory, msg in (("sst2", init, "has no task head, but --task sst2 needs a classification head with 2 "
-                                                "labels; a pre-trained model or General student is not fine-tuned"),
-                                 ("squad1", out / "stage2", "has a classification head with 2 labels, but --task squad1 "
-                                                            "needs a span head; score it on the task it was trained on"),
-                                 ("sst2", tmp_path / "squad_model", "has a span head, but --task sst2 needs a "
-                                                                    "classification head with 2 labels")):
+    for task, directory, msg in (
+        (
+            "sst2",
+            init,
+            "has no task head, but --task sst2 needs a classification head with 2 "
+            "labels; a pre-trained model or General student is not fine-tuned",
+        ),
+        (
+            "squad1",
+            out / "stage2",
+            "has a classification head with 2 labels, but --task squad1 "
+            "needs a span head; score it on the task it was trained on",
+        ),
+        (
+            "sst2",
+            tmp_path / "squad_model",
+            "has a span head, but --task sst2 needs a " "classification head with 2 labels",
+        ),
+    ):
         with pytest.raises(ValueError, match=re.escape(f"--model {directory}: {msg}")):
             ev.main(["--task", task, "--model", str(directory), *cpu, "--data_dir", str(tmp_path / "data")])
     capsys.readouterr()  # no --data_dir: the one the model was trained with (its args.json), at its max_len
@@ -2096,7 +2337,10 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
         assert msg in capsys.readouterr().err
     long = " ".join(["good"] * 80)
     ev.main(["--task", "sst2", "--model", str(out / "stage2"), "--teacher", str(out / "teacher"), "--show", long, *cpu])
-    assert "--show: the sentence is longer than 64 positions; the page draws its first 62 word pieces" in capsys.readouterr().out
+    assert (
+        "--show: the sentence is longer than 64 positions; the page draws its first 62 word pieces"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_full_disk_is_said_in_words_and_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -2117,16 +2361,48 @@ def test_a_full_disk_is_said_in_words_and_leaves_no_partial_file(tmp_path, monke
                                                    "choose an --out you can write to")
 
 
-@pytest.mark.parametrize("bad, where", [({"data": {"a": 1}}, "the file.data should be a list, found dict"),
-                                        ({"data": [{"title": "x"}]}, "data[0].paragraphs should be a list, found nothing"),
-                                        ({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "q", "question": "?"}]}]}]},
-                                         "data[0].paragraphs[0].qas[0].answers should be a list, found nothing"),
-                                        ({"data": [{"paragraphs": [{"context": "c", "qas": [
-                                            {"id": "q", "question": "?", "answers": [{"text": "c"}]}]}]}]},
-                                         "qas[0].answers[0].answer_start should be an integer, found nothing")])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"data": {"a": 1}}, "the file.data should be a list, found dict"),
+        ({"data": [{"title": "x"}]}, "data[0].paragraphs should be a list, found nothing"),
+        (
+            {"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "q", "question": "?"}]}]}]},
+            "data[0].paragraphs[0].qas[0].answers should be a list, found nothing",
+        ),
+        (
+            {
+                "data": [
+                    {
+                        "paragraphs": [
+                            {"context": "c", "qas": [{"id": "q", "question": "?", "answers": [{"text": "c"}]}]}
+                        ]
+                    }
+                ]
+            },
+            "qas[0].answers[0].answer_start should be an integer, found nothing",
+        ),
+    ],
+)
 def test_squad_file_of_another_layout_is_one_line_naming_the_place(tmp_path, bad, where):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=re.escape(where) + "; not the official SQuAD layout") as caught:
         data.read_squad(str(path))
     assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_every_file_keeps_its_shape():
+    """Lines of at most 120 characters (a reader never scrolls sideways), a README that stays an on-ramp, and
+    nothing that points outside the repo: each fact is stated where it is used, with its primary source."""
+    import glob
+    for path in glob.glob(os.path.join(HERE, "*.py")) + glob.glob(os.path.join(HERE, "*", "*.py")):
+        for n, line in enumerate(open(path, encoding="utf-8"), 1):
+            assert len(line.rstrip("\n")) <= 120, f"{os.path.relpath(path, HERE)}:{n} has {len(line) - 1} characters"
+    assert sum(1 for _ in open(os.path.join(HERE, "README.md"), encoding="utf-8")) <= 200
+    notes = re.compile(r"\b(SPEC|NOTES)(\.md)?\b")  # the developers' own notes, which a user does not have
+    for path in glob.glob(os.path.join(HERE, "*.py")) + glob.glob(os.path.join(HERE, "*.md")) + \
+            glob.glob(os.path.join(HERE, "experiments", "*.*")):
+        if not path.endswith(".svg") and os.path.basename(path) != "test_mlkd.py":  # this test names them
+            text = open(path, encoding="utf-8").read()
+            assert not notes.search(text), f"{os.path.relpath(path, HERE)} points to {notes.search(text).group()}"

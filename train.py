@@ -3,7 +3,8 @@
     python train.py --task sst2
     python train.py --task general --corpus FILE --teacher_init DIR --layers 4 --hidden 192 --ffn 768
 
-Chapter 4 of mlkd. Stages (SPEC.md "Pipeline for one task"), each in its own directory under --out:
+Chapter 4 of mlkd. Stages (the paper's section 3, the details from the authors' scripts), each in its own
+directory under --out:
     teacher   fine-tune the teacher (bert-base-uncased unless --teacher gives a fine-tuned one)
     stage1    distil embeddings and Transformer layers: L_EMB + L_MHA + L_FFN, constant lr
               (--recipe tinybert: TinyBERT's task distillation, the paper's baseline, in both stages)
@@ -39,7 +40,8 @@ import eval as evaluation
 import mlkd
 from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 
-# SPEC "Hyper-parameters": max length, Stage-1 epochs, Stage-2 epochs, teacher epochs, teacher lr.
+# Per task, from the authors' scripts (HandH1998/tmp_bert_mlkd): max length, Stage-1 epochs, Stage-2 epochs,
+# teacher epochs, teacher lr.
 # WNLI is not in the authors' table; it gets RTE's settings.
 TASK_DEFAULTS = {
     "cola": (64, 50, 30, 10, 1e-5), "sst2": (64, 15, 10, 4, 2e-5), "mrpc": (128, 20, 15, 10, 2e-5),
@@ -88,7 +90,9 @@ def parse_args(argv=None):
     g.add_argument("--ffn", type=int, help="student FFN width")
     g = p.add_argument_group("distillation")
     g.add_argument("--splits", type=int, default=12, help="MHA-splits A for L_MHA (must divide both widths)")
-    g.add_argument("--layer_map", default="uniform", help="uniform, last, or teacher layers per student layer: 3,6,9,12")
+    g.add_argument(
+        "--layer_map", default="uniform", help="uniform, last, or teacher layers per student layer: 3,6,9,12"
+    )
     for w in ("emb", "mha", "ffn", "kd", "ss", "sc"):
         g.add_argument(f"--w_{w}", type=float, default=1.0, help=f"weight of L_{w.upper()} (0 switches it off)")
     g.add_argument("--proj_init", default="normal", choices=["normal", "identity"],
@@ -117,7 +121,9 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--max_steps", type=int, help="cap the steps of every stage (quick runs)")
-    g.add_argument("--train_subset", type=int, help="train on a random subset of this many examples, the same for every --seed")
+    g.add_argument(
+        "--train_subset", type=int, help="train on a random subset of this many examples, the same for every --seed"
+    )
     g.add_argument("--eval_steps", type=int, help="evaluate on dev every N steps (default: every epoch)")
     g.add_argument("--save_steps", type=int, default=200, help="write a resumable checkpoint every N steps")
     g.add_argument("--log_steps", type=int, default=50, help="progress line every N steps")
@@ -135,14 +141,22 @@ def parse_args(argv=None):
     general = args.task == "general"
     args.student_init = args.student_init or ("random" if general else "tinybert")
     args.stages = args.stages or ("general" if general else ",".join(STAGES))
-    for bad, msg in ((general and args.stages != "general", "--task general runs one stage: --stages does not apply"),
-                     (general and args.teacher, "--task general distils a pre-trained model: --teacher_init, not --teacher"),
-                     (general and not args.corpus, "--task general needs --corpus FILE[,FILE...] (python data.py corpus)"),
-                     *((not os.path.isfile(f), f"--corpus {f}: no such file") for f in (args.corpus or "").split(",") if f)):
+    for bad, msg in (
+        (general and args.stages != "general", "--task general runs one stage: --stages does not apply"),
+        (general and args.teacher, "--task general distils a pre-trained model: --teacher_init, not --teacher"),
+        (general and not args.corpus, "--task general needs --corpus FILE[,FILE...] (python data.py corpus)"),
+        *((not os.path.isfile(f), f"--corpus {f}: no such file") for f in (args.corpus or "").split(",") if f),
+    ):
         if bad:
             p.error(msg)
     max_len, e1, e2, te, tlr = TASK_DEFAULTS[args.task]
-    for name, value in (("max_len", max_len), ("epochs1", e1), ("epochs2", e2), ("teacher_epochs", te), ("teacher_lr", tlr)):
+    for name, value in (
+        ("max_len", max_len),
+        ("epochs1", e1),
+        ("epochs2", e2),
+        ("teacher_epochs", te),
+        ("teacher_lr", tlr),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.batch_size is None:
@@ -162,14 +176,21 @@ def parse_args(argv=None):
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     pairs = args.task.startswith("squad") or args.task in data.TASKS and data.TASKS[args.task].b is not None
     shortest = 5 if pairs else 3  # [CLS] a [SEP] (b [SEP]): one word piece of each text at least
-    for bad, msg in ((not 0 <= args.warmup < 1, f"--warmup must be a fraction in [0, 1), got {args.warmup}"),
-                     (not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)), "Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0"),
-                     (args.max_len > 512, f"--max_len {args.max_len}: BERT has 512 positions"),
-                     (args.max_len < shortest, f"--max_len {args.max_len}: {args.task} needs at least {shortest} positions "
-                                               f"(one word piece of {'each text' if pairs else 'text'} and the special tokens)"),
-                     (args.teacher and not os.path.isdir(args.teacher), f"--teacher {args.teacher}: no such directory"),
-                     (args.student_init not in ("tinybert", "teacher-layers", "random") and not os.path.isdir(args.student_init),
-                      f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory")):
+    for bad, msg in (
+        (not 0 <= args.warmup < 1, f"--warmup must be a fraction in [0, 1), got {args.warmup}"),
+        (not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)), "Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0"),
+        (args.max_len > 512, f"--max_len {args.max_len}: BERT has 512 positions"),
+        (
+            args.max_len < shortest,
+            f"--max_len {args.max_len}: {args.task} needs at least {shortest} positions "
+            f"(one word piece of {'each text' if pairs else 'text'} and the special tokens)",
+        ),
+        (args.teacher and not os.path.isdir(args.teacher), f"--teacher {args.teacher}: no such directory"),
+        (
+            args.student_init not in ("tinybert", "teacher-layers", "random") and not os.path.isdir(args.student_init),
+            f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory",
+        ),
+    ):
         if bad:
             p.error(msg)
     if args.layer_map not in ("uniform", "last"):
@@ -178,7 +199,9 @@ def parse_args(argv=None):
         except ValueError:
             p.error(f"--layer_map {args.layer_map}: use uniform, last or comma-separated teacher layers")
         if args.layer_map[0] < 0 or any(x < 1 for x in args.layer_map[1:]):
-            p.error(f"--layer_map {','.join(map(str, args.layer_map))}: teacher layers count from 1 (0 is the embeddings)")
+            p.error(
+                f"--layer_map {','.join(map(str, args.layer_map))}: teacher layers count from 1 (0 is the embeddings)"
+            )
     args.out = args.out or os.path.join("out", args.task)
     existing = args.out
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
@@ -188,8 +211,10 @@ def parse_args(argv=None):
     relations = args.recipe == "mlkd" and (args.w_ss or args.w_sc) and not args.task.startswith("squad")
     per_process = math.ceil(args.batch_size / int(os.environ.get("WORLD_SIZE", 1)))
     if relations and "stage2" in args.stages and per_process < 2:
-        p.error(f"--batch_size {args.batch_size}: L_SS and L_SC relate the samples of a batch and are 0 with one sample "
-                f"per process; use --batch_size {2 * int(os.environ.get('WORLD_SIZE', 1))} or more, or --w_ss 0 --w_sc 0")
+        p.error(
+            f"--batch_size {args.batch_size}: L_SS and L_SC relate the samples of a batch and are 0 with one sample "
+            f"per process; use --batch_size {2 * int(os.environ.get('WORLD_SIZE', 1))} or more, or --w_ss 0 --w_sc 0"
+        )
     return args
 
 
@@ -198,7 +223,8 @@ def parse_args(argv=None):
 
 
 def build_student(args, teacher):
-    """The student per --student_init (see --help); its attention dropout is 0 so attn_outputs are SPEC's O."""
+    """The student per --student_init (see --help); its attention dropout is 0 so that attn_outputs are the
+    paper's O = softmax(Q K^T / sqrt(d/h)) V, not a dropped-out copy."""
     tc = teacher.config
     overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
                      **({"num_attention_heads": args.heads} if args.heads else {}))
@@ -248,7 +274,10 @@ def cut_layers(source, M, kind, overrides, keep_head=True):
 def save_model(model, directory, vocab_file, args):
     """The model with its vocabulary and the arguments it was trained with (eval.py reads max_len from them)."""
     if lead():
-        model.save(directory, {"vocab.txt": data.read_text(vocab_file), "args.json": json.dumps(vars(args), indent=2, default=str)})
+        model.save(
+            directory,
+            {"vocab.txt": data.read_text(vocab_file), "args.json": json.dumps(vars(args), indent=2, default=str)},
+        )
 
 
 def load_teacher(directory, args):
@@ -273,7 +302,8 @@ def start_distributed(args):
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
     cuda = args.device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))  # rank 0 evaluates meanwhile
+    # a long timeout: the other ranks wait at a barrier while rank 0 evaluates
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     if cuda:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
@@ -341,7 +371,8 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     if lead():
         data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves its temporary behind
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=True)  # one kernel, CPU and CUDA
+    # fused: one kernel for the whole update, on CPU and CUDA
+    optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=True)
     warm = int(warmup * total) if warmup is not None else 0
 
     def lr_factor(step):
@@ -390,8 +421,10 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 with autocast:
                     loss, parts = objective(batch)  # under DDP: this rank's rows and losses
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: "
-                                             f"{ {k: float(v.detach()) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}")
+                    raise FloatingPointError(
+                        f"[{stage}] non-finite loss at step {step + 1}: "
+                        f"{ {k: float(v.detach()) for k, v in parts.items()} }, batch rows {batch['index'].tolist()}"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 (loss * weight).backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -438,8 +471,8 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         print(f"\n[{stage}] interrupted at step {step}/{total}: {where}; rerun the same command to resume", flush=True)
         raise
     record["peak_memory_gib"] = evaluation.peak_memory_gib(device)
-    print(f"[{stage}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory {record['peak_memory_gib']:.2f} GiB "
-          f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
+    print(f"[{stage}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory "
+          f"{record['peak_memory_gib']:.2f} GiB ({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
     log.write(json.dumps({"stage": stage, "done": True, "peak_memory_gib": record["peak_memory_gib"]}) + "\n")
     log.close()
     return record, best_metrics
@@ -469,11 +502,13 @@ FIT_FLAGS = ("task", "batch_size", "max_len", "seed", "max_steps", "train_subset
              "train_file")
 STUDENT_FLAGS = ("teacher", "student_init", "layers", "hidden", "heads", "ffn", "splits", "layer_map", "w_emb", "w_mha",
                  "w_ffn", "mha_temperature", "proj_init", "recipe", "epochs1", "lr1")
-STAGE_FLAGS = {"teacher": (*FIT_FLAGS, "teacher_init", "teacher_epochs", "teacher_lr", "warmup", "eval_steps", "dev_file"),
-               "stage1": (*FIT_FLAGS, *STUDENT_FLAGS),
-               "stage2": (*FIT_FLAGS, *STUDENT_FLAGS, "w_kd", "w_ss", "w_sc", "w_ce", "temperature", "tau", "epochs2",
-                          "lr2", "warmup", "eval_steps", "dev_file"),
-               "general": (*FIT_FLAGS, *STUDENT_FLAGS, "corpus", "teacher_init", "warmup")}
+STAGE_FLAGS = {
+    "teacher": (*FIT_FLAGS, "teacher_init", "teacher_epochs", "teacher_lr", "warmup", "eval_steps", "dev_file"),
+    "stage1": (*FIT_FLAGS, *STUDENT_FLAGS),
+    "stage2": (*FIT_FLAGS, *STUDENT_FLAGS, "w_kd", "w_ss", "w_sc", "w_ce", "temperature", "tau", "epochs2", "lr2",
+               "warmup", "eval_steps", "dev_file"),
+    "general": (*FIT_FLAGS, *STUDENT_FLAGS, "corpus", "teacher_init", "warmup"),
+}
 WORK = ("metrics.json", "checkpoint.pt", "model.safetensors", "log.jsonl")  # a directory holding any of these has work
 
 
@@ -533,16 +568,26 @@ def check_shapes(args, teacher):
     N, d_t = teacher.num_hidden_layers, teacher.hidden_size
     distils = any(s in args.stages for s in ("stage1", "general"))
     whose = "--heads" if args.heads else f"--student_init {args.student_init}'s head count"
-    for bad, msg in ((d_s % h_s, f"{whose} {h_s} does not divide the student's width {d_s}; choose a divisor of {d_s}"),
-                     (distils and args.w_mha and args.recipe == "mlkd" and (d_s % args.splits or d_t % args.splits),
-                      f"--splits {args.splits} must divide the student's width {d_s} and the teacher's {d_t}"),
-                     (distils and args.recipe == "tinybert" and h_s != teacher.num_attention_heads,
-                      f"--recipe tinybert matches heads one to one: give the student --heads {teacher.num_attention_heads}"),
-                     (args.max_len > teacher.max_position_embeddings,
-                      f"--max_len {args.max_len}: the teacher has {teacher.max_position_embeddings} positions"),
-                     (args.student_init == "tinybert" and (M, d_s) not in TINYBERT,
-                      f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x 312, 6 x 768); use "
-                      "--student_init teacher-layers, random or a model directory")):
+    for bad, msg in (
+        (d_s % h_s, f"{whose} {h_s} does not divide the student's width {d_s}; choose a divisor of {d_s}"),
+        (
+            distils and args.w_mha and args.recipe == "mlkd" and (d_s % args.splits or d_t % args.splits),
+            f"--splits {args.splits} must divide the student's width {d_s} and the teacher's {d_t}",
+        ),
+        (
+            distils and args.recipe == "tinybert" and h_s != teacher.num_attention_heads,
+            f"--recipe tinybert matches heads one to one: give the student --heads {teacher.num_attention_heads}",
+        ),
+        (
+            args.max_len > teacher.max_position_embeddings,
+            f"--max_len {args.max_len}: the teacher has {teacher.max_position_embeddings} positions",
+        ),
+        (
+            args.student_init == "tinybert" and (M, d_s) not in TINYBERT,
+            f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x 312, 6 x 768); use "
+            "--student_init teacher-layers, random or a model directory",
+        ),
+    ):
         if bad:
             raise ValueError(msg)
     if distils:
@@ -575,17 +620,26 @@ def load_task(args, tok):
     subset = functools.partial(train_subset, args.train_subset)
     if args.task.startswith("squad"):
         version = evaluation.squad_version(args.task)
-        path = lambda split, given: given or os.path.join(args.data_dir, "squad", f"{split}-v{version}.json")  # noqa: E731
+        path = lambda split, given: given or os.path.join(args.data_dir, "squad", f"{split}-v{version}.json")  # noqa
         examples = [e for f in path("train", args.train_file).split(",") for e in data.read_squad(f)]
         rows = data.squad_features(subset(examples), tok, max_len=args.max_len)
         train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
         dev_examples = data.read_squad(path("dev", args.dev_file), args.allow_partial)
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
-        return train, lambda m: evaluation.evaluate_squad(m, dev_examples, dev, version, args.eval_batch_size, args.device)[0]
+        return (
+            train,
+            lambda m: evaluation.evaluate_squad(m, dev_examples, dev, version, args.eval_batch_size, args.device)[0],
+        )
     train = data.encode_glue(args.task, subset(data.read_glue(args.task, "train", args.data_dir)), tok, args.max_len)
-    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok, args.max_len)
-           for s in data.TASKS[args.task].dev_splits}
-    return train, lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact)
+    dev = {
+        s: data.encode_glue(
+            args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok, args.max_len
+        )
+        for s in data.TASKS[args.task].dev_splits
+    }
+    return train, lambda m: evaluation.evaluate_glue(
+        m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact
+    )
 
 
 def train_subset(n, examples):
@@ -593,7 +647,9 @@ def train_subset(n, examples):
     if not n:
         return examples
     if n >= len(examples):
-        print(f"[data] --train_subset {n} is not less than the {len(examples)} training examples: training on all of them")
+        print(
+            f"[data] --train_subset {n} is not less than the {len(examples)} training examples: training on all of them"
+        )
         return examples
     keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(42))[:n]
     return [examples[i] for i in sorted(keep.tolist())]
@@ -611,7 +667,7 @@ def main(argv=None):
     squad = args.task.startswith("squad")
     args.metric = "f1" if squad else "loss" if args.task == "general" else "acc_m" if args.task == "mnli" \
         else data.TASKS[args.task].metric
-    if squad or args.recipe == "tinybert":  # SPEC: Stage 2 on SQuAD is L_KD only; TinyBERT's Stage 2 too
+    if squad or args.recipe == "tinybert":  # the authors' SQuAD Stage 2 is L_KD alone; TinyBERT's too
         args.w_ss = args.w_sc = 0.0
     torch.manual_seed(args.seed)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
@@ -641,8 +697,19 @@ def pipeline(args):
     # Stage 0: the teacher
     if "teacher" in args.stages and not args.teacher and not finished("teacher", teacher_dir, args):
         teacher = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task)).to(args.device)
-        record, best = fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs,
-                           args.teacher_lr, args.warmup, lambda: evaluate(teacher), lambda _: save_model(teacher, teacher_dir, vocab, args))
+        record, best = fit(
+            "teacher",
+            teacher_dir,
+            [teacher],
+            teacher_loss,
+            train,
+            args,
+            args.teacher_epochs,
+            args.teacher_lr,
+            args.warmup,
+            lambda: evaluate(teacher),
+            lambda _: save_model(teacher, teacher_dir, vocab, args),
+        )
         finish(teacher_dir, {"dev": best, "dev_set": dev_set, "train": record})
     elif "teacher" in args.stages:
         print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}" if args.teacher
@@ -672,7 +739,9 @@ def pipeline(args):
         else:
             sys.exit(f"error: Stage 1 in {dirs['stage1']} is not finished")
         M = student.config.num_hidden_layers
-        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(args.device)
+        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(
+            args.device
+        )
         if is_done(dirs["stage1"]):
             proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
         cache = None  # the teacher runs only when a distillation loss is on, and then once per example
@@ -681,8 +750,19 @@ def pipeline(args):
 
         print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
         loss2 = stage2_objective(teacher, proj, cache, args)
-        record, best = fit("stage2", dirs["stage2"], [student, proj], loss2, train, args, args.epochs2, args.lr2,
-                           args.warmup, lambda: evaluate(student), lambda _: save_model(student, dirs["stage2"], vocab, args))
+        record, best = fit(
+            "stage2",
+            dirs["stage2"],
+            [student, proj],
+            loss2,
+            train,
+            args,
+            args.epochs2,
+            args.lr2,
+            args.warmup,
+            lambda: evaluate(student),
+            lambda _: save_model(student, dirs["stage2"], vocab, args),
+        )
         finish(dirs["stage2"], {"dev": best, "dev_set": dev_set, "train": record})
     elif "stage2" in args.stages:
         print(f"[stage2] {dirs['stage2']} is finished: skipped")
@@ -750,10 +830,11 @@ def distil_layers(stage, directory, teacher, train, args, vocab, heldout=None):
     loss_fn = stage1_objective(teacher, proj, lmap, args)
     evaluate, start = None, None
     if heldout is not None:
-        evaluate = lambda: evaluation.heldout_losses(student, loss_fn, heldout, args.eval_batch_size, args.device)  # noqa: E731
+        evaluate = functools.partial(evaluation.heldout_losses, student, loss_fn, heldout, args.eval_batch_size,
+                                     args.device)
         start = evaluate()
         print(f"[{stage}] held-out at step 0: " + evaluation.format_metrics(start, 4))
-    warmup = args.warmup if stage == "general" else None  # SPEC: Stage 1 at a constant lr
+    warmup = args.warmup if stage == "general" else None  # Stage 1 at a constant lr, as the authors ran it
     record, _ = fit(stage, directory, [student, proj], loss_fn, train, args, args.epochs1, args.lr1, warmup, evaluate)
     save_model(student, directory, vocab, args)
     if lead():
@@ -779,14 +860,22 @@ def general(args):
     k = min(HELDOUT, max(1, n // 100))  # windows the training never sees
     heldout = {key: v[order[:k]] for key, v in windows.items()}
     train = {key: v[order[k:]] for key, v in windows.items()}
-    corpus = {"files": args.corpus, "windows": n, "heldout_windows": k, "word_pieces": int(windows["lengths"].sum() - 2 * n)}
+    corpus = {
+        "files": args.corpus,
+        "windows": n,
+        "heldout_windows": k,
+        "word_pieces": int(windows["lengths"].sum() - 2 * n),
+    }
     print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {corpus['word_pieces']:,} word pieces; "
           f"{k} window{'s' * (k != 1)} held out; teacher {source} (pre-trained)")
     record, start = distil_layers("general", directory, teacher, train, args, vocab, heldout)
     if not lead():
         return finish(directory, {})
-    curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]}
-                                      for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))) if "dev" in r]
+    curve = [{"step": 0, **start}] + [
+        {"step": r["step"], **r["dev"]}
+        for r in map(json.loads, open(os.path.join(directory, "log.jsonl")))
+        if "dev" in r
+    ]
     finish(directory, {"corpus": corpus, "heldout": curve, "train": record})
     print("[general] held-out losses, start -> end: " + ", ".join(f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}"
           for key in start if key != "windows") + f"; the student: --student_init {directory}")

@@ -51,7 +51,9 @@ def build(shape, batch, length, device):
     proj = mlkd.Projections(M, d_s, d_t).to(device)
     lengths = torch.randint(length // 4, length + 1, (batch,))
     lengths[0] = length  # the batch is as wide as --length
-    ids = torch.randint(1000, teacher.config.vocab_size, (batch, length)) * (torch.arange(length)[None] < lengths[:, None])
+    ids = torch.randint(1000, teacher.config.vocab_size, (batch, length)) * (
+        torch.arange(length)[None] < lengths[:, None]
+    )
     rows = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths,
             "labels": torch.randint(0, 2, (batch,))}
     b = {k: v.to(device) for k, v in next(data.batches(rows, batch)).items()}
@@ -95,8 +97,13 @@ def steps(teacher, student, proj, params, optimizer, b, cache, device):
     def stage2(use_cache):
         return lambda: mlkd.stage2_loss(student(*inputs), mlkd.stage2_targets(b, teacher, cache if use_cache else None),
                                         proj, b["labels"])
-    return {"teacher": teacher_forward, "student": student_forward_backward, "stage1": full_step(lambda: stage1(student, b)),
-            "stage2 live": full_step(stage2(False)), "stage2 cached": full_step(stage2(True))}
+    return {
+        "teacher": teacher_forward,
+        "student": student_forward_backward,
+        "stage1": full_step(lambda: stage1(student, b)),
+        "stage2 live": full_step(stage2(False)),
+        "stage2 cached": full_step(stage2(True)),
+    }
 
 
 def timed(fn, iters, device):
@@ -173,6 +180,10 @@ if __name__ == "__main__":
         print(f"| {name} | " + " | ".join(f"{1000 * r[name]:,.0f} ms" for r in results.values()) + " |")
     print("| stage1 / (teacher + student) | " + " | ".join(
         f"{r['stage1'] / (r['teacher'] + r['student']):.2f}x" for r in results.values()) + " |")
-    print("| stage2 live / cached | " + " | ".join(f"{r['stage2 live'] / r['stage2 cached']:.2f}x" for r in results.values()) + " |")
+    print(
+        "| stage2 live / cached | "
+        + " | ".join(f"{r['stage2 live'] / r['stage2 cached']:.2f}x" for r in results.values())
+        + " |"
+    )
     if a.tokens_of:
         stage1_cache_size(a)

