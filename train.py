@@ -138,6 +138,11 @@ def parse_args(argv=None):
 
     if args.task not in TASK_DEFAULTS:
         p.error(f"--task {args.task!r}: unknown; choose one of {', '.join(TASK_DEFAULTS)}")
+    squad = args.task.startswith("squad")
+    if squad or args.recipe == "tinybert":  # Stage 2 = L_KD alone: TinyBERT's recipe, and the authors' SQuAD runs
+        args.w_ss = args.w_sc = 0.0
+    args.metric = "f1" if squad else "loss" if args.task == "general" else "acc_m" if args.task == "mnli" \
+        else data.TASKS[args.task].metric
     general = args.task == "general"
     args.student_init = args.student_init or ("random" if general else "tinybert")
     args.stages = args.stages or ("general" if general else ",".join(STAGES))
@@ -208,7 +213,7 @@ def parse_args(argv=None):
         existing = os.path.dirname(os.path.abspath(existing))
     if not os.access(existing, os.W_OK):
         p.error(f"--out {args.out}: {existing} is not writable; choose an --out you can write to")
-    relations = args.recipe == "mlkd" and (args.w_ss or args.w_sc) and not args.task.startswith("squad")
+    relations = args.w_ss or args.w_sc
     per_process = math.ceil(args.batch_size / int(os.environ.get("WORLD_SIZE", 1)))
     if relations and "stage2" in args.stages and per_process < 2:
         p.error(
@@ -620,26 +625,19 @@ def load_task(args, tok):
     subset = functools.partial(train_subset, args.train_subset)
     if args.task.startswith("squad"):
         version = evaluation.squad_version(args.task)
-        path = lambda split, given: given or os.path.join(args.data_dir, "squad", f"{split}-v{version}.json")  # noqa
-        examples = [e for f in path("train", args.train_file).split(",") for e in data.read_squad(f)]
+        default = os.path.join(args.data_dir, "squad", "{}-v" + version + ".json")
+        examples = [e for f in (args.train_file or default.format("train")).split(",") for e in data.read_squad(f)]
         rows = data.squad_features(subset(examples), tok, max_len=args.max_len)
         train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
-        dev_examples = data.read_squad(path("dev", args.dev_file), args.allow_partial)
+        dev_examples = data.read_squad(args.dev_file or default.format("dev"), args.allow_partial)
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
-        return (
-            train,
-            lambda m: evaluation.evaluate_squad(m, dev_examples, dev, version, args.eval_batch_size, args.device)[0],
-        )
+        return train, lambda m: evaluation.evaluate_squad(m, dev_examples, dev, version, args.eval_batch_size,
+                                                          args.device)[0]
     train = data.encode_glue(args.task, subset(data.read_glue(args.task, "train", args.data_dir)), tok, args.max_len)
-    dev = {
-        s: data.encode_glue(
-            args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok, args.max_len
-        )
-        for s in data.TASKS[args.task].dev_splits
-    }
-    return train, lambda m: evaluation.evaluate_glue(
-        m, args.task, dev, args.eval_batch_size, args.device, args.paper_exact
-    )
+    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok,
+                               args.max_len) for s in data.TASKS[args.task].dev_splits}
+    return train, lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device,
+                                                     args.paper_exact)
 
 
 def train_subset(n, examples):
@@ -647,9 +645,8 @@ def train_subset(n, examples):
     if not n:
         return examples
     if n >= len(examples):
-        print(
-            f"[data] --train_subset {n} is not less than the {len(examples)} training examples: training on all of them"
-        )
+        print(f"[data] --train_subset {n} is not less than the {len(examples)} training examples: "
+              "training on all of them")
         return examples
     keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(42))[:n]
     return [examples[i] for i in sorted(keep.tolist())]
@@ -664,11 +661,6 @@ def dev_set_key(args):
 def main(argv=None):
     args = parse_args(argv)
     start_distributed(args)
-    squad = args.task.startswith("squad")
-    args.metric = "f1" if squad else "loss" if args.task == "general" else "acc_m" if args.task == "mnli" \
-        else data.TASKS[args.task].metric
-    if squad or args.recipe == "tinybert":  # the authors' SQuAD Stage 2 is L_KD alone; TinyBERT's too
-        args.w_ss = args.w_sc = 0.0
     torch.manual_seed(args.seed)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     try:
@@ -689,80 +681,43 @@ def pipeline(args):
     source = fetch(args.teacher or args.teacher_init)
     check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
     vocab = os.path.join(source, "vocab.txt")
-    tok = data.Tokenizer(vocab)
     teacher = load_teacher(args.teacher, args) if args.teacher else None  # checked before any work
-    train, evaluate = load_task(args, tok)
+    train, evaluate = load_task(args, data.Tokenizer(vocab))
     dev_set = dev_set_key(args)
 
-    # Stage 0: the teacher
+    # Stage 0: the teacher, fine-tuned on the task's gold labels
     if "teacher" in args.stages and not args.teacher and not finished("teacher", teacher_dir, args):
         teacher = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task)).to(args.device)
-        record, best = fit(
-            "teacher",
-            teacher_dir,
-            [teacher],
-            teacher_loss,
-            train,
-            args,
-            args.teacher_epochs,
-            args.teacher_lr,
-            args.warmup,
-            lambda: evaluate(teacher),
-            lambda _: save_model(teacher, teacher_dir, vocab, args),
-        )
+        record, best = fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs,
+                           args.teacher_lr, args.warmup, evaluate=lambda: evaluate(teacher),
+                           on_best=lambda _: save_model(teacher, teacher_dir, vocab, args))
         finish(teacher_dir, {"dev": best, "dev_set": dev_set, "train": record})
     elif "teacher" in args.stages:
         print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}" if args.teacher
               else f"[teacher] {teacher_dir} is finished: skipped")
-
     if not args.teacher and any(s in args.stages for s in ("stage1", "stage2", "eval")):
         if not is_done(teacher_dir):
             sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
         same_settings("teacher", teacher_dir, args)
         teacher = load_teacher(teacher_dir, args)
 
-    # Stage 1: embeddings and Transformer layers
+    # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
     if "stage1" in args.stages and not finished("stage1", dirs["stage1"], args):
         record, _ = distil_layers("stage1", dirs["stage1"], teacher, train, args, vocab)
         finish(dirs["stage1"], {"train": record})
     elif "stage1" in args.stages:
         print(f"[stage1] {dirs['stage1']} is finished: skipped")
 
-    # Stage 2: prediction layer, best on dev kept
+    # Stage 2: the prediction layer (L_KD + L_SS + L_SC), from Stage 1's student and projections; best on dev kept
     if "stage2" in args.stages and not finished("stage2", dirs["stage2"], args):
-        if is_done(dirs["stage1"]):
-            same_settings("stage1", dirs["stage1"], args)
-            student = Bert.from_pretrained(dirs["stage1"], verbose=False).to(args.device)
-        elif "stage1" not in args.stages:  # a baseline: logits-only KD or gold labels, no Stage 1
-            print(f"[stage2] no finished Stage 1 in {dirs['stage1']}: starting from --student_init {args.student_init}")
-            student = build_student(args, teacher).to(args.device)
-        else:
-            sys.exit(f"error: Stage 1 in {dirs['stage1']} is not finished")
-        M = student.config.num_hidden_layers
-        proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(
-            args.device
-        )
-        if is_done(dirs["stage1"]):
-            proj.load_state_dict(read_safetensors(os.path.join(dirs["stage1"], "projections.safetensors")))
+        student, proj = stage2_start(dirs["stage1"], teacher, args)
         cache = None  # the teacher runs only when a distillation loss is on, and then once per example
         if any((args.w_kd, args.w_ss, args.w_sc)) and not args.no_teacher_cache:
             cache = teacher_cache(teacher, train, args, dirs["stage2"])
-
         print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
-        loss2 = stage2_objective(teacher, proj, cache, args)
-        record, best = fit(
-            "stage2",
-            dirs["stage2"],
-            [student, proj],
-            loss2,
-            train,
-            args,
-            args.epochs2,
-            args.lr2,
-            args.warmup,
-            lambda: evaluate(student),
-            lambda _: save_model(student, dirs["stage2"], vocab, args),
-        )
+        record, best = fit("stage2", dirs["stage2"], [student, proj], stage2_objective(teacher, proj, cache, args),
+                           train, args, args.epochs2, args.lr2, args.warmup, evaluate=lambda: evaluate(student),
+                           on_best=lambda _: save_model(student, dirs["stage2"], vocab, args))
         finish(dirs["stage2"], {"dev": best, "dev_set": dev_set, "train": record})
     elif "stage2" in args.stages:
         print(f"[stage2] {dirs['stage2']} is finished: skipped")
@@ -771,6 +726,24 @@ def pipeline(args):
         if not is_done(dirs["stage2"]):
             sys.exit(f"error: no finished student in {dirs['stage2']}")
         return evaluation.report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
+
+
+def stage2_start(stage1_dir, teacher, args):
+    """Stage 2's student and projections: Stage 1's, or, for a baseline run without Stage 1 (logits-only KD,
+    gold labels), a student per --student_init with fresh projections."""
+    if is_done(stage1_dir):
+        same_settings("stage1", stage1_dir, args)
+        student = Bert.from_pretrained(stage1_dir, verbose=False).to(args.device)
+    elif "stage1" not in args.stages:
+        print(f"[stage2] no finished Stage 1 in {stage1_dir}: starting from --student_init {args.student_init}")
+        student = build_student(args, teacher).to(args.device)
+    else:
+        sys.exit(f"error: Stage 1 in {stage1_dir} is not finished")
+    c = student.config
+    proj = mlkd.Projections(c.num_hidden_layers, c.hidden_size, teacher.config.hidden_size, args.proj_init)
+    if is_done(stage1_dir):
+        proj.load_state_dict(read_safetensors(os.path.join(stage1_dir, "projections.safetensors")))
+    return student, proj.to(args.device)
 
 
 def stage1_objective(teacher, proj, lmap, args):
