@@ -437,14 +437,15 @@ def encode_glue(task, examples, tokenizer, max_len=None):
     return out
 
 
-def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0):
+def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0, group_by_length=0):
     """Yield batches {input_ids, token_type_ids, attention_mask, labels..., index} from an encoded
     dataset. Dynamic padding trims to the longest row of the batch; fixed_padding keeps the full
-    max length (the authors' behaviour). start skips the first `start` batches (resuming)."""
+    max length (the authors' behaviour). start skips the first `start` batches (resuming).
+    group_by_length=G (with shuffle): batches of similar lengths, see batch_rows."""
     n = len(dataset["input_ids"])
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for s in range(start * batch_size, n, batch_size):
-        idx = order[s:s + batch_size]
+    rows = batch_rows(order, batch_size, dataset["lengths"], group_by_length, generator)
+    for idx in rows[start:]:
         lengths = dataset["lengths"][idx]
         width = dataset["input_ids"].shape[1] if fixed_padding else int(lengths.max())
         batch = {k: v[idx] for k, v in dataset.items() if k not in ("input_ids", "token_type_ids", "lengths")}
@@ -453,6 +454,20 @@ def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=Fa
         batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, width)
         batch["index"] = idx
         yield batch
+
+
+def batch_rows(order, batch_size, lengths, group=0, generator=None):
+    """The rows of each batch, in order: `order` cut into batches; with group = G > 0, each run of G batches'
+    worth of the shuffled rows is sorted by length before it is cut, and the run's batches are shuffled, so a
+    batch holds sentences of similar length and pads little (what HF's Trainer calls group_by_length), while
+    which rows meet in a run, and the order of the batches, stay random. Seeded by `generator`."""
+    if not group:
+        return list(order.split(batch_size))
+    rows = []
+    for run in order.split(group * batch_size):
+        by_length = run[torch.argsort(lengths[run], stable=True)].split(batch_size)  # (G tensors of batch_size rows)
+        rows += [by_length[i] for i in torch.randperm(len(by_length), generator=generator).tolist()]
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

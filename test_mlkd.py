@@ -1490,7 +1490,7 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     torch.manual_seed(0)
     model.Bert(config).save(init, {"vocab.txt": open(tmp_path / "vocab.txt").read()})
     base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--teacher_epochs", "1",
-                       "--epochs1", "1", "--save_steps", "2"]
+                       "--epochs1", "1", "--save_steps", "2", "--group_by_length"]  # each rank: its rows of one batch
     one, two = tmp_path / "one", tmp_path / "two"
     for stage in ("teacher", "stage1"):
         train.main(base + ["--out", str(one), "--stages", stage])
@@ -2417,3 +2417,51 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
                os.path.join(HERE, "train.py"), *argv, *bad]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode != 0 and (run.stdout + run.stderr).count(msg) == 1, run.stdout + run.stderr
+
+
+# ==============================================================================================
+# --group_by_length: batches of similar lengths, the same examples, the same losses
+
+
+def test_grouped_batches_are_a_seeded_permutation_of_similar_lengths():
+    g = torch.Generator().manual_seed(0)
+    n, B = 1000, 8
+    lengths = torch.randint(3, 60, (n,), generator=g)
+    ds = {"input_ids": torch.ones(n, 64, dtype=torch.long), "token_type_ids": torch.zeros(n, 64, dtype=torch.long),
+          "lengths": lengths}
+
+    def epoch(group, start=0, seed=1):
+        return list(data.batches(ds, B, shuffle=True, generator=torch.Generator().manual_seed(seed), start=start,
+                                 group_by_length=group))
+    plain, grouped = epoch(0), epoch(10)
+    assert sorted(torch.cat([b["index"] for b in grouped]).tolist()) == list(range(n))  # every example once
+    padded = lambda bs: sum(b["input_ids"].numel() for b in bs) / int(lengths.sum())  # noqa: E731
+    assert padded(grouped) < 1.1 < 1.5 < padded(plain)  # positions computed per real token
+    for run in range(0, len(grouped), 10):  # within a run of 10 batches the lengths do not interleave
+        spans = sorted((int(lengths[b["index"]].min()), int(lengths[b["index"]].max())) for b in grouped[run:run + 10])
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+    assert [b["index"].tolist() for b in epoch(10, start=37)] == [b["index"].tolist() for b in grouped[37:]]  # resume
+    assert [b["index"].tolist() for b in epoch(10)] == [b["index"].tolist() for b in grouped]  # seeded
+    assert [b["index"].tolist() for b in epoch(10, seed=2)] != [b["index"].tolist() for b in grouped]
+    assert [b["index"].tolist() for b in plain] == [b["index"].tolist() for b in epoch(0)]  # off: the order as before
+
+
+def test_stage_losses_of_a_batch_do_not_depend_on_its_padding(tmp_path):
+    import train
+    torch.manual_seed(0)
+    teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)))
+    student = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)))
+    proj = random_projections(2, 24, 48)
+    args = train.parse_args(["--task", "sst2", "--splits", "4", "--device", "cpu"])
+    lengths = torch.tensor([5, 3, 6, 4])
+    ids = torch.randint(5, 128, (4, 12)) * (torch.arange(12)[None] < lengths[:, None])
+    ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths, "labels": torch.tensor([0, 1, 1, 0])}
+    cache = train.teacher_cache(teacher, ds, args, str(tmp_path))
+    tight = next(data.batches(ds, 4))  # as wide as its longest row: what a length-grouped batch is
+    wide = next(data.batches(ds, 4, fixed_padding=True))  # padded as if a longer sentence had joined it
+    assert tight["input_ids"].shape[1] == 6 and wide["input_ids"].shape[1] == 12
+    for objective in (train.stage1_objective(teacher, proj, mlkd.layer_map(4, 2), args),
+                      train.stage2_objective(teacher, proj, cache, args), train.teacher_loss):
+        with torch.no_grad():
+            a, b = objective(student, tight)[1], objective(student, wide)[1]
+        assert a.keys() == b.keys() and all(abs(a[k].item() - b[k].item()) < 1e-5 for k in a), (a, b)

@@ -53,6 +53,7 @@ TASK_DEFAULTS = {
 TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D", (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
 STAGES = ("teacher", "stage1", "stage2", "eval")
 HELDOUT = 1000  # general distillation scores at most this many corpus windows (1%) that it never trains on
+GROUP = 100  # --group_by_length sorts runs of this many batches (HF's LengthGroupedSampler: up to 50)
 
 
 def parse_args(argv=None):
@@ -109,6 +110,11 @@ def parse_args(argv=None):
                         "(equal head counts) and projected hidden states, Stage 2 L_KD alone")
     g.add_argument("--paper_exact", action="store_true",
                    help="the authors' behaviour: pad every batch to max length, relation losses unmasked")
+    g.add_argument("--group_by_length", action="store_true",
+                   help=f"batches of similar lengths: each run of {GROUP} shuffled batches is sorted by length, then "
+                        "its batches shuffled; far less padding (SST-2: 3.0x -> 1.02x positions per real token), the "
+                        "same masked losses per example, but L_SS and L_SC then relate samples of similar length "
+                        "(ignored with --paper_exact)"),
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs1", type=float, help="Stage-1 epochs")
     g.add_argument("--epochs2", type=float, help="Stage-2 epochs")
@@ -207,6 +213,9 @@ def parse_args(argv=None):
             p.error(
                 f"--layer_map {','.join(map(str, args.layer_map))}: teacher layers count from 1 (0 is the embeddings)"
             )
+    if args.group_by_length and args.paper_exact:
+        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len anyway")
+        args.group_by_length = False
     args.out = args.out or os.path.join("out", args.task)
     existing = args.out
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
@@ -417,8 +426,9 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         while step < total:
             epoch = step // per_epoch
             gen = torch.Generator().manual_seed(args.seed + epoch)  # the same order again after a resume
+            group = GROUP if args.group_by_length else 0
             for batch in data.batches(train, args.batch_size, shuffle=True, generator=gen,
-                                      fixed_padding=args.paper_exact, start=step % per_epoch):
+                                      fixed_padding=args.paper_exact, start=step % per_epoch, group_by_length=group):
                 rows = len(batch["index"])  # the global batch: samples/s counts every process's rows
                 batch, weight = shard(batch, by_tokens) if distributed else (batch, 1.0)
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -504,7 +514,7 @@ def is_done(directory):
 # The flags that change what a stage computes. A stage directory keeps the settings it was started with
 # (args.json); a rerun into it with other values would skip or resume a different run, so it is refused.
 FIT_FLAGS = ("task", "batch_size", "max_len", "seed", "max_steps", "train_subset", "weight_decay", "paper_exact",
-             "train_file")
+             "train_file", "group_by_length")
 STUDENT_FLAGS = ("teacher", "student_init", "layers", "hidden", "heads", "ffn", "splits", "layer_map", "w_emb", "w_mha",
                  "w_ffn", "mha_temperature", "proj_init", "recipe", "epochs1", "lr1")
 STAGE_FLAGS = {
