@@ -2412,7 +2412,8 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
     import subprocess
     init = write_pipeline_fixture(tmp_path)
     argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "o")]
-    for bad, msg in ((["--heads", "5"], "error: --heads 5 does not divide"), (["--lr1", "0"], "--lr1 must be positive")):
+    for bad, msg in ((["--heads", "5"], "error: --heads 5 does not divide"),
+                     (["--lr1", "0"], "--lr1 must be positive")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(HERE, "train.py"), *argv, *bad]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
