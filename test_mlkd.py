@@ -2416,7 +2416,8 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
                      (["--lr1", "0"], "--lr1 must be positive")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(HERE, "train.py"), *argv, *bad]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode != 0 and (run.stdout + run.stderr).count(msg) == 1, run.stdout + run.stderr
 
 
@@ -2456,7 +2457,8 @@ def test_stage_losses_of_a_batch_do_not_depend_on_its_padding(tmp_path):
     args = train.parse_args(["--task", "sst2", "--splits", "4", "--device", "cpu"])
     lengths = torch.tensor([5, 3, 6, 4])
     ids = torch.randint(5, 128, (4, 12)) * (torch.arange(12)[None] < lengths[:, None])
-    ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths, "labels": torch.tensor([0, 1, 1, 0])}
+    ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths,
+          "labels": torch.tensor([0, 1, 1, 0])}
     cache = train.teacher_cache(teacher, ds, args, str(tmp_path))
     tight = next(data.batches(ds, 4))  # as wide as its longest row: what a length-grouped batch is
     wide = next(data.batches(ds, 4, fixed_padding=True))  # padded as if a longer sentence had joined it
