@@ -105,7 +105,15 @@ class BertConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def to_json(self):
-        return json.dumps(asdict(self), indent=2)
+        """Our fields, and what HF transformers reads to open the model as its own BertModel,
+        BertForSequenceClassification (labels, regression) or BertForQuestionAnswering."""
+        arch = {"none": "BertModel", "span": "BertForQuestionAnswering"}.get(self.head, "BertForSequenceClassification")
+        hf = dict(model_type="bert", architectures=[arch], hidden_act="gelu", position_embedding_type="absolute")
+        if self.head in ("classification", "regression"):
+            names = self.label_names or [f"LABEL_{i}" for i in range(self.num_labels)]
+            hf.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                      problem_type="regression" if self.head == "regression" else "single_label_classification")
+        return json.dumps({**hf, **asdict(self)}, indent=2)
 
 
 PRESETS = {
@@ -288,9 +296,11 @@ class Bert(nn.Module):
         return new_head
 
     def save(self, directory, extra_files=None):
-        """Write config.json and model.safetensors (atomically), plus any {name: text} files."""
+        """Write config.json and model.safetensors (atomically) in HF transformers' layout, so that the model
+        opens there as it is (see BertConfig.to_json); plus any {name: text} files."""
         os.makedirs(directory, exist_ok=True)
-        write_safetensors(self.state_dict(), os.path.join(directory, "model.safetensors"))
+        state = {to_hf_name(k): v for k, v in self.state_dict().items()}
+        write_safetensors(state, os.path.join(directory, "model.safetensors"))
         files = {"config.json": self.config.to_json(), **(extra_files or {})}
         for name, text in files.items():
             data.atomic_write_text(os.path.join(directory, name), text)
@@ -325,6 +335,21 @@ def to_our_name(key):
     if module in HF_OTHER_NAMES:
         return f"{HF_OTHER_NAMES[module]}.{param}"
     return key
+
+
+HF_FROM_OURS = {ours: hf for hf, ours in (*HF_LAYER_NAMES.items(), *HF_OTHER_NAMES.items())}
+
+
+def to_hf_name(key):
+    """Our name -> HF's (the inverse of to_our_name): the encoder under bert., the task heads as they are."""
+    module, _, param = key.rpartition(".")
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", module)
+    if m:
+        return f"bert.encoder.layer.{m.group(1)}.{HF_FROM_OURS[m.group(2)]}.{param}"
+    if module in HF_FROM_OURS:
+        return f"bert.{HF_FROM_OURS[module]}.{param}"
+    return key  # classifier.*, qa_outputs.*: HF's heads have our names
+
 
 
 def fetch(name_or_dir, cache_dir=None):

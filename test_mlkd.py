@@ -6,6 +6,7 @@ transformers, via testdata/minilm_golden.npz) and the real GLUE/SQuAD files in .
 (or $MLKD_SHARED_DATA). Downloads are exercised against a local HTTP server on 127.0.0.1.
 """
 import argparse
+import dataclasses
 import http.server
 import importlib.util
 import json
@@ -2468,3 +2469,55 @@ def test_stage_losses_of_a_batch_do_not_depend_on_its_padding(tmp_path):
         with torch.no_grad():
             a, b = objective(student, tight)[1], objective(student, wide)[1]
         assert a.keys() == b.keys() and all(abs(a[k].item() - b[k].item()) < 1e-5 for k in a), (a, b)
+
+
+# ==============================================================================================
+# The student leaves the repo: a saved model opens in HF transformers as it is
+
+
+@pytest.mark.parametrize("head", ["classification", "regression", "span", "none"])
+def test_a_saved_model_opens_in_hf_transformers_with_our_outputs(tmp_path, head):
+    transformers = pytest.importorskip("transformers")  # not a dependency: the MiniLM package brings it
+    torch.manual_seed(0)
+    kw = dict(num_labels=3, label_names=["a", "b", "c"]) if head == "classification" else {}
+    ours = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head=head, **kw)), 0.05)
+    for p in ours.parameters():  # biases and LayerNorms drawn too: every tensor must land where HF reads it
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, mean=1.0 if p.shape[0] == 24 else 0.0, std=0.1)
+    ours.save(tmp_path, {"vocab.txt": "[PAD]\n"})
+    cls = {"classification": "BertForSequenceClassification", "regression": "BertForSequenceClassification",
+           "span": "BertForQuestionAnswering", "none": "BertModel"}[head]
+    hf = getattr(transformers, cls).from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(5, 128, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    types = torch.tensor([[0] * 4 + [1] * 5] * 3)
+    with torch.no_grad():
+        out, theirs = ours.eval()(ids, types, mask), hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # noqa: E731
+    if head in ("classification", "regression"):
+        close(out.logits, theirs.logits)
+        assert hf.config.num_labels == (3 if head == "classification" else 1)
+        assert hf.config.problem_type == ("regression" if head == "regression" else "single_label_classification")
+        assert head == "regression" or hf.config.id2label == {0: "a", 1: "b", 2: "c"}
+    elif head == "span":
+        real = mask.bool()
+        close(out.logits[:, 0][real], theirs.start_logits[real])
+        close(out.logits[:, 1][real], theirs.end_logits[real])
+    else:
+        close(out.hidden_states[-1][real := mask.bool()], theirs.last_hidden_state[real])
+        close(out.pooled, theirs.pooler_output)
+    again = model.Bert.from_pretrained(str(tmp_path), verbose=False)  # and our loader reads it back, bit for bit
+    assert again.config == ours.config
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_a_model_saved_in_our_earlier_layout_still_loads(tmp_path):
+    torch.manual_seed(0)
+    old = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2))
+    model.write_safetensors(old.state_dict(), str(tmp_path / "model.safetensors"))  # layers.0.q.weight, ...
+    config = json.loads(old.config.to_json())
+    ours_only = {f.name: config[f.name] for f in dataclasses.fields(model.BertConfig)}  # no HF keys then
+    (tmp_path / "config.json").write_text(json.dumps(ours_only))
+    again = model.Bert.from_pretrained(str(tmp_path), verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), old.state_dict().values()))
