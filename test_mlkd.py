@@ -2521,3 +2521,19 @@ def test_a_model_saved_in_our_earlier_layout_still_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(ours_only))
     again = model.Bert.from_pretrained(str(tmp_path), verbose=False)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), old.state_dict().values()))
+
+
+def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "experiments", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    write_pipeline_fixture(tmp_path)
+    with pytest.raises(SystemExit):  # what it needs travels with it: a missing file is named, nothing downloaded
+        gpu_check.main(["--tiny", "--data_dir", str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert "glue/SST-2/train.tsv and dev.tsv missing" in capsys.readouterr().err
+    rows = gpu_check.main(["--tiny", "--data_dir", str(tmp_path / "data"), "--device", "cpu"])
+    table = capsys.readouterr().out
+    assert "| check | result | detail |" in table and all(r[1] != "FAILED" for r in rows), rows
+    names = [r[0] for r in rows]
+    assert "step: stage1" in names and "4 x 312 student, 3 heads" in names and "eval.py on the saved student" in names
+    assert dict((r[0], r[1]) for r in rows)["eval.py on the saved student"] == "same"
