@@ -92,8 +92,8 @@ def parity_and_speed(shape, batch, length, device, peak_tflops, rounds):
     flops = 6 * non_embedding + 12 * c.num_hidden_layers * c.hidden_size * length  # per token, forward + backward
     mfu = mine * flops / (peak_tflops * 1e12)
     precision = "bf16" if device.startswith("cuda") else "fp32"
-    rows.append((f"fwd+bwd tokens/s, ours, {precision}", f"{mine:,.0f}", f"batch {batch} x {length}; MFU {100 * mfu:.1f}% of "
-                 f"{peak_tflops:g} TFLOPS"))
+    rows.append((f"fwd+bwd tokens/s, ours, {precision}", f"{mine:,.0f}",
+                 f"batch {batch} x {length}; MFU {100 * mfu:.1f}% of {peak_tflops:g} TFLOPS"))
     if theirs is not None:
         theirs.train()
         hf = tokens_per_s(lambda: theirs(input_ids=ids, attention_mask=mask).last_hidden_state)
