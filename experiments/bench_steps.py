@@ -180,10 +180,7 @@ if __name__ == "__main__":
         print(f"| {name} | " + " | ".join(f"{1000 * r[name]:,.0f} ms" for r in results.values()) + " |")
     print("| stage1 / (teacher + student) | " + " | ".join(
         f"{r['stage1'] / (r['teacher'] + r['student']):.2f}x" for r in results.values()) + " |")
-    print(
-        "| stage2 live / cached | "
-        + " | ".join(f"{r['stage2 live'] / r['stage2 cached']:.2f}x" for r in results.values())
-        + " |"
-    )
+    print("| stage2 live / cached | " + " | ".join(
+        f"{r['stage2 live'] / r['stage2 cached']:.2f}x" for r in results.values()) + " |")
     if a.tokens_of:
         stage1_cache_size(a)
