@@ -38,11 +38,12 @@ def epoch(dataset, group, seed=42, batch_size=32):
 
 
 def samples_per_s(objective, modules, batches, device):
-    """Train on `batches` with train.py's step (AdamW, clipping); samples per second of wall time."""
+    """Train on `batches` with train.py's step (AdamW, clipping); (samples per second of wall time, the share
+    of that time spent in clipping and the AdamW update, which do not depend on the batch's length)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(train.param_groups(modules, 0.01), lr=1e-5, fused=True)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
-    start, rows = time.perf_counter(), 0
+    start, rows, fixed = time.perf_counter(), 0, 0.0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         modules[0].train()
@@ -50,12 +51,17 @@ def samples_per_s(objective, modules, batches, device):
             loss, _ = objective(modules[0], b)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        fixed += time.perf_counter() - t
         rows += len(b["index"])
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return rows / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return rows / wall, fixed / wall
 
 
 def main():
@@ -105,10 +111,12 @@ def main():
                 got[name, order].append(samples_per_s(objective, modules, timed[order], args.device))
     print(f"\nsamples/s, {args.device}, {torch.get_num_threads()} threads, the first {args.batches} batches of each "
           f"order, median of {args.rounds} interleaved rounds:\n")
-    print("| step | random batches | length-grouped | grouped / random |\n|---|---|---|---|")
+    print("| step | random batches | length-grouped | grouped / random | clip + AdamW share (random, grouped) |")
+    print("|---|---|---|---|---|")
     for name in steps:
-        r, g = (statistics.median(got[name, o]) for o in orders)
-        print(f"| {name} | {r:.1f} | {g:.1f} | {g / r:.2f}x |")
+        r, g = (statistics.median(x for x, _ in got[name, o]) for o in orders)
+        fr, fg = (statistics.median(f for _, f in got[name, o]) for o in orders)
+        print(f"| {name} | {r:.1f} | {g:.1f} | {g / r:.2f}x | {100 * fr:.0f}%, {100 * fg:.0f}% |")
 
 
 if __name__ == "__main__":
