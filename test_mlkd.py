@@ -2336,6 +2336,13 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
         with pytest.raises(SystemExit):
             ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu, *flags])
         assert msg in capsys.readouterr().err
+    if importlib.util.find_spec("transformers"):  # the student train.py saved opens in HF transformers as it is
+        import transformers
+        hf = transformers.BertForSequenceClassification.from_pretrained(str(out / "stage2")).eval()
+        student = model.Bert.from_pretrained(str(out / "stage2"), verbose=False).eval()
+        ids = torch.randint(5, 60, (2, 7))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(input_ids=ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
     long = " ".join(["good"] * 80)
     ev.main(["--task", "sst2", "--model", str(out / "stage2"), "--teacher", str(out / "teacher"), "--show", long, *cpu])
     assert (
