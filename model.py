@@ -19,14 +19,14 @@ safetensors with the ~30-line reader below (no `safetensors` package) and `.bin`
 torch.load(weights_only=True), maps the checkpoint's names onto ours, and refuses to guess:
 a missing, unexpected or wrongly shaped tensor is an error listing every offending key.
 
-`python model.py --bench` measures training throughput against HF transformers when it is installed.
+Sections: the configuration, the network (a reader of the method may stop after `Bert.forward`), then
+loading: checkpoint names, safetensors, Google's TensorFlow checkpoints.
 """
 import json
 import math
 import os
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -402,6 +402,57 @@ def read_checkpoint(directory):
 
 
 # ----------------------------------------------------------------------------------------------
+# safetensors: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
+# data_offsets: [begin, end]}} (offsets relative to the end of the header), then raw bytes.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    if len(buf) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(buf)} bytes)")
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise ValueError(f"{path}: corrupt safetensors header (length {n} > file size {len(buf)})")
+    try:
+        header = json.loads(buf[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    start, state = 8 + n, {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        count = math.prod(info.get("shape", []))
+        if dtype is None or end - begin != count * dtype.itemsize or start + end > len(buf):
+            raise ValueError(f"{path}: corrupt safetensors entry {name!r}: {info}")
+        flat = (
+            torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        state[name] = flat.view(info["shape"])
+    return state
+
+
+def write_safetensors(tensors, path):
+    header, offset, blobs = {}, 0, []
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    for name, t in tensors.items():
+        b = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        offset += len(b)
+        blobs.append(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # pad so tensors stay 8-byte aligned
+    data.atomic_write_bytes(path, [len(h).to_bytes(8, "little"), h, *blobs])
+
+
+# ----------------------------------------------------------------------------------------------
 # TensorFlow checkpoints (Google's original BERT release), read with no TensorFlow.
 # <prefix>.index is a LevelDB-style table (sorted key -> value blocks, an index block, a 48-byte
 # footer); key "" holds a BundleHeaderProto, every other key a variable name whose value is a
@@ -598,140 +649,3 @@ def read_bin(path):
     except Exception as e:
         raise ValueError(f"cannot read {path} as a PyTorch weights file: {e}") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
-# ----------------------------------------------------------------------------------------------
-# safetensors: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
-# data_offsets: [begin, end]}} (offsets relative to the end of the header), then raw bytes.
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        buf = bytearray(f.read())
-    if len(buf) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(buf)} bytes)")
-    n = int.from_bytes(buf[:8], "little")
-    if n > len(buf) - 8:
-        raise ValueError(f"{path}: corrupt safetensors header (length {n} > file size {len(buf)})")
-    try:
-        header = json.loads(buf[8:8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    start, state = 8 + n, {}
-    for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        begin, end = info.get("data_offsets", (0, -1))
-        count = math.prod(info.get("shape", []))
-        if dtype is None or end - begin != count * dtype.itemsize or start + end > len(buf):
-            raise ValueError(f"{path}: corrupt safetensors entry {name!r}: {info}")
-        flat = (
-            torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin)
-            if count
-            else torch.empty(0, dtype=dtype)
-        )
-        state[name] = flat.view(info["shape"])
-    return state
-
-
-def write_safetensors(tensors, path):
-    header, offset, blobs = {}, 0, []
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    for name, t in tensors.items():
-        b = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)  # pad so tensors stay 8-byte aligned
-    data.atomic_write_bytes(path, [len(h).to_bytes(8, "little"), h, *blobs])
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: python model.py --bench [--config minilm-l6-h384 --batch 32 --length 128]
-
-
-def bench(args):
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    torch.manual_seed(0)
-    config = BertConfig.preset(args.config, head="classification", num_labels=2)
-    B, L = args.batch, args.length
-    ids = torch.randint(1000, config.vocab_size, (B, L), device=device)
-    mask = torch.ones(B, L, dtype=torch.long, device=device)
-    mask[B // 2:, L * 3 // 4:] = 0  # half the batch padded: the mask path is exercised
-    labels = torch.randint(0, 2, (B,), device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
-
-    def timed(step):
-        for _ in range(args.warmup):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return B * L * args.iters / (time.perf_counter() - t)
-
-    def measure(forward):
-        def fwd():
-            with torch.no_grad(), autocast:
-                forward()
-
-        def fwd_bwd():
-            with autocast:
-                loss = F.cross_entropy(forward().float(), labels)
-            loss.backward()
-        return timed(fwd), timed(fwd_bwd)
-
-    ours = Bert(config).to(device).train()
-    models = [("mlkd Bert", lambda: ours(ids, None, mask).logits)]
-    try:
-        import transformers
-        for impl in ("sdpa", "eager"):
-            hf_cfg = transformers.BertConfig(
-                **{k: v for k, v in asdict(config).items() if k not in ("head", "label_names")},
-                attn_implementation=impl,
-            )
-            hf = transformers.BertForSequenceClassification(hf_cfg).to(device).train()
-            models.append((f"HF BertForSeqCls ({impl})", lambda hf=hf: hf(input_ids=ids, attention_mask=mask).logits))
-    except ImportError:
-        print("(transformers not installed: only our model is measured)")
-    runs = {name: [] for name, _ in models}
-    for _ in range(args.rounds):  # interleaved rounds: a busy moment of the machine hurts every model alike
-        for name, forward in models:
-            runs[name].append(measure(forward))
-    rows = [(name, float(np.median([r[0] for r in runs[name]])), float(np.median([r[1] for r in runs[name]])))
-            for name, _ in models]
-    print(f"{args.config}, batch {B} x length {L}, {device}{' bf16 autocast' if device == 'cuda' else ' fp32'}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds of {args.iters} iterations "
-          f"after {args.warmup} warm-up, train mode")
-    for name, f, fb in rows:
-        print(f"  {name:28s} forward {f:10,.0f} tok/s   forward+backward {fb:10,.0f} tok/s")
-    if len(rows) > 1:  # per round: ours against the faster HF attention of that round
-        ratios = [runs[rows[0][0]][i][1] / max(runs[name][i][1] for name, _, _ in rows[1:]) for i in range(args.rounds)]
-        print(f"  ours / fastest HF (forward+backward), per round: {' '.join(f'{r:.2f}' for r in ratios)}; "
-              f"median {np.median(ratios):.2f}x")
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="BERT model utilities; --bench times training throughput.")
-    p.add_argument("--bench", action="store_true", help="tokens/s of forward and forward+backward vs HF")
-    p.add_argument("--config", default="minilm-l6-h384", choices=list(PRESETS))
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--cpu", action="store_true", help="benchmark on CPU even when CUDA is available")
-    a = p.parse_args()
-    if not a.bench:
-        p.print_help()
-    else:
-        bench(a)
