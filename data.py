@@ -1,4 +1,4 @@
-"""data.py: downloads, the WordPiece tokenizer, GLUE and SQuAD, read exactly as the official tools do.
+"""data.py: the WordPiece tokenizer, GLUE and SQuAD read exactly as the official tools do, and their downloads.
 
 Chapter 0 of mlkd; imports nothing of ours. Sources and facts: the official URLs (GLUE's and SentEval's
 files on dl.fbaipublicfiles.com, SQuAD-explorer, the Hugging Face hub), the GLUE download script (file
@@ -6,9 +6,10 @@ layout, MRPC built from SentEval), the GLUE paper's task table, Google's BERT ru
 run_squad.py (pair truncation, SQuAD windows) and the official SQuAD evaluation scripts (post-processing
 lives here, scoring in eval.py).
 
-Sections:  1. download   2. tokenizer   3. GLUE   4. batches   5. SQuAD   6. unlabeled text
+Sections:  1. tokenizer   2. GLUE   3. batches   4. SQuAD   5. unlabeled text   6. downloads and
+atomic writes (plumbing: a reader of the formats may stop before it)
 
-    python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus (section 6)
+    python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus (section 5)
 """
 import csv
 import errno
@@ -38,158 +39,7 @@ def log(msg, end="\n"):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Download: streamed, resumable (.part + HTTP Range), checksummed, renamed atomically.
-
-
-class DownloadError(RuntimeError):
-    def __init__(self, url, reason, status=None, place=None):
-        self.url, self.reason, self.status = url, reason, status
-        where = (f"place it at {place}" if place else "place it by hand: GLUE/SQuAD under --data_dir (layout in "
-                 "README), weights as a model directory (config.json, vocab.txt, weights) passed by path")
-        super().__init__(f"download of {url} failed: {reason}.\n  Offline? Fetch the file on a machine with "
-                         f"internet and {where}.")
-
-
-def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
-    """Fetch url to dest unless dest exists. A cut transfer resumes from dest + '.part'; a host that
-    cannot be reached at all (offline, name lookup failed) is an error at once, not retried. `place`:
-    where a user without internet should put the file (said in the error).
-    No directory is created before the server has answered, so a misspelt path leaves nothing behind."""
-    if os.path.exists(dest):
-        return dest
-    part = dest + ".part"
-    for attempt in range(retries):
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        answered = False
-        try:
-            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-                answered = True
-                if r.status_code == 416:  # the .part already holds every byte
-                    break
-                if r.status_code not in (200, 206):
-                    raise DownloadError(url, f"HTTP {r.status_code}", r.status_code, place)
-                if r.status_code == 200:
-                    have = 0  # the server ignored Range: start over
-                total = have + int(r.headers.get("Content-Length", 0)) or None
-                done, t0, shown = have, time.time(), 0.0
-                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-                with open(part, "ab" if have else "wb") as f:
-                    for block in r.iter_content(chunk):
-                        f.write(block)
-                        done += len(block)
-                        if time.time() - shown > 0.5:
-                            shown = time.time()
-                            _progress(url, done, total, (done - have) / max(shown - t0, 1e-9))
-                _progress(url, done, total, (done - have) / max(time.time() - t0, 1e-9), end="\n")
-                if total is None or done >= total:
-                    break
-        except requests.RequestException as e:
-            if not answered and not isinstance(e, requests.ReadTimeout):  # nothing was cut: unreachable
-                raise DownloadError(url, f"cannot reach the server ({type(e).__name__})", place=place) from None
-            if attempt == retries - 1:
-                raise DownloadError(url, f"{type(e).__name__}: {e}", place=place) from None
-            log(f"[download] {url}: cut after {os.path.getsize(part) if os.path.exists(part) else 0} bytes "
-                f"({type(e).__name__}); resuming")
-    else:
-        raise DownloadError(url, f"incomplete after {retries} attempts", place=place)
-    for name, want in (("md5", md5), ("sha256", sha256)):
-        if want:
-            got = file_hash(part, name)
-            if got != want:
-                os.remove(part)
-                raise DownloadError(url, f"{name} mismatch: expected {want}, got {got}; the partial file was removed")
-    os.replace(part, dest)
-    return dest
-
-
-def _progress(url, done, total, rate, end="\r"):
-    eta = f", ETA {(total - done) / rate:.0f}s" if total and rate > 0 else ""
-    size = f"/{total / 1e6:.1f}" if total else ""
-    log(f"[download] {url.rsplit('/', 1)[-1]}: {done / 1e6:.1f}{size} MB, {rate / 1e6:.1f} MB/s{eta}   ", end=end)
-
-
-def file_hash(path, name):
-    h = hashlib.new(name)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-XXXX
-
-
-def atomic_write_bytes(path, chunks):
-    """Write to a temp file in the same directory, fsync, then rename over path: never half a file.
-    The file gets the mode a plain open() would give (0666 less the umask), not mkstemp's 0600."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = path  # a full disk: say which file it stopped
-        raise
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, [text.encode("utf-8")])
-
-
-def remove_stale_temporaries(directory):
-    """Delete what a killed atomic write left behind (SIGKILL skips the cleanup above)."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(directory, name))
-
-
-def error_line(e, writable):
-    """The one line a user reads for an error: a full disk or a file we may not write said in words (atomic writes
-    leave nothing half-written, so a rerun resumes); `writable` names what to choose instead ("an --out")."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written was kept. "
-                "Free some space and rerun the same command: finished work is kept, an interrupted stage resumes")
-    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
-    return str(e)
-
-
-def read_text(path, encoding="utf-8"):
-    """A whole text file as str (line ends kept as they are); a byte that is not valid in the encoding
-    is an error naming the file, the line and the byte, not a bare codec message."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[e.start]:02x} is not valid "
-                         f"{encoding.upper().removesuffix('-SIG')} ({e.reason}); re-save the file as UTF-8") from None
-
-
-def unzip(zip_path, dest_dir):
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            z.extractall(dest_dir)
-    except zipfile.BadZipFile:
-        raise ValueError(f"{zip_path} is not a valid zip file; delete it and run again") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Tokenizer: BERT WordPiece from vocab.txt (the `tokenizers` package does the work).
+# 1. Tokenizer: BERT WordPiece from vocab.txt (the `tokenizers` package does the work).
 
 
 class Tokenizer:
@@ -245,7 +95,7 @@ def truncate_pair(la, lb, budget):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. GLUE: the official download script's layout, <data_dir>/glue/<TASK>/{train,dev,test}.tsv
+# 2. GLUE: the official download script's layout, <data_dir>/glue/<TASK>/{train,dev,test}.tsv
 
 
 @dataclass(frozen=True)
@@ -421,7 +271,7 @@ def build_mrpc(root):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Batches: tokenize once into padded tensors; a batch is a gather and a trim, no Python per example.
+# 3. Batches: tokenize once into padded tensors; a batch is a gather and a trim, no Python per example.
 
 
 def encode_glue(task, examples, tokenizer, max_len=None):
@@ -471,7 +321,7 @@ def batch_rows(order, batch_size, lengths, group=0, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. SQuAD v1.1 / v2.0
+# 4. SQuAD v1.1 / v2.0
 
 
 # Questions in the official files (the SQuAD papers' tables); files by other names are not checked.
@@ -625,7 +475,7 @@ def squad_predictions(examples, features, start_logits, end_logits, n_best=20, m
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Unlabeled text for general distillation: the format of Google's pre-training data
+# 5. Unlabeled text for general distillation: the format of Google's pre-training data
 
 
 def read_corpus(paths):
@@ -730,6 +580,157 @@ def squad_articles(path):
         return [[p["context"] for p in a["paragraphs"]] for a in json.loads(read_text(path))["data"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a SQuAD JSON file: {e!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Download: streamed, resumable (.part + HTTP Range), checksummed, renamed atomically.
+
+
+class DownloadError(RuntimeError):
+    def __init__(self, url, reason, status=None, place=None):
+        self.url, self.reason, self.status = url, reason, status
+        where = (f"place it at {place}" if place else "place it by hand: GLUE/SQuAD under --data_dir (layout in "
+                 "README), weights as a model directory (config.json, vocab.txt, weights) passed by path")
+        super().__init__(f"download of {url} failed: {reason}.\n  Offline? Fetch the file on a machine with "
+                         f"internet and {where}.")
+
+
+def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
+    """Fetch url to dest unless dest exists. A cut transfer resumes from dest + '.part'; a host that
+    cannot be reached at all (offline, name lookup failed) is an error at once, not retried. `place`:
+    where a user without internet should put the file (said in the error).
+    No directory is created before the server has answered, so a misspelt path leaves nothing behind."""
+    if os.path.exists(dest):
+        return dest
+    part = dest + ".part"
+    for attempt in range(retries):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        answered = False
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+                answered = True
+                if r.status_code == 416:  # the .part already holds every byte
+                    break
+                if r.status_code not in (200, 206):
+                    raise DownloadError(url, f"HTTP {r.status_code}", r.status_code, place)
+                if r.status_code == 200:
+                    have = 0  # the server ignored Range: start over
+                total = have + int(r.headers.get("Content-Length", 0)) or None
+                done, t0, shown = have, time.time(), 0.0
+                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+                with open(part, "ab" if have else "wb") as f:
+                    for block in r.iter_content(chunk):
+                        f.write(block)
+                        done += len(block)
+                        if time.time() - shown > 0.5:
+                            shown = time.time()
+                            _progress(url, done, total, (done - have) / max(shown - t0, 1e-9))
+                _progress(url, done, total, (done - have) / max(time.time() - t0, 1e-9), end="\n")
+                if total is None or done >= total:
+                    break
+        except requests.RequestException as e:
+            if not answered and not isinstance(e, requests.ReadTimeout):  # nothing was cut: unreachable
+                raise DownloadError(url, f"cannot reach the server ({type(e).__name__})", place=place) from None
+            if attempt == retries - 1:
+                raise DownloadError(url, f"{type(e).__name__}: {e}", place=place) from None
+            log(f"[download] {url}: cut after {os.path.getsize(part) if os.path.exists(part) else 0} bytes "
+                f"({type(e).__name__}); resuming")
+    else:
+        raise DownloadError(url, f"incomplete after {retries} attempts", place=place)
+    for name, want in (("md5", md5), ("sha256", sha256)):
+        if want:
+            got = file_hash(part, name)
+            if got != want:
+                os.remove(part)
+                raise DownloadError(url, f"{name} mismatch: expected {want}, got {got}; the partial file was removed")
+    os.replace(part, dest)
+    return dest
+
+
+def _progress(url, done, total, rate, end="\r"):
+    eta = f", ETA {(total - done) / rate:.0f}s" if total and rate > 0 else ""
+    size = f"/{total / 1e6:.1f}" if total else ""
+    log(f"[download] {url.rsplit('/', 1)[-1]}: {done / 1e6:.1f}{size} MB, {rate / 1e6:.1f} MB/s{eta}   ", end=end)
+
+
+def file_hash(path, name):
+    h = hashlib.new(name)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-XXXX
+
+
+def atomic_write_bytes(path, chunks):
+    """Write to a temp file in the same directory, fsync, then rename over path: never half a file.
+    The file gets the mode a plain open() would give (0666 less the umask), not mkstemp's 0600."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a full disk: say which file it stopped
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, [text.encode("utf-8")])
+
+
+def remove_stale_temporaries(directory):
+    """Delete what a killed atomic write left behind (SIGKILL skips the cleanup above)."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(directory, name))
+
+
+def error_line(e, writable):
+    """The one line a user reads for an error: a full disk or a file we may not write said in words (atomic writes
+    leave nothing half-written, so a rerun resumes); `writable` names what to choose instead ("an --out")."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written was kept. "
+                "Free some space and rerun the same command: finished work is kept, an interrupted stage resumes")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
+    return str(e)
+
+
+def read_text(path, encoding="utf-8"):
+    """A whole text file as str (line ends kept as they are); a byte that is not valid in the encoding
+    is an error naming the file, the line and the byte, not a bare codec message."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[e.start]:02x} is not valid "
+                         f"{encoding.upper().removesuffix('-SIG')} ({e.reason}); re-save the file as UTF-8") from None
+
+
+def unzip(zip_path, dest_dir):
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(dest_dir)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{zip_path} is not a valid zip file; delete it and run again") from None
 
 
 if __name__ == "__main__":
