@@ -943,6 +943,21 @@ def write_pipeline_fixture(root):
     return init
 
 
+def kill_at_training_batch(monkeypatch, n):
+    """Make data.batches raise KeyboardInterrupt (a kill) as the n-th training batch is drawn; returns the real
+    data.batches, to put back."""
+    real, calls = data.batches, {"n": 0}
+
+    def dying(*a, **k):
+        for b in real(*a, **k):
+            calls["n"] += k.get("shuffle", False)  # training batches only, not the teacher cache's
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            yield b
+    monkeypatch.setattr(data, "batches", dying)
+    return real
+
+
 PIPELINE = ["--task", "sst2", "--student_init", "random", "--layers", "2", "--hidden", "24", "--heads", "2",
             "--ffn", "48", "--splits", "4", "--teacher_epochs", "20", "--epochs1", "3", "--epochs2", "10",
             "--batch_size", "16", "--teacher_lr", "3e-3", "--lr1", "1e-3", "--lr2", "1e-3", "--log_steps", "1",
@@ -1029,16 +1044,7 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     # a Stage 2 killed mid-way resumes from its checkpoint and finishes
     import shutil
     shutil.rmtree(out / "stage2")
-    calls = {"n": 0}
-    real = train.fit.__globals__["data"].batches
-
-    def dying(*a, **k):
-        for b in real(*a, **k):
-            calls["n"] += k.get("shuffle", False)  # training batches only, not the teacher cache's
-            if calls["n"] == 5:
-                raise KeyboardInterrupt  # a kill after step 4 (checkpoint at step 3)
-            yield b
-    monkeypatch.setattr(data, "batches", dying)
+    real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):
         train.main(argv + ["--stages", "stage2"])
     assert os.path.exists(out / "stage2" / "checkpoint.pt")
@@ -1291,16 +1297,7 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
             "--hidden", "24", "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16", "--batch_size", "8",
             "--lr1", "2e-3", "--epochs1", "6", "--warmup", "0", "--save_steps", "3", "--log_steps", "1",
             "--device", "cpu", "--out", str(out)]
-    real = data.batches
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        for b in real(*a, **k):
-            calls["n"] += k.get("shuffle", False)
-            if calls["n"] == 5:
-                raise KeyboardInterrupt  # killed after step 4; the checkpoint is at step 3
-            yield b
-    monkeypatch.setattr(data, "batches", dying)
+    real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):
         train.main(argv)
     monkeypatch.setattr(data, "batches", real)
@@ -2017,15 +2014,7 @@ def test_each_stage_trains_its_modules_on_its_schedule(tmp_path, monkeypatch, ca
     assert logged_lrs(out / "stage2") == pytest.approx([1e-3 * f for f in decay])
     # ... and after a resume: Stage 2 killed after step 5 (checkpoint at step 3) goes on with the same lrs
     shutil.rmtree(out / "stage2")
-    real, calls = data.batches, {"n": 0}
-
-    def dying(*a, **k):
-        for b in real(*a, **k):
-            calls["n"] += k.get("shuffle", False)
-            if calls["n"] == 6:
-                raise KeyboardInterrupt
-            yield b
-    monkeypatch.setattr(data, "batches", dying)
+    real = kill_at_training_batch(monkeypatch, 6)  # killed after step 5; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):
         train.main(argv + ["--out", str(out), "--stages", "stage2"])
     monkeypatch.setattr(data, "batches", real)
@@ -2241,15 +2230,7 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     # an interrupted Stage 1 resumes only with its own settings
     shutil.rmtree(out / "stage1")
     shutil.rmtree(out / "stage2")
-    real, calls = data.batches, {"n": 0}
-
-    def dying(*a, **k):
-        for b in real(*a, **k):
-            calls["n"] += k.get("shuffle", False)
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-            yield b
-    monkeypatch.setattr(data, "batches", dying)
+    real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):
         train.main(argv)
     monkeypatch.setattr(data, "batches", real)

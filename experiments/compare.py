@@ -100,31 +100,11 @@ def row_out(task, setting, row, seed):
 
 def teacher_job(args, mini, epochs, lr):
     out = teacher_out(args.task, epochs, lr)
-    return (
-        f"teacher e{epochs} lr{lr:g}",
-        [
-            sys.executable,
-            "train.py",
-            "--task",
-            args.task,
-            "--data_dir",
-            args.data_dir,
-            "--teacher_init",
-            mini,
-            "--stages",
-            "teacher",
-            "--teacher_epochs",
-            str(epochs),
-            "--teacher_lr",
-            str(lr),
-            "--eval_steps",
-            str(TASKS[args.task]["eval_steps"] * 10),
-            "--out",
-            out,
-        ],
-        os.path.join(out, "train.log"),
-        os.path.join(out, "teacher", "metrics.json"),
-    )
+    cmd = [sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir, "--teacher_init", mini,
+           "--stages", "teacher", "--teacher_epochs", str(epochs), "--teacher_lr", str(lr),
+           "--eval_steps", str(TASKS[args.task]["eval_steps"] * 10), "--out", out]
+    done = os.path.join(out, "teacher", "metrics.json")
+    return f"teacher e{epochs} lr{lr:g}", cmd, os.path.join(out, "train.log"), done
 
 
 def first_jobs(args, mini):
@@ -160,34 +140,11 @@ def all_jobs(args, mini):
             epochs2 = spec["epochs2"] + (spec["epochs1"] if stages == "stage2+" else 0)
             which = "stage1,stage2,eval" if stages == "stage1" else "stage2,eval"
             out = row_out(args.task, setting, row, seed)
-            jobs.append(
-                (
-                    f"{setting} {row} seed {seed}",
-                    [
-                        sys.executable,
-                        "train.py",
-                        "--task",
-                        args.task,
-                        "--data_dir",
-                        args.data_dir,
-                        "--teacher",
-                        teacher,
-                        *flags,
-                        *budget,
-                        "--epochs2",
-                        str(epochs2),
-                        "--stages",
-                        which,
-                        "--seed",
-                        str(seed),
-                        *extra,
-                        "--out",
-                        out,
-                    ],
-                    os.path.join(out, "train.log"),
-                    os.path.join(out, "results.json"),
-                )
-            )
+            cmd = [sys.executable, "train.py", "--task", args.task, "--data_dir", args.data_dir, "--teacher", teacher,
+                   *flags, *budget, "--epochs2", str(epochs2), "--stages", which, "--seed", str(seed), *extra,
+                   "--out", out]
+            jobs.append((f"{setting} {row} seed {seed}", cmd, os.path.join(out, "train.log"),
+                         os.path.join(out, "results.json")))
     return jobs + [teacher_job(args, mini, *t) for t in spec["teachers"][1:]]
 
 
@@ -272,28 +229,9 @@ def show_relations(args):
                 if stages != "stage1" or not os.path.exists(os.path.join(model, "metrics.json")) or \
                         os.path.exists(os.path.join(model, "relations.json")):
                     continue
-                proc, name, _ = start(
-                    (
-                        f"relations {model}",
-                        [
-                            sys.executable,
-                            "eval.py",
-                            "--task",
-                            args.task,
-                            "--data_dir",
-                            args.data_dir,
-                            "--model",
-                            model,
-                            "--teacher",
-                            teacher,
-                            "--show",
-                            SENTENCE,
-                        ],
-                        os.path.join(model, "relations.log"),
-                        None,
-                    ),
-                    None,
-                )
+                cmd = [sys.executable, "eval.py", "--task", args.task, "--data_dir", args.data_dir, "--model", model,
+                       "--teacher", teacher, "--show", SENTENCE]
+                proc, name, _ = start((f"relations {model}", cmd, os.path.join(model, "relations.log"), None), None)
                 if proc.wait():
                     failed.append(name)
     return failed
@@ -316,26 +254,9 @@ def score_noisy(args):
     """eval.py --noise on every model of noise_models (a few seconds each); returns the failed ones."""
     failed = []
     for model in noise_models(args):
-        proc, name, _ = start(
-            (
-                f"noise {model}",
-                [
-                    sys.executable,
-                    "eval.py",
-                    "--task",
-                    args.task,
-                    "--data_dir",
-                    args.data_dir,
-                    "--model",
-                    model,
-                    "--noise",
-                    str(NOISE),
-                ],
-                os.path.join(model, "noise.log"),
-                None,
-            ),
-            None,
-        )
+        cmd = [sys.executable, "eval.py", "--task", args.task, "--data_dir", args.data_dir, "--model", model,
+               "--noise", str(NOISE)]
+        proc, name, _ = start((f"noise {model}", cmd, os.path.join(model, "noise.log"), None), None)
         if proc.wait():
             failed.append(name)
     return failed
