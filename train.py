@@ -587,26 +587,17 @@ def check_shapes(args, teacher):
     N, d_t = teacher.num_hidden_layers, teacher.hidden_size
     distils = any(s in args.stages for s in ("stage1", "general"))
     whose = "--heads" if args.heads else f"--student_init {args.student_init}'s head count"
-    for bad, msg in (
-        (d_s % h_s, f"{whose} {h_s} does not divide the student's width {d_s}; choose a divisor of {d_s}"),
-        (
-            distils and args.w_mha and args.recipe == "mlkd" and (d_s % args.splits or d_t % args.splits),
-            f"--splits {args.splits} must divide the student's width {d_s} and the teacher's {d_t}",
-        ),
-        (
-            distils and args.recipe == "tinybert" and h_s != teacher.num_attention_heads,
-            f"--recipe tinybert matches heads one to one: give the student --heads {teacher.num_attention_heads}",
-        ),
-        (
-            args.max_len > teacher.max_position_embeddings,
-            f"--max_len {args.max_len}: the teacher has {teacher.max_position_embeddings} positions",
-        ),
-        (
-            args.student_init == "tinybert" and (M, d_s) not in TINYBERT,
-            f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x 312, 6 x 768); use "
-            "--student_init teacher-layers, random or a model directory",
-        ),
-    ):
+    heads_t = teacher.num_attention_heads
+    for bad, msg in ((d_s % h_s, f"{whose} {h_s} does not divide the student's width {d_s}; choose a divisor of {d_s}"),
+                     (distils and args.w_mha and args.recipe == "mlkd" and (d_s % args.splits or d_t % args.splits),
+                      f"--splits {args.splits} must divide the student's width {d_s} and the teacher's {d_t}"),
+                     (distils and args.recipe == "tinybert" and h_s != heads_t,
+                      f"--recipe tinybert matches heads one to one: give the student --heads {heads_t}"),
+                     (args.max_len > teacher.max_position_embeddings,
+                      f"--max_len {args.max_len}: the teacher has {teacher.max_position_embeddings} positions"),
+                     (args.student_init == "tinybert" and (M, d_s) not in TINYBERT,
+                      f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x 312, 6 x 768); use "
+                      "--student_init teacher-layers, random or a model directory")):
         if bad:
             raise ValueError(msg)
     if distils:
