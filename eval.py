@@ -517,7 +517,7 @@ def relation_sharpness(student, teacher, batch, lmap, splits=12, temperature=1.0
     s, t = student.eval()(*inputs), teacher.eval()(*inputs)
 
     def summary(x_s, x_t, m, temp=1.0):  # x (B, A, L, k) -> per split: mean H_T / log n, H_S / log n, KL
-        real = (m if m is not None else torch.ones(x_s.shape[:1] + x_s.shape[2:3]))[:, None, :].float()  # (B, 1, L)
+        real = (m if m is not None else x_s.new_ones(x_s.shape[:1] + x_s.shape[2:3]))[:, None, :].float()  # (B, 1, L)
         log_n = real.sum(-1, keepdim=True).log()                               # (B, 1, 1): log of the real keys
         mean = lambda v: (v * real).sum((0, 2)) / real.sum((0, 2))  # noqa: E731  (B, A, L) -> (A,)
         entropy = [-(lp.exp() * lp).sum(-1) / log_n for lp in (mlkd.relation_logprobs(x, m, temp) for x in (x_t, x_s))]

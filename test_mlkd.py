@@ -2536,3 +2536,4 @@ def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
     names = [r[0] for r in rows]
     assert "step: stage1" in names and "4 x 312 student, 3 heads" in names and "eval.py on the saved student" in names
     assert dict((r[0], r[1]) for r in rows)["eval.py on the saved student"] == "same"
+    assert dict((r[0], r[1]) for r in rows)["eval.py --show on Stage 1"].endswith(" rows")

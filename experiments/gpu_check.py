@@ -13,7 +13,7 @@ Downloads nothing. It runs, in this order, and prints one markdown table (check,
                 Stage-1 step, Stage-2 step live and cached
     heads       eval.py --speed's latency of a 4 x 312 student at 12, 6 and 3 heads
     pipeline    train.py on the real SST-2 files: a random BERT-base-shaped teacher, teacher -> Stage 1 ->
-                Stage 2 -> eval with --max_steps, then eval.py on the student: every CUDA line of both runs
+                Stage 2 -> eval with --max_steps, then eval.py on the student and its relation page (--show)
 
 Each check that fails says why in its row; the script exits 0 so that the table always prints.
 """
@@ -153,12 +153,17 @@ def pipeline_rows(data_dir, device, tiny, out):
     scored = evaluation.main(["--task", "sst2", "--model", os.path.join(out, "run", "stage2"), "--device", device,
                               "--allow_partial"])
     same = abs(scored["acc"] - results["student"]["acc"]) < 1e-9
+    run = os.path.join(out, "run")
+    evaluation.main(["--task", "sst2", "--model", os.path.join(run, "stage1"), "--device", device, "--allow_partial",
+                     "--teacher", os.path.join(run, "teacher"), "--show", "a gripping , funny film ."])
+    shown = len(json.load(open(os.path.join(run, "stage1", "relations.json")))["rows"])
     memory = max(json.load(open(os.path.join(out, "run", s, "metrics.json")))["train"]["peak_memory_gib"]
                  for s in ("teacher", "stage1", "stage2"))
     return [("pipeline on SST-2: teacher, Stage 1, Stage 2, eval", f"{minutes:.1f} min",
              f"{steps} steps a stage; student dev acc {results['student']['acc']:.2f} (random teacher: a smoke test); "
              f"peak {memory:.2f} GiB"),
-            ("eval.py on the saved student", "same" if same else "DIFFERS", f"acc {scored['acc']:.2f}")]
+            ("eval.py on the saved student", "same" if same else "DIFFERS", f"acc {scored['acc']:.2f}"),
+            ("eval.py --show on Stage 1", f"{shown} rows", "the relation page and the sharpness of every relation")]
 
 
 PRESET_TINY = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
