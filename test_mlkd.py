@@ -1630,6 +1630,10 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
 
     names = lambda chains: [[job[0] for job in chain] for chain in chains]
     assert names(compare.first_jobs(args, "/mini")) == [["teacher e1 lr5e-05"], ["corpus", "General student"]]
+    three = argparse.Namespace(task="sst2", settings=["S2", "S2-3h"], data_dir="/data", rows=None)
+    assert names(compare.first_jobs(three, "/mini"))[1] == ["corpus", "General student", "General student, 3 heads"]
+    assert compare.first_jobs(three, "/mini")[1][2][1][-3:] == ["768", "--out", "out/general-4x192-3h"]
+    assert {j[0].split()[1] for j in compare.all_jobs(three, "/mini") if j[0].startswith("S2-3h")} == {"mlkd"}
     run(compare.teacher_out("sst2", 1, 5e-5), "teacher", 88.0, 87.0, noise=85.5)
     assert names(compare.first_jobs(args, "/mini")) == [["corpus", "General student"]]  # the teacher is done
     os.makedirs("out/general-4x192/general")

@@ -12,6 +12,7 @@ set, once; every row distils from it. Two students, each the same at the start o
     S1  3 x 384 from the *pre-trained* MiniLM's layers 2, 4, 6 (DistilBERT's init, task-agnostic)
     S2  4 x 192 General student made by general distillation (README "General distillation"); the
         setting closest to the paper: narrow, its projections d_S -> d_T must be learnt
+    S2-3h  S2 at 3 heads from a General student of its own; MLKD rows only (--settings S2-3h)
 Rows (train.py flags in ROWS): gold labels; logits-only KD; KD with as many steps as the two-stage rows;
 feature level only (L_FFN, then L_KD); full MLKD; MLKD without L_SS and L_SC; TinyBERT's task
 distillation (--recipe tinybert); MLKD at 6 and 3 heads. Every row sees the same seeded training subset
@@ -50,10 +51,17 @@ TASKS = {
 }
 SETTINGS = {
     "S2": dict(
-        what="4 x 192 General student (out/general-4x192)", flags=["--student_init", "out/general-4x192/general"]
+        what="4 x 192 General student (out/general-4x192)", flags=["--student_init", "out/general-4x192/general"],
+        general=12,
     ),
     "S1": dict(
         what="3 x 384 from the pre-trained MiniLM's layers 2, 4, 6", flags=["--student_init", "MINILM", "--layers", "3"]
+    ),
+    # Fewer heads, fairly (the paper's claim that MLKD lets a student have fewer heads; TinyBERT's attention loss
+    # needs the teacher's 12): S2's shape at 3 heads from a General student of its own (same corpus and recipe).
+    "S2-3h": dict(
+        what="4 x 192 at 3 heads, its own General student (out/general-4x192-3h)",
+        flags=["--student_init", "out/general-4x192-3h/general"], general=3, rows=("mlkd",),
     ),
 }
 KD = ["--w_ss", "0", "--w_sc", "0"]
@@ -123,13 +131,16 @@ def first_jobs(args, mini):
     """What every row needs, as chains of jobs run in order: the kept teacher; for S2 the corpus, then the
     General student (which needs the corpus, not the teacher). Finished jobs and finished chains are left out."""
     py, chains = sys.executable, [[teacher_job(args, mini, *TASKS[args.task]["teachers"][0])]]
-    if "S2" in args.settings:
+    generals = [(SETTINGS[s]["general"], SETTINGS[s]["flags"][1]) for s in args.settings if "general" in SETTINGS[s]]
+    if generals:
         chains.append([("corpus", [py, "data.py", "corpus", "--data_dir", args.data_dir, "--out", "out/corpus.txt",
-                                   "--vocab", os.path.join(mini, "vocab.txt")], "out/corpus.log", "out/corpus.txt"),
-                       ("General student", [py, "train.py", "--task", "general", "--corpus", "out/corpus.txt",
-                                            "--teacher_init", mini, "--layers", "4", "--hidden", "192", "--heads", "12",
-                                            "--ffn", "768", "--out", "out/general-4x192"],
-                        "out/general-4x192.log", "out/general-4x192/general/metrics.json")])
+                                   "--vocab", os.path.join(mini, "vocab.txt")], "out/corpus.log", "out/corpus.txt")])
+    for heads, student in generals:  # out/general-4x192/general -> --out out/general-4x192
+        out = os.path.dirname(student)
+        chains[-1].append((f"General student{'' if heads == 12 else f', {heads} heads'}",
+                           [py, "train.py", "--task", "general", "--corpus", "out/corpus.txt", "--teacher_init", mini,
+                            "--layers", "4", "--hidden", "192", "--heads", str(heads), "--ffn", "768", "--out", out],
+                           out + ".log", os.path.join(student, "metrics.json")))
     chains = [[j for j in chain if not os.path.exists(j[3])] for chain in chains if not os.path.exists(chain[-1][3])]
     return [chain for chain in chains if chain]
 
@@ -145,8 +156,9 @@ def all_jobs(args, mini):
     jobs = []
     for setting in args.settings:
         flags = [mini if f == "MINILM" else f for f in SETTINGS[setting]["flags"]]
-        order = [(r, s) for s in SEEDS for r, v in ROWS.items() if len(v[2]) > 1 and s in v[2]]
-        order += [(r, s) for r, v in ROWS.items() if len(v[2]) == 1 for s in v[2]]
+        rows = {r: v for r, v in ROWS.items() if r in SETTINGS[setting].get("rows", ROWS)}
+        order = [(r, s) for s in SEEDS for r, v in rows.items() if len(v[2]) > 1 and s in v[2]]
+        order += [(r, s) for r, v in rows.items() if len(v[2]) == 1 for s in v[2]]
         for row, seed in order:
             _, extra, _, stages = ROWS[row]
             epochs2 = spec["epochs2"] + (spec["epochs1"] if stages == "stage2+" else 0)
@@ -408,7 +420,7 @@ def setting_table(task, setting):
     """Every row of one student setting, mean ± std over its recorded seeds, as markdown table lines."""
     lines = [f"| row | n | last | best | noise {NOISE:g} | drop | steps | min |", "|---|---|---|---|---|---|---|---|"]
     for row, (label, _, seeds, _) in ROWS.items():
-        if row in CURVE:
+        if row in CURVE or row not in SETTINGS[setting].get("rows", ROWS):
             continue
         got = [n for n in (load(record_path(task, row_out(task, setting, row, s))) for s in seeds) if n]
         if not got:
