@@ -29,6 +29,7 @@ and every run rewrite those copies too, so no copy is typed either.
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import shutil
 import statistics
@@ -449,6 +450,63 @@ def relations_table(task, setting):
     return head + lines if lines else []
 
 
+def curve_points(task, setting):
+    """The budget curve's records: {recipe: [(Stage-1 epochs, Stage-1 steps, [record per seed])]}; {} when none."""
+    points = {}
+    for row in CURVE:
+        recipe, epochs = row.rsplit("-e", 1)
+        got = [n for n in (load(record_path(task, row_out(task, setting, row, s))) for s in ROWS[row][2]) if n]
+        if got:
+            steps1 = got[0]["steps"] - got[0]["curve"][-1][0]  # all steps minus Stage 2's (its last evaluation)
+            points.setdefault(recipe, []).append((int(epochs), steps1, got))
+    return points
+
+
+def curve_table(task, setting):
+    """The budget curve as markdown table lines: dev at the end of Stage 2 (last) and the best, per recipe."""
+    points = curve_points(task, setting)
+    if not points:
+        return []
+    lines = ["| Stage 1 | steps | MLKD last | best | TinyBERT last | best | TinyBERT - MLKD, last |", "|---" * 7 + "|"]
+    for (epochs, steps, mlkd), (_, _, tiny) in zip(points.get("mlkd", []), points.get("tinybert", [])):
+        last = [statistics.mean(g["last"] for g in got) for got in (mlkd, tiny)]
+        lines.append(f"| {epochs} epoch(s) | {steps:,} | {spread([g['last'] for g in mlkd])} | "
+                     f"{spread([g['best'] for g in mlkd])} | {spread([g['last'] for g in tiny])} | "
+                     f"{spread([g['best'] for g in tiny])} | {last[1] - last[0]:+.2f} |")
+    return lines
+
+
+def curve_svg(task, setting, width=420, height=260):
+    """The budget curve as an SVG: dev at the end of Stage 2 against Stage-1 steps (log scale), a dot per seed
+    and a line through the means, per recipe."""
+    points = curve_points(task, setting)
+    seeds = [g["last"] for pts in points.values() for _, _, got in pts for g in got]
+    steps = sorted({s for pts in points.values() for _, s, _ in pts})
+    lo, hi = min(seeds) - 0.5, max(seeds) + 0.5
+    left, right, top, bottom = 50, 110, 30, 40
+    x = lambda s: left + (width - left - right) * math.log(s / steps[0]) / math.log(steps[-1] / steps[0])  # noqa: E731
+    y = lambda v: top + (height - top - bottom) * (hi - v) / (hi - lo)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><title>{task} {setting}: the budget curve</title>',
+           f'<text x="{left}" y="18" font-weight="bold">{task} {setting}: dev {data.TASKS[task].metric} at the end '
+           'of Stage 2 (last)</text>',
+           f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" '
+           'stroke="#999"/>',
+           f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{hi:.1f}</text>',
+           f'<text x="{left - 4}" y="{height - bottom}" text-anchor="end">{lo:.1f}</text>',
+           *(f'<text x="{x(s):.1f}" y="{height - bottom + 16}" text-anchor="middle">{s:,}</text>' for s in steps),
+           f'<text x="{(width - right + left) / 2}" y="{height - 6}" text-anchor="middle">Stage-1 steps</text>']
+    for (recipe, pts), colour in zip(points.items(), ("#1f5fa8", "#c2410c")):
+        means = [(s, statistics.mean(g["last"] for g in got)) for _, s, got in pts]
+        out += [f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="'
+                + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in means) + '"/>',
+                *(f'<circle cx="{x(s):.1f}" cy="{y(g["last"]):.1f}" r="3" fill="{colour}" opacity="0.6"/>'
+                  for _, s, got in pts for g in got),
+                f'<text x="{width - right + 6}" y="{y(means[-1][1]) + 4:.1f}" fill="{colour}">'
+                f'{"MLKD" if recipe == "mlkd" else "TinyBERT"}</text>']
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
 def table(args):
     """experiments/<task>.md: the teacher table and a table for each setting, with what their columns mean."""
     spec = TASKS[args.task]
@@ -491,6 +549,11 @@ def table(args):
                     "",
                     *relations_table(args.task, setting),
                 ]
+            if curve_table(args.task, setting):
+                lines += ["", f"The budget curve: Stage 1 at 1, 3 and 9 epochs, Stage 2 as above, dev at the end "
+                          f"of Stage 2 ({args.task}-{setting}-budget.svg); the six rows ran on the machine their "
+                          "records name, the 1-epoch rows too.", "", *curve_table(args.task, setting), "",
+                          f"![the budget curve]({args.task}-{setting}-budget.svg)"]
         else:
             lines.append(
                 f"No records yet: `python experiments/compare.py {args.task} --settings {setting}` runs its rows."
@@ -506,7 +569,8 @@ DOCS = ("README.md", os.path.join("experiments", "README.md"))
 def sync_docs(args):
     """Rewrite every marked copy of this task's tables in DOCS (paths from the repo root); returns the files changed."""
     blocks = {"teacher": teacher_table(args.task), **{s: setting_table(args.task, s) for s in SETTINGS},
-              **{f"{s}-relations": relations_table(args.task, s) for s in SETTINGS}}
+              **{f"{s}-relations": relations_table(args.task, s) for s in SETTINGS},
+              **{f"{s}-budget": curve_table(args.task, s) for s in SETTINGS}}
     changed = []
     for doc in DOCS:
         old = data.read_text(doc).split("\n")
@@ -550,6 +614,8 @@ if __name__ == "__main__":
         print(f"[compare] {harvest(a, minilm())} record(s) written to {os.path.join(RUNS, a.task)}")
     path, lines = os.path.join(HERE, f"{a.task}.md"), table(a)
     data.atomic_write_text(path, "\n".join(lines) + "\n")
+    for setting in [s for s in SETTINGS if curve_points(a.task, s)]:
+        data.atomic_write_text(os.path.join(HERE, f"{a.task}-{setting}-budget.svg"), curve_svg(a.task, setting))
     docs = sync_docs(a)
     print("\n".join(lines) + f"\nwrote {path}" + "".join(f"\nrewrote the {a.task} tables quoted in {d}" for d in docs))
     if bad:
