@@ -1699,6 +1699,21 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
     assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == "| 1 epoch(s), lr 5e-05 (kept) | 88.00 | 85.50 | 2.50 | 30 | 30 |"
     assert "not run yet" in lines["| 2 epoch(s), lr 2e-05"]
+    # The budget curve: its own table and picture, from the records of its rows (Stage-1 steps = all minus Stage 2's).
+    assert compare.curve_table("sst2", "S2") == [] and compare.curve_points("sst2", "S2") == {}
+    for row, seed, last in (("mlkd-e1", 42, 80.0), ("mlkd-e1", 1, 81.0), ("tinybert-e1", 42, 80.0),
+                            ("mlkd-e3", 42, 79.0), ("tinybert-e3", 42, 83.0)):
+        steps1 = 625 * int(row[-1])
+        record = dict(best=last + 1, last=last, curve=[[63, 70.0], [1875, last]], steps=steps1 + 1875)
+        path = compare.record_path("sst2", compare.row_out("sst2", "S2", row, seed))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").write(json.dumps(record))
+    assert compare.curve_table("sst2", "S2")[2:] == [
+        "| 1 epoch(s) | 625 | 80.50 ± 0.71 | 81.50 ± 0.71 | 80.00 | 81.00 | -0.50 |",
+        "| 3 epoch(s) | 1,875 | 79.00 | 80.00 | 83.00 | 84.00 | +4.00 |"]
+    picture = compare.curve_svg("sst2", "S2")
+    assert picture.count("<circle") == 5 and picture.count("<polyline") == 2 and ">1,875</text>" in picture
+    assert not [line for line in compare.setting_table("sst2", "S2") if "Stage 1 for" in line]
     # The READMEs' copies: only the marked blocks of this task are rewritten, every other line is kept.
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- compare.py sst2 S2 -->\n\n| stale |\n\n<!-- /compare.py -->\nmiddle\n"
