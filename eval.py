@@ -12,12 +12,12 @@ numpy only. Every number is in percent, as the leaderboards and the official scr
     python eval.py --task sst2 --model DIR --teacher T --show "a sentence"   # relations.html: teacher vs student
     python eval.py --task sst2 --model DIR --noise 0.1              # dev with a typo in 10% of the words
 
+Reading order: the metrics, how a model is scored, the command (main and its modes); then machinery.
 Imports data, model, and mlkd (whose relation functions the --show page draws); train.py sits above it.
 """
 import argparse
 import collections
 import dataclasses
-import hashlib
 import html
 import json
 import os
@@ -31,7 +31,8 @@ import torch
 
 import data
 import mlkd
-from model import Bert, fetch, read_safetensors, write_safetensors
+from model import Bert, fetch
+
 
 # ----------------------------------------------------------------------------------------------
 # GLUE metrics
@@ -129,11 +130,8 @@ def squad_scores(dataset, predictions, version="1.1", na_scores=None):
         exact[ex["id"]] = max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
         f1[ex["id"]] = max(squad_f1(pred, g) for g in golds)
     ids = list(exact)
-    out = {
-        "exact": 100 * np.mean([exact[i] for i in ids]),
-        "f1": 100 * np.mean([f1[i] for i in ids]),
-        "total": len(ids),
-    }
+    out = {"exact": 100 * np.mean([exact[i] for i in ids]), "f1": 100 * np.mean([f1[i] for i in ids]),
+           "total": len(ids)}
     if version == "2.0":
         for name, keep in (("HasAns", True), ("NoAns", False)):
             sub = [i for i in ids if has_answer[i] == keep]
@@ -200,7 +198,7 @@ def with_typos(examples, p, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Running a model
+# Scoring a model: its outputs on an encoded set, predictions, the official metric
 
 
 @torch.no_grad()
@@ -223,31 +221,6 @@ def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=Fa
         cls.append(out.hidden_states[-1][:, 0].float().cpu())
     unsort = torch.argsort(order)  # back to the dataset's order
     return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
-
-
-def cached_outputs(model, dataset, path, batch_size=128, device="cpu", compute=True):
-    """model_outputs(model, dataset) kept in `path` with a sha256 fingerprint of the model's weights and
-    the encoded rows: read back when they match; otherwise computed and written (compute=False: an error)."""
-    h = hashlib.sha256()
-    for t in [*model.state_dict().values(), *(dataset[k] for k in ("input_ids", "token_type_ids", "lengths"))]:
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    saved = read_safetensors(path) if os.path.exists(path) else None
-    if saved is not None and bytes(saved["fingerprint"].tolist()) == h.digest():
-        if compute:
-            print(f"[stage2] teacher outputs read from {path}")
-        return saved["logits"], saved["cls"]
-    if not compute:
-        raise ValueError(f"{path}: missing or made by another model or data")
-    if saved is not None:
-        print(f"[stage2] {path} was made by another teacher or data: computed again")
-    t0 = time.time()
-    logits, cls = model_outputs(model, dataset, batch_size, device)
-    write_safetensors(
-        {"logits": logits, "cls": cls, "fingerprint": torch.tensor(list(h.digest()), dtype=torch.uint8)}, path
-    )
-    print(f"[stage2] teacher outputs of {len(cls)} examples computed once in {time.time() - t0:.0f} s "
-          f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
-    return logits, cls
 
 
 def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
@@ -279,9 +252,220 @@ def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_pad
     return score_glue(task, dev_sets, predict_glue(model, task, dev_sets, batch_size, device, fixed_padding))
 
 
+def evaluate_squad(model, examples, features, version, batch_size=128, device="cpu"):
+    """(scores, predictions): EM/F1 of the model's best spans; v2.0 with the null-score threshold 0
+    and, from the null-minus-best scores, the best threshold."""
+    logits = predict_logits(model, features, batch_size, device)  # (F, 2, L)
+    preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
+    return squad_scores(examples, preds, version, na if version == "2.0" else None), preds
+
+
+def squad_version(task):
+    return "2.0" if task == "squad2" else "1.1"
+
+
 def format_metrics(metrics, digits=2):
     """'acc 91.25, total 872': metrics with two decimals (losses: more), counts as they are."""
     return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.{digits}f}" for k, v in metrics.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# The command: dev metrics by default; SQuAD, test predictions, speed and the relation page on request
+
+
+def main(argv=None):
+    """Score --model on the task's dev set with the official metric, or run one of the other modes."""
+    args = parse_args(argv)
+    directory = args.model = fetch(args.model)
+    trained, saved = trained_settings(directory), os.path.join(directory, "args.json")
+    if args.data_dir is None:
+        args.data_dir = trained.get("data_dir") or os.environ.get("MLKD_DATA", "data")
+        print(f"data_dir {args.data_dir} ({'from ' + saved if 'data_dir' in trained else 'default'})")
+    args.paper_exact = trained.get("paper_exact", False)
+    if args.max_len is None:
+        task_default = 384 if args.task.startswith("squad") else data.TASKS[args.task].max_len
+        args.max_len = trained.get("max_len") or task_default
+        print(f"max_len {args.max_len} ({'from ' + saved if 'max_len' in trained else 'task default'})")
+    model = Bert.from_pretrained(directory).to(args.device)
+    tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
+    if args.show:
+        return show(args, model, teacher=Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device),
+                    tok=tok, trained=trained)
+    if args.speed:
+        return print_speed(model, args, length=args.speed_length or trained.get("max_len", 128))
+    why = head_mismatch(model, args.task)
+    if why:
+        raise ValueError(f"--model {directory}: {why}" + ("; a pre-trained model or General student is not fine-tuned "
+                         "on any task" if model.config.head == "none" else "; score it on the task it was trained on"))
+    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # stage1/ (and general/) keep W_0..W_M
+        print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so this scores an "
+              "untrained classifier; the distilled student is the stage2 directory")
+    if args.task.startswith("squad"):
+        return eval_squad(model, tok, args)
+    check_labels(model, args.task)
+    if args.predict:
+        return write_test_predictions(model, tok, args)
+    return score_dev(model, tok, args)
+
+
+def score_dev(model, tok, args):
+    """The dev metrics of a GLUE model (--noise: on dev with typos, kept in noise-P.json), and how many
+    times it predicts each class."""
+    task, directory = data.TASKS[args.task], args.model
+    examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial) for s in task.dev_splits}
+    noise = {}
+    for split in examples if args.noise else ():
+        examples[split], words, changed = with_typos(examples[split], args.noise, args.noise_seed)
+        lines = [f"{e.guid}\t{e.label}\t{e.text_a}\t{e.text_b or ''}" for e in examples[split]]
+        path = os.path.join(directory, f"noise-{args.noise:g}-{split}.tsv")
+        data.atomic_write_text(path, "guid\tlabel\ttext_a\ttext_b\n" + "\n".join(lines) + "\n")
+        noise[split] = {"words": words, "changed": changed}
+        print(f"{split}: a typo in {changed:,} of {words:,} words (seed {args.noise_seed}); the noisy set is {path}")
+    dev = {s: data.encode_glue(args.task, ex, tok, args.max_len) for s, ex in examples.items()}
+    predictions = predict_glue(model, args.task, dev, args.batch_size, args.device, args.paper_exact)
+    metrics = score_glue(args.task, dev, predictions)
+    print(f"{args.task} dev{f' with noise {args.noise:g}' if args.noise else ''}: " + format_metrics(metrics))
+    if args.noise:
+        record = {**metrics, "noise": args.noise, "seed": args.noise_seed, "splits": noise}
+        data.atomic_write_text(os.path.join(directory, f"noise-{args.noise:g}.json"), json.dumps(record, indent=2))
+    if not task.is_regression:  # a model that learnt only the class prior shows here
+        for split, p in predictions.items():
+            counts = np.bincount(p, minlength=len(task.labels))
+            print(f"{split} predictions: " + ", ".join(f"{name} {n}" for name, n in zip(task.labels, counts)))
+    return metrics
+
+
+def eval_squad(model, tok, args):
+    version = squad_version(args.task)
+    path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
+    examples = data.read_squad(path, args.allow_partial)
+    features = data.squad_features(examples, tok, max_len=args.max_len, train=False)
+    scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
+    out = os.path.join(args.model, "predictions.json")
+    data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
+    print(f"SQuAD v{version} ({path}): " + format_metrics(scores))
+    print(f"wrote {out}")
+    return scores
+
+
+def write_test_predictions(model, tok, args):
+    """GLUE server format: <TASK>.tsv with 'index<TAB>prediction', label strings or STS-B scores."""
+    names = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
+    splits = data.TASKS[args.task].test_splits
+    jobs = [(args.task, s) for s in splits] + ([("ax", "test")] if args.task == "mnli" else [])
+    for task, split in jobs:
+        examples = data.read_glue(task, split, args.data_dir, args.allow_partial)
+        encoded = data.encode_glue(task, examples, tok, args.max_len)
+        logits = predict_logits(model, encoded, args.batch_size, args.device, args.paper_exact)
+        preds = predictions_from_logits(task, logits)
+        labels = data.TASKS[task].labels
+        name = "AX" if task == "ax" else names.get(split, data.TASKS[task].folder)
+        lines = ["index\tprediction"] + [f"{e.guid}\t{p:.3f}" if not labels else f"{e.guid}\t{labels[p]}"
+                                         for e, p in zip(examples, preds)]
+        path = os.path.join(args.model, f"{name}.tsv")
+        data.atomic_write_text(path, "\n".join(lines) + "\n")
+        print(f"wrote {path} ({len(examples)} predictions)")
+
+
+def show(args, model, teacher, tok, trained):
+    """--show: the relation page of one sentence and, on the first 32 dev rows, the sharpness of every relation
+    (printed, and kept in <model>/relations.json), with the layer map, splits and temperature the model was
+    trained with."""
+    kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
+    temperature = args.mha_temperature or trained.get("mha_temperature", 1.0)
+    dev = None
+    if args.task in data.TASKS:
+        split = data.TASKS[args.task].dev_splits[0]
+        examples = data.read_glue(args.task, split, args.data_dir, args.allow_partial)
+        dev = data.encode_glue(args.task, examples, tok, args.max_len)
+    labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by class label
+    out = args.show_out or os.path.join(args.model, "relations.html")
+    page = relation_page(model, teacher, tok, args.show, dev if labelled else None, splits, args.device, kind)
+    data.atomic_write_text(out, page)
+    print(f"wrote {out}")
+    if dev is None:
+        return out
+    batch = {k: v.to(args.device) for k, v in next(data.batches({k: v[:32] for k, v in dev.items()}, 32)).items()}
+    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers, kind)
+    rows = relation_sharpness(model, teacher, batch, lmap, splits, temperature)
+    print(f"relation sharpness on the first {len(batch['index'])} dev rows (L_MHA temperature {temperature:g}; "
+          "H/log n: 1 = uniform, 0 = one-hot)")
+    print("\n".join(sharpness_table(rows)))
+    path = os.path.join(os.path.dirname(out), "relations.json")
+    data.atomic_write_text(path, json.dumps({"temperature": temperature, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return out
+
+
+def print_speed(model, args, length):
+    """--speed: the model's latency re-headed to 12/6/4/3/2/1 heads (speed), as a table."""
+    print(f"speed: batch {args.speed_batch} x length {length}, {args.device}"
+          f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")
+    rows = speed(model, args.speed_batch, length, device=args.device)
+    for r in rows:
+        heads = f"{r['heads']:2d} head{'s' if r['heads'] > 1 else ' '}"
+        print(f"  {heads}: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
+              f"x{rows[0]['latency_ms'] / r['latency_ms']:.2f} vs {rows[0]['heads']} heads")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Machinery. A reader of the metrics may stop here: the flags, what a saved model was trained with, its head,
+# the speed measurement, and the pages (loss curves, relation maps)
+
+
+def parse_args(argv=None):
+    """eval.py's flags, each checked before a model is read."""
+    p = argparse.ArgumentParser(description="Evaluate a saved model on a GLUE task or SQuAD with the official metric.")
+    p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
+    p.add_argument("--model", required=True,
+                   help="a model directory written by train.py (or any Bert.from_pretrained input)")
+    p.add_argument("--data_dir", help="holds glue/<TASK>/ and squad/ (default: the model's args.json, else $MLKD_DATA, "
+                                      "else data)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--predict", action="store_true",
+                   help="write GLUE test predictions (submission format) into --model")
+    p.add_argument("--speed", action="store_true", help="latency and throughput at 12/6/4/3/2/1 heads")
+    p.add_argument("--speed_batch", type=int, default=32)
+    p.add_argument("--speed_length", type=int, help="default: the max_len the model was trained with, else 128")
+    p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
+    p.add_argument("--max_len", type=int,
+                   help="encoding length, SQuAD window length (default: the one in the model's args.json, i.e. what "
+                        "it was trained and selected with; else the task's)")
+    p.add_argument("--show", metavar="SENTENCE", help="write a page of the relation maps of --model against "
+                                                       "--teacher on this sentence (and a dev batch)")
+    p.add_argument("--teacher", help="the teacher for --show")
+    p.add_argument("--mha_temperature", type=float, help="--show: L_MHA's relation temperature for the sharpness "
+                                                        "table (default: the model's args.json, else 1, the paper's)")
+    p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
+    p.add_argument("--noise", type=float, metavar="P",
+                   help="score on dev with a typo in a fraction P of the words (seeded; labels unchanged); writes the "
+                        "noisy set to <model>/noise-P-<split>.tsv, the metrics to noise-P.json")
+    p.add_argument("--noise_seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
+        p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
+    if not os.path.exists(args.model) and args.model.count("/") != 1:
+        p.error(f"--model {args.model}: no such directory")
+    pairs = args.task.startswith("squad") or data.TASKS[args.task].b is not None
+    if args.max_len is not None and not (5 if pairs else 3) <= args.max_len <= 512:
+        p.error(f"--max_len {args.max_len}: must be in {5 if pairs else 3}..512 (room for the special tokens and one "
+                "word piece of each text)")
+    for name in ("batch_size", "speed_batch", "speed_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.show is not None and not args.show.strip():
+        p.error("--show: give a sentence to draw (it is empty)")
+    if args.show and not args.teacher:
+        p.error("--show needs --teacher DIR")
+    writes = args.noise or args.show or args.predict or args.task.startswith("squad")
+    if writes and os.path.isdir(args.model) and not os.access(args.model, os.W_OK) and not args.show_out:
+        p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy the model to a "
+                "directory you can write to" + (" or give --show_out FILE" if args.show else ""))
+    return args
 
 
 def trained_settings(directory):
@@ -323,34 +507,6 @@ def check_labels(model, task):
     have = list(model.config.label_names)
     if have and have != want:
         raise ValueError(f"the model's labels {have} differ from task {task}'s {want}")
-
-
-@torch.no_grad()
-def heldout_losses(student, loss_fn, heldout, batch_size=128, device="cpu"):
-    """General distillation's held-out score: each unweighted Stage-1 loss of loss_fn(student, batch) and
-    their weighted sum, averaged over the held-out windows (student in eval mode), and the window count."""
-    student.eval()
-    sums, n = {}, 0
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    for b in data.batches(heldout, batch_size):
-        b = {k: v.to(device) for k, v in b.items()}
-        with autocast:
-            total, parts = loss_fn(student, b)
-        for k, v in {**parts, "loss": total}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(b["index"])
-        n += len(b["index"])
-    return {**{k: v / n for k, v in sums.items()}, "windows": n}
-
-
-def peak_memory_gib(device):
-    """Peak CUDA memory allocated, or on CPU the peak resident set size of this process."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, device="cpu"):
@@ -424,8 +580,7 @@ def curves_svg(records, title, width=560, height=150):
             f'<text x="{left}" y="{y0 + height - 8}">step 0</text>',
             f'<text x="{width - right}" y="{y0 + height - 8}" text-anchor="end">step {last}</text>',
             '<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="'
-            + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts)
-            + '"/>',
+            + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>',
             *(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="#1f5fa8"/>' for s, v in pts if len(pts) <= 40),
             '</g>',
         ]
@@ -435,9 +590,8 @@ def curves_svg(records, title, width=560, height=150):
 def write_curves(directory):
     """<directory>/curves.svg from <directory>/log.jsonl."""
     records = [json.loads(line) for line in open(os.path.join(directory, "log.jsonl")) if line.strip()]
-    data.atomic_write_text(
-        os.path.join(directory, "curves.svg"), curves_svg(records, f"{os.path.basename(directory)}: {directory}")
-    )
+    title = f"{os.path.basename(directory)}: {directory}"
+    data.atomic_write_text(os.path.join(directory, "curves.svg"), curves_svg(records, title))
 
 
 def write_index(out, directories):
@@ -449,7 +603,7 @@ def write_index(out, directories):
 
 
 # ----------------------------------------------------------------------------------------------
-# Relation maps: what MLKD's relation losses compare, teacher beside student, on one page
+# Relation maps: what MLKD's relation losses compare, teacher beside student, and how sharp they are
 
 
 def colour(v, vmax):
@@ -499,10 +653,8 @@ def ss_maps(student, teacher, dev, device="cpu", n=32):
     pair = [mlkd.relation_logprobs(m.eval()(*inputs).hidden_states[-1][:, 0][None, None]).exp()[0, 0].cpu().numpy()
             for m in (teacher, student)]
     vmax, labels = max(float(p.max()) for p in pair), [str(v) for v in rows["labels"].tolist()]
-    return [
-        heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels)
-        for who, p in zip(("teacher", "student"), pair)
-    ]
+    return [heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels)
+            for who, p in zip(("teacher", "student"), pair)]
 
 
 @torch.no_grad()
@@ -566,10 +718,8 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     parts = ["<h2>L_EMB: token-token relation of the word-piece embeddings</h2>"]
     pair = [rel(o.token_embeddings[:, None])[0] for o in (t, s)]
     vmax = max(float(p.max()) for p in pair)
-    parts += [
-        heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces)
-        for who, p in zip(("teacher", "student"), pair)
-    ]
+    parts += [heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces)
+              for who, p in zip(("teacher", "student"), pair)]
     g = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, kind)
     for m in range(1, len(g)):
         o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, g[m])))  # (1, A, L, k)
@@ -577,13 +727,8 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
         vmax = max(float(r_t.max()), float(r_s.max()))
         parts.append(f"<h2>L_MHA: student layer {m} against teacher layer {g[m]}, {splits} MHA-splits</h2>")
         for who, r in (("teacher", r_t), ("student", r_s)):
-            parts.append(
-                f"<div><b>{who}</b><br>"
-                + "".join(
-                    heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6, legend=a == splits - 1) for a in range(splits)
-                )
-                + "</div>"
-            )
+            tiles = [heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6, legend=a == splits - 1) for a in range(splits)]
+            parts.append(f"<div><b>{who}</b><br>" + "".join(tiles) + "</div>")
         kl = mlkd.relation_kl_rows(o_s, o_t)[0].cpu().numpy()  # (A, L)
         parts.append(heatmap_svg(kl, "KL(teacher || student) of each query row (rows: splits)", float(kl.max()),
                                  [f"split {a + 1}" for a in range(splits)], pieces))
@@ -593,262 +738,8 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     head = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>MLKD relations</title>\n"
             "<style>svg {vertical-align: top}</style>\n"  # a tile with its legend is taller: align tops, keep one row
             f"<h1>{html.escape(sentence)}</h1>\n")
-    return (
-        head
-        + "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n"
-        + "\n".join(parts)
-        + "\n"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# train.py's last stage
-
-
-def dev_metrics(directory, model, evaluate, dev_set):
-    """The dev metrics a stage recorded for its saved model when they were measured on the same dev set
-    (SQuAD's dev set takes minutes on a CPU); otherwise evaluate the model now."""
-    path = os.path.join(directory, "metrics.json")
-    saved = json.load(open(path)) if os.path.exists(path) else {}  # a --teacher from elsewhere has none
-    if saved.get("dev_set") == dev_set and saved.get("dev"):
-        print(f"[eval] {directory}: dev metrics recorded when it was saved (same dev set)")
-        return saved["dev"]
-    return evaluate(model)
-
-
-def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
-    """train.py's eval stage: the teacher's and the finished student's dev metrics side by side, results.json."""
-    student = Bert.from_pretrained(student_dir, verbose=False).to(args.device)
-    t_metrics = dev_metrics(teacher_dir, teacher, evaluate, dev_set)
-    s_metrics = dev_metrics(student_dir, student, evaluate, dev_set)
-    tp, sp = teacher.num_parameters(), student.num_parameters()
-    results = {
-        "task": args.task,
-        "metric": args.metric,
-        "split": "dev",
-        "teacher": t_metrics,
-        "student": s_metrics,
-        "ratio": s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None,
-        "teacher_parameters": tp,
-        "student_parameters": sp,
-        "teacher_dir": teacher_dir,
-        "student_dir": student_dir,
-    }
-    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
-    write_index(args.out, [teacher_dir, os.path.join(args.out, "stage1"), student_dir])
-    print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
-    cell = lambda v: f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}"  # noqa: E731  (counts stay counts)
-    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")
-    print(f"  {'teacher':8s} " + " ".join(map(cell, t_metrics.values())) + f" {tp / 1e6:8.1f}M")
-    print(f"  {'student':8s} " + " ".join(map(cell, s_metrics.values())) + f" {sp / 1e6:8.1f}M")
-    if results["ratio"] is not None:
-        print(f"  student/teacher on {args.metric}: {100 * results['ratio']:.1f}%, {tp / sp:.1f}x fewer parameters")
-    print(f"  files: {teacher_dir}, {student_dir}, {os.path.join(args.out, 'results.json')}")
-    return results
-
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a saved model on a GLUE task or SQuAD with the official metric.")
-    p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
-    p.add_argument(
-        "--model", required=True, help="a model directory written by train.py (or any Bert.from_pretrained input)"
-    )
-    p.add_argument("--data_dir", help="holds glue/<TASK>/ and squad/ (default: the model's args.json, else $MLKD_DATA, "
-                                      "else data)")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--predict", action="store_true", help="write GLUE test predictions (submission format) into --model"
-    )
-    p.add_argument("--speed", action="store_true", help="latency and throughput at 12/6/4/3/2/1 heads")
-    p.add_argument("--speed_batch", type=int, default=32)
-    p.add_argument("--speed_length", type=int, help="default: the max_len the model was trained with, else 128")
-    p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
-    p.add_argument(
-        "--max_len",
-        type=int,
-        help="encoding length, SQuAD window length (default: the one in the "
-        "model's args.json, i.e. what it was trained and selected with; else the task's)",
-    )
-    p.add_argument("--show", metavar="SENTENCE", help="write a page of the relation maps of --model against "
-                                                       "--teacher on this sentence (and a dev batch)")
-    p.add_argument("--teacher", help="the teacher for --show")
-    p.add_argument(
-        "--mha_temperature",
-        type=float,
-        help="--show: L_MHA's relation temperature for the sharpness "
-        "table (default: the model's args.json, else 1, the paper's)",
-    )
-    p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
-    p.add_argument("--allow_partial", action="store_true",
-                   help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
-    p.add_argument(
-        "--noise",
-        type=float,
-        metavar="P",
-        help="score on dev with a typo in a fraction P of the words "
-        "(seeded; labels unchanged); writes the noisy set to <model>/noise-P-<split>.tsv, the metrics to noise-P.json",
-    )
-    p.add_argument("--noise_seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
-        p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
-    if not os.path.exists(args.model) and args.model.count("/") != 1:
-        p.error(f"--model {args.model}: no such directory")
-    pairs = args.task.startswith("squad") or data.TASKS[args.task].b is not None
-    if args.max_len is not None and not (5 if pairs else 3) <= args.max_len <= 512:
-        p.error(f"--max_len {args.max_len}: must be in {5 if pairs else 3}..512 (room for the special tokens and one "
-                "word piece of each text)")
-    for name in ("batch_size", "speed_batch", "speed_length"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.show is not None and not args.show.strip():
-        p.error("--show: give a sentence to draw (it is empty)")
-    writes = args.noise or args.show or args.predict or args.task.startswith("squad")
-    if writes and os.path.isdir(args.model) and not os.access(args.model, os.W_OK) and not args.show_out:
-        p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy the model to a "
-                "directory you can write to" + (" or give --show_out FILE" if args.show else ""))
-    directory = args.model = fetch(args.model)
-    trained, saved = trained_settings(directory), os.path.join(directory, "args.json")
-    if args.data_dir is None:
-        args.data_dir = trained.get("data_dir") or os.environ.get("MLKD_DATA", "data")
-        print(f"data_dir {args.data_dir} ({'from ' + saved if 'data_dir' in trained else 'default'})")
-    args.paper_exact = trained.get("paper_exact", False)
-    if args.max_len is None:
-        args.max_len = trained.get("max_len") or (
-            384 if args.task.startswith("squad") else data.TASKS[args.task].max_len
-        )
-        print(f"max_len {args.max_len} ({'from ' + saved if 'max_len' in trained else 'task default'})")
-    model = Bert.from_pretrained(directory).to(args.device)
-    tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
-    if args.show:
-        if not args.teacher:
-            p.error("--show needs --teacher DIR")
-        return show(args, model, teacher=Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device),
-                    tok=tok, trained=trained)
-    if args.speed:
-        args.speed_length = args.speed_length or trained.get("max_len", 128)
-        print(f"speed: batch {args.speed_batch} x length {args.speed_length}, {args.device}"
-              f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")
-        rows = speed(model, args.speed_batch, args.speed_length, device=args.device)
-        for r in rows:
-            heads = f"{r['heads']:2d} head{'s' if r['heads'] > 1 else ' '}"
-            print(f"  {heads}: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
-                  f"x{rows[0]['latency_ms'] / r['latency_ms']:.2f} vs {rows[0]['heads']} heads")
-        return rows
-    why = head_mismatch(model, args.task)
-    if why:
-        raise ValueError(f"--model {directory}: {why}" + ("; a pre-trained model or General student is not fine-tuned "
-                         "on any task" if model.config.head == "none" else "; score it on the task it was trained on"))
-    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # stage1/ (and general/) keep W_0..W_M
-        print(
-            f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so this scores an untrained "
-            "classifier; the distilled student is the stage2 directory"
-        )
-    if args.task.startswith("squad"):
-        return eval_squad(model, tok, args)
-    check_labels(model, args.task)
-    task = data.TASKS[args.task]
-    if args.predict:
-        return write_test_predictions(model, tok, args)
-    examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial) for s in task.dev_splits}
-    noise = {}
-    for split in examples if args.noise else ():
-        examples[split], words, changed = with_typos(examples[split], args.noise, args.noise_seed)
-        lines = [f"{e.guid}\t{e.label}\t{e.text_a}\t{e.text_b or ''}" for e in examples[split]]
-        path = os.path.join(directory, f"noise-{args.noise:g}-{split}.tsv")
-        data.atomic_write_text(path, "guid\tlabel\ttext_a\ttext_b\n" + "\n".join(lines) + "\n")
-        noise[split] = {"words": words, "changed": changed}
-        print(f"{split}: a typo in {changed:,} of {words:,} words (seed {args.noise_seed}); the noisy set is {path}")
-    dev = {s: data.encode_glue(args.task, ex, tok, args.max_len) for s, ex in examples.items()}
-    predictions = predict_glue(model, args.task, dev, args.batch_size, args.device, args.paper_exact)
-    metrics = score_glue(args.task, dev, predictions)
-    print(f"{args.task} dev{f' with noise {args.noise:g}' if args.noise else ''}: " + format_metrics(metrics))
-    if args.noise:
-        record = {**metrics, "noise": args.noise, "seed": args.noise_seed, "splits": noise}
-        data.atomic_write_text(os.path.join(directory, f"noise-{args.noise:g}.json"), json.dumps(record, indent=2))
-    if not task.is_regression:  # a model that learnt only the class prior shows here
-        for split, p in predictions.items():
-            counts = np.bincount(p, minlength=len(task.labels))
-            print(f"{split} predictions: " + ", ".join(f"{name} {n}" for name, n in zip(task.labels, counts)))
-    return metrics
-
-
-def show(args, model, teacher, tok, trained):
-    """--show: the relation page of one sentence and, on the first 32 dev rows, the sharpness of every relation
-    (printed, and kept in <model>/relations.json), with the layer map, splits and temperature the model was
-    trained with."""
-    kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
-    temperature = args.mha_temperature or trained.get("mha_temperature", 1.0)
-    dev = None
-    if args.task in data.TASKS:
-        split = data.TASKS[args.task].dev_splits[0]
-        dev = data.encode_glue(
-            args.task, data.read_glue(args.task, split, args.data_dir, args.allow_partial), tok, args.max_len
-        )
-    labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by class label
-    out = args.show_out or os.path.join(args.model, "relations.html")
-    page = relation_page(model, teacher, tok, args.show, dev if labelled else None, splits, args.device, kind)
-    data.atomic_write_text(out, page)
-    print(f"wrote {out}")
-    if dev is None:
-        return out
-    batch = {k: v.to(args.device) for k, v in next(data.batches({k: v[:32] for k, v in dev.items()}, 32)).items()}
-    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers, kind)
-    rows = relation_sharpness(model, teacher, batch, lmap, splits, temperature)
-    print(f"relation sharpness on the first {len(batch['index'])} dev rows (L_MHA temperature {temperature:g}; "
-          "H/log n: 1 = uniform, 0 = one-hot)")
-    print("\n".join(sharpness_table(rows)))
-    path = os.path.join(os.path.dirname(out), "relations.json")
-    data.atomic_write_text(path, json.dumps({"temperature": temperature, "rows": rows}, indent=1))
-    print(f"wrote {path}")
-    return out
-
-
-def write_test_predictions(model, tok, args):
-    """GLUE server format: <TASK>.tsv with 'index<TAB>prediction', label strings or STS-B scores."""
-    names = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
-    splits = data.TASKS[args.task].test_splits
-    jobs = [(args.task, s) for s in splits] + ([("ax", "test")] if args.task == "mnli" else [])
-    for task, split in jobs:
-        examples = data.read_glue(task, split, args.data_dir, args.allow_partial)
-        logits = predict_logits(
-            model, data.encode_glue(task, examples, tok, args.max_len), args.batch_size, args.device, args.paper_exact
-        )
-        preds = predictions_from_logits(task, logits)
-        labels = data.TASKS[task].labels
-        name = "AX" if task == "ax" else names.get(split, data.TASKS[task].folder)
-        lines = ["index\tprediction"] + [f"{e.guid}\t{p:.3f}" if not labels else f"{e.guid}\t{labels[p]}"
-                                         for e, p in zip(examples, preds)]
-        path = os.path.join(args.model, f"{name}.tsv")
-        data.atomic_write_text(path, "\n".join(lines) + "\n")
-        print(f"wrote {path} ({len(examples)} predictions)")
-
-
-def evaluate_squad(model, examples, features, version, batch_size=128, device="cpu"):
-    """(scores, predictions): EM/F1 of the model's best spans; v2.0 with the null-score threshold 0
-    and, from the null-minus-best scores, the best threshold."""
-    logits = predict_logits(model, features, batch_size, device)  # (F, 2, L)
-    preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
-    return squad_scores(examples, preds, version, na if version == "2.0" else None), preds
-
-
-def squad_version(task):
-    return "2.0" if task == "squad2" else "1.1"
-
-
-def eval_squad(model, tok, args):
-    version = squad_version(args.task)
-    path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
-    examples = data.read_squad(path, args.allow_partial)
-    features = data.squad_features(examples, tok, max_len=args.max_len, train=False)
-    scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
-    out = os.path.join(args.model, "predictions.json")
-    data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
-    print(f"SQuAD v{version} ({path}): " + format_metrics(scores))
-    print(f"wrote {out}")
-    return scores
+    legend = "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n"
+    return head + legend + "\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":

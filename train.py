@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import hashlib
 import io
 import json
 import math
@@ -127,7 +128,7 @@ def pipeline(args):
     if "eval" in args.stages and lead():
         if not is_done(dirs["stage2"]):
             sys.exit(f"error: no finished student in {dirs['stage2']}")
-        return evaluation.report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
+        return report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
 
 
 def stage2_start(stage1_dir, teacher, args):
@@ -219,7 +220,7 @@ def distil_layers(stage, directory, teacher, train, args, vocab, heldout=None):
     loss_fn = stage1_objective(teacher, proj, lmap, args)
     evaluate, start = None, None
     if heldout is not None:
-        evaluate = functools.partial(evaluation.heldout_losses, student, loss_fn, heldout, args.eval_batch_size,
+        evaluate = functools.partial(heldout_losses, student, loss_fn, heldout, args.eval_batch_size,
                                      args.device)
         start = evaluate()
         print(f"[{stage}] held-out at step 0: " + evaluation.format_metrics(start, 4))
@@ -249,22 +250,14 @@ def general(args):
     k = min(HELDOUT, max(1, n // 100))  # windows the training never sees
     heldout = {key: v[order[:k]] for key, v in windows.items()}
     train = {key: v[order[k:]] for key, v in windows.items()}
-    corpus = {
-        "files": args.corpus,
-        "windows": n,
-        "heldout_windows": k,
-        "word_pieces": int(windows["lengths"].sum() - 2 * n),
-    }
+    corpus = dict(files=args.corpus, windows=n, heldout_windows=k, word_pieces=int(windows["lengths"].sum() - 2 * n))
     print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {corpus['word_pieces']:,} word pieces; "
           f"{k} window{'s' * (k != 1)} held out; teacher {source} (pre-trained)")
     record, start = distil_layers("general", directory, teacher, train, args, vocab, heldout)
     if not lead():
         return finish(directory, {})
-    curve = [{"step": 0, **start}] + [
-        {"step": r["step"], **r["dev"]}
-        for r in map(json.loads, open(os.path.join(directory, "log.jsonl")))
-        if "dev" in r
-    ]
+    logged = map(json.loads, open(os.path.join(directory, "log.jsonl")))
+    curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]} for r in logged if "dev" in r]
     finish(directory, {"corpus": corpus, "heldout": curve, "train": record})
     print("[general] held-out losses, start -> end: " + ", ".join(f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}"
           for key in start if key != "windows") + f"; the student: --student_init {directory}")
@@ -412,7 +405,7 @@ def parse_args(argv=None):
                    help=f"batches of similar lengths: each run of {GROUP} shuffled batches is sorted by length, then "
                         "its batches shuffled; far less padding (SST-2: 3.0x -> 1.02x positions per real token), the "
                         "same masked losses per example, but L_SS and L_SC then relate samples of similar length "
-                        "(ignored with --paper_exact)"),
+                        "(ignored with --paper_exact)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs1", type=float, help="Stage-1 epochs")
     g.add_argument("--epochs2", type=float, help="Stage-2 epochs")
@@ -608,7 +601,7 @@ def check_shapes(args, teacher):
 
 
 # ----------------------------------------------------------------------------------------------
-# Building the models and reading the task
+# Building the models, reading the task, the Stage-2 teacher cache, and the eval stage's report
 
 
 def build_student(args, teacher):
@@ -663,10 +656,8 @@ def cut_layers(source, M, kind, overrides, keep_head=True):
 def save_model(model, directory, vocab_file, args):
     """The model with its vocabulary and the arguments it was trained with (eval.py reads max_len from them)."""
     if lead():
-        model.save(
-            directory,
-            {"vocab.txt": data.read_text(vocab_file), "args.json": json.dumps(vars(args), indent=2, default=str)},
-        )
+        model.save(directory, {"vocab.txt": data.read_text(vocab_file),
+                               "args.json": json.dumps(vars(args), indent=2, default=str)})
 
 
 def load_teacher(directory, args):
@@ -732,10 +723,51 @@ def teacher_cache(teacher, train, args, directory):
     """
     path = os.path.join(directory, CACHE)
     if lead():
-        evaluation.cached_outputs(teacher, train, path, args.eval_batch_size, args.device)
+        cached_outputs(teacher, train, path, args.eval_batch_size, args.device)
     sync()
-    logits, cls = evaluation.cached_outputs(teacher, train, path, compute=False)  # (N, ...), (N, d_T)
+    logits, cls = cached_outputs(teacher, train, path, compute=False)  # (N, ...), (N, d_T)
     return mlkd.TeacherTargets(logits.to(args.device), cls.to(args.device))
+
+
+def cached_outputs(model, dataset, path, batch_size=128, device="cpu", compute=True):
+    """eval.py's model_outputs(model, dataset) kept in `path` with a sha256 fingerprint of the model's weights
+    and the encoded rows: read back when they match; otherwise computed and written (compute=False: an error)."""
+    h = hashlib.sha256()
+    for t in [*model.state_dict().values(), *(dataset[k] for k in ("input_ids", "token_type_ids", "lengths"))]:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    saved = read_safetensors(path) if os.path.exists(path) else None
+    if saved is not None and bytes(saved["fingerprint"].tolist()) == h.digest():
+        if compute:
+            print(f"[stage2] teacher outputs read from {path}")
+        return saved["logits"], saved["cls"]
+    if not compute:
+        raise ValueError(f"{path}: missing or made by another model or data")
+    if saved is not None:
+        print(f"[stage2] {path} was made by another teacher or data: computed again")
+    t0 = time.time()
+    logits, cls = evaluation.model_outputs(model, dataset, batch_size, device)
+    fingerprint = torch.tensor(list(h.digest()), dtype=torch.uint8)
+    write_safetensors({"logits": logits, "cls": cls, "fingerprint": fingerprint}, path)
+    print(f"[stage2] teacher outputs of {len(cls)} examples computed once in {time.time() - t0:.0f} s "
+          f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
+    return logits, cls
+
+
+@torch.no_grad()
+def heldout_losses(student, loss_fn, heldout, batch_size=128, device="cpu"):
+    """General distillation's held-out score: each unweighted Stage-1 loss of loss_fn(student, batch) and
+    their weighted sum, averaged over the held-out windows (student in eval mode), and the window count."""
+    student.eval()
+    sums, n = {}, 0
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+    for b in data.batches(heldout, batch_size):
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast:
+            total, parts = loss_fn(student, b)
+        for k, v in {**parts, "loss": total}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(b["index"])
+        n += len(b["index"])
+    return {**{k: v / n for k, v in sums.items()}, "windows": n}
 
 
 def finish(directory, metrics):
@@ -754,6 +786,39 @@ def finish(directory, metrics):
 def is_done(directory):
     path = os.path.join(directory, "metrics.json")
     return os.path.exists(path) and json.load(open(path)).get("done", False)
+
+
+def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
+    """train.py's eval stage: the teacher's and the finished student's dev metrics side by side, results.json."""
+    student = Bert.from_pretrained(student_dir, verbose=False).to(args.device)
+    t_metrics = dev_metrics(teacher_dir, teacher, evaluate, dev_set)
+    s_metrics = dev_metrics(student_dir, student, evaluate, dev_set)
+    tp, sp = teacher.num_parameters(), student.num_parameters()
+    ratio = s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None
+    results = dict(task=args.task, metric=args.metric, split="dev", teacher=t_metrics, student=s_metrics, ratio=ratio,
+                   teacher_parameters=tp, student_parameters=sp, teacher_dir=teacher_dir, student_dir=student_dir)
+    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    evaluation.write_index(args.out, [teacher_dir, os.path.join(args.out, "stage1"), student_dir])
+    print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
+    cell = lambda v: f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}"  # noqa: E731  (counts stay counts)
+    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")
+    print(f"  {'teacher':8s} " + " ".join(map(cell, t_metrics.values())) + f" {tp / 1e6:8.1f}M")
+    print(f"  {'student':8s} " + " ".join(map(cell, s_metrics.values())) + f" {sp / 1e6:8.1f}M")
+    if results["ratio"] is not None:
+        print(f"  student/teacher on {args.metric}: {100 * results['ratio']:.1f}%, {tp / sp:.1f}x fewer parameters")
+    print(f"  files: {teacher_dir}, {student_dir}, {os.path.join(args.out, 'results.json')}")
+    return results
+
+
+def dev_metrics(directory, model, evaluate, dev_set):
+    """The dev metrics a stage recorded for its saved model when they were measured on the same dev set
+    (SQuAD's dev set takes minutes on a CPU); otherwise evaluate the model now."""
+    path = os.path.join(directory, "metrics.json")
+    saved = json.load(open(path)) if os.path.exists(path) else {}  # a --teacher from elsewhere has none
+    if saved.get("dev_set") == dev_set and saved.get("dev"):
+        print(f"[eval] {directory}: dev metrics recorded when it was saved (same dev set)")
+        return saved["dev"]
+    return evaluate(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,6 +860,17 @@ def save_checkpoint(directory, modules, optimizer, scheduler, step, best, best_m
                 "rng": torch.get_rng_state()}, buf)
     data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
     return step
+
+
+def peak_memory_gib(device):
+    """Peak CUDA memory allocated, or on CPU the peak resident set size of this process."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class Log:
@@ -851,7 +927,7 @@ class Log:
 
     def done(self):
         """The closing line (peak memory); returns the last step's record with it."""
-        peak = self.record["peak_memory_gib"] = evaluation.peak_memory_gib(self.args.device)
+        peak = self.record["peak_memory_gib"] = peak_memory_gib(self.args.device)
         what = "CUDA allocated" if self.args.device.startswith("cuda") else "process RSS"
         print(f"[{self.stage}] done: {self.record.get('samples_per_s', 0):.1f} samples/s, peak memory {peak:.2f} GiB "
               f"({what})")
