@@ -1632,7 +1632,12 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert names(compare.first_jobs(args, "/mini")) == [["teacher e1 lr5e-05"], ["corpus", "General student"]]
     three = argparse.Namespace(task="sst2", settings=["S2", "S2-3h"], data_dir="/data", rows=None)
     assert names(compare.first_jobs(three, "/mini"))[1] == ["corpus", "General student", "General student, 3 heads"]
-    assert compare.first_jobs(three, "/mini")[1][2][1][-3:] == ["768", "--out", "out/general-4x192-3h"]
+    general3 = compare.first_jobs(three, "/mini")[1][2][1]
+    assert general3[general3.index("--heads") + 1] == "3" and general3[-2:] == ["--out", "out/general-4x192-3h"]
+    for job in compare.all_jobs(args, "/mini"):  # a curve row's own --epochs1 is the last one (argparse keeps it)
+        row = job[0].split()[1]
+        if row in compare.CURVE:
+            assert job[1][len(job[1]) - job[1][::-1].index("--epochs1")] == row[-1], job[1]
     assert {j[0].split()[1] for j in compare.all_jobs(three, "/mini") if j[0].startswith("S2-3h")} == {"mlkd"}
     run(compare.teacher_out("sst2", 1, 5e-5), "teacher", 88.0, 87.0, noise=85.5)
     assert names(compare.first_jobs(args, "/mini")) == [["corpus", "General student"]]  # the teacher is done
@@ -1702,7 +1707,7 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     # The budget curve: its own table and picture, from the records of its rows (Stage-1 steps = all minus Stage 2's).
     assert compare.curve_table("sst2", "S2") == [] and compare.curve_points("sst2", "S2") == {}
     for row, seed, last in (("mlkd-e1", 42, 80.0), ("mlkd-e1", 1, 81.0), ("tinybert-e1", 42, 80.0),
-                            ("mlkd-e3", 42, 79.0), ("tinybert-e3", 42, 83.0)):
+                            ("mlkd-e3", 42, 79.0), ("tinybert-e3", 42, 83.0), ("tinybert-e9", 42, 85.0)):
         steps1 = 625 * int(row[-1])
         record = dict(best=last + 1, last=last, curve=[[63, 70.0], [1875, last]], steps=steps1 + 1875)
         path = compare.record_path("sst2", compare.row_out("sst2", "S2", row, seed))
@@ -1712,7 +1717,7 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         "| 1 epoch(s) | 625 | 80.50 ± 0.71 | 81.50 ± 0.71 | 80.00 | 81.00 | -0.50 |",
         "| 3 epoch(s) | 1,875 | 79.00 | 80.00 | 83.00 | 84.00 | +4.00 |"]
     picture = compare.curve_svg("sst2", "S2")
-    assert picture.count("<circle") == 5 and picture.count("<polyline") == 2 and ">1,875</text>" in picture
+    assert picture.count("<circle") == 6 and picture.count("<polyline") == 2 and ">1,875</text>" in picture
     assert not [line for line in compare.setting_table("sst2", "S2") if "Stage 1 for" in line]
     # The READMEs' copies: only the marked blocks of this task are rewritten, every other line is kept.
     doc = tmp_path / "doc.md"

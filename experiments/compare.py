@@ -470,7 +470,9 @@ def curve_table(task, setting):
     if not points:
         return []
     lines = ["| Stage 1 | steps | MLKD last | best | TinyBERT last | best | TinyBERT - MLKD, last |", "|---" * 7 + "|"]
-    for (epochs, steps, mlkd), (_, _, tiny) in zip(points.get("mlkd", []), points.get("tinybert", [])):
+    tinybert = {epochs: got for epochs, _, got in points.get("tinybert", [])}
+    for epochs, steps, mlkd in [p for p in points.get("mlkd", []) if p[0] in tinybert]:  # the budgets both ran
+        tiny = tinybert[epochs]
         last = [statistics.mean(g["last"] for g in got) for got in (mlkd, tiny)]
         lines.append(f"| {epochs} epoch(s) | {steps:,} | {spread([g['last'] for g in mlkd])} | "
                      f"{spread([g['best'] for g in mlkd])} | {spread([g['last'] for g in tiny])} | "
