@@ -7,6 +7,7 @@ transformers, via testdata/minilm_golden.npz) and the real GLUE/SQuAD files in .
 """
 import argparse
 import dataclasses
+import functools
 import http.server
 import importlib.util
 import json
@@ -1050,7 +1051,8 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert os.path.exists(out / "stage2" / "checkpoint.pt")
     said = capsys.readouterr().out  # one line, not a traceback: where the checkpoint is and what to do
     ckpt = out / "stage2" / "checkpoint.pt"
-    assert f"interrupted at step 4/40: its checkpoint of step 3 is {ckpt}; rerun the same command" in said
+    assert (f"interrupted: kept in {out}: teacher (finished), stage1 (finished), stage2 (checkpoint.pt); "
+            "rerun the same command to resume") in said and os.path.exists(ckpt)
     monkeypatch.setattr(data, "batches", real)
     train.main(argv + ["--stages", "stage2"])
     assert "resumed from" in capsys.readouterr().out and json.load(open(out / "stage2" / "metrics.json"))["done"]
@@ -1416,7 +1418,8 @@ def test_eval_encodes_at_the_trained_max_len(tmp_path, capsys):
     torch.manual_seed(0)
     m = model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2, label_names=["0", "1"]))
     args = train.parse_args(["--task", "sst2", "--max_len", "6"])
-    train.save_model(m, str(tmp_path / "m"), str(init / "vocab.txt"), args)
+    args.vocab = str(init / "vocab.txt")
+    train.save_model(m, str(tmp_path / "m"), args)
     tok = data.Tokenizer(str(init / "vocab.txt"))
     dev = data.read_glue("sst2", "dev", str(tmp_path / "data"), allow_partial=True)
     want = {n: ev.evaluate_glue(m, "sst2", {"dev": data.encode_glue("sst2", dev, tok, n)}) for n in (6, 64)}
@@ -1946,21 +1949,21 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
     inputs = (batch["input_ids"], batch["token_type_ids"], mask)
     with torch.no_grad():
         S, T = ref_bert(student, *inputs), ref_bert(teacher, *inputs)
-        total, parts = train.stage1_objective(teacher, proj, g, args)(student, batch)
+        total, parts = train.stage1_objective(student, batch, teacher, proj, g, args)
     ref = ref_stage1(S, T, proj, g, mask.tolist(), 4, mha_temperature=0.5)
     assert min(ref.values()) > 0.01  # every term is far from 0
     assert parts.keys() == ref.keys() and all(parts[k].item() == pytest.approx(ref[k], rel=1e-4) for k in ref)
     assert total.item() == pytest.approx(0.5 * ref["emb"] + 2 * ref["mha"] + 3 * ref["ffn"], rel=1e-4)  # each its flag
     exact = train.parse_args(flags + ["--paper_exact"])  # the authors' losses: no mask, every position counts
     with torch.no_grad():
-        _, parts = train.stage1_objective(teacher, proj, g, exact)(student, batch)
+        _, parts = train.stage1_objective(student, batch, teacher, proj, g, exact)
     unmasked = ref_stage1(S, T, proj, g, None, 4, mha_temperature=0.5)
     assert all(parts[k].item() == pytest.approx(unmasked[k], rel=1e-4) for k in ref)
     tiny = train.parse_args(flags + ["--recipe", "tinybert"])
     student4 = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2,
                                                             num_attention_heads=4)))
     with torch.no_grad():
-        _, parts = train.stage1_objective(teacher, proj, g, tiny)(student4, batch)
+        _, parts = train.stage1_objective(student4, batch, teacher, proj, g, tiny)
         S4 = ref_bert(student4, *inputs)
     att = sum(ref_pair_mse(S4["A"][m], T["A"][g[m]], mask.tolist()) for m in (1, 2))
     assert parts["att"].item() == pytest.approx(att, rel=1e-4)
@@ -1976,7 +1979,7 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
     cache = train.teacher_cache(teacher, dataset, args, str(tmp_path))
     for targets in (None, cache):
         with torch.no_grad():
-            total, parts = train.stage2_objective(teacher, proj, targets, args)(student, batch)
+            total, parts = train.stage2_objective(student, batch, teacher, proj, targets, args)
         assert parts.keys() == ref.keys()
         for k in ref:
             assert parts[k].item() == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (k, targets is None)
@@ -2004,11 +2007,12 @@ def spy_on_stages(monkeypatch, train):
         seen[stage] = before, [snapshot(m) for m in modules]
         return result
 
-    def objective(real):
-        def build(teacher, *a, **k):
-            teachers.append((teacher, snapshot(teacher)))
-            return real(teacher, *a, **k)
-        return build
+    def objective(real):  # the teacher each objective reads, recorded at its first step
+        def spy(model, batch, teacher, *a, **k):
+            if (real, id(teacher)) not in {(r, id(t)) for r, t, _ in teachers}:
+                teachers.append((real, teacher, snapshot(teacher)))
+            return real(model, batch, teacher, *a, **k)
+        return spy
     monkeypatch.setattr(train, "fit", fit)
     monkeypatch.setattr(train, "stage1_objective", objective(real_s1))
     monkeypatch.setattr(train, "stage2_objective", objective(real_s2))
@@ -2039,8 +2043,8 @@ def test_each_stage_trains_its_modules_on_its_schedule(tmp_path, monkeypatch, ca
     assert s2_0[0].keys() == s1_1[0].keys() and not changed(s1_1[0], s2_0[0])
     assert not changed(s1_1[1], s2_0[1])
     saved = model.Bert.from_pretrained(str(out / "teacher"), verbose=False).state_dict()
-    assert len(teachers) == 2 and all(not changed(state, snapshot(t)) for t, state in teachers)  # never trained
-    assert all(not changed(saved, state) for _, state in teachers)  # the teacher the stages read is the kept one
+    assert len(teachers) == 2 and all(not changed(state, snapshot(t)) for _, t, state in teachers)  # never trained
+    assert all(not changed(saved, state) for _, _, state in teachers)  # the teacher the stages read is the kept one
     # the learning rate of every step: warm-up then linear decay (teacher, Stage 2), constant (Stage 1)
     decay = [0.5, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]  # 8 steps, 2 of warm-up
     assert logged_lrs(out / "teacher") == pytest.approx([4e-3 * f for f in decay])
@@ -2064,7 +2068,7 @@ def test_each_stage_trains_its_modules_on_its_schedule(tmp_path, monkeypatch, ca
     assert changed(s1_0[0], s1_1[0]) == {k for k in s1_0[0] if not k.startswith(head)}
     assert changed(s1_0[1], s1_1[1]) == set(s1_0[1]) and not changed(s2_0[1], s2_1[1])
     assert changed(s2_0[0], s2_1[0]) == set(s2_0[0]) and not changed(s1_1[0], s2_0[0])
-    assert all(not changed(state, snapshot(t)) for t, state in teachers)
+    assert all(not changed(state, snapshot(t)) for _, t, state in teachers)
 
 
 def test_general_distillation_trains_the_encoder_and_every_projection_with_warmup(tmp_path, monkeypatch):
@@ -2080,8 +2084,8 @@ def test_general_distillation_trains_the_encoder_and_every_projection_with_warmu
     before, after = seen["general"]
     assert changed(before[0], after[0]) == {k for k in before[0] if not k.startswith("pooler.")}
     assert changed(before[1], after[1]) == set(before[1])
-    assert len(teachers) == 1 and not changed(teachers[0][1], snapshot(teachers[0][0]))
-    assert not changed(model.Bert.from_pretrained(str(init)).state_dict(), teachers[0][1])  # the pre-trained one
+    assert len(teachers) == 1 and not changed(teachers[0][2], snapshot(teachers[0][1]))
+    assert not changed(model.Bert.from_pretrained(str(init)).state_dict(), teachers[0][2])  # the pre-trained one
     assert logged_lrs(out / "general") == pytest.approx([2e-3 * f for f in (0.5, 1, 1, 2 / 3, 1 / 3)])
 
 
@@ -2277,7 +2281,7 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     assert "[stage1] resumed from" in capsys.readouterr().out and train.is_done(out / "stage1")
 
 
-def test_an_error_after_the_checks_leaves_no_empty_stage_directory(tmp_path, monkeypatch):
+def test_a_stage_that_kept_nothing_does_not_hold_a_rerun_to_its_settings(tmp_path, monkeypatch):
     import train
     init = write_pipeline_fixture(tmp_path)
     out = tmp_path / "out"
@@ -2290,7 +2294,10 @@ def test_an_error_after_the_checks_leaves_no_empty_stage_directory(tmp_path, mon
     monkeypatch.setattr(train, "build_student", offline)
     with pytest.raises(data.DownloadError):
         train.main(argv)
-    assert sorted(os.listdir(out)) == ["teacher"]  # stage1 held nothing but its settings: removed
+    monkeypatch.undo()
+    # stage1 kept nothing (no checkpoint, not finished): a rerun with other settings is not refused
+    train.main(argv + ["--stages", "stage1", "--lr1", "2e-3", "--max_steps", "1"])
+    assert train.is_done(out / "stage1")
 
 
 def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
@@ -2487,8 +2494,9 @@ def test_stage_losses_of_a_batch_do_not_depend_on_its_padding(tmp_path):
     tight = next(data.batches(ds, 4))  # as wide as its longest row: what a length-grouped batch is
     wide = next(data.batches(ds, 4, fixed_padding=True))  # padded as if a longer sentence had joined it
     assert tight["input_ids"].shape[1] == 6 and wide["input_ids"].shape[1] == 12
-    for objective in (train.stage1_objective(teacher, proj, mlkd.layer_map(4, 2), args),
-                      train.stage2_objective(teacher, proj, cache, args), train.teacher_loss):
+    s1 = functools.partial(train.stage1_objective, teacher=teacher, proj=proj, lmap=mlkd.layer_map(4, 2), args=args)
+    s2 = functools.partial(train.stage2_objective, teacher=teacher, proj=proj, cache=cache, args=args)
+    for objective in (s1, s2, train.teacher_loss):
         with torch.no_grad():
             a, b = objective(student, tight)[1], objective(student, wide)[1]
         assert a.keys() == b.keys() and all(abs(a[k].item() - b[k].item()) < 1e-5 for k in a), (a, b)

@@ -1,26 +1,21 @@
 """train.py: the whole MLKD pipeline for one task, in one command.
 
-    python train.py --task sst2
+    python train.py --task sst2            # teacher -> Stage 1 -> Stage 2 -> eval, into out/sst2
     python train.py --task general --corpus FILE --teacher_init DIR --layers 4 --hidden 192 --ffn 768
 
-Chapter 4 of mlkd. Stages (the paper's section 3, the details from the authors' scripts), each in its own
-directory under --out:
-    teacher   fine-tune the teacher (bert-base-uncased unless --teacher gives a fine-tuned one)
-    stage1    distil embeddings and Transformer layers: L_EMB + L_MHA + L_FFN, constant lr
-              (--recipe tinybert: TinyBERT's task distillation, the paper's baseline, in both stages)
-    stage2    distil the prediction layer: L_KD + L_SS + L_SC, warm-up then linear decay,
-              keeping the checkpoint with the best dev metric (selection on dev); run without
-              stage1 it starts from --student_init (the baselines: logits-only KD, gold labels)
-    eval      official dev metric of teacher and student, results.json
-    general   --task general alone: general distillation, the Stage-1 losses between a pre-trained
-              (not fine-tuned) teacher and a student on unlabeled text, as General TinyBERT was made;
-              its output is a student for --student_init
-A stage directory holds model.safetensors, config.json, vocab.txt, args.json, metrics.json and
-log.jsonl. Rerunning skips finished stages; an interrupted stage resumes from checkpoint.pt.
-Under `torchrun --nproc_per_node N train.py ...` every stage is data-parallel (PyTorch's DDP).
+Read mlkd.py first (the losses), then model.py's BertOutput (the tensors they read), then this file:
+the stages in the paper's order (section 3; details from the authors' scripts, HandH1998/tmp_bert_mlkd),
+what each minimises, the one training loop; then the machinery (flags, a stage's directory, the cache).
+--recipe tinybert runs TinyBERT's task distillation (the paper's baseline) in both stages instead.
+--task general distils a pre-trained teacher on unlabeled text with the Stage-1 losses, as General
+TinyBERT was made: its output is a student for --student_init.
+
+Each stage writes <out>/<stage>/: model.safetensors, config.json, vocab.txt, args.json, metrics.json,
+log.jsonl. A rerun skips finished stages and resumes an interrupted one from its checkpoint.pt.
+Under `torchrun --nproc_per_node N train.py ...` every stage is data-parallel.
 """
 import argparse
-import dataclasses
+import collections
 import datetime
 import functools
 import hashlib
@@ -28,125 +23,102 @@ import io
 import json
 import math
 import os
-import shutil
+import resource
 import sys
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 import eval as evaluation
 import mlkd
 from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 
-# Per task, from the authors' scripts (HandH1998/tmp_bert_mlkd): max length, Stage-1 epochs, Stage-2 epochs,
-# teacher epochs, teacher lr.
-# WNLI is not in the authors' table; it gets RTE's settings.
-TASK_DEFAULTS = {
-    "cola": (64, 50, 30, 10, 1e-5), "sst2": (64, 15, 10, 4, 2e-5), "mrpc": (128, 20, 15, 10, 2e-5),
-    "stsb": (128, 20, 15, 10, 3e-5), "rte": (128, 20, 15, 10, 2e-5), "qnli": (128, 10, 10, 10, 2e-5),
-    "mnli": (128, 6, 6, 4, 3e-5), "qqp": (128, 6, 6, 5, 2e-5), "wnli": (128, 20, 15, 10, 2e-5),
-    "squad1": (384, 4, 3, 4, 3e-5), "squad2": (384, 4, 3, 4, 3e-5),  # batch 16, stride 128, query 64
-    "general": (128, 3, 0, 0, 5e-5),  # the authors' general_distill.py: 3 epochs, lr 5e-5, 10% warm-up, 128 tokens
+# Per task, from the authors' scripts. WNLI is not in their table: it gets RTE's. SQuAD: batch 16.
+Recipe = collections.namedtuple("Recipe", "max_len epochs1 epochs2 teacher_epochs teacher_lr")
+TASKS = {
+    "cola": Recipe(max_len=64, epochs1=50, epochs2=30, teacher_epochs=10, teacher_lr=1e-5),
+    "sst2": Recipe(max_len=64, epochs1=15, epochs2=10, teacher_epochs=4, teacher_lr=2e-5),
+    "mrpc": Recipe(max_len=128, epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
+    "stsb": Recipe(max_len=128, epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=3e-5),
+    "rte": Recipe(max_len=128, epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
+    "qnli": Recipe(max_len=128, epochs1=10, epochs2=10, teacher_epochs=10, teacher_lr=2e-5),
+    "mnli": Recipe(max_len=128, epochs1=6, epochs2=6, teacher_epochs=4, teacher_lr=3e-5),
+    "qqp": Recipe(max_len=128, epochs1=6, epochs2=6, teacher_epochs=5, teacher_lr=2e-5),
+    "wnli": Recipe(max_len=128, epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
+    "squad1": Recipe(max_len=384, epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
+    "squad2": Recipe(max_len=384, epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
+    # the authors' general_distill.py: 3 epochs at lr 5e-5 (--lr1), 10% warm-up, 128 tokens
+    "general": Recipe(max_len=128, epochs1=3, epochs2=0, teacher_epochs=0, teacher_lr=5e-5),
 }
-TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D", (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
+TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D",
+            (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
 STAGES = ("teacher", "stage1", "stage2", "eval")
-HELDOUT = 1000  # general distillation scores at most this many corpus windows (1%) that it never trains on
-GROUP = 100  # --group_by_length sorts runs of this many batches (HF's LengthGroupedSampler: up to 50)
+LEAD = int(os.environ.get("RANK", 0)) == 0  # under torchrun, process 0 alone writes and evaluates
 
 
 # ----------------------------------------------------------------------------------------------
-# The method: the stages in the paper's order, what each one minimises, and the one training loop
+# The method: the stages in the paper's order and what each one minimises
 
 
 def main(argv=None):
     args = parse_args(argv)
     start_distributed(args)
-    torch.manual_seed(args.seed)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     try:
         result = general(args) if args.task == "general" else pipeline(args)
-    except Exception:
-        drop_unstarted(args.out)
+    except KeyboardInterrupt:  # Ctrl-C anywhere: say what is kept
+        dirs = {s: os.path.join(args.out, s) for s in (*STAGES[:3], "general")}
+        kept = [f"{s} ({'finished' if is_done(d) else 'checkpoint.pt'})" for s, d in dirs.items()
+                if is_done(d) or os.path.exists(os.path.join(d, "checkpoint.pt"))]
+        print(f"\ninterrupted: kept in {args.out}: {', '.join(kept) or 'nothing'}; "
+              "rerun the same command to resume", flush=True)
         raise
-    if dist.is_initialized():  # the ranks leave together: one that exits early can abort the others
+    if dist.is_initialized():  # the processes leave together: one leaving early aborts the others
         sync()
         dist.destroy_process_group()
     return result
 
 
 def pipeline(args):
-    """teacher, stage1, stage2, eval for one task (see the module docstring)."""
-    dirs = {s: os.path.join(args.out, s) for s in STAGES[:3]}
-    teacher_dir = args.teacher or dirs["teacher"]
+    """teacher -> stage1 -> stage2 -> eval for one task (see the module docstring)."""
+    out = {s: os.path.join(args.out, s) for s in STAGES}
     source = fetch(args.teacher or args.teacher_init)
+    args.vocab = os.path.join(source, "vocab.txt")
     check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
-    vocab = os.path.join(source, "vocab.txt")
-    teacher = load_teacher(args.teacher, args) if args.teacher else None  # checked before any work
-    train, evaluate = load_task(args, data.Tokenizer(vocab))
-    dev_set = dev_set_key(args)
+    if args.teacher:
+        load_teacher(args.teacher, args)  # checked before any work
+    train, evaluate = load_task(args, data.Tokenizer(args.vocab))
 
-    # Stage 0: the teacher, fine-tuned on the task's gold labels
-    if "teacher" in args.stages and not args.teacher and not finished("teacher", teacher_dir, args):
-        teacher = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task)).to(args.device)
-        record, best = fit("teacher", teacher_dir, [teacher], teacher_loss, train, args, args.teacher_epochs,
-                           args.teacher_lr, args.warmup, evaluate=lambda: evaluate(teacher),
-                           on_best=lambda _: save_model(teacher, teacher_dir, vocab, args))
-        finish(teacher_dir, {"dev": best, "dev_set": dev_set, "train": record})
-    elif "teacher" in args.stages:
-        print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}" if args.teacher
-              else f"[teacher] {teacher_dir} is finished: skipped")
-    if not args.teacher and any(s in args.stages for s in ("stage1", "stage2", "eval")):
-        if not is_done(teacher_dir):
-            sys.exit(f"error: the teacher in {teacher_dir} is not finished; run the teacher stage or pass --teacher")
-        same_settings("teacher", teacher_dir, args)
-        teacher = load_teacher(teacher_dir, args)
+    # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
+    if args.teacher and "teacher" in args.stages:
+        print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}")
+    elif begin("teacher", out["teacher"], args):
+        model = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task))
+        fit("teacher", out["teacher"], [model.to(args.device)], teacher_loss, train, args,
+            args.teacher_epochs, args.teacher_lr, args.warmup, evaluate, keep_best=True)
+    if args.stages == ["teacher"]:
+        return None
+    teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
 
     # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
-    if "stage1" in args.stages and not finished("stage1", dirs["stage1"], args):
-        record, _ = distil_layers("stage1", dirs["stage1"], teacher, train, args, vocab)
-        finish(dirs["stage1"], {"train": record})
-    elif "stage1" in args.stages:
-        print(f"[stage1] {dirs['stage1']} is finished: skipped")
+    if begin("stage1", out["stage1"], args):
+        distil_layers("stage1", out["stage1"], teacher, train, args)
 
-    # Stage 2: the prediction layer (L_KD + L_SS + L_SC), from Stage 1's student and projections; best on dev kept
-    if "stage2" in args.stages and not finished("stage2", dirs["stage2"], args):
-        student, proj = stage2_start(dirs["stage1"], teacher, args)
-        cache = None  # the teacher runs only when a distillation loss is on, and then once per example
-        if any((args.w_kd, args.w_ss, args.w_sc)) and not args.no_teacher_cache:
-            cache = teacher_cache(teacher, train, args, dirs["stage2"])
-        print("[stage2] the checkpoint with the best dev metric is kept: this is model selection on dev")
-        record, best = fit("stage2", dirs["stage2"], [student, proj], stage2_objective(teacher, proj, cache, args),
-                           train, args, args.epochs2, args.lr2, args.warmup, evaluate=lambda: evaluate(student),
-                           on_best=lambda _: save_model(student, dirs["stage2"], vocab, args))
-        finish(dirs["stage2"], {"dev": best, "dev_set": dev_set, "train": record})
-    elif "stage2" in args.stages:
-        print(f"[stage2] {dirs['stage2']} is finished: skipped")
+    # Stage 2: the prediction layer (L_KD + L_SS + L_SC), from Stage 1's student and projections;
+    # warm-up then linear decay; the checkpoint with the best dev metric is kept
+    if begin("stage2", out["stage2"], args):
+        student, proj = stage2_start(out["stage1"], teacher, args)
+        cache = teacher_cache(teacher, train, args, out["stage2"])  # the teacher's targets, once
+        loss_fn = functools.partial(stage2_objective, teacher=teacher, proj=proj, cache=cache, args=args)
+        print("[stage2] the checkpoint with the best dev metric is kept: model selection on dev")
+        fit("stage2", out["stage2"], [student, proj], loss_fn, train, args, args.epochs2, args.lr2,
+            args.warmup, evaluate, keep_best=True)
 
-    if "eval" in args.stages and lead():
-        if not is_done(dirs["stage2"]):
-            sys.exit(f"error: no finished student in {dirs['stage2']}")
-        return report(args, teacher, teacher_dir, dirs["stage2"], evaluate, dev_set)
-
-
-def stage2_start(stage1_dir, teacher, args):
-    """Stage 2's student and projections: Stage 1's, or, for a baseline run without Stage 1 (logits-only KD,
-    gold labels), a student per --student_init with fresh projections."""
-    if is_done(stage1_dir):
-        same_settings("stage1", stage1_dir, args)
-        student = Bert.from_pretrained(stage1_dir, verbose=False).to(args.device)
-    elif "stage1" not in args.stages:
-        print(f"[stage2] no finished Stage 1 in {stage1_dir}: starting from --student_init {args.student_init}")
-        student = build_student(args, teacher).to(args.device)
-    else:
-        sys.exit(f"error: Stage 1 in {stage1_dir} is not finished")
-    c = student.config
-    proj = mlkd.Projections(c.num_hidden_layers, c.hidden_size, teacher.config.hidden_size, args.proj_init)
-    if is_done(stage1_dir):
-        proj.load_state_dict(read_safetensors(os.path.join(stage1_dir, "projections.safetensors")))
-    return student, proj.to(args.device)
+    if "eval" in args.stages and LEAD:
+        return report(args, teacher, out, evaluate)
 
 
 def task_loss(logits, labels):
@@ -159,181 +131,216 @@ def task_loss(logits, labels):
 
 
 def teacher_loss(model, batch):
-    ce = task_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits, batch["labels"])
+    """The teacher's fine-tuning loss on the gold labels -> (loss, parts)."""
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    ce = task_loss(out.logits, batch["labels"])
     return ce, {"ce": ce}
 
 
-def stage1_objective(teacher, proj, lmap, args):
-    """loss_fn(model, batch) of Stage 1 and of general distillation: mlkd.stage1_loss (or, with --recipe
-    tinybert, mlkd.tinybert_stage1_loss) against the frozen teacher."""
-    weights, tiny = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}, args.recipe == "tinybert"
+def stage1_objective(model, batch, teacher, proj, lmap, args):
+    """Stage 1 and general distillation -> (loss, parts): mlkd.stage1_loss against the frozen teacher
+    (--recipe tinybert: TinyBERT's attention-score and hidden-state MSE, mlkd.tinybert_stage1_loss)."""
+    inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    tiny = args.recipe == "tinybert"
+    with torch.no_grad():
+        t = teacher(*inputs, scores=tiny)
+    mask = None if args.paper_exact else batch["attention_mask"]  # the authors' losses are unmasked
+    if tiny:
+        return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, mask, lmap)
+    weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
+    return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits,
+                            args.mha_temperature)
 
-    def loss_fn(model, batch):
-        inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-        with torch.no_grad():
-            t = teacher(*inputs, scores=tiny)
-        mask = None if args.paper_exact else batch["attention_mask"]
-        if tiny:  # the baseline: attention scores and hidden states, MSE
-            return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, mask, lmap)
-        return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits, args.mha_temperature)
-    return loss_fn
 
-
-def stage2_objective(teacher, proj, cache, args):
-    """loss_fn(model, batch) of Stage 2: mlkd.stage2_loss against the teacher's targets (its cached rows, or a
-    live forward without a cache), plus --w_ce times the gold-label loss (not MLKD: the fine-tuning baseline)."""
+def stage2_objective(model, batch, teacher, proj, cache, args):
+    """Stage 2 -> (loss, parts): mlkd.stage2_loss against the teacher's targets (the cache's rows of
+    the batch, or a live forward), plus --w_ce times the gold-label loss (0 in MLKD; a baseline's)."""
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
-
-    def loss_fn(model, batch):
-        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-        total, parts = 0.0, {}
-        if any(weights.values()):
-            total, parts = mlkd.stage2_loss(out, mlkd.stage2_targets(batch, teacher, cache), proj, batch["labels"],
-                                            weights, args.temperature, args.tau)
-        if args.w_ce:
-            parts["ce"] = task_loss(out.logits, batch["labels"])
-            total = total + args.w_ce * parts["ce"]
-        return total, parts
-    return loss_fn
+    total, parts = 0.0, {}
+    if any(weights.values()):
+        targets = mlkd.stage2_targets(batch, teacher, cache)
+        total, parts = mlkd.stage2_loss(out, targets, proj, batch["labels"], weights, args.temperature,
+                                        args.tau)
+    if args.w_ce:
+        parts["ce"] = task_loss(out.logits, batch["labels"])
+        total = total + args.w_ce * parts["ce"]
+    return total, parts
 
 
-def distil_layers(stage, directory, teacher, train, args, vocab, heldout=None):
-    """Stage 1 (constant lr), or general distillation (warm-up then decay; the held-out windows scored at
-    the start and every epoch): the student per --student_init learns the teacher's embeddings and
-    layers. Saves the student and its projections W_0..W_M. Returns (last log record, held-out at start)."""
+def distil_layers(stage, directory, teacher, train, args, heldout=None):
+    """Stage 1 (constant lr), or general distillation (warm-up then decay; scored on `heldout`): the
+    student per --student_init learns the teacher's embeddings and layers through the projections
+    W_0..W_M. Saves both and marks the stage finished; returns the held-out losses at the start."""
     student = build_student(args, teacher).to(args.device)
-    M, N = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-    lmap = mlkd.layer_map(N, M, args.layer_map)
-    print(f"[{stage}] layer map student -> teacher: {lmap} (0 = embeddings); student {M} x "
-          f"{student.config.hidden_size}, {student.config.num_attention_heads} heads, "
+    c = student.config
+    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, c.num_hidden_layers, args.layer_map)
+    print(f"[{stage}] layer map student -> teacher: {lmap} (0 = embeddings); student "
+          f"{c.num_hidden_layers} x {c.hidden_size}, {c.num_attention_heads} heads, "
           f"{student.num_parameters() / 1e6:.1f}M parameters")
-    proj = mlkd.Projections(M, student.config.hidden_size, teacher.config.hidden_size, args.proj_init).to(args.device)
+    proj = mlkd.Projections(c.num_hidden_layers, c.hidden_size, teacher.config.hidden_size,
+                            args.proj_init).to(args.device)
     saved = os.path.join(args.student_init, "projections.safetensors")
-    if stage == "general" and os.path.isfile(saved):  # continuing a general student: its projections too
-        state = read_safetensors(saved)
-        if {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in proj.state_dict().items()}:
-            proj.load_state_dict(state)
-            print(f"[{stage}] projections from {saved}")
-    loss_fn = stage1_objective(teacher, proj, lmap, args)
-    evaluate, start = None, None
-    if heldout is not None:
-        evaluate = functools.partial(heldout_losses, student, loss_fn, heldout, args.eval_batch_size,
-                                     args.device)
-        start = evaluate()
+    if stage == "general" and os.path.isfile(saved):  # continuing a general student: its W_m too
+        proj.load_state_dict(read_safetensors(saved))
+    loss_fn = functools.partial(stage1_objective, teacher=teacher, proj=proj, lmap=lmap, args=args)
+    evaluate = heldout and functools.partial(heldout_losses, loss_fn=loss_fn, heldout=heldout, args=args)
+    start = evaluate and evaluate(student)
+    if start:
         print(f"[{stage}] held-out at step 0: " + evaluation.format_metrics(start, 4))
-    warmup = args.warmup if stage == "general" else None  # Stage 1 at a constant lr, as the authors ran it
-    record, _ = fit(stage, directory, [student, proj], loss_fn, train, args, args.epochs1, args.lr1, warmup, evaluate)
-    save_model(student, directory, vocab, args)
-    if lead():
+    warmup = args.warmup if stage == "general" else None  # Stage 1: a constant lr, as the authors ran it
+    record, _ = fit(stage, directory, [student, proj], loss_fn, train, args, args.epochs1, args.lr1,
+                    warmup, evaluate)
+    save_model(student, directory, args)
+    if LEAD:
         write_safetensors(proj.state_dict(), os.path.join(directory, "projections.safetensors"))
-    return record, start
+    finish(directory, {"train": record})
+    return start
+
+
+def stage2_start(stage1_dir, teacher, args):
+    """Stage 2's student and projections: Stage 1's; for a baseline run without Stage 1 (logits-only
+    KD, gold labels), the student of --student_init with fresh projections."""
+    if is_done(stage1_dir):
+        same_settings("stage1", stage1_dir, args)
+        student = Bert.from_pretrained(stage1_dir, verbose=False)
+    elif "stage1" not in args.stages:
+        print(f"[stage2] no finished Stage 1 in {stage1_dir}: from --student_init {args.student_init}")
+        student = build_student(args, teacher)
+    else:
+        raise ValueError(f"Stage 1 in {stage1_dir} is not finished")
+    c = student.config
+    proj = mlkd.Projections(c.num_hidden_layers, c.hidden_size, teacher.config.hidden_size,
+                            args.proj_init)
+    if is_done(stage1_dir):
+        proj.load_state_dict(read_safetensors(os.path.join(stage1_dir, "projections.safetensors")))
+    return student.to(args.device), proj.to(args.device)
 
 
 def general(args):
-    """--task general: general distillation on unlabeled text; writes <out>/general, a student for --student_init."""
-    directory = os.path.join(args.out, "general")
-    source = fetch(args.teacher_init)
+    """--task general: general distillation on unlabeled text, into <out>/general."""
+    directory, source = os.path.join(args.out, "general"), fetch(args.teacher_init)
+    args.vocab = os.path.join(source, "vocab.txt")
     check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
-    if finished("general", directory, args):
-        print(f"[general] {directory} is finished: skipped")
-        return json.load(open(os.path.join(directory, "metrics.json")))
-    vocab = os.path.join(source, "vocab.txt")
+    if not begin("general", directory, args):
+        return json.loads(data.read_text(os.path.join(directory, "metrics.json")))
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
-    windows = data.corpus_windows(data.read_corpus(args.corpus.split(",")), data.Tokenizer(vocab), args.max_len)
+    documents = data.read_corpus(args.corpus.split(","))
+    windows = data.corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
     n = len(windows["lengths"])
     if n < 2:
-        raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs at least 2")
+        raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-    k = min(HELDOUT, max(1, n // 100))  # windows the training never sees
-    heldout = {key: v[order[:k]] for key, v in windows.items()}
-    train = {key: v[order[k:]] for key, v in windows.items()}
-    corpus = dict(files=args.corpus, windows=n, heldout_windows=k, word_pieces=int(windows["lengths"].sum() - 2 * n))
-    print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {corpus['word_pieces']:,} word pieces; "
-          f"{k} window{'s' * (k != 1)} held out; teacher {source} (pre-trained)")
-    record, start = distil_layers("general", directory, teacher, train, args, vocab, heldout)
-    if not lead():
-        return finish(directory, {})
+    k = min(1000, max(1, n // 100))  # held out, never trained on: 1% of the windows, at most 1000
+    heldout, train = ({key: v[rows] for key, v in windows.items()} for rows in (order[:k], order[k:]))
+    print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {k} held out")
+    start = distil_layers("general", directory, teacher, train, args, heldout)
+    metrics = json.loads(data.read_text(os.path.join(directory, "metrics.json")))
     logged = map(json.loads, open(os.path.join(directory, "log.jsonl")))
     curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]} for r in logged if "dev" in r]
-    finish(directory, {"corpus": corpus, "heldout": curve, "train": record})
-    print("[general] held-out losses, start -> end: " + ", ".join(f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}"
-          for key in start if key != "windows") + f"; the student: --student_init {directory}")
+    corpus = {"files": args.corpus, "windows": n, "heldout_windows": k}
+    finish(directory, {**metrics, "corpus": corpus, "heldout": curve})
+    print("[general] held-out losses, start -> end: " + ", ".join(
+        f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
     return {"corpus": corpus, "heldout": curve}
 
 
-def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, evaluate=None, on_best=None):
-    """Train `modules` (the first is the model) on loss_fn(model, batch) -> (loss, parts) with AdamW.
+@torch.no_grad()
+def heldout_losses(student, loss_fn, heldout, args):
+    """Each Stage-1 loss and their weighted sum, averaged over the held-out windows (eval mode)."""
+    student.eval()
+    sums, n = collections.Counter(), 0
+    for b in data.batches(heldout, args.eval_batch_size):
+        b = {k: v.to(args.device) for k, v in b.items()}
+        with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
+            total, parts = loss_fn(student, b)
+        sums.update({k: float(v) * len(b["index"]) for k, v in {**parts, "loss": total}.items()})
+        n += len(b["index"])
+    return {**{k: v / n for k, v in sums.items()}, "windows": n}
 
-    Schedule: linear warm-up over a fraction `warmup` of the steps, then linear decay to 0; a constant lr when
-    warmup is None. With `evaluate` (-> metrics, higher is better for args.metric) the dev metric is checked
-    every --eval_steps and at every epoch end, and on_best(metrics) saves the best. A checkpoint every
-    --save_steps; a rerun resumes from it. Returns the last log record and the best dev metrics (or None).
-    """
-    per_epoch = math.ceil(len(train["input_ids"]) / args.batch_size)
+
+# ----------------------------------------------------------------------------------------------
+# The one training loop
+
+
+def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, evaluate=None,
+        keep_best=False):
+    """Train `modules` (the first is the model) on loss_fn(model, batch) -> (loss, parts) with AdamW;
+    returns (the last log record, the best dev metrics or None).
+
+    The lr: linear warm-up over a fraction `warmup` of the steps, then linear decay to 0; constant when
+    warmup is None. `evaluate` (-> metrics, higher is better on args.metric) runs every --eval_steps
+    and at each epoch's end; keep_best saves the best model and then marks the stage finished.
+    A checkpoint every --save_steps; a rerun resumes from it."""
+    model, per_epoch = modules[0], math.ceil(len(train["input_ids"]) / args.batch_size)
     planned = max(1, math.ceil(epochs * per_epoch))
     total = min(planned, args.max_steps or planned)
-    optimizer = torch.optim.AdamW(param_groups(modules, args.weight_decay), lr=lr, fused=True)  # fused: one kernel
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, LNs
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
     warm = int(warmup * total) if warmup is not None else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, warm, total, warmup is None))
-    step, best, best_metrics = resume(stage, directory, modules, optimizer, scheduler, total, args)
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    step_loss = one_step_loss(stage, modules, loss_fn, args)  # batch -> (loss, parts)
-    log = Log(stage, directory, step, total, planned, per_epoch, len(train["input_ids"]), args)
-    log.announce(lr, "constant lr" if warmup is None else f"warm-up {warm} steps then linear decay")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
-    try:
-        for epoch, batch in training_batches(train, args, step, per_epoch, total):
-            batch, weight, rows = this_process_rows(batch, stage, args)  # one process: the batch, 1.0, its size
-            modules[0].train()
-            with autocast:
-                loss, parts = step_loss(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {floats(parts)}, "
-                                         f"batch rows {batch['index'].tolist()}")
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
-            log.trained(step, epoch, parts, optimizer.param_groups[0]["lr"], rows)  # the lr this step used
-            scheduler.step()
-            if evaluate and lead() and (step % per_epoch == 0 or step == total or
-                                        (args.eval_steps and step % args.eval_steps == 0)):
-                metrics, improved = log.evaluated(step, evaluate, on_best is not None, best)
-                if improved:
-                    best, best_metrics = metrics[args.metric], metrics
-                    on_best(metrics)
-            if step % args.save_steps == 0 and step < total and lead():
-                log.saved_step = save_checkpoint(directory, modules, optimizer, scheduler, step, best, best_metrics)
-    except KeyboardInterrupt:
-        log.interrupted(step)
-        raise
-    return log.done(), best_metrics
-
-
-def param_groups(modules, weight_decay):
-    """AdamW groups: weight decay except on biases and LayerNorm weights (1-d tensors)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, warm=warm, total=total, constant=warmup is None))
+    step, best = resume(stage, directory, modules, optimizer, scheduler, args)
+    log = Log(stage, directory, step, total, args)
+    per_process = f" ({math.ceil(args.batch_size / dist.get_world_size())} per process)" \
+        if dist.is_initialized() else ""
+    print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}{per_process}, {total} steps "
+          f"({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)}), lr {lr:g}, "
+          + ("constant lr" if warmup is None else f"warm-up {warm} steps then linear decay"))
+    forward = torch.compile(model) if args.compile else model
+    for epoch, batch in training_batches(train, args, step, per_epoch, total):
+        rows, weight = len(batch["index"]), 1.0
+        if dist.is_initialized():  # data-parallel: this process's rows and their share of the loss
+            batch, weight = shard(batch, by_tokens=stage in ("stage1", "general") and not args.paper_exact)
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        model.train()
+        with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
+            loss, parts = loss_fn(forward, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {floats(parts)}, "
+                                     f"batch rows {batch['index'].tolist()}")
+        optimizer.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        if dist.is_initialized():  # the mean of the processes' gradients (Stage 1 leaves the head unused)
+            for grad in (p.grad for p in params if p.grad is not None):
+                dist.all_reduce(grad)
+                grad /= dist.get_world_size()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        log.trained(step, epoch, parts, optimizer.param_groups[0]["lr"], rows)  # the lr it used
+        scheduler.step()
+        due = step % per_epoch == 0 or step == total or args.eval_steps and step % args.eval_steps == 0
+        if evaluate and LEAD and due:
+            metrics, improved = log.evaluated(step, functools.partial(evaluate, model), best, keep_best)
+            if improved:
+                best = metrics
+                save_model(model, directory, args)
+        if step % args.save_steps == 0 and step < total and LEAD:
+            save_checkpoint(directory, modules, optimizer, scheduler, step, best)
+    record = log.done()
+    if keep_best:
+        finish(directory, {"dev": best, "dev_set": dev_set_key(args), "train": record})
+    return record, best
 
 
 def lr_factor(step, warm, total, constant):
-    """The lr of step `step` (0-based) over the base lr: 1 when constant, else linear warm-up then decay to 0."""
+    """The lr of step `step` (from 0) over the base lr: 1 when constant, else warm-up then decay to 0."""
     if constant:
         return 1.0
     return (step + 1) / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
 
 
 def training_batches(train, args, step, per_epoch, total):
-    """(epoch, batch) from step `step` until `total`: each epoch shuffled by a seed of its own, so that a resumed
-    run sees the same batches in the same order (length-grouped ones too, with --group_by_length)."""
-    group = GROUP if args.group_by_length else 0
+    """(epoch, batch) from step `step` until `total`: each epoch shuffled by a seed of its own, so that
+    a resumed run sees the same batches in the same order (length-grouped ones too)."""
     while step < total:
         epoch = step // per_epoch
-        gen = torch.Generator().manual_seed(args.seed + epoch)
-        for batch in data.batches(train, args.batch_size, shuffle=True, generator=gen,
-                                  fixed_padding=args.paper_exact, start=step % per_epoch, group_by_length=group):
+        for batch in data.batches(train, args.batch_size, shuffle=True, start=step % per_epoch,
+                                  generator=torch.Generator().manual_seed(args.seed + epoch),
+                                  fixed_padding=args.paper_exact, group_by_length=100 * args.group_by_length):
             yield epoch, batch
             step += 1
             if step >= total:
@@ -341,255 +348,210 @@ def training_batches(train, args, step, per_epoch, total):
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery. A reader of the method may stop here: flags and their checks, models and data, the
-# teacher cache, resume and logging, torchrun.
+# Machinery: the flags and their checks; the models and the task's data; a stage's directory
+# (settings, resume, the log); the Stage-2 teacher cache; the eval stage's report; torchrun.
+
+
+def finite(text):
+    """The type of the float flags: a finite number (nan and inf are refused, naming the flag)."""
+    if not math.isfinite(float(text)):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return float(text)
+
+
+# The flags as --help groups them: (name, type, default, help); a bool flag is a switch. The per-task
+# settings (None here) come from TASKS.
+FLAGS = [
+    "task and files",
+    ("task", str, None, "one of " + ", ".join(TASKS)),
+    ("data_dir", str, os.environ.get("MLKD_DATA", "data"), "holds glue/<TASK>/*.tsv and squad/*.json; "
+     "missing files are downloaded there (default: data or $MLKD_DATA)"),
+    ("out", str, None, "output directory (default: out/<task>)"),
+    ("train_file", str, None, "SQuAD training JSON(s), comma-separated (default: in <data_dir>/squad)"),
+    ("dev_file", str, None, "SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or -v2.0)"),
+    ("corpus", str, None, "--task general: unlabeled text files, comma-separated (python data.py corpus)"),
+    ("stages", str, None, "comma-separated subset of " + ",".join(STAGES) + " (default: all)"),
+    ("allow_partial", bool, False, "score on a dev file with fewer or more rows than the official one"),
+    "teacher",
+    ("teacher", str, None, "directory of an already fine-tuned teacher: skips the teacher stage"),
+    ("teacher_init", str, "google-bert/bert-base-uncased", "pre-trained weights: hub name or directory"),
+    ("teacher_epochs", finite, None, "teacher epochs"),
+    ("teacher_lr", finite, None, "teacher learning rate"),
+    "student",
+    ("student_init", str, None, "tinybert: General TinyBERT (the paper; default for tasks); DIR: a model "
+     "directory's embeddings and layers g(1..M); teacher-layers: the same from the teacher "
+     "(DistilBERT's init); random (default for --task general)"),
+    ("layers", int, None, "student layers M (default: 4 for tinybert, else DIR's or half the teacher's)"),
+    ("hidden", int, None, "student width (default: 312 for tinybert, else the teacher's)"),
+    ("heads", int, None, "student attention heads (any divisor of the width)"),
+    ("ffn", int, None, "student FFN width"),
+    "distillation",
+    ("splits", int, 12, "MHA-splits A for L_MHA (must divide both widths)"),
+    ("layer_map", str, "uniform", "uniform, last, or the teacher layer of each student layer: 3,6,9,12"),
+    *((f"w_{w}", finite, 1.0, f"weight of L_{w.upper()} (0 switches it off)")
+      for w in ("emb", "mha", "ffn", "kd", "ss", "sc")),
+    ("proj_init", ["normal", "identity"], "normal", "W_m init: N(0, 0.02) (the authors') or identity"),
+    ("w_ce", finite, 0.0, "weight of the gold-label loss in Stage 2 (0 in MLKD; a baseline's)"),
+    ("temperature", finite, 1.0, "L_KD temperature"),
+    ("mha_temperature", finite, 1.0, "L_MHA relation temperature; not 1 is NOT the paper's method"),
+    ("tau", finite, 0.07, "L_SC temperature"),
+    ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's task distillation, the paper's "
+     "baseline (Stage 1 MSE of attention scores and hidden states, Stage 2 L_KD alone)"),
+    ("paper_exact", bool, False, "the authors' behaviour: batches padded to max length, losses unmasked"),
+    ("group_by_length", bool, False, "batches of similar lengths (runs of 100 batches sorted): less "
+     "padding, the same masked losses; L_SS and L_SC then relate samples of similar length"),
+    "optimisation",
+    ("epochs1", finite, None, "Stage-1 epochs"),
+    ("epochs2", finite, None, "Stage-2 epochs"),
+    ("lr1", finite, 5e-5, "Stage-1 learning rate"),
+    ("lr2", finite, 5e-5, "Stage-2 learning rate"),
+    ("batch_size", int, None, "default 32 (16 for SQuAD); under torchrun the global batch"),
+    ("max_len", int, None, "word pieces per example (default: the task's)"),
+    ("warmup", finite, 0.1, "warm-up fraction of the steps (teacher, Stage 2, general)"),
+    ("weight_decay", finite, 0.01, "AdamW weight decay (not on biases and LayerNorm weights)"),
+    ("seed", int, 42, "each stage draws from its own generator, seeded by --seed and its name"),
+    ("max_steps", int, None, "cap the steps of every stage (quick runs)"),
+    ("train_subset", int, None, "train on this many examples, the same for every --seed"),
+    ("eval_steps", int, None, "evaluate on dev every N steps (default: every epoch)"),
+    ("save_steps", int, 200, "write a resumable checkpoint every N steps"),
+    ("log_steps", int, 50, "progress line every N steps"),
+    ("eval_batch_size", int, 128, "batch size of evaluation and of the teacher cache"),
+    ("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N"),
+    ("compile", bool, False, "torch.compile the trained model"),
+    ("no_teacher_cache", bool, False, "run the teacher on every Stage-2 step, not once per example"),
+]
+
+
+def refuse(message):
+    """A flag error: one line on stderr (argparse's usage block is in --help), exit status 2."""
+    if LEAD:  # under torchrun every process parses the same flags: one of them says why
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("task and files")
-    g.add_argument("--task", required=True, help=f"one of {', '.join(TASK_DEFAULTS)}")
-    g.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"),
-                   help="holds glue/<TASK>/*.tsv; missing files are downloaded there (default: data or $MLKD_DATA)")
-    g.add_argument("--out", help="output directory (default: out/<task>)")
-    g.add_argument("--train_file", help="SQuAD training JSON, or several joined by commas "
-                                        "(default: <data_dir>/squad/train-v1.1.json or -v2.0)")
-    g.add_argument("--dev_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or -v2.0)")
-    g.add_argument("--corpus", help="--task general: unlabeled text files joined by commas, one sentence or paragraph "
-                                    "per line, blank lines between documents (python data.py corpus writes one)")
-    g.add_argument("--stages", help="comma-separated subset of " + ",".join(STAGES) + " (default: all)")
-    g.add_argument("--allow_partial", action="store_true",
-                   help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", help="directory of an already fine-tuned teacher: skips the teacher stage")
-    g.add_argument("--teacher_init", default="google-bert/bert-base-uncased",
-                   help="pre-trained weights the teacher is fine-tuned from (hub name or directory)")
-    g.add_argument("--teacher_epochs", type=float)
-    g.add_argument("--teacher_lr", type=float)
-    g = p.add_argument_group("student")
-    g.add_argument("--student_init",
-                   help="tinybert: General TinyBERT of the student's shape, downloaded (the paper; default for "
-                        "tasks). DIR: a model directory (e.g. a general student): its embeddings and its layers "
-                        "g(1..M) of --layer_map, all of them when it has M; its widths. teacher-layers: the same "
-                        "from the task's teacher (DistilBERT's init; it has seen the task). random: BERT's init "
-                        "(default for --task general)")
-    g.add_argument("--layers", type=int, help="student layers M (default: 4 for tinybert, a directory's own count, "
-                                              "else half the teacher's)")
-    g.add_argument("--hidden", type=int, help="student width (default: 312 for tinybert, else the teacher's)")
-    g.add_argument("--heads", type=int, help="student attention heads (any divisor of the width)")
-    g.add_argument("--ffn", type=int, help="student FFN width")
-    g = p.add_argument_group("distillation")
-    g.add_argument("--splits", type=int, default=12, help="MHA-splits A for L_MHA (must divide both widths)")
-    g.add_argument("--layer_map", default="uniform",
-                   help="uniform, last, or teacher layers per student layer: 3,6,9,12")
-    for w in ("emb", "mha", "ffn", "kd", "ss", "sc"):
-        g.add_argument(f"--w_{w}", type=float, default=1.0, help=f"weight of L_{w.upper()} (0 switches it off)")
-    g.add_argument("--proj_init", default="normal", choices=["normal", "identity"],
-                   help="init of the projections W_m: normal N(0, 0.02) (authors) or identity (equal widths only)")
-    g.add_argument("--w_ce", type=float, default=0.0,
-                   help="weight of the gold-label loss in Stage 2 (0 in MLKD; for the fine-tuning baseline)")
-    g.add_argument("--temperature", type=float, default=1.0, help="L_KD temperature")
-    g.add_argument("--mha_temperature", type=float, default=1.0,
-                   help="divide L_MHA's relation logits (teacher and student) by this; 1 is the paper's loss, any "
-                        "other value is NOT the paper's method (an experiment: < 1 sharpens nearly uniform relations)")
-    g.add_argument("--tau", type=float, default=0.07, help="L_SC temperature")
-    g.add_argument("--recipe", default="mlkd", choices=["mlkd", "tinybert"],
-                   help="tinybert: TinyBERT's task distillation, the paper's baseline: Stage 1 MSE of attention scores "
-                        "(equal head counts) and projected hidden states, Stage 2 L_KD alone")
-    g.add_argument("--paper_exact", action="store_true",
-                   help="the authors' behaviour: pad every batch to max length, relation losses unmasked")
-    g.add_argument("--group_by_length", action="store_true",
-                   help=f"batches of similar lengths: each run of {GROUP} shuffled batches is sorted by length, then "
-                        "its batches shuffled; far less padding (SST-2: 3.0x -> 1.02x positions per real token), the "
-                        "same masked losses per example, but L_SS and L_SC then relate samples of similar length "
-                        "(ignored with --paper_exact)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs1", type=float, help="Stage-1 epochs")
-    g.add_argument("--epochs2", type=float, help="Stage-2 epochs")
-    g.add_argument("--lr1", type=float, default=5e-5)
-    g.add_argument("--lr2", type=float, default=5e-5)
-    g.add_argument("--batch_size", type=int, help="default 32 (16 for SQuAD); under torchrun the global batch, "
-                                                  "split across the processes")
-    g.add_argument("--max_len", type=int)
-    g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction (teacher and Stage 2)")
-    g.add_argument("--weight_decay", type=float, default=0.01)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--max_steps", type=int, help="cap the steps of every stage (quick runs)")
-    g.add_argument("--train_subset", type=int,
-                   help="train on a random subset of this many examples, the same for every --seed")
-    g.add_argument("--eval_steps", type=int, help="evaluate on dev every N steps (default: every epoch)")
-    g.add_argument("--save_steps", type=int, default=200, help="write a resumable checkpoint every N steps")
-    g.add_argument("--log_steps", type=int, default=50, help="progress line every N steps")
-    g.add_argument("--eval_batch_size", type=int, default=128)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
-    g.add_argument("--no_teacher_cache", action="store_true",
-                   help="run the teacher on every Stage-2 step instead of once per example (slower; for checking)")
-    if int(os.environ.get("RANK", 0)):  # under torchrun every process parses the same flags: one of them says why
-        p.error = lambda message: sys.exit(2)
+    p.error = refuse
+    for flag in FLAGS:
+        if isinstance(flag, str):
+            group = p.add_argument_group(flag)
+        elif flag[1] is bool:
+            group.add_argument(f"--{flag[0]}", action="store_true", help=flag[3])
+        else:
+            choices = flag[1] if isinstance(flag[1], list) else None
+            group.add_argument(f"--{flag[0]}", type=str if choices else flag[1], default=flag[2],
+                               choices=choices, help=flag[3], required=flag[0] == "task")
     args = p.parse_args(argv)
-
-    if args.task not in TASK_DEFAULTS:
-        p.error(f"--task {args.task!r}: unknown; choose one of {', '.join(TASK_DEFAULTS)}")
-    squad = args.task.startswith("squad")
-    if squad or args.recipe == "tinybert":  # Stage 2 = L_KD alone: TinyBERT's recipe, and the authors' SQuAD runs
+    if args.task not in TASKS:
+        refuse(f"--task {args.task!r}: unknown; choose one of {', '.join(TASKS)}")
+    for name, value in TASKS[args.task]._asdict().items():
+        value = value if getattr(args, name) is None else getattr(args, name)
+        setattr(args, name, value if name == "max_len" else float(value))  # 15.0, as --epochs1 15 gives
+    general, squad = args.task == "general", args.task.startswith("squad")
+    if squad or args.recipe == "tinybert":  # Stage 2 = L_KD alone: TinyBERT's, the authors' SQuAD runs
         args.w_ss = args.w_sc = 0.0
-    args.metric = "f1" if squad else "loss" if args.task == "general" else "acc_m" if args.task == "mnli" \
-        else data.TASKS[args.task].metric
-    general = args.task == "general"
+    args.metric = ("f1" if squad else "loss" if general else "acc_m" if args.task == "mnli"
+                   else data.TASKS[args.task].metric)
     args.student_init = args.student_init or ("random" if general else "tinybert")
-    args.stages = args.stages or ("general" if general else ",".join(STAGES))
-    corpus = [f for f in (args.corpus or "").split(",") if f]
-    for bad, msg in ((general and args.stages != "general", "--task general runs one stage: --stages does not apply"),
-                     (general and args.teacher, "--task general distils a pre-trained model: use --teacher_init"),
-                     (general and not corpus, "--task general needs --corpus FILE[,FILE...] (python data.py corpus)"),
-                     *((not os.path.isfile(f), f"--corpus {f}: no such file") for f in corpus)):
-        if bad:
-            p.error(msg)
-    defaults = zip(("max_len", "epochs1", "epochs2", "teacher_epochs", "teacher_lr"), TASK_DEFAULTS[args.task])
-    for name, value in defaults:
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.batch_size is None:
-        args.batch_size = 16 if args.task.startswith("squad") else 32
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not general and (not args.stages or any(s not in STAGES for s in args.stages)):
-        p.error(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
-    for name in ("batch_size", "max_len", "splits", "save_steps", "log_steps", "eval_batch_size",
-                 "layers", "hidden", "heads", "ffn", "max_steps", "train_subset", "eval_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("epochs1", "epochs2", "teacher_epochs", "weight_decay"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    args.batch_size = args.batch_size or (16 if squad else 32)
+    args.out = args.out or os.path.join("out", args.task)
+    for name in ("data_dir", "out", "train_file", "dev_file", "corpus", "teacher", "teacher_init",
+                 "student_init"):  # paths are kept absolute: args.json then holds from any folder
+        value = getattr(args, name)
+        local = value not in (None, "tinybert", "teacher-layers", "random") and all(
+            os.path.exists(f) for f in value.split(","))
+        if local or name in ("data_dir", "out"):
+            setattr(args, name, ",".join(os.path.abspath(f) for f in value.split(",")))
+    stages = args.stages or ("general" if general else ",".join(STAGES))
+    args.stages = [s.strip() for s in stages.split(",") if s.strip()]
+    try:
+        check_flags(args)
+    except ValueError as e:
+        refuse(str(e))
+    return args
+
+
+def check_flags(args):
+    """Refuse, before any work, the flags that cannot work: a ValueError naming the flag."""
+    corpus, world = [f for f in (args.corpus or "").split(",") if f], int(os.environ.get("WORLD_SIZE", 1))
+    general = args.task == "general"
     pairs = args.task.startswith("squad") or args.task in data.TASKS and data.TASKS[args.task].b is not None
-    shortest = 5 if pairs else 3  # [CLS] a [SEP] (b [SEP]): one word piece of each text at least
-    named = args.student_init in ("tinybert", "teacher-layers", "random")
-    for bad, msg in ((not 0 <= args.warmup < 1, f"--warmup must be a fraction in [0, 1), got {args.warmup}"),
-                     (not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)),
-                      "Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0"),
-                     (args.max_len > 512, f"--max_len {args.max_len}: BERT has 512 positions"),
-                     (args.max_len < shortest, f"--max_len {args.max_len}: {args.task} needs at least {shortest} "
-                      f"positions (one word piece of {'each text' if pairs else 'text'} and the special tokens)"),
-                     (args.teacher and not os.path.isdir(args.teacher), f"--teacher {args.teacher}: no such directory"),
-                     (not named and not os.path.isdir(args.student_init),
-                      f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory")):
+    shortest = 5 if pairs else 3  # [CLS] a [SEP] (b [SEP]): a word piece of each text at least
+    parent = args.out  # the existing folder --out will be made in
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    for bad, message in (
+            *((getattr(args, f) is not None and getattr(args, f) < 1, f"--{f} must be at least 1, got "
+               f"{getattr(args, f)}") for f in ("batch_size", "max_len", "splits", "save_steps",
+               "log_steps", "eval_batch_size", "layers", "hidden", "heads", "ffn", "max_steps",
+               "train_subset", "eval_steps")),
+            *((getattr(args, f) <= 0, f"--{f} must be positive, got {getattr(args, f)}")
+              for f in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau")),
+            *((getattr(args, f) < 0, f"--{f} must be >= 0, got {getattr(args, f)}")
+              for f in ("epochs1", "epochs2", "teacher_epochs", "weight_decay")),
+            (not 0 <= args.warmup < 1, f"--warmup must be a fraction in [0, 1), got {args.warmup}"),
+            (general and args.stages != ["general"], "--task general runs one stage: no --stages"),
+            (general and args.teacher, "--task general distils a pre-trained model: use --teacher_init"),
+            (general and not corpus, "--task general needs --corpus FILE[,FILE...] (python data.py corpus)"),
+            *((not os.path.isfile(f), f"--corpus {f}: no such file") for f in corpus),
+            (not general and (not args.stages or set(args.stages) - set(STAGES)),
+             f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}"),
+            (not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)),
+             "Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0"),
+            (args.max_len > 512, f"--max_len {args.max_len}: BERT has 512 positions"),
+            (args.max_len < shortest, f"--max_len {args.max_len}: {args.task} needs at least {shortest} "
+             f"positions (one word piece of {'each text' if pairs else 'text'} and the special tokens)"),
+            (args.teacher and not os.path.isdir(args.teacher), f"--teacher {args.teacher}: no such directory"),
+            (args.student_init not in ("tinybert", "teacher-layers", "random")
+             and not os.path.isdir(args.student_init),
+             f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a directory"),
+            ((args.w_ss or args.w_sc) and "stage2" in args.stages and math.ceil(args.batch_size / world) < 2,
+             f"--batch_size {args.batch_size}: L_SS and L_SC relate the samples of a batch and are 0 with one "
+             f"sample per process; use --batch_size {2 * world} or more, or --w_ss 0 --w_sc 0"),
+            (not os.access(parent, os.W_OK),
+             f"--out {args.out}: {parent} is not writable; choose an --out you can write to")):
         if bad:
-            p.error(msg)
+            raise ValueError(message)
     if args.layer_map not in ("uniform", "last"):
         try:
             args.layer_map = [int(x) for x in args.layer_map.split(",")]
         except ValueError:
-            p.error(f"--layer_map {args.layer_map}: use uniform, last or comma-separated teacher layers")
+            raise ValueError(f"--layer_map {args.layer_map}: use uniform, last or teacher layers 3,6,9,12")
         if args.layer_map[0] < 0 or any(x < 1 for x in args.layer_map[1:]):
-            shown = ",".join(map(str, args.layer_map))
-            p.error(f"--layer_map {shown}: teacher layers count from 1 (0 is the embeddings)")
+            raise ValueError(f"--layer_map {','.join(map(str, args.layer_map))}: teacher layers count "
+                             "from 1 (0 is the embeddings)")
     if args.group_by_length and args.paper_exact:
-        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len anyway")
+        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
         args.group_by_length = False
-    args.out = args.out or os.path.join("out", args.task)
-    existing = args.out
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.access(existing, os.W_OK):
-        p.error(f"--out {args.out}: {existing} is not writable; choose an --out you can write to")
-    relations = args.w_ss or args.w_sc
-    per_process = math.ceil(args.batch_size / int(os.environ.get("WORLD_SIZE", 1)))
-    if relations and "stage2" in args.stages and per_process < 2:
-        p.error(f"--batch_size {args.batch_size}: L_SS and L_SC relate the samples of a batch and are 0 with one "
-                f"sample per process; use --batch_size {2 * int(os.environ.get('WORLD_SIZE', 1))} or more, or --w_ss 0 "
-                "--w_sc 0")
-    return args
-
-
-# The flags that change what a stage computes. A stage directory keeps the settings it was started with
-# (args.json); a rerun into it with other values would skip or resume a different run, so it is refused.
-FIT_FLAGS = ("task", "batch_size", "max_len", "seed", "max_steps", "train_subset", "weight_decay", "paper_exact",
-             "train_file", "group_by_length")
-STUDENT_FLAGS = ("teacher", "student_init", "layers", "hidden", "heads", "ffn", "splits", "layer_map", "w_emb", "w_mha",
-                 "w_ffn", "mha_temperature", "proj_init", "recipe", "epochs1", "lr1")
-STAGE_FLAGS = {
-    "teacher": (*FIT_FLAGS, "teacher_init", "teacher_epochs", "teacher_lr", "warmup", "eval_steps", "dev_file"),
-    "stage1": (*FIT_FLAGS, *STUDENT_FLAGS),
-    "stage2": (*FIT_FLAGS, *STUDENT_FLAGS, "w_kd", "w_ss", "w_sc", "w_ce", "temperature", "tau", "epochs2", "lr2",
-               "warmup", "eval_steps", "dev_file"),
-    "general": (*FIT_FLAGS, *STUDENT_FLAGS, "corpus", "teacher_init", "warmup"),
-}
-WORK = ("metrics.json", "checkpoint.pt", "model.safetensors", "log.jsonl")  # a directory holding any of these has work
-
-
-def same_settings(stage, directory, args):
-    """Refuse to reuse a stage directory whose work was done with other values of STAGE_FLAGS[stage]."""
-    path = os.path.join(directory, "args.json")
-    if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f)) for f in WORK):
-        return
-    was, now = json.loads(data.read_text(path)), json.loads(json.dumps(vars(args), default=str))
-    differ = [f for f in STAGE_FLAGS[stage] if f in was and was[f] != now[f]]
-    if differ:
-        flags = ", ".join(f"--{f} {was[f]} (now {now[f]})" for f in differ)
-        raise ValueError(f"{directory} was run with other settings: {flags}. Rerun with those to resume or reuse it, "
-                         f"or pass a new --out")
-
-
-def finished(stage, directory, args):
-    """True when the stage's directory holds its finished result for these settings (the stage is skipped);
-    otherwise make the directory, remembering the settings in args.json. Other settings are refused."""
-    same_settings(stage, directory, args)
-    if is_done(directory):
-        return True
-    if lead():
-        os.makedirs(directory, exist_ok=True)
-        data.atomic_write_text(os.path.join(directory, "args.json"), json.dumps(vars(args), indent=2, default=str))
-    sync()
-    return False
-
-
-def drop_unstarted(out):
-    """After an error: remove the stage directories that hold nothing but their args.json (no work to keep)."""
-    if not lead() or not os.path.isdir(out):
-        return
-    for stage in (*STAGES[:3], "general"):
-        directory = os.path.join(out, stage)
-        if os.path.isdir(directory) and set(os.listdir(directory)) <= {"args.json"}:
-            shutil.rmtree(directory)
-    if not os.listdir(out):
-        os.rmdir(out)
-
-
-def student_shape(args, teacher):
-    """(layers, width, heads) of the student --student_init and the shape flags will build, without building it."""
-    N, d, h = teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads
-    if args.student_init == "tinybert":
-        return args.layers or 4, args.hidden or 312, args.heads or 12  # General TinyBERT has 12 heads
-    if args.student_init in ("random", "teacher-layers"):
-        return args.layers or max(1, N // 2), args.hidden or d, args.heads or h
-    c = BertConfig.from_json(os.path.join(args.student_init, "config.json"))
-    return args.layers or c.num_hidden_layers, c.hidden_size, args.heads or c.num_attention_heads
 
 
 def check_shapes(args, teacher):
-    """Refuse, before any training, the shapes a later stage would refuse: the student's heads and the MHA-splits
-    must divide the widths, the layer map must fit, TinyBERT's recipe needs equal head counts. teacher: BertConfig."""
-    M, d_s, h_s = student_shape(args, teacher)
-    N, d_t = teacher.num_hidden_layers, teacher.hidden_size
+    """Refuse, before any training, the shapes a later stage would refuse: the student's heads and the
+    MHA-splits must divide the widths, the layer map must fit, TinyBERT's recipe needs equal head counts.
+    teacher: the teacher's BertConfig."""
+    N, d_t, h_t = teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads
+    if args.student_init == "tinybert":  # General TinyBERT has 12 heads
+        M, d_s, h_s = args.layers or 4, args.hidden or 312, args.heads or 12
+    elif args.student_init in ("random", "teacher-layers"):
+        M, d_s, h_s = args.layers or max(1, N // 2), args.hidden or d_t, args.heads or h_t
+    else:
+        c = BertConfig.from_json(os.path.join(args.student_init, "config.json"))
+        M, d_s, h_s = args.layers or c.num_hidden_layers, c.hidden_size, args.heads or c.num_attention_heads
     distils = any(s in args.stages for s in ("stage1", "general"))
     whose = "--heads" if args.heads else f"--student_init {args.student_init}'s head count"
-    heads_t = teacher.num_attention_heads
-    for bad, msg in ((d_s % h_s, f"{whose} {h_s} does not divide the student's width {d_s}; choose a divisor of {d_s}"),
-                     (distils and args.w_mha and args.recipe == "mlkd" and (d_s % args.splits or d_t % args.splits),
-                      f"--splits {args.splits} must divide the student's width {d_s} and the teacher's {d_t}"),
-                     (distils and args.recipe == "tinybert" and h_s != heads_t,
-                      f"--recipe tinybert matches heads one to one: give the student --heads {heads_t}"),
-                     (args.max_len > teacher.max_position_embeddings,
-                      f"--max_len {args.max_len}: the teacher has {teacher.max_position_embeddings} positions"),
-                     (args.student_init == "tinybert" and (M, d_s) not in TINYBERT,
-                      f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x 312, 6 x 768); use "
-                      "--student_init teacher-layers, random or a model directory")):
+    for bad, message in (
+            (d_s % h_s, f"{whose} {h_s} does not divide the student's width {d_s}; choose a divisor of {d_s}"),
+            (distils and args.w_mha and args.recipe == "mlkd" and (d_s % args.splits or d_t % args.splits),
+             f"--splits {args.splits} must divide the student's width {d_s} and the teacher's {d_t}"),
+            (distils and args.recipe == "tinybert" and h_s != h_t,
+             f"--recipe tinybert matches heads one to one: give the student --heads {h_t}"),
+            (args.max_len > teacher.max_position_embeddings,
+             f"--max_len {args.max_len}: the teacher has {teacher.max_position_embeddings} positions"),
+            (args.student_init == "tinybert" and (M, d_s) not in TINYBERT,
+             f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x 312, 6 x 768); use "
+             "--student_init teacher-layers, random or a model directory")):
         if bad:
-            raise ValueError(msg)
+            raise ValueError(message)
     if distils:
         try:
             mlkd.layer_map(N, M, args.layer_map)
@@ -597,22 +559,18 @@ def check_shapes(args, teacher):
             raise ValueError(f"--layer_map: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Building the models, reading the task, the Stage-2 teacher cache, and the eval stage's report
-
-
 def build_student(args, teacher):
-    """The student per --student_init (see --help); its attention dropout is 0 so that attn_outputs are the
-    paper's O = softmax(Q K^T / sqrt(d/h)) V, not a dropped-out copy."""
+    """The student per --student_init (see --help); its attention dropout is 0 so that attn_outputs are
+    the paper's O = softmax(Q K^T / sqrt(d/h)) V, not a dropped-out copy."""
     tc = teacher.config
     overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
                      **({"num_attention_heads": args.heads} if args.heads else {}))
-    if args.student_init == "tinybert":  # check_shapes has refused a shape General TinyBERT does not come in
+    if args.student_init == "tinybert":  # check_shapes has refused a shape General TinyBERT lacks
         return Bert.from_pretrained(TINYBERT[args.layers or 4, args.hidden or 312], **overrides)
     if args.student_init == "random":
-        shape = {k: v for k, v in dict(num_hidden_layers=args.layers or max(1, tc.num_hidden_layers // 2),
-                                       hidden_size=args.hidden, intermediate_size=args.ffn).items() if v is not None}
-        return Bert(dataclasses.replace(tc, **shape, **overrides))
+        shape = dict(num_hidden_layers=args.layers or max(1, tc.num_hidden_layers // 2),
+                     hidden_size=args.hidden, intermediate_size=args.ffn)
+        return Bert(BertConfig(**{**vars(tc), **{k: v for k, v in shape.items() if v}, **overrides}))
     from_teacher = args.student_init == "teacher-layers"
     source = teacher if from_teacher else Bert.from_pretrained(args.student_init, verbose=False, **overrides)
     sc = source.config
@@ -634,9 +592,8 @@ def cut_layers(source, M, kind, overrides, keep_head=True):
     if M > N:
         raise ValueError(f"cannot take {M} layers from a model that has {N}")
     g = mlkd.layer_map(N, M, kind)
-    student = Bert(dataclasses.replace(source.config, num_hidden_layers=M, **overrides))
-    s_state = source.state_dict()
-    head = ("classifier.", "qa_outputs.")
+    student = Bert(BertConfig(**{**vars(source.config), "num_hidden_layers": M, **overrides}))
+    s_state, head = source.state_dict(), ("classifier.", "qa_outputs.")
     state = {k: v for k, v in s_state.items() if not k.startswith(("layers.", *(() if keep_head else head)))}
     for m in range(1, M + 1):  # student layer m <- source layer g(m)
         prefix = f"layers.{g[m] - 1}."
@@ -646,10 +603,11 @@ def cut_layers(source, M, kind, overrides, keep_head=True):
     return student, g
 
 
-def save_model(model, directory, vocab_file, args):
-    """The model with its vocabulary and the arguments it was trained with (eval.py reads max_len from them)."""
-    if lead():
-        model.save(directory, {"vocab.txt": data.read_text(vocab_file),
+def save_model(model, directory, args):
+    """The model in HF's layout with its vocabulary and the settings it was trained with (eval.py reads
+    max_len and data_dir from them)."""
+    if LEAD:
+        model.save(directory, {"vocab.txt": data.read_text(args.vocab),
                                "args.json": json.dumps(vars(args), indent=2, default=str)})
 
 
@@ -658,8 +616,8 @@ def load_teacher(directory, args):
     teacher = Bert.from_pretrained(directory, verbose=False)
     why = evaluation.head_mismatch(teacher, args.task)
     if why:
-        raise ValueError(f"--teacher {directory}: {why}; it is not a teacher fine-tuned on {args.task}. To fine-tune "
-                         f"one from it, pass --teacher_init {directory}")
+        raise ValueError(f"--teacher {directory}: {why}; it is not a teacher fine-tuned on {args.task}. To "
+                         f"fine-tune one from it, pass --teacher_init {directory}")
     if teacher.config.head == "classification":
         evaluation.check_labels(teacher, args.task)
     return teacher.to(args.device).eval().requires_grad_(False)
@@ -667,22 +625,28 @@ def load_teacher(directory, args):
 
 def load_task(args, tok):
     """Tokenised training rows (tokenised once) and evaluate(model) -> {metric: value} on dev."""
-    subset = functools.partial(train_subset, args.train_subset)
     if args.task.startswith("squad"):
         version = evaluation.squad_version(args.task)
         default = os.path.join(args.data_dir, "squad", "{}-v" + version + ".json")
-        examples = [e for f in (args.train_file or default.format("train")).split(",") for e in data.read_squad(f)]
-        rows = data.squad_features(subset(examples), tok, max_len=args.max_len)
+        files = (args.train_file or default.format("train")).split(",")
+        examples = train_subset(args.train_subset, [e for f in files for e in data.read_squad(f)])
+        rows = data.squad_features(examples, tok, max_len=args.max_len)
         train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
         dev_examples = data.read_squad(args.dev_file or default.format("dev"), args.allow_partial)
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
-        return train, lambda m: evaluation.evaluate_squad(m, dev_examples, dev, version, args.eval_batch_size,
-                                                          args.device)[0]
-    train = data.encode_glue(args.task, subset(data.read_glue(args.task, "train", args.data_dir)), tok, args.max_len)
+        return train, functools.partial(squad_dev, examples=dev_examples, features=dev, version=version, args=args)
+    examples = train_subset(args.train_subset, data.read_glue(args.task, "train", args.data_dir))
+    train = data.encode_glue(args.task, examples, tok, args.max_len)
     dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir, args.allow_partial), tok,
                                args.max_len) for s in data.TASKS[args.task].dev_splits}
-    return train, lambda m: evaluation.evaluate_glue(m, args.task, dev, args.eval_batch_size, args.device,
-                                                     args.paper_exact)
+    return train, functools.partial(evaluation.evaluate_glue, task=args.task, dev_sets=dev,
+                                    batch_size=args.eval_batch_size, device=args.device,
+                                    fixed_padding=args.paper_exact)
+
+
+def squad_dev(model, examples, features, version, args):
+    """SQuAD dev metrics (EM, F1) of a model."""
+    return evaluation.evaluate_squad(model, examples, features, version, args.eval_batch_size, args.device)[0]
 
 
 def train_subset(n, examples):
@@ -699,189 +663,122 @@ def train_subset(n, examples):
 
 def dev_set_key(args):
     """What a dev metric was measured on: the same key means the same examples, encoded the same way."""
-    where = args.dev_file or args.data_dir
-    return f"{args.task} {os.path.abspath(where)} max_len={args.max_len} paper_exact={args.paper_exact}"
+    return f"{args.task} {args.dev_file or args.data_dir} max_len={args.max_len} paper_exact={args.paper_exact}"
 
 
-CACHE = "teacher_cache.safetensors"
+# The flags that change what a stage computes. A stage directory keeps the settings it was started with
+# (args.json); a rerun into it with other values would skip or resume a different run, so it is refused.
+FIT_FLAGS = ("task", "batch_size", "max_len", "seed", "max_steps", "train_subset", "weight_decay",
+             "paper_exact", "train_file", "group_by_length")
+STUDENT_FLAGS = ("teacher", "student_init", "layers", "hidden", "heads", "ffn", "splits", "layer_map", "w_emb",
+                 "w_mha", "w_ffn", "mha_temperature", "proj_init", "recipe", "epochs1", "lr1")
+STAGE_FLAGS = {
+    "teacher": (*FIT_FLAGS, "teacher_init", "teacher_epochs", "teacher_lr", "warmup", "eval_steps", "dev_file"),
+    "stage1": (*FIT_FLAGS, *STUDENT_FLAGS),
+    "stage2": (*FIT_FLAGS, *STUDENT_FLAGS, "w_kd", "w_ss", "w_sc", "w_ce", "temperature", "tau", "epochs2",
+               "lr2", "warmup", "eval_steps", "dev_file"),
+    "general": (*FIT_FLAGS, *STUDENT_FLAGS, "corpus", "teacher_init", "warmup"),
+}
 
 
-def teacher_cache(teacher, train, args, directory):
-    """Stage 2's teacher targets (logits, [CLS] state) for every training example, computed once.
-
-    The teacher is frozen, in eval mode and deterministic, so these are the same at every epoch; the
-    student then trains alone. Computed as the live path computes them (fp32, or bf16 autocast on CUDA)
-    and kept in `directory` so that a resumed Stage 2 reuses them (under torchrun rank 0 computes them,
-    the others read its file); finish() deletes the file.
-    """
-    path = os.path.join(directory, CACHE)
-    if lead():
-        cached_outputs(teacher, train, path, args.eval_batch_size, args.device)
+def begin(stage, directory, args):
+    """True when `stage` runs now: it is in --stages and not finished. Its directory then holds the
+    settings it runs with (args.json), and the stage draws its randomness (initialisation, dropout)
+    from the generator seeded by --seed and its name: the same command gives the same weights whether
+    the stages before it ran in this process or an earlier one."""
+    if stage not in args.stages:
+        return False
+    same_settings(stage, directory, args)
+    if is_done(directory):
+        print(f"[{stage}] {directory} is finished: skipped")
+        return False
+    if LEAD:
+        os.makedirs(directory, exist_ok=True)
+        data.atomic_write_text(os.path.join(directory, "args.json"), json.dumps(vars(args), indent=2, default=str))
     sync()
-    logits, cls = cached_outputs(teacher, train, path, compute=False)  # (N, ...), (N, d_T)
-    return mlkd.TeacherTargets(logits.to(args.device), cls.to(args.device))
+    torch.manual_seed(zlib.crc32(f"{args.seed} {stage}".encode()))
+    return True
 
 
-def cached_outputs(model, dataset, path, batch_size=128, device="cpu", compute=True):
-    """eval.py's model_outputs(model, dataset) kept in `path` with a sha256 fingerprint of the model's weights
-    and the encoded rows: read back when they match; otherwise computed and written (compute=False: an error)."""
-    h = hashlib.sha256()
-    for t in [*model.state_dict().values(), *(dataset[k] for k in ("input_ids", "token_type_ids", "lengths"))]:
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    saved = read_safetensors(path) if os.path.exists(path) else None
-    if saved is not None and bytes(saved["fingerprint"].tolist()) == h.digest():
-        if compute:
-            print(f"[stage2] teacher outputs read from {path}")
-        return saved["logits"], saved["cls"]
-    if not compute:
-        raise ValueError(f"{path}: missing or made by another model or data")
-    if saved is not None:
-        print(f"[stage2] {path} was made by another teacher or data: computed again")
-    t0 = time.time()
-    logits, cls = evaluation.model_outputs(model, dataset, batch_size, device)
-    fingerprint = torch.tensor(list(h.digest()), dtype=torch.uint8)
-    write_safetensors({"logits": logits, "cls": cls, "fingerprint": fingerprint}, path)
-    print(f"[stage2] teacher outputs of {len(cls)} examples computed once in {time.time() - t0:.0f} s "
-          f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
-    return logits, cls
-
-
-@torch.no_grad()
-def heldout_losses(student, loss_fn, heldout, batch_size=128, device="cpu"):
-    """General distillation's held-out score: each unweighted Stage-1 loss of loss_fn(student, batch) and
-    their weighted sum, averaged over the held-out windows (student in eval mode), and the window count."""
-    student.eval()
-    sums, n = {}, 0
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    for b in data.batches(heldout, batch_size):
-        b = {k: v.to(device) for k, v in b.items()}
-        with autocast:
-            total, parts = loss_fn(student, b)
-        for k, v in {**parts, "loss": total}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(b["index"])
-        n += len(b["index"])
-    return {**{k: v / n for k, v in sums.items()}, "windows": n}
+def same_settings(stage, directory, args):
+    """Refuse to reuse a stage directory whose work (a finished result or a checkpoint) was done with
+    other values of STAGE_FLAGS[stage]; a stage stopped before its first checkpoint kept nothing."""
+    path = os.path.join(directory, "args.json")
+    if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
+                                           for f in ("metrics.json", "checkpoint.pt")):
+        return
+    was, now = json.loads(data.read_text(path)), json.loads(json.dumps(vars(args), default=str))
+    differ = [f for f in STAGE_FLAGS[stage] if f in was and was[f] != now[f]]
+    if differ:
+        flags = ", ".join(f"--{f} {was[f]} (now {now[f]})" for f in differ)
+        raise ValueError(f"{directory} was run with other settings: {flags}. Rerun with those to resume or "
+                         "reuse it, or pass a new --out")
 
 
 def finish(directory, metrics):
-    """Mark a stage finished: metrics.json (with done), curves.svg; drop the checkpoint and the teacher cache.
-    Every rank calls it; rank 0 writes, the others wait until it has."""
-    if not lead():
-        return sync()
-    data.atomic_write_text(os.path.join(directory, "metrics.json"), json.dumps({**metrics, "done": True}, indent=2))
-    evaluation.write_curves(directory)  # curves.svg: every loss and dev metric against step
-    for name in ("checkpoint.pt", CACHE):
-        if os.path.exists(os.path.join(directory, name)):
-            os.remove(os.path.join(directory, name))
+    """Mark a stage finished: metrics.json (with done), curves.svg; drop the checkpoint and the cache."""
+    if LEAD:
+        data.atomic_write_text(os.path.join(directory, "metrics.json"), json.dumps({**metrics, "done": True},
+                                                                                 indent=2))
+        evaluation.write_curves(directory)  # curves.svg: every loss and dev metric against step
+        for name in ("checkpoint.pt", CACHE):
+            if os.path.exists(os.path.join(directory, name)):
+                os.remove(os.path.join(directory, name))
     sync()
 
 
 def is_done(directory):
     path = os.path.join(directory, "metrics.json")
-    return os.path.exists(path) and json.load(open(path)).get("done", False)
+    return os.path.exists(path) and json.loads(data.read_text(path)).get("done", False)
 
 
-def report(args, teacher, teacher_dir, student_dir, evaluate, dev_set):
-    """train.py's eval stage: the teacher's and the finished student's dev metrics side by side, results.json."""
-    student = Bert.from_pretrained(student_dir, verbose=False).to(args.device)
-    t_metrics = dev_metrics(teacher_dir, teacher, evaluate, dev_set)
-    s_metrics = dev_metrics(student_dir, student, evaluate, dev_set)
-    tp, sp = teacher.num_parameters(), student.num_parameters()
-    ratio = s_metrics[args.metric] / t_metrics[args.metric] if t_metrics[args.metric] else None
-    results = dict(task=args.task, metric=args.metric, split="dev", teacher=t_metrics, student=s_metrics, ratio=ratio,
-                   teacher_parameters=tp, student_parameters=sp, teacher_dir=teacher_dir, student_dir=student_dir)
-    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
-    evaluation.write_index(args.out, [teacher_dir, os.path.join(args.out, "stage1"), student_dir])
-    print(f"\n{args.task} dev ({', '.join(t_metrics)}; selection metric {args.metric}, Stage-2 best on dev)")
-    cell = lambda v: f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}"  # noqa: E731  (counts stay counts)
-    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in t_metrics) + f" {'params':>9s}")
-    print(f"  {'teacher':8s} " + " ".join(map(cell, t_metrics.values())) + f" {tp / 1e6:8.1f}M")
-    print(f"  {'student':8s} " + " ".join(map(cell, s_metrics.values())) + f" {sp / 1e6:8.1f}M")
-    if results["ratio"] is not None:
-        print(f"  student/teacher on {args.metric}: {100 * results['ratio']:.1f}%, {tp / sp:.1f}x fewer parameters")
-    print(f"  files: {teacher_dir}, {student_dir}, {os.path.join(args.out, 'results.json')}")
-    return results
+def resume(stage, directory, modules, optimizer, scheduler, args):
+    """Load checkpoint.pt when there is one (weights, optimizer, schedule, RNG) and cut the log back to
+    it; returns (step, best dev metrics), (0, None) for a fresh start."""
+    ckpt, log_path = os.path.join(directory, "checkpoint.pt"), os.path.join(directory, "log.jsonl")
+    if LEAD:
+        data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves its temporary behind
+    step, best = 0, None
+    if os.path.exists(ckpt):
+        try:
+            state = torch.load(ckpt, map_location=args.device, weights_only=True)
+        except Exception as e:  # empty, truncated or not a checkpoint at all
+            raise ValueError(f"{ckpt}: not a readable checkpoint ({str(e).splitlines()[0][:120]}); delete it "
+                             f"to start {stage} over") from None
+        for m, s in zip(modules, state["modules"]):
+            m.load_state_dict(s)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best = state["step"], state["best_metrics"]
+        torch.set_rng_state(state["rng"].cpu())
+        print(f"[{stage}] resumed from {ckpt} at step {step}")
+    kept = [r for r in open(log_path) if json.loads(r).get("step", 0) <= step] if step else []
+    if LEAD:  # the log goes on from the checkpoint: no step twice
+        data.atomic_write_text(log_path, "".join(kept))
+    return step, best
 
 
-def dev_metrics(directory, model, evaluate, dev_set):
-    """The dev metrics a stage recorded for its saved model when they were measured on the same dev set
-    (SQuAD's dev set takes minutes on a CPU); otherwise evaluate the model now."""
-    path = os.path.join(directory, "metrics.json")
-    saved = json.load(open(path)) if os.path.exists(path) else {}  # a --teacher from elsewhere has none
-    if saved.get("dev_set") == dev_set and saved.get("dev"):
-        print(f"[eval] {directory}: dev metrics recorded when it was saved (same dev set)")
-        return saved["dev"]
-    return evaluate(model)
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop's bookkeeping: resume, checkpoints, the log and the progress line
+def save_checkpoint(directory, modules, optimizer, scheduler, step, best):
+    """checkpoint.pt, written atomically."""
+    buf = io.BytesIO()
+    torch.save({"modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "best_metrics": best,
+                "rng": torch.get_rng_state()}, buf)
+    data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
 
 
 def floats(parts):
     return {k: float(v.detach()) for k, v in parts.items()}
 
 
-def resume(stage, directory, modules, optimizer, scheduler, total, args):
-    """Load checkpoint.pt when there is one (weights, optimizer, schedule, RNG) and cut the log back to it;
-    returns (step, best, best_metrics), (0, None, None) for a fresh start."""
-    if lead():
-        data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves its temporary behind
-    step, best, best_metrics = 0, None, None
-    ckpt, log_path = os.path.join(directory, "checkpoint.pt"), os.path.join(directory, "log.jsonl")
-    if os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location=args.device, weights_only=True)
-        for m, s in zip(modules, state["modules"]):
-            m.load_state_dict(s)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best, best_metrics = state["step"], state["best"], state.get("best_metrics")
-        torch.set_rng_state(state["rng"].cpu())
-        print(f"[{stage}] resumed from {ckpt} at step {step}/{total}")
-    kept = [r for r in open(log_path) if json.loads(r).get("step", 0) <= step] if step and os.path.exists(log_path) \
-        else []
-    if lead():  # the log goes on from the checkpoint: no step twice
-        data.atomic_write_text(log_path, "".join(kept))
-    return step, best, best_metrics
-
-
-def save_checkpoint(directory, modules, optimizer, scheduler, step, best, best_metrics):
-    """checkpoint.pt, written atomically; returns its step."""
-    buf = io.BytesIO()
-    torch.save({"modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "best": best, "best_metrics": best_metrics,
-                "rng": torch.get_rng_state()}, buf)
-    data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
-    return step
-
-
-def peak_memory_gib(device):
-    """Peak CUDA memory allocated, or on CPU the peak resident set size of this process."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 class Log:
-    """One stage's log.jsonl and progress lines: each loss, the lr, samples/s and the ETA (of training time
-    only), the dev evaluations, where the checkpoint is when interrupted, the peak memory at the end."""
+    """A stage's log.jsonl and progress lines: each loss, the lr, samples/s and the ETA (of training time
+    only), the dev evaluations, the peak memory at the end."""
 
-    def __init__(self, stage, directory, step, total, planned, per_epoch, examples, args):
-        self.stage, self.directory, self.step0, self.total, self.planned = stage, directory, step, total, planned
-        self.per_epoch, self.examples, self.args = per_epoch, examples, args
-        self.saved_step, self.t0, self.seen, self.record = step, time.time(), 0, {}
-        self.file = open(os.path.join(directory, "log.jsonl"), "a") if lead() else open(os.devnull, "w")
-
-    def announce(self, lr, schedule):
-        per_rank = f" ({math.ceil(self.args.batch_size / dist.get_world_size())} per process)" \
-            if dist.is_initialized() else ""
-        capped = ", capped by --max_steps" if self.total < self.planned else ""
-        print(f"[{self.stage}] {self.examples} examples, batch {self.args.batch_size}{per_rank}, {self.total} steps "
-              f"({self.total / self.per_epoch:.3g} epochs{capped}), lr {lr:g}, {schedule}")
+    def __init__(self, stage, directory, step, total, args):
+        self.stage, self.step0, self.total, self.args = stage, step, total, args
+        self.t0, self.seen, self.record = time.time(), 0, {}
+        self.file = open(os.path.join(directory, "log.jsonl"), "a") if LEAD else open(os.devnull, "w")
 
     def trained(self, step, epoch, parts, lr, rows):
         self.seen += rows  # the global batch: samples/s counts every process's rows
@@ -889,67 +786,127 @@ class Log:
             return
         elapsed = time.time() - self.t0
         eta = (self.total - step) * elapsed / (step - self.step0)
-        self.record = {"stage": self.stage, "epoch": epoch + 1, "step": step, "total": self.total, **floats(parts),
-                       "lr": lr, "samples_per_s": self.seen / elapsed, "train_s": elapsed}
+        self.record = {"stage": self.stage, "epoch": epoch + 1, "step": step, "total": self.total,
+                       **floats(parts), "lr": lr, "samples_per_s": self.seen / elapsed, "train_s": elapsed}
         self.file.write(json.dumps(self.record) + "\n")
         self.file.flush()
         print(f"[{self.stage}] epoch {epoch + 1} step {step}/{self.total} | "
               + " ".join(f"{k} {v:.4f}" for k, v in floats(parts).items())
               + f" | lr {lr:.2e} | {self.seen / elapsed:.1f} samples/s | ETA {eta / 60:.1f} min", flush=True)
 
-    def evaluated(self, step, evaluate, selecting, best):
-        """Run a dev (or held-out) evaluation and log it; its time is not training time.
-        Returns (metrics, whether they beat `best` on args.metric)."""
+    def evaluated(self, step, evaluate, best, selecting):
+        """Run a dev (or held-out) evaluation and log it (its time is not training time); returns
+        (metrics, whether they beat `best` on args.metric when selecting)."""
         t = time.time()
         metrics = evaluate()
         took = time.time() - t
-        self.t0 += took  # samples/s and ETA count training only
-        improved = selecting and (best is None or metrics[self.args.metric] > best)
+        self.t0 += took  # samples/s and the ETA count training only
+        improved = selecting and (best is None or metrics[self.args.metric] > best[self.args.metric])
         print(f"[{self.stage}] {'dev' if selecting else 'held-out'} at step {step} ({took:.0f} s): "
               + evaluation.format_metrics(metrics, 2 if selecting else 4)
               + ("  (best so far: saved)" if improved else ""))
         self.file.write(json.dumps({"stage": self.stage, "step": step, "dev": metrics, "eval_s": took}) + "\n")
         return metrics, improved
 
-    def interrupted(self, step):
-        ckpt = os.path.join(self.directory, "checkpoint.pt")
-        where = f"its checkpoint of step {self.saved_step} is {ckpt}" if self.saved_step else \
-            f"no checkpoint yet (the first comes at step {self.args.save_steps}), so it starts over"
-        print(f"\n[{self.stage}] interrupted at step {step}/{self.total}: {where}; rerun the same command to resume",
-              flush=True)
-
     def done(self):
-        """The closing line (peak memory); returns the last step's record with it."""
-        peak = self.record["peak_memory_gib"] = peak_memory_gib(self.args.device)
-        what = "CUDA allocated" if self.args.device.startswith("cuda") else "process RSS"
-        print(f"[{self.stage}] done: {self.record.get('samples_per_s', 0):.1f} samples/s, peak memory {peak:.2f} GiB "
-              f"({what})")
+        """The closing line (peak memory: CUDA allocated, or the process's resident set on a CPU)."""
+        cuda = self.args.device.startswith("cuda")
+        peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                * 1024) / 2**30
+        self.record["peak_memory_gib"] = peak
+        print(f"[{self.stage}] done: {self.record.get('samples_per_s', 0):.1f} samples/s, peak memory {peak:.2f} "
+              f"GiB ({'CUDA allocated' if cuda else 'process RSS'})")
         self.file.write(json.dumps({"stage": self.stage, "done": True, "peak_memory_gib": peak}) + "\n")
         self.file.close()
         return self.record
 
 
+CACHE = "teacher_cache.safetensors"
+
+
+def teacher_cache(teacher, train, args, directory):
+    """Stage 2's teacher targets (logits, [CLS] state) of every training example, computed once.
+
+    The teacher is frozen, in eval mode and deterministic, so they are the same at every epoch; the
+    student then trains alone. Kept in `directory` with a sha256 fingerprint of the teacher's weights and
+    the rows, so that a resumed Stage 2 reads them back (under torchrun process 0 computes them, the
+    others read its file); finish() deletes the file. None (the teacher runs on each batch) without a
+    distillation loss, with --no_teacher_cache, or when --max_steps sees fewer rows than one pass.
+    """
+    n = len(train["input_ids"])
+    if not any((args.w_kd, args.w_ss, args.w_sc)) or args.no_teacher_cache:
+        return None
+    if args.max_steps and args.max_steps * args.batch_size < n:
+        print(f"[stage2] --max_steps {args.max_steps} sees fewer rows than the {n} examples: no teacher cache, "
+              "the teacher runs on each batch")
+        return None
+    h, path = hashlib.sha256(), os.path.join(directory, CACHE)
+    for t in [*teacher.state_dict().values(), *(train[k] for k in ("input_ids", "token_type_ids", "lengths"))]:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    fingerprint = torch.tensor(list(h.digest()), dtype=torch.uint8)
+    saved = read_safetensors(path) if os.path.exists(path) else {}
+    if "fingerprint" in saved and torch.equal(saved["fingerprint"], fingerprint):
+        print(f"[stage2] teacher outputs read from {path}")
+    elif LEAD:
+        if saved:
+            print(f"[stage2] {path} was made by another teacher or data: computed again")
+        t0 = time.time()
+        logits, cls = evaluation.model_outputs(teacher, train, args.eval_batch_size, args.device)
+        write_safetensors({"logits": logits, "cls": cls, "fingerprint": fingerprint}, path)
+        print(f"[stage2] teacher outputs of {n} examples computed once in {time.time() - t0:.0f} s "
+              f"({(logits.numel() + cls.numel()) * 4 / 2**20:.0f} MiB); the teacher does not run again")
+    sync()
+    saved = read_safetensors(path)
+    return mlkd.TeacherTargets(saved["logits"].to(args.device), saved["cls"].to(args.device))
+
+
+def report(args, teacher, out, evaluate):
+    """The eval stage: the teacher's and the finished student's dev metrics side by side, results.json.
+    A stage's dev metrics recorded when its model was saved are reused when measured on the same dev set."""
+    if not is_done(out["stage2"]):
+        raise ValueError(f"no finished student in {out['stage2']}: run stage2 first")
+    student = Bert.from_pretrained(out["stage2"], verbose=False).to(args.device)
+    teacher_dir = args.teacher or out["teacher"]
+    metrics = {}
+    for name, directory, model in (("teacher", teacher_dir, teacher), ("student", out["stage2"], student)):
+        path = os.path.join(directory, "metrics.json")
+        saved = json.loads(data.read_text(path)) if os.path.exists(path) else {}  # --teacher: none
+        same = saved.get("dev_set") == dev_set_key(args) and saved.get("dev")
+        metrics[name] = saved["dev"] if same else evaluate(model)
+    tp, sp = teacher.num_parameters(), student.num_parameters()
+    t, s = metrics["teacher"][args.metric], metrics["student"][args.metric]
+    results = dict(task=args.task, metric=args.metric, split="dev", **metrics, ratio=s / t if t else None,
+                   teacher_parameters=tp, student_parameters=sp, teacher_dir=teacher_dir, student_dir=out["stage2"])
+    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    evaluation.write_index(args.out, [teacher_dir, out["stage1"], out["stage2"]])
+    print(f"\n{args.task} dev ({', '.join(metrics['teacher'])}; selection metric {args.metric}, Stage-2 best on dev)")
+    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in metrics["teacher"]) + f" {'params':>9s}")
+    for name, params in (("teacher", tp), ("student", sp)):
+        cells = (f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}" for v in metrics[name].values())
+        print(f"  {name:8s} " + " ".join(cells) + f" {params / 1e6:8.1f}M")
+    if t:
+        print(f"  student/teacher on {args.metric}: {100 * s / t:.1f}%, {tp / sp:.1f}x fewer parameters")
+    print(f"  files: {teacher_dir}, {out['stage2']}, {os.path.join(args.out, 'results.json')}")
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
-# Several processes: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python train.py` is one process.
+# Several processes: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python train.py` is one.
 
 
 def start_distributed(args):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), take this rank's GPU, and let
-    rank 0 alone print. Every rank loads the teacher and the data; rank 0 alone evaluates and writes."""
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), take this process's GPU, and
+    let process 0 alone print. Every process loads the teacher and the data; process 0 alone evaluates."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
     cuda = args.device.startswith("cuda")
-    # a long timeout: the other ranks wait at a barrier while rank 0 evaluates
+    # a long timeout: the other processes wait at a barrier while process 0 evaluates
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     if cuda:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
-    if dist.get_rank():
+    if not LEAD:
         sys.stdout = open(os.devnull, "w")
-
-
-def lead():
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def sync():
@@ -958,52 +915,22 @@ def sync():
 
 
 def shard(batch, by_tokens):
-    """This rank's rows of a global batch and the weight of its loss: world x its share of the examples
-    (of the real tokens for the Stage-1 losses, which average over tokens), so that DDP's mean of the
-    ranks' gradients is the gradient of the global batch's loss, as one process computes it."""
+    """This process's rows of a global batch and the weight of its loss: world x its share of the
+    examples (of the real tokens for the Stage-1 losses, which average over tokens), so that the mean of
+    the processes' gradients is the gradient of the global batch's loss, as one process computes it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = torch.arange(len(batch["index"])).tensor_split(world)[rank]
-    local = {k: v[rows if len(rows) else [0]] for k, v in batch.items()}  # an empty shard runs a row at weight 0
+    local = {k: v[rows if len(rows) else [0]] for k, v in batch.items()}  # an empty shard: a row at weight 0
     count = (lambda b: float(b["attention_mask"].sum())) if by_tokens else (lambda b: len(b["index"]))  # noqa: E731
     return local, world * count(local) / count(batch) if len(rows) else 0.0
-
-
-class Objective(torch.nn.Module):
-    """The trained modules with their loss: what DDP wraps, so one forward is one step's loss."""
-
-    def __init__(self, modules, fn):
-        super().__init__()
-        self.trained, self.fn = torch.nn.ModuleList(modules), fn
-
-    def forward(self, batch):
-        return self.fn(batch)
-
-
-def this_process_rows(batch, stage, args):
-    """(this process's rows of the batch on the device, the weight of their loss, the global batch's size);
-    one process: the whole batch at weight 1."""
-    rows, weight = len(batch["index"]), 1.0
-    if dist.is_initialized():
-        batch, weight = shard(batch, by_tokens=stage in ("stage1", "general") and not args.paper_exact)
-    return {k: v.to(args.device) for k, v in batch.items()}, weight, rows
-
-
-def one_step_loss(stage, modules, loss_fn, args):
-    """batch -> (loss, parts): loss_fn on the model (compiled with --compile); under torchrun inside DDP, which
-    averages the processes' gradients in backward (the teacher is replicated on every rank, outside DDP)."""
-    model = torch.compile(modules[0]) if args.compile else modules[0]
-    if not dist.is_initialized():
-        return functools.partial(loss_fn, model)
-    return DistributedDataParallel(Objective(modules, functools.partial(loss_fn, model)),
-                                   find_unused_parameters=True)  # Stage 1 leaves the head unused
 
 
 if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError, OSError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # once, not once per torchrun process
+        if LEAD:  # once, not once per torchrun process
             print(f"error: {data.error_line(e, 'an --out')}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # fit() has said where the checkpoint is
+    except KeyboardInterrupt:  # main has said what is kept
         sys.exit(130)

@@ -17,6 +17,7 @@ Each step runs on the first --batches batches of a seeded epoch in either order,
 busy moment of the machine hurts both alike); the table gives the median samples/s and their ratio.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -41,7 +42,9 @@ def samples_per_s(objective, modules, batches, device):
     """Train on `batches` with train.py's step (AdamW, clipping); (samples per second of wall time, the share
     of that time spent in clipping and the AdamW update, which do not depend on the batch's length)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(train.param_groups(modules, 0.01), lr=1e-5, fused=True)
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.01},  # as train.fit groups them
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-5, fused=True)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
     start, rows, fixed = time.perf_counter(), 0, 0.0
     for b in batches:
@@ -74,10 +77,10 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     tok = data.Tokenizer(os.path.join(args.vocab, "vocab.txt"))
-    max_len = train.TASK_DEFAULTS[args.task][0]
+    max_len = train.TASKS[args.task].max_len
     rows = data.encode_glue(args.task, data.read_glue(args.task, "train", args.data_dir), tok, max_len)
     real = int(rows["lengths"].sum())
-    orders = {"random": epoch(rows, 0), "grouped": epoch(rows, train.GROUP)}
+    orders = {"random": epoch(rows, 0), "grouped": epoch(rows, 100)}  # --group_by_length: runs of 100
     print(f"{args.task} train: {len(rows['lengths']):,} rows, {real:,} real tokens at max_len {max_len} "
           f"(mean {real / len(rows['lengths']):.1f}); batches of 32, one epoch:")
     for name, batches in orders.items():
@@ -102,8 +105,10 @@ def main():
     cache = mlkd.TeacherTargets(torch.zeros(n, 2).index_copy(0, used, logits.cpu()).to(args.device),
                                 torch.zeros(n, 384).index_copy(0, used, cls.cpu()).to(args.device))
     steps = {"teacher": (train.teacher_loss, [fine_tuned]),
-             "stage1": (train.stage1_objective(teacher, proj, mlkd.layer_map(6, 3), settings), [student, proj]),
-             "stage2": (train.stage2_objective(teacher, proj, cache, settings), [student, proj])}
+             "stage1": (functools.partial(train.stage1_objective, teacher=teacher, proj=proj,
+                                          lmap=mlkd.layer_map(6, 3), args=settings), [student, proj]),
+             "stage2": (functools.partial(train.stage2_objective, teacher=teacher, proj=proj, cache=cache,
+                                          args=settings), [student, proj])}
     got = {(name, order): [] for name in steps for order in orders}
     for _ in range(args.rounds):
         for name, (objective, modules) in steps.items():

@@ -20,6 +20,7 @@ and clipping. With --tokens_of TASK it also prints what a Stage-1 cache of the m
 would hold for that task's training set (the reason train.py caches only Stage 2's targets).
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -59,7 +60,9 @@ def build(shape, batch, length, device):
     b = {k: v.to(device) for k, v in next(data.batches(rows, batch)).items()}
     cache = mlkd.TeacherTargets(*(t.to(device) for t in evaluation.model_outputs(teacher, rows, batch, device)))
     params = [*student.parameters(), *proj.parameters()]
-    optimizer = torch.optim.AdamW(train.param_groups([student, proj], 0.01), lr=1e-5, fused=True)
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.01},  # as train.fit groups them
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-5, fused=True)
     return teacher, student, proj, params, optimizer, b, cache
 
 
@@ -92,7 +95,8 @@ def steps(teacher, student, proj, params, optimizer, b, cache, device):
             optimizer.step()
         return step
 
-    stage1 = train.stage1_objective(teacher, proj, lmap, train.parse_args(["--task", "sst2"]))  # train.py's own
+    stage1 = functools.partial(train.stage1_objective, teacher=teacher, proj=proj, lmap=lmap,
+                               args=train.parse_args(["--task", "sst2"]))  # train.py's own
 
     def stage2(use_cache):
         return lambda: mlkd.stage2_loss(student(*inputs), mlkd.stage2_targets(b, teacher, cache if use_cache else None),
