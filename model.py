@@ -94,8 +94,7 @@ class BertConfig:
             raise ValueError(f"cannot read BERT config {path}: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: not a BERT config (a JSON {type(raw).__name__}, not an object)")
-        if (raw.get("hidden_act", "gelu"), raw.get("position_embedding_type", "absolute")) != (
-                "gelu", "absolute"):
+        if raw.get("hidden_act", "gelu") != "gelu" or raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: only hidden_act gelu (exact erf) and absolute position "
                              "embeddings are supported")
         known = {f.name for f in fields(cls)}

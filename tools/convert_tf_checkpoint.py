@@ -9,12 +9,12 @@ downloaded once into $MLKD_CACHE, else ~/.cache/mlkd). OUT_DIR receives config.j
 vocab.txt and model.safetensors with HF's names, as HF transformers' own converter
 (convert_bert_original_tf_checkpoint_to_pytorch.py) would give, and no TensorFlow is needed.
 
-The format, TensorFlow's tensor bundle (tensorflow/core/util/tensor_bundle/tensor_bundle.proto and
-tensor_bundle.cc): <prefix>.index is a LevelDB table (github.com/google/leveldb, doc/table_format.md:
-sorted key -> value blocks, an index block, a 48-byte footer); key "" holds a BundleHeaderProto,
-every other key a variable name whose value is a BundleEntryProto (dtype, shape, shard, offset,
-size, masked crc32c). The tensors are raw little-endian bytes in <prefix>.data-0000i-of-0000n.
-Every table block and every tensor is checked against its CRC-32C.
+The format is TensorFlow's tensor bundle (tensorflow/core/util/tensor_bundle/tensor_bundle.proto
+and tensor_bundle.cc). <prefix>.index is a LevelDB table (github.com/google/leveldb,
+doc/table_format.md: sorted key -> value blocks, an index block, a 48-byte footer); key "" holds a
+BundleHeaderProto, every other key a variable name whose value is a BundleEntryProto (dtype, shape,
+shard, offset, size, masked crc32c). The tensors are raw little-endian bytes in
+<prefix>.data-0000i-of-0000n. Every table block and every tensor is checked against its CRC-32C.
 """
 import argparse
 import math
@@ -34,7 +34,7 @@ from model import Bert, write_safetensors  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 # The tensor bundle: protobuf varints and messages, LevelDB table blocks, the entries
 
-TF_MAGIC = 0xDB4775248B80FB57.to_bytes(8, "little")  # LevelDB's table magic number, the footer's end
+TF_MAGIC = 0xDB4775248B80FB57.to_bytes(8, "little")  # LevelDB's table magic: the footer's end
 TF_DTYPES = {1: torch.float32, 2: torch.float64, 3: torch.int32, 9: torch.int64, 14: torch.bfloat16,
              19: torch.float16}  # tensorflow/core/framework/types.proto
 TF_STRING = 7  # e.g. TF2's _CHECKPOINTABLE_OBJECT_GRAPH: not a weight
@@ -53,7 +53,7 @@ def varint(buf, pos):
 
 
 def proto_fields(buf):
-    """(field number, value) of a protobuf message: varints, fixed32/64 as ints, bytes for the rest."""
+    """(field number, value) of a protobuf message: varints, fixed32/64 as ints, the rest bytes."""
     pos = 0
     while pos < len(buf):
         key, pos = varint(buf, pos)
@@ -114,17 +114,18 @@ def read_tf_checkpoint(prefix):
         raise ValueError(f"{path}: big-endian checkpoints are not supported")
     data_files, state = {}, {}
     for key, value in entries.items():
-        name, entry = key.decode(), {}  # BundleEntryProto: dtype 1, shape 2, shard 3, offset 4, size 5,
-        for field, v in proto_fields(value):  # crc32c 6, slices 7
+        # BundleEntryProto fields: dtype 1, shape 2, shard 3, offset 4, size 5, crc32c 6, slices 7
+        name, entry = key.decode(), {}
+        for field, v in proto_fields(value):
             entry.setdefault(field, []).append(v)
         dtype = entry.get(1, [1])[0]
         if dtype == TF_STRING:
             continue
         if 7 in entry:
-            raise ValueError(f"{path}: {name} is stored in slices, which this reader does not support")
+            raise ValueError(f"{path}: {name} is stored in slices, which this reader cannot read")
         if dtype not in TF_DTYPES:
             raise ValueError(f"{path}: {name} has TensorFlow dtype {dtype}, not supported")
-        dims = [d for f, d in proto_fields(entry.get(2, [b""])[0]) if f == 2]  # TensorShapeProto.dim
+        dims = [d for f, d in proto_fields(entry.get(2, [b""])[0]) if f == 2]  # TensorShapeProto
         shape = [dict(proto_fields(d)).get(1, 0) for d in dims]
         shard, offset, size = (entry.get(k, [0])[0] for k in (3, 4, 5))
         if shard not in data_files:
@@ -137,8 +138,8 @@ def read_tf_checkpoint(prefix):
                              "the data file is corrupt")
         if 6 in entry and masked_crc32c(blob[offset:offset + size]) != entry[6][0]:
             raise ValueError(f"{prefix}: checksum mismatch in {name}: the data file is corrupt")
-        flat = torch.frombuffer(blob, dtype=TF_DTYPES[dtype], count=count, offset=offset) if size \
-            else torch.empty(0, dtype=TF_DTYPES[dtype])
+        flat = (torch.frombuffer(blob, dtype=TF_DTYPES[dtype], count=count, offset=offset) if size
+                else torch.empty(0, dtype=TF_DTYPES[dtype]))
         state[name] = flat.view(shape)
     return state
 
@@ -178,7 +179,8 @@ def crc32c(buf, lanes=4096):
 
 
 def zeros_operator(n_bytes):
-    """The GF(2) 32x32 matrix, as its 32 columns, that advances a raw CRC register over n zero bytes."""
+    """The GF(2) 32x32 matrix, as its 32 columns, that advances a raw CRC register over n_bytes
+    zero bytes."""
     power = [step_zero(np.uint32(1 << b)) for b in range(32)]  # one zero byte
     result = [np.uint32(1 << b) for b in range(32)]            # identity
     while n_bytes:  # square and multiply
@@ -217,9 +219,10 @@ SKIPPED = r"^cls/|/adam_[mv]$|^global_step$"  # pre-training heads, Adam's slots
 
 
 def hf_state(tf_state):
-    """The BERT weights of a Google checkpoint under HF's names: bert/encoder/layer_3/attention/self/
-    query/kernel -> bert.encoder.layer.3.attention.self.query.weight, transposed (TF's dense kernels
-    are (in, out)); LayerNorm gamma, beta -> weight, bias. What SKIPPED matches is left out."""
+    """The BERT weights of a Google checkpoint under HF's names:
+    bert/encoder/layer_3/attention/self/query/kernel -> bert.encoder.layer.3.attention.self.query
+    .weight, transposed (TF's dense kernels are (in, out)); LayerNorm gamma, beta -> weight, bias.
+    What SKIPPED matches is left out."""
     state = {}
     for name, tensor in tf_state.items():
         if re.search(SKIPPED, name):
@@ -245,19 +248,20 @@ def source_files(source, scratch):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{source}: no such file")
         data.unzip(source, scratch)
-        found = sorted({d for d, _, files in os.walk(scratch) if any(f.endswith(".index") for f in files)})
+        found = {d for d, _, files in os.walk(scratch) if any(f.endswith(".index") for f in files)}
         if len(found) != 1:
-            raise ValueError(f"{source}: holds {len(found)} folders of TensorFlow checkpoints (*.index), "
-                             "not one")
-        source = found[0]
+            raise ValueError(f"{source}: holds {len(found)} folders of TensorFlow checkpoints "
+                             "(*.index), not one")
+        source = found.pop()
     if os.path.isdir(source):
         index = sorted(f for f in os.listdir(source) if f.endswith(".index"))
         if len(index) != 1:
-            raise ValueError(f"{source}: holds {len(index)} TensorFlow checkpoints (*.index), not one; "
-                             "pass a checkpoint prefix, e.g. DIR/bert_model.ckpt")
+            raise ValueError(f"{source}: holds {len(index)} TensorFlow checkpoints (*.index), not "
+                             "one; pass a checkpoint prefix, e.g. DIR/bert_model.ckpt")
         source = os.path.join(source, index[0][:-len(".index")])
     if not os.path.exists(source + ".index"):
-        raise FileNotFoundError(f"{source}: no such directory, .zip or checkpoint prefix (<prefix>.index)")
+        raise FileNotFoundError(f"{source}: no such directory, .zip or checkpoint prefix "
+                                "(<prefix>.index)")
     folder = os.path.dirname(source)
     for name in ("bert_config.json", "vocab.txt"):
         if not os.path.exists(os.path.join(folder, name)):
@@ -273,10 +277,11 @@ def convert(source, out_dir):
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".tmp-convert-") as scratch:
         prefix, config, vocab = source_files(source, os.path.join(scratch, "unzipped"))
-        raw = os.path.join(scratch, "raw")  # Google's config, HF's names: what Bert.from_pretrained reads
+        raw = os.path.join(scratch, "raw")  # Google's config, HF's names: for Bert.from_pretrained
         os.makedirs(raw)
         shutil.copy(config, os.path.join(raw, "config.json"))
-        write_safetensors(hf_state(read_tf_checkpoint(prefix)), os.path.join(raw, "model.safetensors"))
+        state = hf_state(read_tf_checkpoint(prefix))
+        write_safetensors(state, os.path.join(raw, "model.safetensors"))
         bert = Bert.from_pretrained(raw, verbose=False)
         bert.save(out_dir, {"vocab.txt": data.read_text(vocab)})
     return bert
@@ -288,7 +293,8 @@ def main(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1].split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE",
-                   help="a checkpoint prefix or its directory, or Google's release .zip (path or URL)")
+                   help="a checkpoint prefix or its directory, or Google's release zip (path or "
+                        "URL)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write")
     args = p.parse_args(argv)
     if os.path.exists(os.path.join(args.out_dir, "model.safetensors")):
