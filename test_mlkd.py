@@ -179,20 +179,10 @@ def test_parity_with_hf_transformers_golden_outputs():
 def tiny_hf_state(config, seed=0):
     """A random model's weights under Google/HF checkpoint names: bert. prefix, gamma/beta, cls.* heads."""
     torch.manual_seed(seed)
-    ours = model.Bert(config).state_dict()
-    inverse_layer = {v: k for k, v in model.HF_LAYER_NAMES.items()}
-    inverse_other = {v: k for k, v in model.HF_OTHER_NAMES.items()}
     state = {}
-    for k, v in ours.items():
-        module, _, param = k.rpartition(".")
-        parts = module.split(".")
-        if parts[0] == "layers":
-            name = f"encoder.layer.{parts[1]}.{inverse_layer[parts[2]]}"
-        else:
-            name = inverse_other.get(module, module)
-        if name.endswith("LayerNorm"):
-            param = {"weight": "gamma", "bias": "beta"}[param]
-        state[f"bert.{name}.{param}"] = torch.randn_like(v)
+    for k, v in model.Bert(config).state_dict().items():
+        name = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", model.to_hf_name(k))
+        state[re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", name)] = torch.randn_like(v)
     state["cls.predictions.bias"] = torch.zeros(config.vocab_size)
     state["bert.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]
     return state
@@ -201,7 +191,7 @@ def tiny_hf_state(config, seed=0):
 def write_model_dir(directory, config, state, fmt="safetensors"):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        f.write(config.to_json())
+        json.dump(dataclasses.asdict(config), f)
     write_vocab(os.path.join(directory, "vocab.txt"))
     if fmt == "safetensors":
         model.write_safetensors(state, os.path.join(directory, "model.safetensors"))
@@ -216,10 +206,12 @@ def test_loader_round_trip_is_bit_exact(tmp_path, fmt):
     write_model_dir(tmp_path, config, state, fmt)
     m = model.Bert.from_pretrained(str(tmp_path), head="classification", num_labels=3, verbose=False)
     ours = m.state_dict()
+    our_name = {model.to_hf_name(k): k for k in ours}
     for key, value in state.items():
         if key.startswith("cls.") or key.endswith("position_ids"):
             continue
-        assert torch.equal(ours[model.to_our_name(key)], value), key
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        assert torch.equal(ours[our_name[key]], value), key
     m.save(tmp_path / "saved")  # our own format loads back identically, head included
     again = model.Bert.from_pretrained(str(tmp_path / "saved"), verbose=False)
     assert again.config.head == "classification" and again.config.num_labels == 3
@@ -267,6 +259,57 @@ def test_from_pretrained_fetches_hub_layout_with_bin_fallback(tmp_path, monkeypa
         assert [p for p, _ in s.requests][-1].endswith("pytorch_model.bin")  # after safetensors' 404
     assert torch.equal(m.word.weight, state["bert.embeddings.word_embeddings.weight"])
     assert os.path.exists(tmp_path / "cache" / "models" / "org--tiny" / "pytorch_model.bin")
+
+
+def test_a_mistyped_local_model_is_no_such_directory_not_a_download(tmp_path, monkeypatch):
+    """Issue 38, defect 7: `--model out/nope` was taken for a hub name and blamed the network."""
+    def no_download(url, *a, **k):
+        raise AssertionError(f"downloaded {url}")
+    monkeypatch.setattr(data, "download", no_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    for name in ("out/nope", "./nope", "../nope", "~/mlkd-no-such-model", "/no/such/model", "a/b/c", "nope"):
+        with pytest.raises(FileNotFoundError) as e:
+            model.fetch(name, cache_dir=str(tmp_path / "cache"))
+        assert str(e.value).startswith(f"model {name}: no such directory") and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def bad_files(good):
+    """{kind: bytes} of broken versions of the good bytes of a config.json, model.safetensors or
+    pytorch_model.bin: what a failed copy, a wrong file or another tool can leave under that name."""
+    header = lambda h: len(h).to_bytes(8, "little") + h  # noqa: E731
+    kinds = {"empty": b"", "truncated": good[:len(good) // 2], "binary": bytes(range(256)) * 4}
+    if good.startswith(b"{"):  # config.json
+        kinds.update({"utf-16": good.decode().encode("utf-16"), "not an object": b"[1, 2]",
+                      "a bad value": b'{"hidden_size": "big"}'})
+    elif good.startswith(b"PK"):  # pytorch_model.bin: a zip of pickles
+        kinds["truncated data"] = good[:-200]
+    else:  # model.safetensors
+        kinds.update({"header cut": good[:20], "header not JSON": header(b"{not json}") + b"\0" * 8,
+                      "header not an object": header(b"[1]"), "data cut": good[:-10],
+                      "unknown dtype": header(b'{"w": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}') + b"\0",
+                      "offsets past the end": header(b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}')})
+    return kinds
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors", "pytorch_model.bin"])
+def test_every_reader_refuses_a_bad_file_in_one_line_naming_it(tmp_path, file):
+    """Issue 38: each reader, fed each kind of bad file, raises one ValueError line naming the file."""
+    config = model.BertConfig.preset("tiny-student")
+    write_model_dir(tmp_path, config, tiny_hf_state(config), fmt="bin" if file.endswith(".bin") else "safetensors")
+    path = tmp_path / file
+    reader = {"config.json": model.BertConfig.from_json, "model.safetensors": model.read_safetensors,
+              "pytorch_model.bin": model.read_bin}[file]
+    good = path.read_bytes()
+    for kind, raw in bad_files(good).items():
+        path.write_bytes(raw)
+        for read in (lambda: reader(str(path)), lambda: model.Bert.from_pretrained(str(tmp_path))):
+            with pytest.raises(ValueError) as e:
+                read()
+            assert str(path) in str(e.value) and "\n" not in str(e.value), (kind, str(e.value))
+    path.write_bytes(good)
+    model.Bert.from_pretrained(str(tmp_path), verbose=False)  # the good file reads
 
 
 def test_output_object_and_heads():
@@ -1517,10 +1560,20 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
 
 
 # ==============================================================================================
-# model.py: TensorFlow checkpoints (Google's release format) without TensorFlow
+# tools/convert_tf_checkpoint.py: Google's TensorFlow release, converted without TensorFlow
+
+
+def tool(name):
+    """A script of tools/, imported as a module (tools/ is no package: chapter files never import it)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "tools", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_crc32c_against_bytewise_definition():
+    convert = tool("convert_tf_checkpoint")
+
     def slow(b):
         crc = 0xFFFFFFFF
         for x in b:
@@ -1528,67 +1581,121 @@ def test_crc32c_against_bytewise_definition():
             for _ in range(8):
                 crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
         return crc ^ 0xFFFFFFFF
-    assert model.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    assert convert.crc32c(b"123456789") == 0xE3069283  # the standard check value
     rng = np.random.default_rng(0)
     for n in (0, 1, 7, 4095, 4096, 4097, 20000):
         b = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert model.crc32c(b) == slow(b), n
+        assert convert.crc32c(b) == slow(b), n
 
 
 TF_VALUES = os.path.join(HERE, "testdata", "tf_values.npz")
 
 
 def test_tf_checkpoints_read_exactly_what_tensorflow_wrote():
+    convert = tool("convert_tf_checkpoint")
     values = np.load(TF_VALUES, allow_pickle=False)
     for fmt, prefix in (("tf1", "tf1/bert_model.ckpt"), ("tf2", "tf2/ckpt")):
-        state = model.read_tf_checkpoint(os.path.join(HERE, "testdata", prefix))
+        state = convert.read_tf_checkpoint(os.path.join(HERE, "testdata", prefix))
         want = {k.split("/", 1)[1]: values[k] for k in values.files if k.startswith(fmt + "/")}
         assert set(want) <= set(state)  # TF2 also stores bookkeeping variables (save_counter)
         for k, v in want.items():
             assert state[k].dtype == torch.from_numpy(v).dtype and np.array_equal(state[k].numpy(), v), (fmt, k)
 
 
-def test_google_checkpoint_loads_into_bert_with_transposed_kernels(tmp_path):
-    import shutil
-    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "google")
-    write_vocab(tmp_path / "google" / "vocab.txt")
-    m = model.Bert.from_pretrained(str(tmp_path / "google"), verbose=False)  # cls/*, adam slots, global_step ignored
+def test_google_checkpoint_is_refused_with_the_command_that_converts_it(tmp_path):
+    """model.py names the converter's command; that command, run from elsewhere, writes a model directory
+    that loads with Google's kernels transposed (cls/*, Adam's slots, global_step left out)."""
+    import subprocess
+    google = tmp_path / "google"
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), google)
+    write_vocab(google / "vocab.txt")
+    commands = []
+    for source in (str(tmp_path / "uncased_tiny.zip"), str(google)):
+        with pytest.raises(ValueError) as e:
+            model.Bert.from_pretrained(source)
+        assert "\n" not in str(e.value), str(e.value)
+        commands.append(str(e.value).split("convert it once: ")[1].split())
+    assert commands[0] == ["python", "tools/convert_tf_checkpoint.py", str(tmp_path / "uncased_tiny.zip"),
+                           "uncased_tiny-hf"]
+    assert commands[1] == ["python", "tools/convert_tf_checkpoint.py", str(google), "google-hf"]
+    python, script, *argv = commands[1]  # run from tmp_path, not the repo root
+    run = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "wrote google-hf" in run.stdout, run.stdout + run.stderr
+    assert sorted(os.listdir(tmp_path / "google-hf")) == ["config.json", "model.safetensors", "vocab.txt"]
+    m = model.Bert.from_pretrained(str(tmp_path / "google-hf"), verbose=False)
     values = np.load(TF_VALUES, allow_pickle=False)
     assert np.array_equal(
         m.layers[1].q.weight.detach().numpy(), values["tf1/bert/encoder/layer_1/attention/self/query/kernel"].T
     )
     assert np.array_equal(m.emb_ln.weight.detach().numpy(), values["tf1/bert/embeddings/LayerNorm/gamma"])
     assert np.array_equal(m.word.weight.detach().numpy(), values["tf1/bert/embeddings/word_embeddings"])
-    # the same directory as a zip, as Google ships it, through fetch
-    shutil.make_archive(str(tmp_path / "uncased_tiny"), "zip", tmp_path, "google")
-    z = model.Bert.from_pretrained(str(tmp_path / "uncased_tiny.zip"), cache_dir=str(tmp_path / "cache"), verbose=False)
-    assert all(torch.equal(v, z.state_dict()[k]) for k, v in m.state_dict().items())
+    assert (tmp_path / "google-hf" / "vocab.txt").read_text() == (google / "vocab.txt").read_text()
 
 
-def test_corrupt_tf_checkpoint_is_caught(tmp_path):
-    import shutil
+def test_google_release_zip_converts_from_a_file_and_a_url(tmp_path, monkeypatch, capsys):
+    convert = tool("convert_tf_checkpoint")
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "uncased_tiny")
+    write_vocab(tmp_path / "uncased_tiny" / "vocab.txt")
+    convert.main([str(tmp_path / "uncased_tiny" / "bert_model.ckpt"), str(tmp_path / "from_prefix")])
+    shutil.make_archive(str(tmp_path / "uncased_tiny"), "zip", tmp_path, "uncased_tiny")  # as Google ships it
+    convert.main([str(tmp_path / "uncased_tiny.zip"), str(tmp_path / "from_zip")])
+    monkeypatch.setenv("MLKD_CACHE", str(tmp_path / "cache"))
+    with Server({"/bert_models/uncased_tiny.zip": (tmp_path / "uncased_tiny.zip").read_bytes()}) as s:
+        convert.main([f"{s.url}/bert_models/uncased_tiny.zip", str(tmp_path / "from_url")])
+    assert os.path.exists(tmp_path / "cache" / "models" / "uncased_tiny.zip")  # downloaded once, kept
+    a, b, c = (model.Bert.from_pretrained(str(tmp_path / d), verbose=False).state_dict()
+               for d in ("from_prefix", "from_zip", "from_url"))
+    assert all(torch.equal(v, b[k]) and torch.equal(v, c[k]) for k, v in a.items())
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []  # the unpacked zip is gone
+    assert capsys.readouterr().out.count("wrote ") == 3
+
+
+def test_corrupt_tf_checkpoint_is_caught(tmp_path, capsys):
+    convert = tool("convert_tf_checkpoint")
     shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "c")
+    write_vocab(tmp_path / "c" / "vocab.txt")
     prefix = str(tmp_path / "c" / "bert_model.ckpt")
     data_file = prefix + ".data-00000-of-00001"
     raw = bytearray(open(data_file, "rb").read())
     raw[len(raw) // 2] ^= 0x01  # one flipped bit
     open(data_file, "wb").write(bytes(raw))
     with pytest.raises(ValueError, match="checksum mismatch in .*: the data file is corrupt"):
-        model.read_tf_checkpoint(prefix)
+        convert.read_tf_checkpoint(prefix)
+    with pytest.raises(SystemExit, match=r"^error: .*checksum mismatch in .*: the data file is corrupt$"):
+        convert.main([str(tmp_path / "c"), str(tmp_path / "out")])  # one line, nothing written
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
     open(data_file, "wb").write(bytes(raw[:100]))  # truncated
     with pytest.raises(ValueError, match="corrupt"):
-        model.read_tf_checkpoint(prefix)
+        convert.read_tf_checkpoint(prefix)
     index = bytearray(open(prefix + ".index", "rb").read())
     index[10] ^= 0xFF
     open(prefix + ".index", "wb").write(bytes(index))
     with pytest.raises(ValueError, match="checksum mismatch in the table block"):
-        model.read_tf_checkpoint(prefix)
+        convert.read_tf_checkpoint(prefix)
+
+
+def test_converter_errors_are_one_line(tmp_path):
+    convert = tool("convert_tf_checkpoint")
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "novocab")
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    cases = [(tmp_path / "nowhere", "no such directory, .zip or checkpoint prefix"),
+             (tmp_path / "empty", "holds 0 TensorFlow checkpoints"),
+             (tmp_path / "novocab", "no vocab.txt next to the checkpoint"),
+             (tmp_path / "bad.zip", "is not a valid zip file")]
+    for source, why in cases:
+        with pytest.raises(SystemExit) as e:
+            convert.main([str(source), str(tmp_path / "out")])
+        assert str(e.value).startswith(f"error: {source}") and why in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.skipif(not os.environ.get("MLKD_TF_MINILM") or minilm_dir() is None,
                     reason="set MLKD_TF_MINILM to the output of testdata/make_tf_checkpoints.py --minilm DIR")
-def test_minilm_from_tensorflow_checkpoint_equals_safetensors():
-    tf_model = model.Bert.from_pretrained(os.environ["MLKD_TF_MINILM"], verbose=False).eval()
+def test_minilm_from_tensorflow_checkpoint_equals_safetensors(tmp_path):
+    tool("convert_tf_checkpoint").main([os.environ["MLKD_TF_MINILM"], str(tmp_path / "minilm")])
+    tf_model = model.Bert.from_pretrained(str(tmp_path / "minilm"), verbose=False).eval()
     st_model = model.Bert.from_pretrained(minilm_dir(), verbose=False).eval()
     ids = torch.randint(1000, 30000, (2, 12))
     with torch.no_grad():
@@ -2547,8 +2654,7 @@ def test_a_model_saved_in_our_earlier_layout_still_loads(tmp_path):
     torch.manual_seed(0)
     old = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2))
     model.write_safetensors(old.state_dict(), str(tmp_path / "model.safetensors"))  # layers.0.q.weight, ...
-    config = json.loads(old.config.to_json())
-    ours_only = {f.name: config[f.name] for f in dataclasses.fields(model.BertConfig)}  # no HF keys then
+    ours_only = dataclasses.asdict(old.config)  # no HF keys then
     (tmp_path / "config.json").write_text(json.dumps(ours_only))
     again = model.Bert.from_pretrained(str(tmp_path), verbose=False)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), old.state_dict().values()))
