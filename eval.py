@@ -53,11 +53,9 @@ def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=Fa
     order = torch.argsort(dataset["lengths"], stable=True)  # (N,)
     by_length = {k: dataset[k][order] for k in ("input_ids", "token_type_ids", "lengths")}
     width, logits, cls = dataset["input_ids"].shape[1], [], []
-    cuda = str(device).startswith("cuda")
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
         for b in data.batches(by_length, batch_size, fixed_padding=fixed_padding):
-            out = model(b["input_ids"].to(device), b["token_type_ids"].to(device),
-                        b["attention_mask"].to(device))
+            out = model(*(b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")))
             z = out.logits
             if z.dim() == 3:  # span logits (B, 2, width): to the dataset's width, never an answer
                 z = torch.nn.functional.pad(z, (0, width - z.shape[-1]), value=-1e4)
@@ -107,8 +105,7 @@ def pearson(a, b):
 
 def format_metrics(metrics, digits=2):
     """'acc 91.25, total 872': metrics with two decimals (losses: more), counts as they are."""
-    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.{digits}f}"
-                     for k, v in metrics.items())
+    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.{digits}f}" for k, v in metrics.items())
 
 
 # ----------------------------------------------------------------------------------------------
