@@ -225,7 +225,7 @@ def main(argv=None):
     for name, default in (("data_dir", os.environ.get("MLKD_DATA", "data")), ("max_len", task_len)):
         if getattr(args, name) is None:  # not given: the model's (its args.json), else the default
             setattr(args, name, trained.get(name) or default)
-            print(f"{name} {getattr(args, name)} ({'from ' + saved if name in trained else 'default'})")
+            print(f"{name} {getattr(args, name)} ({'from ' + saved if trained.get(name) else 'default'})")
     args.paper_exact = trained.get("paper_exact", False)
     model = Bert.from_pretrained(directory).to(args.device)
     tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
