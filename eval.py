@@ -1,19 +1,15 @@
-"""eval.py: score a saved model with the official metric, write test predictions, measure speed, and draw
-a run's loss curves and the relation maps of teacher and student.
+"""eval.py: how a saved model is scored. In reading order: its GLUE dev metrics (its outputs in
+length-sorted batches -> predictions -> the official metric: the GLUE paper's, as scikit-learn and
+scipy compute them for its leaderboard), SQuAD's EM and F1 (the official v1.1 and v2.0 scripts),
+the head a task needs, and the command (dev metrics, SQuAD, GLUE test predictions); then machinery:
+flags, typos for --noise, latency for --speed, a run's loss curves, the relation maps of --show.
 
-Chapter 3 of mlkd. Metrics are restated from their definitions (GLUE paper and the scikit-learn /
-scipy conventions its leaderboard uses; the official SQuAD v1.1 and v2.0 evaluation scripts), in
-numpy only. Every number is in percent, as the leaderboards and the official scripts print them.
-
-    python eval.py --task sst2 --model out/sst2/stage2             # dev metrics
-    python eval.py --task sst2 --model out/sst2/stage2 --predict   # GLUE test predictions (submission TSV)
-    python eval.py --task sst2 --model out/sst2/stage2 --speed     # latency at 12/6/4/3/2/1 heads
-    python eval.py --task squad1 --model DIR                       # EM/F1 + predictions.json
-    python eval.py --task sst2 --model DIR --teacher T --show "a sentence"   # relations.html: teacher vs student
-    python eval.py --task sst2 --model DIR --noise 0.1              # dev with a typo in 10% of the words
-
-Reading order: the metrics, how a model is scored, the command (main and its modes); then machinery.
-Imports data, model, and mlkd (whose relation functions the --show page draws); train.py sits above it.
+    python eval.py --task sst2 --model out/sst2/stage2    # dev metrics
+    python eval.py --task sst2 --model DIR --predict      # GLUE test predictions (submission TSVs)
+    python eval.py --task sst2 --model DIR --speed        # latency at 12/6/4/3/2/1 heads
+    python eval.py --task squad1 --model DIR              # EM/F1 and predictions.json
+    python eval.py --task sst2 --model DIR --noise 0.1    # dev with a typo in 10% of the words
+    python eval.py --task sst2 --model DIR --teacher T --show "a sentence"   # relations.html
 """
 import argparse
 import collections
@@ -23,7 +19,6 @@ import json
 import os
 import re
 import string
-import sys
 import time
 
 import numpy as np
@@ -33,62 +28,137 @@ import data
 import mlkd
 from model import Bert, fetch
 
-
 # ----------------------------------------------------------------------------------------------
-# GLUE metrics
+# A model's GLUE dev metrics: its outputs in length-sorted batches -> predictions -> the metric
 
 
-def matthews(preds, labels):
-    """(TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)); 0 when the denominator is 0."""
-    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
+def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False, with_predictions=False):
+    """{metric: value, "total": rows} on a GLUE task's encoded dev split(s) {split: dataset};
+    MNLI's get the suffixes _m and _mm. with_predictions: (metrics, {split: predictions})."""
+    metrics, predictions = {}, {}
+    for split, ds in dev_sets.items():
+        logits = model_outputs(model, ds, batch_size, device, fixed_padding)[0].numpy()  # (N, C)
+        preds = logits[:, 0] if data.TASKS[task].is_regression else logits.argmax(-1)
+        scores = {**glue_metrics(task, preds, ds["labels"].numpy()), "total": len(preds)}
+        suffix = {"dev_matched": "_m", "dev_mismatched": "_mm"}.get(split, "")
+        metrics.update({k + suffix: v for k, v in scores.items()})
+        predictions[split] = preds
+    return (metrics, predictions) if with_predictions else metrics
+
+
+def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
+    """(logits, final [CLS] states) of an encoded dataset's rows, in order, float32 on the CPU. Rows
+    go through shortest first, so that padding a batch to its longest row wastes little."""
+    model.eval()
+    order = torch.argsort(dataset["lengths"], stable=True)  # (N,)
+    by_length = {k: dataset[k][order] for k in ("input_ids", "token_type_ids", "lengths")}
+    width, logits, cls = dataset["input_ids"].shape[1], [], []
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+        for b in data.batches(by_length, batch_size, fixed_padding=fixed_padding):
+            out = model(*(b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")))
+            z = out.logits
+            if z.dim() == 3:  # span logits (B, 2, width): to the dataset's width, never an answer
+                z = torch.nn.functional.pad(z, (0, width - z.shape[-1]), value=-1e4)
+            logits.append(z.float().cpu())
+            cls.append(out.hidden_states[-1][:, 0].float().cpu())
+    unsort = torch.argsort(order)  # back to the dataset's order
+    return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
+
+
+def glue_metrics(task, preds, labels):
+    """The official metric(s) of a GLUE task (the GLUE paper, Table 1); preds: class indices, or
+    scores for STS-B. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1 as positive."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if task == "stsb":
+        return {"pearson": 100 * pearson(preds, labels),
+                "spearman": 100 * pearson(average_ranks(preds), average_ranks(labels))}
+    acc = 100 * float(np.mean(preds == labels))
+    if task not in ("cola", "mrpc", "qqp"):
+        return {"acc": acc}
+    p, y = preds == 1, labels == 1
     tp, tn, fp, fn = (float(np.sum(a & b)) for a, b in ((p, y), (~p, ~y), (p, ~y), (~p, y)))
-    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
-
-
-def f1_positive(preds, labels):
-    """Binary F1 of the positive class 1: 2TP / (2TP + FP + FN) (not macro-F1); 0 when undefined."""
-    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
-    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    if task == "cola":  # Matthews: (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), or 0
+        denominator = float(np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+        return {"mcc": 0.0 if denominator == 0 else 100 * (tp * tn - fp * fn) / denominator}
+    f1 = 0.0 if tp == 0 else 100 * 2 * tp / (2 * tp + fp + fn)  # of class 1, not macro-F1
+    return {"acc": acc, "f1": f1}
 
 
 def average_ranks(x):
     """Ranks 1..n, ties given the mean of the ranks they span (scipy's rankdata 'average')."""
     x = np.asarray(x, dtype=np.float64)
     order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.r_[0, np.nonzero(np.diff(sorted_x))[0] + 1]   # first index of each run of ties
+    starts = np.r_[0, np.nonzero(np.diff(x[order]))[0] + 1]  # first index of each run of ties
     ends = np.r_[starts[1:], len(x)]
-    run_rank = (starts + ends + 1) / 2.0                      # mean of ranks starts+1 .. ends
     ranks = np.empty(len(x))
-    ranks[order] = np.repeat(run_rank, ends - starts)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of starts+1..ends
     return ranks
 
 
 def pearson(a, b):
+    """Pearson's correlation of two series; 0 when either is constant."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     a, b = a - a.mean(), b - b.mean()
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
     return 0.0 if denominator == 0 else float((a * b).sum() / denominator)
 
 
-def glue_metrics(task, preds, labels):
-    """Official metric(s) of a GLUE task, in percent. preds: class indices, or scores for STS-B."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    if task == "stsb":
-        return {"pearson": 100 * pearson(preds, labels),
-                "spearman": 100 * pearson(average_ranks(preds), average_ranks(labels))}
-    out = {"acc": 100 * float(np.mean(preds == labels))}
-    if task in ("mrpc", "qqp"):
-        out["f1"] = 100 * float(f1_positive(preds, labels))
-    if task == "cola":
-        out = {"mcc": 100 * float(matthews(preds, labels))}
-    return out
+def format_metrics(metrics, digits=2):
+    """'acc 91.25, total 872': metrics with two decimals (losses: more), counts as they are."""
+    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.{digits}f}" for k, v in metrics.items())
 
 
 # ----------------------------------------------------------------------------------------------
-# SQuAD metrics (official evaluate-v1.1.py and evaluate-v2.0.py, restated)
+# SQuAD: the best spans -> EM and F1 (the official evaluate-v1.1.py and evaluate-v2.0.py)
+
+
+def squad_version(task):
+    """The SQuAD version of a task: 2.0 for squad2, else 1.1."""
+    return "2.0" if task == "squad2" else "1.1"
+
+
+def evaluate_squad(model, examples, features, version, batch_size=128, device="cpu"):
+    """(scores, predictions): EM/F1 of the model's best spans; v2.0 also at the best threshold."""
+    logits = model_outputs(model, features, batch_size, device)[0].numpy()  # (F, 2, L)
+    preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
+    return squad_scores(examples, preds, version, na if version == "2.0" else None), preds
+
+
+def squad_scores(dataset, predictions, version="1.1", na_scores=None):
+    """EM and F1 in percent, each the max over the gold answers of read_squad's examples; a question
+    without a prediction scores 0 (v1.1's rule). v2.0: an unanswerable question's gold is "", and the
+    HasAns/NoAns splits and, with na_scores {id: null - best span score}, the best threshold."""
+    exact, f1, has_answer = {}, {}, {}
+    for ex in dataset:
+        golds = [a["text"] for a in ex["answers"]]
+        if version == "2.0":  # golds that normalise to "" are dropped
+            golds = [g for g in golds if normalize_answer(g)] or [""]
+        has_answer[ex["id"]], pred = golds != [""], predictions.get(ex["id"])
+        if pred is None:
+            exact[ex["id"]] = f1[ex["id"]] = 0.0
+            continue
+        exact[ex["id"]] = max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
+        f1[ex["id"]] = max(squad_f1(pred, g) for g in golds)
+    splits = {"": list(exact)}
+    if version == "2.0":
+        splits["HasAns_"] = [i for i in exact if has_answer[i]]
+        splits["NoAns_"] = [i for i in exact if not has_answer[i]]
+    out = {}
+    for prefix, ids in ((k, v) for k, v in splits.items() if v):
+        out[prefix + "exact"] = 100 * float(np.mean([exact[i] for i in ids]))
+        out[prefix + "f1"] = 100 * float(np.mean([f1[i] for i in ids]))
+        out[prefix + "total"] = len(ids)
+    for name, scores in (("exact", exact), ("f1", f1)) if na_scores is not None else ():
+        # the official find_best_thresh: from "" for every question, admit the answers in order of
+        # increasing na score (each replacing the empty answer's score), keeping the best total
+        current = best = sum(not has for has in has_answer.values())
+        threshold = 0.0
+        for i in sorted(scores, key=lambda i: na_scores[i]):
+            current += scores[i] - (not has_answer[i])
+            if current > best:
+                best, threshold = current, float(na_scores[i])
+        out[f"best_{name}"], out[f"best_{name}_thresh"] = 100.0 * best / len(scores), threshold
+    return out
 
 
 def normalize_answer(s):
@@ -99,6 +169,7 @@ def normalize_answer(s):
 
 
 def squad_f1(prediction, gold):
+    """F1 of the normalised tokens of a prediction against one gold answer."""
     p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not p or not g:  # v2.0: both empty is a match, one empty is not
         return float(p == g)
@@ -109,233 +180,106 @@ def squad_f1(prediction, gold):
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_scores(dataset, predictions, version="1.1", na_scores=None):
-    """EM and F1 in percent, max over the gold answers. dataset: read_squad's list of examples.
-
-    A question without a prediction scores 0 and counts in the total (v1.1's rule; we apply it to
-    v2.0 as well, where the official script would skip it). v2.0: gold answers that normalise to ""
-    are dropped and an unanswerable question's only gold is ""; HasAns/NoAns splits are reported and,
-    with na_scores {id: null score - best span score}, the best threshold and its EM/F1.
-    """
-    exact, f1, has_answer = {}, {}, {}
-    for ex in dataset:
-        golds = [a["text"] for a in ex["answers"]]
-        if version == "2.0":
-            golds = [g for g in golds if normalize_answer(g)] or [""]
-        has_answer[ex["id"]] = golds != [""]
-        pred = predictions.get(ex["id"])
-        if pred is None:
-            exact[ex["id"]] = f1[ex["id"]] = 0.0
-            continue
-        exact[ex["id"]] = max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
-        f1[ex["id"]] = max(squad_f1(pred, g) for g in golds)
-    ids = list(exact)
-    out = {"exact": 100 * np.mean([exact[i] for i in ids]), "f1": 100 * np.mean([f1[i] for i in ids]),
-           "total": len(ids)}
-    if version == "2.0":
-        for name, keep in (("HasAns", True), ("NoAns", False)):
-            sub = [i for i in ids if has_answer[i] == keep]
-            if sub:
-                out[f"{name}_exact"] = 100 * np.mean([exact[i] for i in sub])
-                out[f"{name}_f1"] = 100 * np.mean([f1[i] for i in sub])
-                out[f"{name}_total"] = len(sub)
-        if na_scores is not None:
-            for name, scores in (("exact", exact), ("f1", f1)):
-                out[f"best_{name}"], out[f"best_{name}_thresh"] = best_threshold(ids, scores, has_answer, na_scores)
-    return {k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in out.items()}
+# ----------------------------------------------------------------------------------------------
+# The head a task needs (train.py builds and checks its models with these too)
 
 
-def best_threshold(ids, scores, has_answer, na_scores):
-    """Sweep the null-score threshold (official find_best_thresh): start from predicting "" everywhere,
-    then admit answers in order of increasing na score, keeping the best total."""
-    current = best = sum(not has_answer[i] for i in ids)
-    threshold = 0.0
-    for i in sorted(ids, key=lambda i: na_scores[i]):
-        current += scores[i] - (not has_answer[i])  # the answer's score replaces the empty answer's
-        if current > best:
-            best, threshold = current, na_scores[i]
-    return 100.0 * best / len(ids), threshold
+def head_config(task):
+    """The head of a model of the task: classification with the task's labels, regression (STS-B),
+    span (SQuAD) or none (task "general": general distillation trains no head)."""
+    if task in data.TASKS and data.TASKS[task].labels:
+        labels = list(data.TASKS[task].labels)
+        return dict(head="classification", num_labels=len(labels), label_names=labels)
+    head = {"general": "none", "squad1": "span", "squad2": "span"}.get(task, "regression")
+    return dict(head=head, label_names=[])
+
+
+def head_mismatch(model, task):
+    """None when the model's head is the task's, else what differs ("has ..., but needs ...")."""
+    have, want = model.config, head_config(task)
+    if have.head == want["head"] and have.num_labels == want.get("num_labels", have.num_labels):
+        return None
+    labels = f" with {have.num_labels} labels" if have.head == "classification" else ""
+    shown = "no task head" if have.head == "none" else f"a {have.head} head{labels}"
+    labels = f" with {want['num_labels']} labels" if "num_labels" in want else ""
+    return f"has {shown}, but --task {task} needs a {want['head']} head{labels}"
+
+
+def check_labels(model, task):
+    """Refuse a model fine-tuned under another label order: it would be silently wrong (MNLI)."""
+    want, have = list(data.TASKS[task].labels), list(model.config.label_names)
+    if have and have != want:
+        raise ValueError(f"the model's labels {have} differ from task {task}'s {want}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Noisy input: is a distilled student as robust to typos as its teacher? (eval.py --noise P)
-
-
-def typo(word, rng):
-    """One character-level typo in a word: swap two neighbouring letters, drop, insert or substitute a
-    letter (chosen uniformly; a word too short for the drawn typo gets a substitution). Case is kept."""
-    letters = [i for i, c in enumerate(word) if c.isalpha()]
-    pairs = [i for i in letters if i + 1 in letters and word[i] != word[i + 1]]
-    op, i = int(rng.integers(4)), int(rng.choice(letters))
-    new = string.ascii_lowercase[rng.integers(26)]
-    new = new.upper() if word[i].isupper() else new
-    if op == 0 and pairs:
-        j = int(rng.choice(pairs))
-        return word[:j] + word[j + 1] + word[j] + word[j + 2:]
-    if op == 1 and len(word) > 1:
-        return word[:i] + word[i + 1:]
-    if op == 2:
-        return word[:i] + new + word[i:]
-    while new.lower() == word[i].lower():
-        new = string.ascii_lowercase[rng.integers(26)]
-    return word[:i] + new + word[i + 1:]
-
-
-def with_typos(examples, p, seed=0):
-    """The examples with a typo in a seeded random fraction p of their words (space-separated tokens with
-    a letter), across the whole set; labels unchanged. Returns (examples, words, words changed)."""
-    rng = np.random.default_rng(seed)
-    texts = [[e.text_a.split(" "), e.text_b.split(" ") if e.text_b is not None else None] for e in examples]
-    words = [(i, f, w) for i, t in enumerate(texts) for f in (0, 1) if t[f] for w, tok in enumerate(t[f])
-             if any(c.isalpha() for c in tok)]
-    chosen = sorted(rng.choice(len(words), size=round(p * len(words)), replace=False).tolist())
-    for k in chosen:
-        i, f, w = words[k]
-        texts[i][f][w] = typo(texts[i][f][w], rng)
-    noisy = [dataclasses.replace(e, text_a=" ".join(t[0]), text_b=" ".join(t[1]) if t[1] is not None else None)
-             for e, t in zip(examples, texts)]
-    return noisy, len(words), len(chosen)
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring a model: its outputs on an encoded set, predictions, the official metric
-
-
-@torch.no_grad()
-def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
-    """(logits, [CLS] states) of every row of an encoded dataset, in order, float32 on the CPU: (N, ...)
-    and (N, d). Rows are batched by length (shortest first) so that dynamic padding wastes little, then
-    put back in order. Span logits are padded to the dataset width with the model's pad value."""
-    model.eval()
-    logits, cls = [], []
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    order = torch.argsort(dataset["lengths"], stable=True)  # (N,)
-    by_length = {k: v[order] for k, v in dataset.items() if k in ("input_ids", "token_type_ids", "lengths")}
-    for b in data.batches(by_length, batch_size, fixed_padding=fixed_padding):
-        with autocast:
-            out = model(b["input_ids"].to(device), b["token_type_ids"].to(device), b["attention_mask"].to(device))
-        z, width = out.logits, out.logits.shape[-1]  # span logits: (B, 2, width)
-        if z.dim() == 3 and width < dataset["input_ids"].shape[1]:
-            z = torch.nn.functional.pad(z, (0, dataset["input_ids"].shape[1] - width), value=-1e4)
-        logits.append(z.float().cpu())
-        cls.append(out.hidden_states[-1][:, 0].float().cpu())
-    unsort = torch.argsort(order)  # back to the dataset's order
-    return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
-
-
-def predict_logits(model, dataset, batch_size=128, device="cpu", fixed_padding=False):
-    """Logits of every row of an encoded dataset, in order, as a float32 numpy array."""
-    return model_outputs(model, dataset, batch_size, device, fixed_padding)[0].numpy()
-
-
-def predictions_from_logits(task, logits):
-    return logits[:, 0] if data.TASKS[task].is_regression else logits.argmax(-1)
-
-
-def predict_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False):
-    """{split: predictions} over the task's dev split(s): class indices, or scores for STS-B."""
-    return {split: predictions_from_logits(task, predict_logits(model, ds, batch_size, device, fixed_padding))
-            for split, ds in dev_sets.items()}
-
-
-def score_glue(task, dev_sets, predictions):
-    """{metric: value, "total": rows scored} over the task's dev split(s); MNLI's get suffixes _m and _mm."""
-    metrics = {}
-    for split, ds in dev_sets.items():
-        m = {**glue_metrics(task, predictions[split], ds["labels"].numpy()), "total": len(ds["labels"])}
-        suffix = {"dev_matched": "_m", "dev_mismatched": "_mm"}.get(split, "")
-        metrics.update({k + suffix: v for k, v in m.items()})
-    return metrics
-
-
-def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False):
-    return score_glue(task, dev_sets, predict_glue(model, task, dev_sets, batch_size, device, fixed_padding))
-
-
-def evaluate_squad(model, examples, features, version, batch_size=128, device="cpu"):
-    """(scores, predictions): EM/F1 of the model's best spans; v2.0 with the null-score threshold 0
-    and, from the null-minus-best scores, the best threshold."""
-    logits = predict_logits(model, features, batch_size, device)  # (F, 2, L)
-    preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
-    return squad_scores(examples, preds, version, na if version == "2.0" else None), preds
-
-
-def squad_version(task):
-    return "2.0" if task == "squad2" else "1.1"
-
-
-def format_metrics(metrics, digits=2):
-    """'acc 91.25, total 872': metrics with two decimals (losses: more), counts as they are."""
-    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.{digits}f}" for k, v in metrics.items())
-
-
-# ----------------------------------------------------------------------------------------------
-# The command: dev metrics by default; SQuAD, test predictions, speed and the relation page on request
+# The command: dev metrics by default; SQuAD, test predictions, speed, the relation page on request
 
 
 def main(argv=None):
-    """Score --model on the task's dev set with the official metric, or run one of the other modes."""
+    """Score --model on the task's dev set with the official metric, or run the mode asked for."""
     args = parse_args(argv)
     directory = args.model = fetch(args.model)
     trained, saved = trained_settings(directory), os.path.join(directory, "args.json")
-    if args.data_dir is None:
-        args.data_dir = trained.get("data_dir") or os.environ.get("MLKD_DATA", "data")
-        print(f"data_dir {args.data_dir} ({'from ' + saved if 'data_dir' in trained else 'default'})")
+    task_len = 384 if args.task.startswith("squad") else data.TASKS[args.task].max_len
+    for name, default in (("data_dir", os.environ.get("MLKD_DATA", "data")), ("max_len", task_len)):
+        if getattr(args, name) is None:  # not given: the model's (its args.json), else the default
+            setattr(args, name, trained.get(name) or default)
+            print(f"{name} {getattr(args, name)} ({'from ' + saved if trained.get(name) else 'default'})")
     args.paper_exact = trained.get("paper_exact", False)
-    if args.max_len is None:
-        task_default = 384 if args.task.startswith("squad") else data.TASKS[args.task].max_len
-        args.max_len = trained.get("max_len") or task_default
-        print(f"max_len {args.max_len} ({'from ' + saved if 'max_len' in trained else 'task default'})")
     model = Bert.from_pretrained(directory).to(args.device)
     tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
     if args.show:
-        return show(args, model, teacher=Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device),
-                    tok=tok, trained=trained)
+        teacher = Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device)
+        return show(args, model, teacher, tok, trained)
     if args.speed:
-        return print_speed(model, args, length=args.speed_length or trained.get("max_len", 128))
+        length = args.speed_length or trained.get("max_len", 128)
+        return speed(model, args.speed_batch, length, device=args.device, verbose=True)
     why = head_mismatch(model, args.task)
     if why:
-        raise ValueError(f"--model {directory}: {why}" + ("; a pre-trained model or General student is not fine-tuned "
-                         "on any task" if model.config.head == "none" else "; score it on the task it was trained on"))
-    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # stage1/ (and general/) keep W_0..W_M
-        print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so this scores an "
-              "untrained classifier; the distilled student is the stage2 directory")
+        hint = "a pre-trained model or General student is not fine-tuned on any task" \
+            if model.config.head == "none" else "score it on the task it was trained on"
+        raise ValueError(f"--model {directory}: {why}; {hint}")
+    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # Stage 1 kept W_m
+        print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so "
+              "this scores an untrained classifier; the distilled student is in stage2")
     if args.task.startswith("squad"):
-        return eval_squad(model, tok, args)
+        return score_squad(model, tok, args)
     check_labels(model, args.task)
-    if args.predict:
-        return write_test_predictions(model, tok, args)
-    return score_dev(model, tok, args)
+    return write_test_predictions(model, tok, args) if args.predict else score_dev(model, tok, args)
 
 
 def score_dev(model, tok, args):
-    """The dev metrics of a GLUE model (--noise: on dev with typos, kept in noise-P.json), and how many
-    times it predicts each class."""
-    task, directory = data.TASKS[args.task], args.model
-    examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial) for s in task.dev_splits}
-    noise = {}
+    """The dev metrics of a GLUE model (--noise: on dev with typos, kept in noise-P.json), and how
+    often it predicts each class (a model that learnt only the class prior shows here)."""
+    task, directory, noise = data.TASKS[args.task], args.model, {}
+    examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial)
+                for s in task.dev_splits}
     for split in examples if args.noise else ():
         examples[split], words, changed = with_typos(examples[split], args.noise, args.noise_seed)
-        lines = [f"{e.guid}\t{e.label}\t{e.text_a}\t{e.text_b or ''}" for e in examples[split]]
+        rows = [f"{e.guid}\t{e.label}\t{e.text_a}\t{e.text_b or ''}\n" for e in examples[split]]
         path = os.path.join(directory, f"noise-{args.noise:g}-{split}.tsv")
-        data.atomic_write_text(path, "guid\tlabel\ttext_a\ttext_b\n" + "\n".join(lines) + "\n")
+        data.atomic_write_text(path, "guid\tlabel\ttext_a\ttext_b\n" + "".join(rows))
         noise[split] = {"words": words, "changed": changed}
-        print(f"{split}: a typo in {changed:,} of {words:,} words (seed {args.noise_seed}); the noisy set is {path}")
+        print(f"{split}: a typo in {changed:,} of {words:,} words (seed {args.noise_seed}); "
+              f"the noisy set is {path}")
     dev = {s: data.encode_glue(args.task, ex, tok, args.max_len) for s, ex in examples.items()}
-    predictions = predict_glue(model, args.task, dev, args.batch_size, args.device, args.paper_exact)
-    metrics = score_glue(args.task, dev, predictions)
-    print(f"{args.task} dev{f' with noise {args.noise:g}' if args.noise else ''}: " + format_metrics(metrics))
+    metrics, predictions = evaluate_glue(model, args.task, dev, args.batch_size, args.device,
+                                         args.paper_exact, with_predictions=True)
+    print(f"{args.task} dev{f' with noise {args.noise:g}' if args.noise else ''}: "
+          + format_metrics(metrics))
     if args.noise:
         record = {**metrics, "noise": args.noise, "seed": args.noise_seed, "splits": noise}
-        data.atomic_write_text(os.path.join(directory, f"noise-{args.noise:g}.json"), json.dumps(record, indent=2))
-    if not task.is_regression:  # a model that learnt only the class prior shows here
-        for split, p in predictions.items():
-            counts = np.bincount(p, minlength=len(task.labels))
-            print(f"{split} predictions: " + ", ".join(f"{name} {n}" for name, n in zip(task.labels, counts)))
+        path = os.path.join(directory, f"noise-{args.noise:g}.json")
+        data.atomic_write_text(path, json.dumps(record, indent=2))
+    for split, p in predictions.items() if task.labels else ():
+        counts = ", ".join(f"{c} {n}" for c, n in zip(task.labels, np.bincount(p, minlength=len(task.labels))))
+        print(f"{split} predictions: {counts}")
     return metrics
 
 
-def eval_squad(model, tok, args):
+def score_squad(model, tok, args):
+    """EM/F1 on the SQuAD dev file, and the predictions in <model>/predictions.json."""
     version = squad_version(args.task)
     path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
     examples = data.read_squad(path, args.allow_partial)
@@ -343,117 +287,69 @@ def eval_squad(model, tok, args):
     scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
     out = os.path.join(args.model, "predictions.json")
     data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
-    print(f"SQuAD v{version} ({path}): " + format_metrics(scores))
-    print(f"wrote {out}")
+    print(f"SQuAD v{version} ({path}): {format_metrics(scores)}\nwrote {out}")
     return scores
 
 
 def write_test_predictions(model, tok, args):
-    """GLUE server format: <TASK>.tsv with 'index<TAB>prediction', label strings or STS-B scores."""
+    """The GLUE server's format: <TASK>.tsv of 'index<TAB>prediction', labels or STS-B scores."""
     names = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
-    splits = data.TASKS[args.task].test_splits
-    jobs = [(args.task, s) for s in splits] + ([("ax", "test")] if args.task == "mnli" else [])
+    jobs = [(args.task, s) for s in data.TASKS[args.task].test_splits]
+    jobs += [("ax", "test")] if args.task == "mnli" else []  # MNLI's submission has AX too
     for task, split in jobs:
         examples = data.read_glue(task, split, args.data_dir, args.allow_partial)
         encoded = data.encode_glue(task, examples, tok, args.max_len)
-        logits = predict_logits(model, encoded, args.batch_size, args.device, args.paper_exact)
-        preds = predictions_from_logits(task, logits)
+        logits = model_outputs(model, encoded, args.batch_size, args.device, args.paper_exact)[0]
         labels = data.TASKS[task].labels
+        preds = logits.argmax(-1).tolist() if labels else logits[:, 0].tolist()
+        rows = [f"{e.guid}\t{labels[p] if labels else f'{p:.3f}'}\n" for e, p in zip(examples, preds)]
         name = "AX" if task == "ax" else names.get(split, data.TASKS[task].folder)
-        lines = ["index\tprediction"] + [f"{e.guid}\t{p:.3f}" if not labels else f"{e.guid}\t{labels[p]}"
-                                         for e, p in zip(examples, preds)]
         path = os.path.join(args.model, f"{name}.tsv")
-        data.atomic_write_text(path, "\n".join(lines) + "\n")
-        print(f"wrote {path} ({len(examples)} predictions)")
-
-
-def show(args, model, teacher, tok, trained):
-    """--show: the relation page of one sentence and, on the first 32 dev rows, the sharpness of every relation
-    (printed, and kept in <model>/relations.json), with the layer map, splits and temperature the model was
-    trained with."""
-    kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
-    temperature = args.mha_temperature or trained.get("mha_temperature", 1.0)
-    dev = None
-    if args.task in data.TASKS:
-        split = data.TASKS[args.task].dev_splits[0]
-        examples = data.read_glue(args.task, split, args.data_dir, args.allow_partial)
-        dev = data.encode_glue(args.task, examples, tok, args.max_len)
-    labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by class label
-    out = args.show_out or os.path.join(args.model, "relations.html")
-    page = relation_page(model, teacher, tok, args.show, dev if labelled else None, splits, args.device, kind)
-    data.atomic_write_text(out, page)
-    print(f"wrote {out}")
-    if dev is None:
-        return out
-    batch = {k: v.to(args.device) for k, v in next(data.batches({k: v[:32] for k, v in dev.items()}, 32)).items()}
-    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers, kind)
-    rows = relation_sharpness(model, teacher, batch, lmap, splits, temperature)
-    print(f"relation sharpness on the first {len(batch['index'])} dev rows (L_MHA temperature {temperature:g}; "
-          "H/log n: 1 = uniform, 0 = one-hot)")
-    print("\n".join(sharpness_table(rows)))
-    path = os.path.join(os.path.dirname(out), "relations.json")
-    data.atomic_write_text(path, json.dumps({"temperature": temperature, "rows": rows}, indent=1))
-    print(f"wrote {path}")
-    return out
-
-
-def print_speed(model, args, length):
-    """--speed: the model's latency re-headed to 12/6/4/3/2/1 heads (speed), as a table."""
-    print(f"speed: batch {args.speed_batch} x length {length}, {args.device}"
-          f"{' bf16' if args.device.startswith('cuda') else ' fp32'}, {torch.get_num_threads()} threads")
-    rows = speed(model, args.speed_batch, length, device=args.device)
-    for r in rows:
-        heads = f"{r['heads']:2d} head{'s' if r['heads'] > 1 else ' '}"
-        print(f"  {heads}: {r['latency_ms']:9.1f} ms/batch  {r['samples_per_s']:9.1f} samples/s  "
-              f"x{rows[0]['latency_ms'] / r['latency_ms']:.2f} vs {rows[0]['heads']} heads")
-    return rows
+        data.atomic_write_text(path, "index\tprediction\n" + "".join(rows))
+        print(f"wrote {path} ({len(rows)} predictions)")
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery. A reader of the metrics may stop here: the flags, what a saved model was trained with, its head,
-# the speed measurement, and the pages (loss curves, relation maps)
+# Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed), a run's
+# loss curves, and the relation maps of teacher and student (--show)
 
 
 def parse_args(argv=None):
-    """eval.py's flags, each checked before a model is read."""
-    p = argparse.ArgumentParser(description="Evaluate a saved model on a GLUE task or SQuAD with the official metric.")
+    """eval.py's flags, each checked before a model is read; an error prints one usage line."""
+    p = argparse.ArgumentParser(prog="eval.py", usage="%(prog)s --task T --model DIR [flags, see --help]",
+                                description="Score a saved model on GLUE or SQuAD, official metric.")
     p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
-    p.add_argument("--model", required=True,
-                   help="a model directory written by train.py (or any Bert.from_pretrained input)")
-    p.add_argument("--data_dir", help="holds glue/<TASK>/ and squad/ (default: the model's args.json, else $MLKD_DATA, "
-                                      "else data)")
+    p.add_argument("--model", required=True, help="a directory train.py wrote, or a hub name")
+    p.add_argument("--data_dir", help="holds glue/, squad/ (default: the model's, $MLKD_DATA, data)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--predict", action="store_true",
-                   help="write GLUE test predictions (submission format) into --model")
-    p.add_argument("--speed", action="store_true", help="latency and throughput at 12/6/4/3/2/1 heads")
+    p.add_argument("--predict", action="store_true", help="write GLUE test predictions to --model")
+    p.add_argument("--speed", action="store_true", help="latency and throughput at 12..1 heads")
     p.add_argument("--speed_batch", type=int, default=32)
-    p.add_argument("--speed_length", type=int, help="default: the max_len the model was trained with, else 128")
-    p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or dev-v2.0.json)")
-    p.add_argument("--max_len", type=int,
-                   help="encoding length, SQuAD window length (default: the one in the model's args.json, i.e. what "
-                        "it was trained and selected with; else the task's)")
-    p.add_argument("--show", metavar="SENTENCE", help="write a page of the relation maps of --model against "
-                                                       "--teacher on this sentence (and a dev batch)")
+    p.add_argument("--speed_length", type=int, help="default: the model's max_len, else 128")
+    p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v*.json)")
+    p.add_argument("--max_len", type=int, help="encoding (SQuAD: window) length (default: the one "
+                   "the model was trained and selected with, in its args.json; else the task's)")
+    p.add_argument("--show", metavar="SENTENCE", help="draw the relation maps of --model and "
+                   "--teacher on this sentence (and a dev batch) into a page")
     p.add_argument("--teacher", help="the teacher for --show")
-    p.add_argument("--mha_temperature", type=float, help="--show: L_MHA's relation temperature for the sharpness "
-                                                        "table (default: the model's args.json, else 1, the paper's)")
+    p.add_argument("--mha_temperature", type=float, help="--show: L_MHA's temperature for the "
+                   "sharpness table (default: the model's args.json, else 1, the paper's)")
     p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
-    p.add_argument("--allow_partial", action="store_true",
-                   help="score on a dev file with fewer or more rows than the official one (refused otherwise)")
-    p.add_argument("--noise", type=float, metavar="P",
-                   help="score on dev with a typo in a fraction P of the words (seeded; labels unchanged); writes the "
-                        "noisy set to <model>/noise-P-<split>.tsv, the metrics to noise-P.json")
+    p.add_argument("--allow_partial", action="store_true", help="score on a dev file with fewer or "
+                   "more rows than the official one (refused otherwise)")
+    p.add_argument("--noise", type=float, metavar="P", help="score on dev with a typo in a fraction "
+                   "P of the words (seeded); the noisy set and metrics go to <model>/noise-P*")
     p.add_argument("--noise_seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
         p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
-    if not os.path.exists(args.model) and args.model.count("/") != 1:
+    if not os.path.exists(args.model) and args.model.count("/") != 1:  # else a hub name
         p.error(f"--model {args.model}: no such directory")
-    pairs = args.task.startswith("squad") or data.TASKS[args.task].b is not None
-    if args.max_len is not None and not (5 if pairs else 3) <= args.max_len <= 512:
-        p.error(f"--max_len {args.max_len}: must be in {5 if pairs else 3}..512 (room for the special tokens and one "
-                "word piece of each text)")
+    least = 5 if args.task.startswith("squad") or data.TASKS[args.task].b is not None else 3
+    if args.max_len is not None and not least <= args.max_len <= 512:
+        p.error(f"--max_len {args.max_len}: must be in {least}..512 (room for the special tokens "
+                "and one word piece of each text)")
     for name in ("batch_size", "speed_batch", "speed_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -462,288 +358,282 @@ def parse_args(argv=None):
     if args.show and not args.teacher:
         p.error("--show needs --teacher DIR")
     writes = args.noise or args.show or args.predict or args.task.startswith("squad")
-    if writes and os.path.isdir(args.model) and not os.access(args.model, os.W_OK) and not args.show_out:
-        p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy the model to a "
-                "directory you can write to" + (" or give --show_out FILE" if args.show else ""))
+    if writes and not args.show_out and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
+        p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy it "
+                f"to a directory you can write to{' or give --show_out FILE' if args.show else ''}")
     return args
 
 
 def trained_settings(directory):
-    """The settings eval.py reuses from the args.json train.py saved with a model ({} for other models)."""
+    """The settings eval.py reuses from the args.json train.py saved with a model (else {})."""
     path = os.path.join(directory, "args.json")
-    if not os.path.exists(path):
-        return {}
-    saved = json.loads(data.read_text(path))
+    saved = json.loads(data.read_text(path)) if os.path.exists(path) else {}
     keep = ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature", "data_dir")
     return {k: saved[k] for k in keep if k in saved}
 
 
-def head_config(task):
-    """The head a model of this task has: none (general distillation), span (SQuAD), regression, classification."""
-    if task == "general":  # no task: the student is a general-purpose encoder
-        return dict(head="none", label_names=[])
-    if task.startswith("squad"):
-        return dict(head="span", label_names=[])
-    t = data.TASKS[task]
-    if t.is_regression:
-        return dict(head="regression", label_names=[])
-    return dict(head="classification", num_labels=len(t.labels), label_names=list(t.labels))
+def with_typos(examples, p, seed=0):
+    """The examples with one typo (a letter swapped with its neighbour, dropped, inserted or
+    substituted, drawn uniformly; the case kept) in a seeded random fraction p of their words
+    (space-separated tokens with a letter) across the set. Returns (examples, words, changed)."""
+    rng = np.random.default_rng(seed)
+    texts = [[e.text_a.split(" "), None if e.text_b is None else e.text_b.split(" ")]
+             for e in examples]
+    words = [(i, f, w) for i, t in enumerate(texts) for f in (0, 1) if t[f]
+             for w, token in enumerate(t[f]) if any(c.isalpha() for c in token)]
+    chosen = sorted(rng.choice(len(words), size=round(p * len(words)), replace=False).tolist())
+    for i, f, w in (words[k] for k in chosen):
+        word = texts[i][f][w]
+        letters = [at for at, c in enumerate(word) if c.isalpha()]
+        pairs = [at for at in letters if at + 1 in letters and word[at] != word[at + 1]]
+        op, at = int(rng.integers(4)), int(rng.choice(letters))
+        new = string.ascii_lowercase[rng.integers(26)]
+        new = new.upper() if word[at].isupper() else new
+        if op == 0 and pairs:  # swap two neighbouring letters
+            at = int(rng.choice(pairs))
+            word = word[:at] + word[at + 1] + word[at] + word[at + 2:]
+        elif op == 1 and len(word) > 1:  # drop a letter
+            word = word[:at] + word[at + 1:]
+        elif op == 2:  # insert one
+            word = word[:at] + new + word[at:]
+        else:  # substitute one (also for a word too short for the drawn typo)
+            while new.lower() == word[at].lower():
+                new = string.ascii_lowercase[rng.integers(26)]
+            word = word[:at] + new + word[at + 1:]
+        texts[i][f][w] = word
+    noisy = [dataclasses.replace(e, text_a=" ".join(a), text_b=None if b is None else " ".join(b))
+             for e, (a, b) in zip(examples, texts)]
+    return noisy, len(words), len(chosen)
 
 
-def head_mismatch(model, task):
-    """None when the model's head is the task's, else what differs ("has no task head, but --task ... needs ...")."""
-    have, want = model.config, head_config(task)
-    if have.head == want["head"] and have.num_labels == want.get("num_labels", have.num_labels):
-        return None
-    shown = "no task head" if have.head == "none" else f"a {have.head} head" + (
-        f" with {have.num_labels} labels" if have.head == "classification" else "")
-    needed = f"a {want['head']} head" + (f" with {want['num_labels']} labels" if "num_labels" in want else "")
-    return f"has {shown}, but --task {task} needs {needed}"
-
-
-def check_labels(model, task):
-    """A model fine-tuned under one label order and used under another is silently wrong (MNLI)."""
-    want = list(data.TASKS[task].labels)
-    have = list(model.config.label_names)
-    if have and have != want:
-        raise ValueError(f"the model's labels {have} differ from task {task}'s {want}")
-
-
-def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, device="cpu"):
-    """Median latency (ms) and throughput (samples/s) of the model re-headed to each head count:
-    same weights, same width and FLOPs, only the split of the width into heads changes (what the paper's
-    claim that a student may have fewer heads is about)."""
-    rows = []
+def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, device="cpu", verbose=False):
+    """Median latency (ms) and throughput (samples/s) of the model re-headed to each head count, the
+    same weights and FLOPs: what the paper's claim that fewer heads are faster is about."""
+    cuda, rows = str(device).startswith("cuda"), []
+    if verbose:
+        print(f"speed: batch {batch} x length {length}, {device}{' bf16' if cuda else ' fp32'}, "
+              f"{torch.get_num_threads()} threads")
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     mask = torch.ones_like(ids)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    for h in heads:
-        if model.config.hidden_size % h:
-            continue
+    for h in [h for h in heads if model.config.hidden_size % h == 0]:
         m = Bert(dataclasses.replace(model.config, num_attention_heads=h)).to(device).eval()
         m.load_state_dict(model.state_dict())
         times = []
-        with torch.no_grad(), autocast:
-            for i in range(warmup + iters):
-                if str(device).startswith("cuda"):
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            for _ in range(warmup + iters):
+                start = time.perf_counter()
                 m(ids, None, mask)
-                if str(device).startswith("cuda"):
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
-        latency = float(np.median(times))
-        rows.append({"heads": h, "latency_ms": 1000 * latency, "samples_per_s": batch / latency})
+                if cuda:
+                    torch.cuda.synchronize()  # the GPU has finished this pass
+                times.append(time.perf_counter() - start)
+        ms = 1000 * float(np.median(times[warmup:]))
+        rows.append({"heads": h, "latency_ms": ms, "samples_per_s": 1000 * batch / ms})
+        if verbose:
+            print(f"  {h:2d} heads: {ms:9.1f} ms/batch  {1000 * batch / ms:9.1f} samples/s  "
+                  f"x{rows[0]['latency_ms'] / ms:.2f} vs {rows[0]['heads']} heads")
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss curves: an SVG beside every finished stage's log.jsonl, and an index page for a run
-
-LOG_META = {"stage", "epoch", "step", "total", "lr", "samples_per_s", "train_s", "eval_s"}
-
-
-def curves_svg(records, title, width=560, height=150):
-    """Small multiples, one panel per curve against step: each unweighted loss of the training records and
-    each dev metric (held-out loss for general distillation) of the evaluation records. A loss is the
-    batch's value at each logged step (--log_steps), not a running mean. Each panel has its own y range,
-    printed at its top and bottom; counts (total, windows) are not drawn."""
-    series = {}
-    for r in records:
-        if r.get("done"):  # the closing line: peak memory
-            continue
-        values = {f"{'held-out' if r['stage'] == 'general' else 'dev'} {k}": v for k, v in r["dev"].items()} \
-            if "dev" in r else {k: v for k, v in r.items() if k not in LOG_META}
-        for name, v in values.items():
-            if isinstance(v, float):
-                series.setdefault(name, []).append((r["step"], v))
-    last = max([s for pts in series.values() for s, _ in pts] + [1])
-    left, right, top, bottom = 64, 16, 26, 24
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height * len(series) + 30}" '
-           f'font-family="sans-serif" font-size="12"><title>{title}</title>',
-           f'<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>']
-    for i, (name, pts) in enumerate(series.items()):
-        y0 = 30 + i * height
-        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-        lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)  # a flat curve sits mid-panel
-        span = hi - lo
-        x = lambda s: left + (width - left - right) * s / last  # noqa: E731
-        y = lambda v: y0 + top + (height - top - bottom) * (hi - v) / span  # noqa: E731
-        out += [
-            f'<g class="panel" data-name="{name}">',
-            f'<rect x="{left}" y="{y0 + top}" width="{width - left - right}" height="{height - top - bottom}" '
-            'fill="none" stroke="#999"/>',
-            f'<text x="{left}" y="{y0 + top - 6}" font-weight="bold">{name}</text>',
-            f'<text x="{left - 4}" y="{y0 + top + 10}" text-anchor="end">{hi:.4g}</text>',
-            f'<text x="{left - 4}" y="{y0 + height - bottom}" text-anchor="end">{lo:.4g}</text>',
-            f'<text x="{left}" y="{y0 + height - 8}">step 0</text>',
-            f'<text x="{width - right}" y="{y0 + height - 8}" text-anchor="end">step {last}</text>',
-            '<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="'
-            + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>',
-            *(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="#1f5fa8"/>' for s, v in pts if len(pts) <= 40),
-            '</g>',
-        ]
-    return "\n".join(out + ["</svg>"]) + "\n"
+PANEL = """<g class="panel" data-name="{name}" transform="translate(0 {top})">
+<text x="64" y="-6" font-weight="bold">{name}</text>
+<rect x="64" y="0" width="480" height="100" fill="none" stroke="#999"/>
+<text x="60" y="10" text-anchor="end">{hi:.4g}</text>
+<text x="60" y="100" text-anchor="end">{lo:.4g}</text>
+<text x="64" y="118">step 0</text><text x="544" y="118" text-anchor="end">step {last}</text>
+<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="{points}"/>{dots}</g>"""
 
 
 def write_curves(directory):
-    """<directory>/curves.svg from <directory>/log.jsonl."""
-    records = [json.loads(line) for line in open(os.path.join(directory, "log.jsonl")) if line.strip()]
-    title = f"{os.path.basename(directory)}: {directory}"
-    data.atomic_write_text(os.path.join(directory, "curves.svg"), curves_svg(records, title))
+    """<directory>/curves.svg from its log.jsonl: a PANEL against step for each loss (the batch's at
+    each logged step) and each dev metric (held-out loss for general distillation)."""
+    series, skip = {}, {"lr", "samples_per_s", "train_s", "eval_s", "peak_memory_gib"}
+    for line in open(os.path.join(directory, "log.jsonl")):
+        r = json.loads(line) if line.strip() else {}
+        where = "held-out" if r.get("stage") == "general" else "dev"
+        values = {f"{where} {k}": v for k, v in r["dev"].items()} if "dev" in r else r
+        for name, v in values.items():
+            if isinstance(v, float) and name not in skip:  # counts (step, total) are ints
+                series.setdefault(name, []).append((r["step"], v))
+    last = max([s for pts in series.values() for s, _ in pts] + [1])
+    title = html.escape(f"{os.path.basename(directory)}: {directory}")
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{150 * len(series) + 30}"'
+           f' font-family="sans-serif" font-size="12"><title>{title}</title>',
+           f'<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        if lo == hi:  # one value: +-10% around it, never across 0
+            lo, hi = sorted((0.9 * lo, 1.1 * lo)) if lo else (0.0, 1.0)
+        xy = [(64 + 480 * s / last, 100 * (hi - v) / (hi - lo)) for s, v in pts]  # in the panel
+        dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#1f5fa8"/>' for x, y in xy)
+        svg.append(PANEL.format(name=name, top=56 + 150 * i, hi=hi, lo=lo, last=last,
+                                points=" ".join(f"{x:.1f},{y:.1f}" for x, y in xy),
+                                dots=dots if len(xy) <= 40 else ""))
+    data.atomic_write_text(os.path.join(directory, "curves.svg"), "\n".join(svg + ["</svg>\n"]))
 
 
 def write_index(out, directories):
     """<out>/index.html: the loss curves of each stage of a run, one below the other."""
-    parts = [f'<h2>{os.path.basename(d)}</h2>\n<img src="{os.path.relpath(os.path.join(d, "curves.svg"), out)}" '
-             f'alt="loss curves of {d}">' for d in directories if os.path.exists(os.path.join(d, "curves.svg"))]
-    data.atomic_write_text(os.path.join(out, "index.html"), "<!doctype html>\n<meta charset=\"utf-8\">\n"
-                           f"<title>{out}</title>\n<h1>{out}</h1>\n" + "\n".join(parts) + "\n")
+    page = f'<!doctype html>\n<meta charset="utf-8">\n<title>{out}</title>\n<h1>{out}</h1>\n'
+    for d in (d for d in directories if os.path.exists(os.path.join(d, "curves.svg"))):
+        page += (f'<h2>{os.path.basename(d)}</h2>\n'
+                 f'<img src="{os.path.relpath(d, out)}/curves.svg" alt="loss curves of {d}">\n')
+    data.atomic_write_text(os.path.join(out, "index.html"), page)
 
 
-# ----------------------------------------------------------------------------------------------
-# Relation maps: what MLKD's relation losses compare, teacher beside student, and how sharp they are
+def show(args, model, teacher, tok, trained):
+    """--show: the relation page of one sentence and, on the first 32 dev rows, the sharpness of
+    every relation (printed, and kept in relations.json) under the model's training settings."""
+    kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
+    temperature = args.mha_temperature or trained.get("mha_temperature", 1.0)
+    dev = None
+    if args.task in data.TASKS:
+        split = data.TASKS[args.task].dev_splits[0]
+        examples = data.read_glue(args.task, split, args.data_dir, args.allow_partial)
+        dev = data.encode_glue(args.task, examples, tok, args.max_len)
+    labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by label
+    out = args.show_out or os.path.join(args.model, "relations.html")
+    page = relation_page(model, teacher, tok, args.show, dev if labelled else None, splits,
+                         args.device, kind)
+    data.atomic_write_text(out, page)
+    print(f"wrote {out}")
+    if dev is None:
+        return out
+    batch = next(data.batches({k: v[:32] for k, v in dev.items()}, 32))
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers, kind)
+    rows = relation_sharpness(model, teacher, batch, lmap, splits, temperature)
+    print(f"relation sharpness on the first {len(batch['index'])} dev rows (L_MHA temperature "
+          f"{temperature:g}; H/log n: 1 = uniform, 0 = one-hot)")
+    print("\n".join(sharpness_table(rows)))
+    path = os.path.join(os.path.dirname(out), "relations.json")
+    data.atomic_write_text(path, json.dumps({"temperature": temperature, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return out
+
+
+def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu", kind="uniform"):
+    """HTML: the relations of relation_pairs on one sentence, teacher beside student (L_MHA: with
+    the KL of each query row) and, with dev (encoded, labelled), the L_SS relation of 32 dev rows.
+    Every number drawn comes from mlkd.relation_logprobs or relation_kl_rows."""
+    room = min(64, student.config.max_position_embeddings)
+    ids, types, lengths = tok.encode([sentence], max_length=room)
+    if len(tok.tokenize([sentence])[0].ids) + 2 > room:
+        print(f"--show: the sentence is longer than {room} positions; the page draws its first "
+              f"{room - 2} word pieces")
+    batch = next(data.batches({"input_ids": ids, "token_type_ids": types, "lengths": lengths}, 1))
+    pieces = [tok.wp.id_to_token(i) for i in batch["input_ids"][0].tolist()]
+    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, kind)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    parts = []
+    for loss, m, g_m, x_s, x_t, _, _ in relation_pairs(student, teacher, batch, lmap, splits)[:-1]:
+        r_t, r_s = (mlkd.relation_logprobs(x).exp()[0].cpu().numpy() for x in (x_t, x_s))  # (A,L,L)
+        vmax = max(r_t.max(), r_s.max())
+        if loss == "L_EMB":
+            parts.append("<h2>L_EMB: token-token relation of the word-piece embeddings</h2>")
+            parts += [heatmap_svg(r[0], f"{who}: softmax(E E^T / sqrt(d)), dark blue {vmax:.3g}",
+                                  vmax, pieces, pieces) for who, r in (("teacher", r_t), ("student", r_s))]
+            continue
+        parts.append(f"<h2>L_MHA: student layer {m} against teacher layer {g_m}, {splits} "
+                     f"MHA-splits (dark blue: {vmax:.3g})</h2>")
+        parts += [f"<div><b>{who}</b><br>" + "".join(heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6)
+                                                     for a in range(splits)) + "</div>"
+                  for who, r in (("teacher", r_t), ("student", r_s))]
+        kl = mlkd.relation_kl_rows(x_s, x_t)[0].cpu().numpy()  # (A, L)
+        parts.append(heatmap_svg(kl, f"KL(teacher || student) of each query row, dark blue {kl.max():.3g}",
+                                 kl.max(), [f"split {a + 1}" for a in range(splits)], pieces))
+    if dev is not None:
+        parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows "
+                     "sorted by label</h2>")
+        parts += ss_maps(student, teacher, dev, device)
+    return (f'<!doctype html>\n<meta charset="utf-8">\n<title>MLKD relations</title>\n'
+            f"<style>svg {{vertical-align: top}}</style>\n<h1>{html.escape(sentence)}</h1>\n"
+            "<p>Colour: white = 0 to dark blue = the largest value of the pair (in the title).</p>\n"
+            + "\n".join(parts) + "\n")
+
+
+def ss_maps(student, teacher, dev, device="cpu", n=32):
+    """The L_SS relation G = softmax(C C^T / sqrt(d)) of the final [CLS] states of the first n dev
+    rows sorted by label, teacher and student: two heatmap SVGs on one colour scale."""
+    order = torch.argsort(dev["labels"][:n], stable=True)
+    rows = {k: dev[k][:n][order] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
+    batch = {k: v.to(device) for k, v in next(data.batches(rows, n)).items()}
+    loss, _, _, x_s, x_t, _, _ = relation_pairs(student, teacher, batch, [0])[-1]  # L_SS
+    r_t, r_s = (mlkd.relation_logprobs(x).exp()[0, 0].cpu().numpy() for x in (x_t, x_s))  # (n, n)
+    vmax, labels = max(r_t.max(), r_s.max()), [str(v) for v in rows["labels"].tolist()]
+    return [heatmap_svg(r, f"{who}: softmax(C C^T / sqrt(d)), dark blue {vmax:.3g}", vmax, labels,
+                        labels) for who, r in (("teacher", r_t), ("student", r_s))]
+
+
+def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14):
+    """A matrix (numpy 2-d) as an SVG grid: a <rect class="cell"> per entry, white (0) to dark blue
+    (vmax), its value in data-v; tick labels when given."""
+    left = 8 + 7 * max(map(len, rows)) if rows else 8
+    top = 22 + (7 * max(map(len, cols)) if cols else 0)
+    w, h = max(left + m.shape[1] * cell + 12, 8 + 6.5 * len(title)), top + m.shape[0] * cell + 8
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'font-family="sans-serif" font-size="11"><text x="4" y="14">{html.escape(title)}</text>']
+    out += [f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell}" '
+            f'height="{cell}" fill="{colour(v, vmax)}" data-v="{v:.9g}"/>'
+            for (i, j), v in np.ndenumerate(m)]
+    out += [f'<text x="{left - 3}" y="{top + i * cell + cell - 3}" text-anchor="end">{html.escape(s)}'
+            '</text>' for i, s in enumerate(rows or [])]
+    out += [f'<text transform="translate({left + j * cell + cell - 3} {top - 3}) rotate(-90)">'
+            f'{html.escape(s)}</text>' for j, s in enumerate(cols or [])]
+    return "\n".join(out + ["</svg>"])
 
 
 def colour(v, vmax):
     """White (0) to dark blue (vmax), linear in each channel: lighter is always smaller."""
     t = min(max(v / vmax, 0.0), 1.0) if vmax > 0 else 0.0
-    r, g, b = (round(255 + t * (c - 255)) for c in (8, 48, 107))
-    return f"#{r:02x}{g:02x}{b:02x}"
+    return "#" + "".join(f"{round(255 + t * (c - 255)):02x}" for c in (8, 48, 107))
 
 
-def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14, legend=True):
-    """One matrix (numpy 2-d) as an SVG grid: one <rect class="cell"> per entry with its value in data-v,
-    tick labels when given, and the colour scale as a legend bar."""
-    n_r, n_c = m.shape
-    left = 8 + 7 * max((len(s) for s in rows), default=0) if rows else 8
-    top = 22 + (7 * max((len(s) for s in cols), default=0) if cols else 0)
-    w = max(left + n_c * cell + (70 if legend else 12), 8 + 6.5 * len(title))
-    h = top + n_r * cell + (92 - n_r * cell if legend and n_r * cell < 84 else 8)  # room for the legend bar
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
-           f'<text x="4" y="14" font-weight="bold">{html.escape(title)}</text>']
-    for i in range(n_r):
-        for j in range(n_c):
-            out.append(f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
-                       f'fill="{colour(m[i, j], vmax)}" data-v="{m[i, j]:.9g}"/>')
-    for i, s in enumerate(rows or []):
-        out.append(f'<text x="{left - 3}" y="{top + i * cell + cell - 3}" text-anchor="end">{html.escape(s)}</text>')
-    for j, s in enumerate(cols or []):
-        x = left + j * cell + cell - 3
-        out.append(f'<text x="{x}" y="{top - 3}" transform="rotate(-90 {x} {top - 3})">{html.escape(s)}</text>')
-    lx = left + n_c * cell + 12
-    if legend:
-        out += [f'<defs><linearGradient id="g" x1="0" y1="1" x2="0" y2="0">'
-                f'<stop offset="0" stop-color="{colour(0, 1)}"/><stop offset="1" stop-color="{colour(1, 1)}"/>'
-                '</linearGradient></defs>',
-                f'<rect x="{lx}" y="{top}" width="10" height="80" fill="url(#g)" stroke="#999"/>',
-                f'<text x="{lx + 14}" y="{top + 8}">{vmax:.3g}</text>', f'<text x="{lx + 14}" y="{top + 80}">0</text>']
-    return "\n".join(out + ["</svg>"])
-
-
-@torch.no_grad()
-def ss_maps(student, teacher, dev, device="cpu", n=32):
-    """The L_SS relation G = softmax(C C^T / sqrt(d)) of the final [CLS] states of the first n dev rows sorted
-    by label, teacher and student: two heatmap SVGs on one colour scale."""
-    order = torch.argsort(dev["labels"][:n], stable=True)
-    rows = {k: v[:n][order] for k, v in dev.items() if k in ("input_ids", "token_type_ids", "lengths", "labels")}
-    b = next(data.batches(rows, n))
-    inputs = [b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")]
-    pair = [mlkd.relation_logprobs(m.eval()(*inputs).hidden_states[-1][:, 0][None, None]).exp()[0, 0].cpu().numpy()
-            for m in (teacher, student)]
-    vmax, labels = max(float(p.max()) for p in pair), [str(v) for v in rows["labels"].tolist()]
-    return [heatmap_svg(p, f"{who}: softmax(C C^T / sqrt(d))", vmax, labels, labels)
-            for who, p in zip(("teacher", "student"), pair)]
-
-
-@torch.no_grad()
-def relation_sharpness(student, teacher, batch, lmap, splits=12, temperature=1.0):
-    """How sharp the relations MLKD's losses compare are, on one batch: for L_EMB, L_MHA (each mapped layer pair
-    m -> g(m), each split) and L_SS, the mean over real query rows of the normalised entropy H(R[i]) / log n of
-    the teacher's and the student's relation (1: uniform over the row's n real tokens or samples; 0: all on one)
-    and the mean KL(R_T[i] || R_S[i]) the loss averages. A nearly uniform target has little to teach.
-    temperature divides L_MHA's logits as train.py --mha_temperature does. Returns a list of row dicts."""
-    inputs = [batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")]
-    mask = batch["attention_mask"]                                              # (B, L)
-    s, t = student.eval()(*inputs), teacher.eval()(*inputs)
-
-    def summary(x_s, x_t, m, temp=1.0):  # x (B, A, L, k) -> per split: mean H_T / log n, H_S / log n, KL
-        real = (m if m is not None else x_s.new_ones(x_s.shape[:1] + x_s.shape[2:3]))[:, None, :].float()  # (B, 1, L)
-        log_n = real.sum(-1, keepdim=True).log()                               # (B, 1, 1): log of the real keys
-        mean = lambda v: (v * real).sum((0, 2)) / real.sum((0, 2))  # noqa: E731  (B, A, L) -> (A,)
-        entropy = [-(lp.exp() * lp).sum(-1) / log_n for lp in (mlkd.relation_logprobs(x, m, temp) for x in (x_t, x_s))]
-        return zip(*(mean(v).tolist() for v in (*entropy, mlkd.relation_kl_rows(x_s, x_t, m, temp))))
-
-    def rows(loss, m, g_m, values, per_split=False):
-        return [dict(loss=loss, student=m, teacher=g_m, split=a + 1 if per_split else None,
-                     h_teacher=h_t, h_student=h_s, kl=kl) for a, (h_t, h_s, kl) in enumerate(values)]
-    out = rows("L_EMB", 0, 0, summary(s.token_embeddings[:, None], t.token_embeddings[:, None], mask))
+def relation_pairs(student, teacher, batch, lmap, splits=12, temperature=1.0):
+    """What MLKD's relation losses compare on a batch: (loss, m, g(m), x_s, x_t, mask, temperature)
+    for the embeddings (L_EMB), the MHA-splits of each mapped layer pair m -> g(m) (L_MHA, at the
+    temperature of --mha_temperature) and the final [CLS] states as one sequence (L_SS)."""
+    mask = batch["attention_mask"]  # (B, L)
+    with torch.no_grad():
+        s, t = (m.eval()(batch["input_ids"], batch["token_type_ids"], mask) for m in (student, teacher))
+    pairs = [("L_EMB", 0, 0, s.token_embeddings[:, None], t.token_embeddings[:, None], mask, 1.0)]
     for m in range(1, len(lmap)):
-        o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, lmap[m])))  # (B, A, L, k)
-        out += rows("L_MHA", m, lmap[m], summary(o_s, o_t, mask, temperature), per_split=True)
-    c_s, c_t = s.hidden_states[-1][:, 0], t.hidden_states[-1][:, 0]                # (B, d)
-    return out + rows("L_SS", len(lmap) - 1, len(t.attn_outputs), summary(c_s[None, None], c_t[None, None], None))
+        o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, lmap[m])))
+        pairs.append(("L_MHA", m, lmap[m], o_s, o_t, mask, temperature))
+    c_s, c_t = s.hidden_states[-1][:, 0][None, None], t.hidden_states[-1][:, 0][None, None]
+    return pairs + [("L_SS", len(lmap) - 1, len(t.attn_outputs), c_s, c_t, None, 1.0)]
+
+
+def relation_sharpness(student, teacher, batch, lmap, splits=12, temperature=1.0):
+    """How sharp the relations of relation_pairs are (a uniform target teaches little): per loss,
+    layer pair and split, the mean over real query rows i of the teacher's and the student's
+    H(R[i]) / log n (1: uniform over the n real keys, 0: one-hot) and of KL(R_T[i] || R_S[i])."""
+    rows, pairs = [], relation_pairs(student, teacher, batch, lmap, splits, temperature)
+    for loss, m, g_m, x_s, x_t, mask, temp in pairs:
+        real = (x_s.new_ones(x_s.shape[0], x_s.shape[2]) if mask is None else mask)[:, None].float()
+        log_n = real.sum(-1, keepdim=True).log()  # (B, 1, 1): log of the row's real keys
+        logp_t, logp_s = (mlkd.relation_logprobs(x, mask, temp) for x in (x_t, x_s))
+        per_row = [-(logp_t.exp() * logp_t).sum(-1) / log_n, -(logp_s.exp() * logp_s).sum(-1) / log_n,
+                   mlkd.relation_kl_rows(x_s, x_t, mask, temp)]  # each (B, A, L)
+        h_t, h_s, kl = (((v * real).sum((0, 2)) / real.sum((0, 2))).tolist() for v in per_row)
+        rows += [dict(loss=loss, student=m, teacher=g_m, split=a + 1 if loss == "L_MHA" else None,
+                      h_teacher=h_t[a], h_student=h_s[a], kl=kl[a]) for a in range(len(kl))]
+    return rows
 
 
 def sharpness_table(rows):
-    """relation_sharpness's rows as text: one line per loss and layer pair (L_MHA: the mean over its splits,
-    then the teacher's H / log n split by split)."""
+    """relation_sharpness's rows as text: a line per layer pair (L_MHA: the mean of its splits)."""
     lines = [f"{'loss':6s} {'layers S->T':>11s} {'H_T/log n':>9s} {'H_S/log n':>9s} {'KL(T||S)':>9s}"]
-    pairs = dict.fromkeys((r["loss"], r["student"], r["teacher"]) for r in rows)
-    for loss, m, g_m in pairs:
-        group = [r for r in rows if (r["loss"], r["student"], r["teacher"]) == (loss, m, g_m)]
-        avg = {k: sum(r[k] for r in group) / len(group) for k in ("h_teacher", "h_student", "kl")}
-        lines.append(f"{loss:6s} {f'{m}->{g_m}':>11s} {avg['h_teacher']:9.3f} {avg['h_student']:9.3f} {avg['kl']:9.4f}")
+    for key in dict.fromkeys((r["loss"], r["student"], r["teacher"]) for r in rows):
+        group = [r for r in rows if (r["loss"], r["student"], r["teacher"]) == key]
+        h_t, h_s, kl = (sum(r[k] for r in group) / len(group) for k in ("h_teacher", "h_student", "kl"))
+        lines.append(f"{key[0]:6s} {f'{key[1]}->{key[2]}':>11s} {h_t:9.3f} {h_s:9.3f} {kl:9.4f}")
         if len(group) > 1:
             lines.append(f"{'':18s} teacher by split: " + " ".join(f"{r['h_teacher']:.3f}" for r in group))
     return lines
-
-
-@torch.no_grad()
-def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu", kind="uniform"):
-    """HTML: for one sentence, the L_EMB relation, every L_MHA relation of every mapped layer pair (student
-    layer m, teacher layer g(m)) and the KL of every query row, teacher beside student; with dev (an encoded
-    dev set with labels), the L_SS matrix G of its first 32 rows sorted by label. Every number drawn is
-    computed by mlkd.relation_logprobs / relation_kl_rows; colours share one scale per pair (legend)."""
-    room = min(64, student.config.max_position_embeddings)
-    ids, types, lengths = tok.encode([sentence], max_length=room)
-    n = int(lengths[0])
-    if len(tok.tokenize([sentence])[0].ids) + 2 > room:
-        print(f"--show: the sentence is longer than {room} positions; the page draws its first {room - 2} word pieces")
-    batch = [t[:, :n].to(device) for t in (ids, types)]
-    pieces = [tok.wp.id_to_token(i) for i in ids[0, :n].tolist()]
-    s, t = (m.eval()(*batch) for m in (student, teacher))
-    rel = lambda x: mlkd.relation_logprobs(x).exp()[0].cpu().numpy()  # noqa: E731  (1, A, L, k) -> (A, L, L)
-    parts = ["<h2>L_EMB: token-token relation of the word-piece embeddings</h2>"]
-    pair = [rel(o.token_embeddings[:, None])[0] for o in (t, s)]
-    vmax = max(float(p.max()) for p in pair)
-    parts += [heatmap_svg(p, f"{who}: softmax(E E^T / sqrt(d))", vmax, pieces, pieces)
-              for who, p in zip(("teacher", "student"), pair)]
-    g = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, kind)
-    for m in range(1, len(g)):
-        o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, g[m])))  # (1, A, L, k)
-        r_t, r_s = rel(o_t), rel(o_s)
-        vmax = max(float(r_t.max()), float(r_s.max()))
-        parts.append(f"<h2>L_MHA: student layer {m} against teacher layer {g[m]}, {splits} MHA-splits</h2>")
-        for who, r in (("teacher", r_t), ("student", r_s)):
-            tiles = [heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6, legend=a == splits - 1) for a in range(splits)]
-            parts.append(f"<div><b>{who}</b><br>" + "".join(tiles) + "</div>")
-        kl = mlkd.relation_kl_rows(o_s, o_t)[0].cpu().numpy()  # (A, L)
-        parts.append(heatmap_svg(kl, "KL(teacher || student) of each query row (rows: splits)", float(kl.max()),
-                                 [f"split {a + 1}" for a in range(splits)], pieces))
-    if dev is not None:
-        parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows sorted by label</h2>")
-        parts += ss_maps(student, teacher, dev, device)
-    head = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>MLKD relations</title>\n"
-            "<style>svg {vertical-align: top}</style>\n"  # a tile with its legend is taller: align tops, keep one row
-            f"<h1>{html.escape(sentence)}</h1>\n")
-    legend = "<p>Colour: white = 0 to dark blue = the pair's largest value (legend bar).</p>\n"
-    return head + legend + "\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, data.DownloadError, OSError) as e:
-        sys.exit(f"error: {data.error_line(e, 'a model directory')}")
+        raise SystemExit(f"error: {data.error_line(e, 'a model directory')}")

@@ -1408,6 +1408,42 @@ def test_relation_page_draws_what_mlkd_computes(tmp_path):
         order = np.argsort(values, kind="stable")
         assert all(np.diff(np.array(light)[order]) <= 0)
     assert len(cells(svgs[-1])[0]) == 32 * 32  # G of the 32 dev rows
+    ids = re.findall(r'\bid="([^"]*)"', page)  # issue 38: the page repeated id="g" 13 times
+    assert len(ids) == len(set(ids))
+
+
+def test_curves_of_a_single_point_keep_a_non_negative_loss_axis(tmp_path):
+    """Issue 38: one logged point drew its loss axis from -0.47; a single value gets +-10% around it."""
+    import xml.etree.ElementTree as ET
+    import eval as ev
+    records = [{"stage": "stage2", "epoch": 1, "step": 1, "total": 1, "kd": 0.03, "lr": 1e-4},
+               {"stage": "stage2", "step": 1, "dev": {"acc": 50.0, "total": 32}, "eval_s": 0.1},
+               {"stage": "stage2", "done": True, "peak_memory_gib": 0.1}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ev.write_curves(str(tmp_path))
+    svg = "{http://www.w3.org/2000/svg}"
+    panels = {g.get("data-name"): g for g in ET.parse(tmp_path / "curves.svg").getroot().iter(svg + "g")}
+    assert set(panels) == {"kd", "dev acc"}
+    for name, v in (("kd", 0.03), ("dev acc", 50.0)):
+        axis = [float(t.text) for t in panels[name].iter(svg + "text") if re.fullmatch(r"[-\d.e+]+", t.text)]
+        assert axis == [pytest.approx(1.1 * v), pytest.approx(0.9 * v)]  # top, bottom: never below 0
+        y = float(panels[name].find(svg + "polyline").get("points").split(",")[1])
+        assert y == pytest.approx(50)  # mid-panel
+
+
+def test_eval_flag_errors_print_one_usage_line_and_help_lists_every_flag(tmp_path, capsys):
+    """Issue 38: a flag error printed the 20-line usage before its message."""
+    import eval as ev
+    with pytest.raises(SystemExit):
+        ev.main(["--task", "sst2", "--model", str(tmp_path), "--max_len", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("usage: eval.py ") and err[1].startswith("eval.py: error: --max_len 2")
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    said = capsys.readouterr().out
+    flags = ("task model data_dir batch_size device predict speed speed_batch speed_length squad_file max_len "
+             "show teacher mha_temperature show_out allow_partial noise noise_seed").split()
+    assert all(f"--{f}" in said for f in flags)
 
 
 def test_teacher_without_the_task_head_is_refused_before_work(tmp_path):
