@@ -1,9 +1,8 @@
 """data.py: what the models read, in this order: the WordPiece tokenizer; the GLUE tasks and their
 files, read as the official tools read them; batches; SQuAD (reader, windows, answers); unlabeled
-text for general distillation; then the machinery (downloads, text files, atomic writes, error
-lines). A reader refuses an empty, cut-short, binary or wrongly encoded file in one line naming it.
-Sources: the GLUE download script (layout, MRPC from SentEval) and paper, Google's BERT
-run_classifier.py / run_squad.py, the official SQuAD evaluation scripts. Imports nothing of ours.
+text for general distillation; then the machinery (downloads, text files, atomic writes, errors).
+A reader refuses an empty, cut-short, binary or wrongly encoded file in one line naming it. Sources:
+the GLUE download script and paper, Google's run_classifier.py / run_squad.py, the SQuAD scripts.
 
     python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus
 """
@@ -20,6 +19,7 @@ import torch
 HUB_URL = "https://huggingface.co"
 FILES_URL = "https://dl.fbaipublicfiles.com"  # GLUE's and SentEval's files
 REFETCH = "delete it and run again to download it anew (the README's 'Data' section)"
+TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-<random>
 
 
 # ----------------------------------------------------------------------------------------------
@@ -27,9 +27,8 @@ REFETCH = "delete it and run again to download it anew (the README's 'Data' sect
 
 
 class Tokenizer:
-    """Uncased BERT tokenisation: clean text, split CJK characters, lower-case and strip accents
-    (BertNormalizer: strip_accents follows lowercase), whitespace+punctuation split, WordPiece.
-    vocab.txt: one token a line (its id is the line number), BERT's special tokens among them."""
+    """Uncased BERT tokenisation (BertNormalizer: clean, split CJK, lower-case, strip accents; split
+    on whitespace and punctuation; WordPiece) by vocab.txt: one token a line, id = line number."""
 
     def __init__(self, vocab_file):
         from tokenizers import BertWordPieceTokenizer
@@ -37,17 +36,16 @@ class Tokenizer:
             raise ValueError(f"{vocab_file} lacks [PAD], [UNK], [CLS] or [SEP]: empty, cut short "
                              "or not a BERT vocabulary; copy the model's vocab.txt again")
         self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
-        self.pad_id, self.cls_id, self.sep_id = map(self.wp.token_to_id, ("[PAD]", "[CLS]", "[SEP]"))
+        self.pad_id, self.cls_id, self.sep_id = map(self.wp.token_to_id, "[PAD] [CLS] [SEP]".split())
 
     def tokenize(self, texts):
         """Word pieces without special tokens: tokenizers.Encoding's (.ids, .offsets in chars)."""
         return self.wp.encode_batch(list(texts), add_special_tokens=False)
 
     def encode(self, texts_a, texts_b=None, max_length=128):
-        """[CLS] a [SEP] (b [SEP]) for every example, cut to max_length as Google's BERT cuts it:
-        a pair loses one token at a time from its longer text (b when equal) until it fits, which
-        is run_classifier.py's _truncate_seq_pair in closed form (`tokenizers` breaks the tie the
-        other way). Returns (ids (N, max_length) int64 padded with [PAD], token_type_ids, lengths)."""
+        """[CLS] a [SEP] (b [SEP]) per example, cut to max_length as run_classifier.py's
+        _truncate_seq_pair cuts a pair (one token at a time from the longer text, b on a tie; not
+        as `tokenizers`). Returns (ids (N, max_length), [PAD]-padded; token_type_ids; lengths)."""
         pair = texts_b is not None
         a = self.wp.encode_batch(list(texts_a), add_special_tokens=False)
         b = self.wp.encode_batch(list(texts_b), add_special_tokens=False) if pair else None
@@ -115,9 +113,8 @@ class Example:
 
 def read_glue(task, split, data_dir, allow_partial=False):
     """The examples of one GLUE split (downloaded on first use), read as the official processors
-    read it: tab-separated, quotes are text, a row of another width dropped. An empty, narrow or
-    cut-short file is refused, and so is a dev or test file without the official number of
-    examples (a metric on other rows is not the task's) unless allow_partial: then a warning."""
+    read it. An empty, narrow or cut-short file is refused, and so is a dev or test file without the
+    official number of examples (the metric would not be the task's) unless allow_partial."""
     if task not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(TASKS)}")
     t = TASKS[task]
@@ -126,15 +123,15 @@ def read_glue(task, split, data_dir, allow_partial=False):
         raise ValueError(f"{task} has no split {split!r}; its splits: {', '.join(splits)}")
     path = os.path.join(data_dir, "glue", t.folder, "diagnostic.tsv" if task == "ax" else f"{split}.tsv")
     if not os.path.exists(path):
-        download_glue(task, data_dir, place=path)
+        download_glue(task, data_dir, path)
     text = read_text(path, "utf-8-sig")  # utf-8-sig: MRPC starts with a BOM
     rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     test = split.startswith("test")
     header = t.header or test  # CoLA's train/dev have no header, its test file has one
     a, b = t.test_cols if test and t.test_cols else (t.a, t.b)
     width = len(rows[0]) if rows else 0  # of the header, or of CoLA's first row
-    if len(rows) <= header or width <= max(a, b or 0, -1 if test else t.label):
-        raise ValueError(f"{path} is empty or not {t.folder}'s ({len(rows)} rows of {width} columns); {REFETCH}")
+    if len(rows) <= header or width <= max(a, b or 0, -1 if test else t.label):  # no rows to read
+        raise ValueError(f"{path} is empty or has too few columns for {t.folder}; {REFETCH}")
     examples = []
     for i, row in enumerate(rows[header:]):
         if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
@@ -143,15 +140,14 @@ def read_glue(task, split, data_dir, allow_partial=False):
         try:
             label = raw if test else float(raw) if t.is_regression else t.labels.index(raw)
         except ValueError:
-            want = "a number" if t.is_regression else f"one of {t.labels}"
-            raise ValueError(f"{path}, line {i + 1 + header}: label {raw!r} is not {want}") from None
+            ok = "a number" if t.is_regression else f"one of {t.labels}"
+            raise ValueError(f"{path}, line {i + 1 + header}: label {raw!r} is not {ok}") from None
         guid = row[0] if test else f"{split}-{i}"
         examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
     if len(examples) < len(rows) - header:  # dropped rows: a file cut short ends in one
         if not examples or (len(rows[-1]) != width and not text.endswith("\n")):
             raise ValueError(f"{path} ends in the middle of a row or has no whole one; {REFETCH}")
-        print(f"[data] {path}: skipped {len(rows) - header - len(examples)} malformed rows "
-              "(wrong number of columns)", file=sys.stderr)
+        print(f"[data] {path}: skipped {len(rows) - header - len(examples)} malformed rows", file=sys.stderr)
     want = GLUE_ROWS[task][splits.index(split)]
     if len(examples) != want:
         count_differs(path, len(examples), want, strict=split != "train" and not allow_partial)
@@ -159,20 +155,17 @@ def read_glue(task, split, data_dir, allow_partial=False):
 
 
 def count_differs(path, have, want, strict):
-    """A file with other than the official number of examples: an error if strict, else a warning."""
+    """A file without the official number of examples: an error if strict, else a warning."""
     msg = f"{path} has {have} examples; the official file has {want}"
     if strict:
         raise ValueError(f"{msg}: a truncated or altered file? Fetch it again, or pass "
-                         "--allow_partial to score on these rows anyway (then not the official metric)")
+                         "--allow_partial to score on these rows anyway (not the official metric)")
     print(f"[data] warning: {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------
-# Batches: tokenize once into padded tensors; a batch is a gather and a trim, no Python per example
-
-
 def encode_glue(task, examples, tokenizer, max_len=None):
-    """Tokenise every example once: a dict of tensors, one row per example."""
+    """Tokenise every example once: a dict of padded tensors, one row per example (a batch is then a
+    gather and a trim, no Python per example)."""
     t = TASKS[task]
     texts_b = [e.text_b for e in examples] if t.b is not None else None
     ids, types, lengths = tokenizer.encode([e.text_a for e in examples], texts_b, max_len or t.max_len)
@@ -186,11 +179,10 @@ def encode_glue(task, examples, tokenizer, max_len=None):
 def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0,
             group_by_length=0):
     """Yield batches {input_ids, token_type_ids, attention_mask, labels..., index} of an encoded
-    dataset. Dynamic padding trims a batch to its longest row; fixed_padding keeps the full max
-    length (the authors' behaviour). start skips the first `start` batches (resuming an epoch).
-    group_by_length=G (with shuffle; HF's Trainer has it by that name): each run of G batches'
-    worth of shuffled rows is sorted by length and cut, and the run's batches are shuffled: a
-    batch pads little, while which rows meet in a run and the order of the batches stay random."""
+    dataset, trimmed to their longest row (fixed_padding: the full max length, as the authors ran),
+    from batch `start` on (resuming an epoch). group_by_length=G (with shuffle; HF's Trainer has it
+    by that name): every run of G batches' worth of shuffled rows is sorted by length, cut and the
+    run's batches shuffled: a batch pads little, while the batches stay random."""
     n, lengths = len(dataset["input_ids"]), dataset["lengths"]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     rows = list(order.split(batch_size))  # the rows of each batch
@@ -215,12 +207,10 @@ def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=Fa
 
 def read_squad(path, allow_partial=False):
     """The official JSON, flattened: [{id, title, question, context, answers: [{text,
-    answer_start}]}]; an unanswerable v2.0 question has answers == []. An official file is
-    downloaded when missing; an official dev file with another number of questions is refused
-    unless allow_partial (as GLUE's)."""
-    # Questions in the official files (the SQuAD papers' tables); files by other names are not checked.
-    official = {"train-v1.1.json": 87599, "dev-v1.1.json": 10570, "train-v2.0.json": 130319,
-                "dev-v2.0.json": 11873}
+    answer_start}]}] (no answers: unanswerable, v2.0). An official file is downloaded when missing;
+    an official dev file without the official count of questions is refused unless allow_partial."""
+    official = {"train-v1.1.json": 87599, "dev-v1.1.json": 10570,  # questions (the SQuAD papers)
+                "train-v2.0.json": 130319, "dev-v2.0.json": 11873}
     name = os.path.basename(path)
     if not os.path.exists(path):
         if name not in official:
@@ -249,8 +239,7 @@ def read_squad(path, allow_partial=False):
     if not examples:
         raise ValueError(f"{path} holds no questions; {REFETCH}")
     if name in official and len(examples) != official[name]:
-        strict = name.startswith("dev") and not allow_partial
-        count_differs(path, len(examples), official[name], strict)
+        count_differs(path, len(examples), official[name], name.startswith("dev") and not allow_partial)
     return examples
 
 
@@ -261,8 +250,8 @@ def squad_field(obj, key, kind, where, path):
     if not isinstance(value, kind) or isinstance(value, bool):
         got = "nothing" if value is None else type(value).__name__
         want = {list: "a list", str: "a string", int: "an integer"}[kind]
-        raise ValueError(f"{path}: {where}.{key} should be {want}, found {got}; not the official "
-                         "SQuAD layout data[].paragraphs[].qas[] (rajpurkar.github.io/SQuAD-explorer)")
+        raise ValueError(f"{path}: {where}.{key} should be {want}, found {got}; not the official SQuAD layout "
+                         "data[].paragraphs[].qas[] (rajpurkar.github.io/SQuAD-explorer)")
     return value
 
 
@@ -274,17 +263,14 @@ def split_squad(path, first, head_path, tail_path=None):
         raise ValueError(f"{path} has {len(doc['data'])} articles: cannot split after {first}")
     for out, part in ((head_path, doc["data"][:first]), (tail_path, doc["data"][first:])):
         if out:
-            text = json.dumps({"version": doc.get("version", ""), "data": part}, ensure_ascii=False)
-            atomic_write_text(out, text)
+            atomic_write_text(out, json.dumps({"version": doc.get("version", ""), "data": part}, ensure_ascii=False))
 
 
 def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, train=True):
-    """Cut every (question, context) into windows [CLS] question [SEP] window [SEP]. `stride` is
-    the STEP between window starts, as in Google's run_squad.py (doc_stride 128: windows start at
-    context tokens 0, 128, 256, ...), not the overlap it means in HF `tokenizers`. Training target:
-    the first answer's token span when it lies wholly inside the window, else (0, 0) = [CLS].
-    Returns tensors, one row per window, with (for evaluation) its example index and each token's
-    character span in the context (-1 for question and special tokens)."""
+    """Cut every (question, context) into windows [CLS] question [SEP] window [SEP]; `stride` is
+    the STEP between window starts as in Google's run_squad.py (doc_stride), not an overlap as in
+    `tokenizers`. Target: the first answer's token span if wholly in the window, else (0, 0).
+    Returns tensors, a row per window, with its example and each token's char span (-1: none)."""
     questions = tokenizer.tokenize(e["question"] for e in examples)
     contexts = tokenizer.tokenize(e["context"] for e in examples)
     rows = []  # one per window: input_ids, token_type_ids, lengths, labels, example, offsets
@@ -294,16 +280,16 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
         room = max_len - first - 1
         if room < 1:
             raise ValueError(f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word "
-                             f"pieces, leaving no room for its context; use --max_len {first + 2} or more")
+                             f"pieces, no room for its context; use --max_len {first + 2} or more")
         offsets = np.array(c.offsets, dtype=np.int64).reshape(-1, 2)  # (n_ctx, 2) char [start, end)
         span = None
         if train and ex["answers"]:
             s = ex["answers"][0]["answer_start"]
             e = s + len(ex["answers"][0]["text"])
-            inside = np.nonzero((offsets[:, 1] > s) & (offsets[:, 0] < e))[0]  # tokens in the answer
+            inside = np.nonzero((offsets[:, 1] > s) & (offsets[:, 0] < e))[0]  # answer tokens
             span = (inside[0], inside[-1]) if len(inside) else None
-        start = 0
-        while True:
+        step = min(room, stride)  # windows start every `step` tokens until one reaches the end
+        for start in range(0, max(len(c.ids) - room + step, 1), step):
             n = min(room, len(c.ids) - start)
             ids = [tokenizer.cls_id, *q_ids, tokenizer.sep_id, *c.ids[start:start + n], tokenizer.sep_id]
             pad = max_len - len(ids)
@@ -313,20 +299,16 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
             label = (first + span[0] - start, first + span[1] - start) if inside else (0, 0)
             types = [0] * first + [1] * (n + 1) + [0] * pad
             rows.append((ids + [tokenizer.pad_id] * pad, types, len(ids), label, i, tok_off))
-            if start + n >= len(c.ids):
-                break
-            start += min(n, stride)
     names = ("input_ids", "token_type_ids", "lengths", "labels", "example", "offsets")
     return {k: torch.tensor(np.array(column)) for k, column in zip(names, zip(*rows))}
 
 
 def squad_predictions(examples, features, start_logits, end_logits, n_best=20, max_answer=30,
                       version="1.1", null_threshold=0.0):
-    """Per-window start/end logits (numpy (F, L)) -> {question_id: answer text}. In each window the
-    top n_best starts x top n_best ends, kept when both are context tokens, start <= end and at
-    most max_answer tokens apart, score start + end logit; a question's best span over its windows
-    wins. v2.0: the null score is the least start[0] + end[0] over windows; "" when null - best >
-    null_threshold. Returns (predictions, null_minus_best {id: float} for eval.py's threshold)."""
+    """Per-window start/end logits (numpy (F, L)) -> {question_id: answer}: the best start + end
+    over windows, of the top n_best starts x n_best ends in context, start <= end, <= max_answer
+    tokens. v2.0: null = least start[0] + end[0] over windows; "" when null - best > null_threshold.
+    Returns (predictions, null_minus_best {id: float}, for eval.py's threshold search)."""
     best, null = {}, {}  # example index -> (score, text); example index -> min null score
     offsets = features["offsets"].numpy()
     for f, ex_i in enumerate(features["example"].tolist()):
@@ -362,32 +344,29 @@ def read_corpus(paths):
     lines: a list of documents, each a list of lines. An empty file is refused."""
     documents = []
     for path in paths:
-        text, current = read_text(path), []
-        if not text.strip():
-            raise ValueError(f"corpus {path} is empty; give UTF-8 text, a sentence or paragraph a "
-                             "line, documents apart by blank lines (python data.py corpus writes one)")
-        for line in text.splitlines():
+        current, before = [], len(documents)
+        for line in read_text(path).splitlines() + [""]:  # a blank line closes the last document
             if line.strip():
                 current.append(line.strip())
             elif current:
                 documents.append(current)
                 current = []
-        if current:
-            documents.append(current)
+        if len(documents) == before:
+            raise ValueError(f"corpus {path} is empty; give UTF-8 text, a sentence or paragraph "
+                             "a line, documents apart by blank lines (data.py corpus writes one)")
     return documents
 
 
 def corpus_windows(documents, tokenizer, max_len=128):
-    """Pack consecutive lines of one document into windows [CLS] text [SEP] of at most max_len
-    tokens; a line longer than a window is cut into window-sized pieces. Returns {input_ids,
-    token_type_ids, lengths}, one row per window, as encode_glue does."""
+    """Pack consecutive lines of a document into windows [CLS] text [SEP] of at most max_len tokens
+    (a longer line cut into pieces): {input_ids, token_type_ids, lengths} as encode_glue gives."""
     room, windows = max_len - 2, []
     pieces = iter(tokenizer.tokenize([line for doc in documents for line in doc]))
     for doc in documents:
         current = []
         for ids in (next(pieces).ids for _ in doc):
             for chunk in (ids[k:k + room] for k in range(0, len(ids), room)):
-                if current and len(current) + len(chunk) > room:  # it does not fit: close the window
+                if current and len(current) + len(chunk) > room:  # no room: close the window
                     windows.append(current)
                     current = []
                 current += chunk
@@ -401,11 +380,10 @@ def corpus_windows(documents, tokenizer, max_len=128):
 
 
 def build_corpus(data_dir, out, vocab=None):
-    """Write the corpus this repo can have offline: the paragraphs of the SQuAD *training* files
-    present (<data_dir>/squad/train-*.json; an article is a document, a paragraph a line) and the
-    sentences of the GLUE *train* splits present (a task's file is a document, a pair two lines),
-    deduplicated; a line also in a dev or test file present (GLUE dev/test, SQuAD dev) is dropped.
-    Nothing is downloaded. Returns {documents, lines, words, dropped_as_dev, word_pieces (vocab)}."""
+    """Write the corpus this repo can have offline, downloading nothing: the paragraphs of the SQuAD
+    train-*.json present (an article a document) and the sentences of the GLUE train.tsv present (a
+    file a document), deduplicated, without any line of a dev or test file present. Returns
+    {documents, lines, words, dropped_as_dev, word_pieces (with a vocab)}."""
     texts = []  # (held out?, the lines of a document): SQuAD articles, then GLUE files
     squad_dir = os.path.join(data_dir, "squad")
     for name in sorted(os.listdir(squad_dir)) if os.path.isdir(squad_dir) else []:
@@ -432,7 +410,7 @@ def build_corpus(data_dir, out, vocab=None):
         documents += [[line for line in fresh if line not in held]]
     documents = [doc for doc in documents if doc]
     if not documents:
-        raise ValueError(f"{data_dir}: no SQuAD train-*.json under squad/, no GLUE train.tsv under glue/")
+        raise ValueError(f"{data_dir}: no squad/train-*.json and no glue/*/train.tsv")
     atomic_write_text(out, "\n\n".join("\n".join(doc) for doc in documents) + "\n")
     lines = [line for doc in documents for line in doc]
     stats = {"documents": len(documents), "lines": len(lines),
@@ -445,41 +423,36 @@ def build_corpus(data_dir, out, vocab=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery: downloads (streamed, resumable, checksummed), text files, atomic writes, error lines.
-# A reader of the formats may stop here.
+# Machinery, which a reader of the formats may skip: downloads, text files, atomic writes, errors
 
 
-def download_glue(task, data_dir, place):
+def download_glue(task, data_dir, path):
     """Fetch a task as the official download script lays it out, MRPC as that script builds it:
     SentEval's train file split into train/dev by mrpc_dev_ids.tsv (header copied, BOM and all),
-    the test file re-indexed without labels. `place`: where a user without internet puts a file."""
+    the test file re-indexed without labels. `path`: the file wanted (said in an error)."""
     t, root = TASKS[task], os.path.join(data_dir, "glue")
-    if task == "ax":
-        dest = os.path.join(root, "diagnostic", "diagnostic.tsv")
-        return download(f"{FILES_URL}/glue/data/AX.tsv", dest, place=place)
+    if task == "ax":  # one file: <root>/diagnostic/diagnostic.tsv
+        return download(f"{FILES_URL}/glue/data/AX.tsv", path, place=path)
     if task != "mrpc":
         name = {"qqp": "QQP-clean", "qnli": "QNLIv2"}.get(task, t.folder)  # the archive's name
         md5 = "9f81648d4199384278b86e315dac217c" if task == "sst2" else None
-        zip_path = download(f"{FILES_URL}/glue/data/{name}.zip", os.path.join(root, f"{name}.zip"),
-                            md5=md5, place=place)
+        zip_path = download(f"{FILES_URL}/glue/data/{name}.zip", os.path.join(root, f"{name}.zip"), md5, place=path)
         unzip(zip_path, root)
         os.remove(zip_path)
         if not os.path.isdir(os.path.join(root, t.folder)):
             raise ValueError(f"{zip_path} did not contain the folder {t.folder}/")
         return
-    files = {}
-    for name, url in (("train", f"{FILES_URL}/senteval/senteval_data/msr_paraphrase_train.txt"),
-                      ("test", f"{FILES_URL}/senteval/senteval_data/msr_paraphrase_test.txt"),
-                      ("dev_ids", f"{FILES_URL}/glue/data/mrpc_dev_ids.tsv")):
+    senteval, texts = f"{FILES_URL}/senteval/senteval_data/msr_paraphrase", []
+    for url in (f"{senteval}_train.txt", f"{senteval}_test.txt", f"{FILES_URL}/glue/data/mrpc_dev_ids.tsv"):
         dest = os.path.join(root, "MRPC", "original", url.rsplit("/", 1)[-1])
-        files[name] = read_text(download(url, dest, place=place))
-    dev_ids = {tuple(ln.strip().split("\t")) for ln in files["dev_ids"].splitlines() if ln.strip()}
-    header, *lines = files["train"].splitlines(keepends=True)
+        texts.append(read_text(download(url, dest, place=path)))
+    dev_ids = {tuple(ln.strip().split("\t")) for ln in texts[2].splitlines() if ln.strip()}
+    header, *lines = texts[0].splitlines(keepends=True)
     train = [header] + [ln for ln in lines if tuple(ln.split("\t")[1:3]) not in dev_ids]
     dev = [header] + [ln for ln in lines if tuple(ln.split("\t")[1:3]) in dev_ids]
+    tests = texts[1].removeprefix("\ufeff").splitlines()[1:]
     test = ["index\t#1 ID\t#2 ID\t#1 String\t#2 String\n"]
-    test += [f"{i}\t" + "\t".join(ln.split("\t")[1:]) + "\n"
-             for i, ln in enumerate(files["test"].removeprefix("\ufeff").splitlines()[1:])]
+    test += [f"{i}\t" + "\t".join(ln.split("\t")[1:]) + "\n" for i, ln in enumerate(tests)]  # no label
     for name, rows in (("train", train), ("dev", dev), ("test", test)):
         atomic_write_text(os.path.join(root, "MRPC", f"{name}.tsv"), "".join(rows))
 
@@ -492,15 +465,13 @@ class DownloadError(RuntimeError):
         where = f"place it at {place}" if place else (
             "place it by hand: GLUE/SQuAD under --data_dir (the README's 'Data' section), weights "
             "as a model directory (config.json, vocab.txt, weights) passed by path")
-        super().__init__(f"download of {url} failed: {reason}. Offline? Fetch the file on a "
-                         f"machine with internet and {where}")
+        super().__init__(f"download of {url} failed: {reason}. Offline? Fetch it where you can and {where}")
 
 
 def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
-    """Fetch url to dest unless dest exists: streamed to dest + '.part', which a cut transfer
-    resumes (HTTP Range), checked against md5/sha256, renamed to dest. A host that cannot be
-    reached at all (offline, name lookup failed) is an error at once, not retried; `place`: where a
-    user without internet should put the file. No directory is made before the server answers."""
+    """Fetch url to dest unless dest exists: streamed to dest + '.part' (a cut transfer resumes it
+    by HTTP Range), checked against md5/sha256, renamed. An unreachable host is an error at once;
+    `place`: where to put the file by hand. No directory is made before the server answers."""
     import hashlib
     import requests
     if os.path.exists(dest):
@@ -523,9 +494,9 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
                     for i, block in enumerate(r.iter_content(chunk)):
                         f.write(block)
                         if i % 100 == 0:  # a status line every 100 blocks
-                            print(f"\r[download] {dest}: {f.tell() / 1e6:.1f} MB", end="", file=sys.stderr)
+                            print(f"\r[download] {dest}: {f.tell() >> 20} MiB", end="", file=sys.stderr)
                     done = f.tell()
-                print(f"\r[download] {dest}: {done / 1e6:.1f} MB", file=sys.stderr)
+                print(f"\r[download] {dest}: {done >> 20} MiB", file=sys.stderr)
                 if total is None or done >= total:
                     break
         except requests.RequestException as e:
@@ -542,8 +513,8 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
             got = hashlib.new(algorithm, f.read()).hexdigest() if want else None
         if got != want:
             os.remove(part)
-            raise DownloadError(url, f"{algorithm} mismatch: expected {want}, got {got}; the partial "
-                                "file was removed")
+            raise DownloadError(url, f"{algorithm} mismatch: expected {want}, got {got}; the "
+                                "partial file was removed")
     os.replace(part, dest)
     return dest
 
@@ -570,12 +541,8 @@ def read_text(path, encoding="utf-8"):
         except UnicodeDecodeError as e:
             bad = e.start
     line, column = raw.count(b"\n", 0, bad) + 1, bad - raw.rfind(b"\n", 0, bad)
-    raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[bad]:02x} is not valid "
-                     f"{encoding.upper().removesuffix('-SIG')} text (a binary or damaged file?); "
-                     "re-save it as UTF-8, or delete it if it was downloaded and run again")
-
-
-TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-<random>
+    raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[bad]:02x} is not valid UTF-8 text "
+                     "(binary or damaged?); re-save it as UTF-8, or delete it and run again")
 
 
 def atomic_write_bytes(path, blocks):
@@ -608,14 +575,12 @@ def remove_stale_temporaries(directory):
 
 
 def error_line(e, writable):
-    """The one line a user reads for an error: a full disk or a file we may not write said in
-    words (atomic writes leave nothing half-written, so a rerun resumes); `writable` names what to
-    choose instead ("an --out")."""
+    """The one line a user reads for an error, a full disk or a file we may not write said in words
+    (atomic writes leave nothing half-written, a rerun resumes); `writable`: what to choose."""
     import errno
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"no space left on the device while writing {e.filename or 'a file'}; nothing "
-                "half-written was kept. Free some space and rerun the same command: finished work "
-                "is kept, an interrupted stage resumes")
+        return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written "
+                "was kept. Free some space and rerun the same command: it resumes")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
     return str(e)
@@ -623,12 +588,11 @@ def error_line(e, writable):
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="data.py corpus: " + build_corpus.__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("corpus", help="write the offline corpus for general distillation")
-    c.add_argument("--data_dir", required=True, help="holds glue/<TASK>/train.tsv, squad/train-*.json")
-    c.add_argument("--out", required=True, help="the corpus file to write")
-    c.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
+    p = argparse.ArgumentParser(description=build_corpus.__doc__.split("\n")[0])
+    p.add_argument("command", choices=["corpus"], help="write the corpus of general distillation")
+    p.add_argument("--data_dir", required=True, help="holds glue/*/train.tsv, squad/train-*.json")
+    p.add_argument("--out", required=True, help="the corpus file to write")
+    p.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
     a = p.parse_args()
     try:
         build_corpus(a.data_dir, a.out, a.vocab)
