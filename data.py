@@ -1,158 +1,106 @@
-"""data.py: the WordPiece tokenizer, GLUE and SQuAD read exactly as the official tools do, and their downloads.
+"""data.py: what the models read, in this order: the WordPiece tokenizer; the GLUE tasks and their
+files, read as the official tools read them; batches; SQuAD (reader, windows, answers); unlabeled
+text for general distillation; then the machinery (downloads, text files, atomic writes, errors).
+A reader refuses an empty, cut-short, binary or wrongly encoded file in one line naming it. Sources:
+the GLUE download script and paper, Google's run_classifier.py / run_squad.py, the SQuAD scripts.
 
-Chapter 0 of mlkd; imports nothing of ours. Sources and facts: the official URLs (GLUE's and SentEval's
-files on dl.fbaipublicfiles.com, SQuAD-explorer, the Hugging Face hub), the GLUE download script (file
-layout, MRPC built from SentEval), the GLUE paper's task table, Google's BERT run_classifier.py /
-run_squad.py (pair truncation, SQuAD windows) and the official SQuAD evaluation scripts (post-processing
-lives here, scoring in eval.py).
-
-Sections:  1. tokenizer   2. GLUE   3. batches   4. SQuAD   5. unlabeled text   6. downloads and
-atomic writes (plumbing: a reader of the formats may stop before it)
-
-    python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus (section 5)
+    python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus
 """
 import csv
-import errno
-import hashlib
 import io
 import json
-import math
 import os
 import sys
-import tempfile
-import time
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
-import requests
 import torch
 
 HUB_URL = "https://huggingface.co"
-GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data"
-SENTEVAL_URL = "https://dl.fbaipublicfiles.com/senteval/senteval_data"
-SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset"
-
-
-def log(msg, end="\n"):
-    print(msg, file=sys.stderr, end=end, flush=True)
+FILES_URL = "https://dl.fbaipublicfiles.com"  # GLUE's and SentEval's files
+REFETCH = "delete it and run again to download it anew (the README's 'Data' section)"
+TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-<random>
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Tokenizer: BERT WordPiece from vocab.txt (the `tokenizers` package does the work).
+# The tokenizer: BERT WordPiece from vocab.txt (the `tokenizers` package does the work)
 
 
 class Tokenizer:
-    """Uncased BERT tokenisation: clean text, split CJK characters, lower-case and strip accents
-    (BertNormalizer: strip_accents follows lowercase), whitespace+punctuation split, WordPiece."""
+    """Uncased BERT tokenisation (BertNormalizer: clean, split CJK, lower-case, strip accents; split
+    on whitespace and punctuation; WordPiece) by vocab.txt: one token a line, id = line number."""
 
-    def __init__(self, vocab_file, lowercase=True):
+    def __init__(self, vocab_file):
         from tokenizers import BertWordPieceTokenizer
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"vocabulary file {vocab_file} does not exist")
-        self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)
-        self.pad_id, self.cls_id, self.sep_id = (self.wp.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
-        if None in (self.pad_id, self.cls_id, self.sep_id):
-            raise ValueError(f"{vocab_file} lacks [PAD], [CLS] or [SEP]: not a BERT vocabulary")
+        if not {"[PAD]", "[UNK]", "[CLS]", "[SEP]"} <= set(read_text(vocab_file).splitlines()):
+            raise ValueError(f"{vocab_file} lacks [PAD], [UNK], [CLS] or [SEP]: empty, cut short "
+                             "or not a BERT vocabulary; copy the model's vocab.txt again")
+        self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
+        self.pad_id, self.cls_id, self.sep_id = map(self.wp.token_to_id, "[PAD] [CLS] [SEP]".split())
 
     def tokenize(self, texts):
-        """Word pieces without special tokens: list of tokenizers.Encoding (.ids, .offsets in chars)."""
+        """Word pieces without special tokens: tokenizers.Encoding's (.ids, .offsets in chars)."""
         return self.wp.encode_batch(list(texts), add_special_tokens=False)
 
     def encode(self, texts_a, texts_b=None, max_length=128):
-        """[CLS] a [SEP] (b [SEP]) for every example, truncated to max_length as Google's BERT does.
-
-        Returns (ids (N, max_length) int64 padded with [PAD], token_type_ids (N, max_length), lengths (N,)).
-        """
-        a = [e.ids for e in self.tokenize(texts_a)]
-        b = [e.ids for e in self.tokenize(texts_b)] if texts_b is not None else None
-        n = len(a)
-        ids = np.full((n, max_length), self.pad_id, dtype=np.int64)
-        types = np.zeros((n, max_length), dtype=np.int64)
-        lengths = np.zeros(n, dtype=np.int64)
-        for i in range(n):  # once per data set, before training
-            if b is None:
-                seq = [self.cls_id, *a[i][:max_length - 2], self.sep_id]
-                na = len(seq)
-            else:
-                ka, kb = truncate_pair(len(a[i]), len(b[i]), max_length - 3)
-                seq = [self.cls_id, *a[i][:ka], self.sep_id, *b[i][:kb], self.sep_id]
-                na = ka + 2
+        """[CLS] a [SEP] (b [SEP]) per example, cut to max_length as run_classifier.py's
+        _truncate_seq_pair cuts a pair (one token at a time from the longer text, b on a tie; not
+        as `tokenizers`). Returns (ids (N, max_length), [PAD]-padded; token_type_ids; lengths)."""
+        pair = texts_b is not None
+        a = self.wp.encode_batch(list(texts_a), add_special_tokens=False)
+        b = self.wp.encode_batch(list(texts_b), add_special_tokens=False) if pair else None
+        budget = max_length - 3 if pair else max_length - 2  # room left by [CLS] and the [SEP]s
+        ids = np.full((len(a), max_length), self.pad_id, dtype=np.int64)
+        types, lengths = np.zeros_like(ids), np.zeros(len(a), dtype=np.int64)
+        for i in range(len(a)):  # once per data set, before training
+            x, y = a[i].ids, b[i].ids if pair else []
+            ka = min(len(x), max((budget + 1) // 2, budget - len(y)))  # all of a when it fits
+            kb = min(len(y), budget - ka)
+            seq = [self.cls_id, *x[:ka], self.sep_id] + ([*y[:kb], self.sep_id] if pair else [])
             ids[i, :len(seq)] = seq
-            types[i, na:len(seq)] = 1
+            types[i, ka + 2:len(seq)] = 1
             lengths[i] = len(seq)
         return torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(lengths)
 
 
-def truncate_pair(la, lb, budget):
-    """Lengths kept by Google's _truncate_seq_pair: pop one token at a time from the longer side
-    (from b when equal) until la + lb <= budget. Closed form of that loop. (`tokenizers`'
-    longest_first breaks the tie the other way, hence this function.)"""
-    if la + lb <= budget:
-        return la, lb
-    ka = min(la, max(math.ceil(budget / 2), budget - lb))
-    return ka, budget - ka
-
-
 # ----------------------------------------------------------------------------------------------
-# 2. GLUE: the official download script's layout, <data_dir>/glue/<TASK>/{train,dev,test}.tsv
+# GLUE: the official download script's layout, <data_dir>/glue/<folder>/{train,dev,test}.tsv
 
 
 @dataclass(frozen=True)
 class Task:
-    name: str         # CLI name
-    folder: str       # directory of the official download script
-    a: int            # column of the first sentence (train/dev)
-    b: int | None     # column of the second sentence, None for single-sentence tasks
-    label: int | None  # column of the label (-1 = last), None in test files
-    labels: tuple     # label strings in index order; () = regression
-    metric: str       # GLUE's official metric, the one the paper reports and train.py selects on
-    max_len: int
-    header: bool = True
-    test_cols: tuple = None  # (a, b) in test.tsv when they differ from train/dev
-    zip: str = None
-
-    @property
-    def dev_splits(self):
-        return ("dev_matched", "dev_mismatched") if self.name == "mnli" else ("dev",)
-
-    @property
-    def test_splits(self):
-        return ("test_matched", "test_mismatched") if self.name == "mnli" else ("test",)
-
-    @property
-    def is_regression(self):
-        return not self.labels
+    folder: str            # directory of the official download script
+    a: int                 # column of the first sentence (train/dev)
+    b: int | None          # column of the second sentence, None for single-sentence tasks
+    label: int | None      # column of the label (-1 = last), None in test files
+    labels: tuple          # label strings in index order; () = regression
+    metric: str            # GLUE's official metric: the paper reports it, train.py selects on it
+    max_len: int = 128
+    header: bool = True    # CoLA's train and dev files have no header line
+    test_cols: tuple = None  # (a, b) in test.tsv where they differ from train/dev
+    is_regression: bool = False
+    dev_splits: tuple = ("dev",)
+    test_splits: tuple = ("test",)
 
 
-TASKS = {t.name: t for t in [
-    Task("cola", "CoLA", 3, None, 1, ("0", "1"), "mcc", 64, header=False, test_cols=(1, None)),
-    Task("sst2", "SST-2", 0, None, 1, ("0", "1"), "acc", 64, test_cols=(1, None)),
-    Task("mrpc", "MRPC", 3, 4, 0, ("0", "1"), "f1", 128),
-    Task("stsb", "STS-B", 7, 8, -1, (), "spearman", 128),
-    Task("qqp", "QQP", 3, 4, 5, ("0", "1"), "f1", 128, test_cols=(1, 2), zip="QQP-clean"),
-    Task("mnli", "MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc", 128),
-    Task("qnli", "QNLI", 1, 2, -1, ("entailment", "not_entailment"), "acc", 128, zip="QNLIv2"),
-    Task("rte", "RTE", 1, 2, -1, ("entailment", "not_entailment"), "acc", 128),
-    Task("wnli", "WNLI", 1, 2, -1, ("0", "1"), "acc", 128),
-    # AX: the diagnostic set, predicted with an MNLI model; test only.
-    Task("ax", "diagnostic", 1, 2, None, ("contradiction", "entailment", "neutral"), "acc", 128),
-]}
-
-# Official number of examples per file (GLUE paper, the download script's output).
-GLUE_ROWS = {
-    ("cola", "train"): 8551, ("cola", "dev"): 1043, ("cola", "test"): 1063,
-    ("sst2", "train"): 67349, ("sst2", "dev"): 872, ("sst2", "test"): 1821,
-    ("mrpc", "train"): 3668, ("mrpc", "dev"): 408, ("mrpc", "test"): 1725,
-    ("stsb", "train"): 5749, ("stsb", "dev"): 1500, ("stsb", "test"): 1379,
-    ("qqp", "train"): 363846, ("qqp", "dev"): 40430, ("qqp", "test"): 390965,
-    ("mnli", "train"): 392702, ("mnli", "dev_matched"): 9815, ("mnli", "dev_mismatched"): 9832,
-    ("mnli", "test_matched"): 9796, ("mnli", "test_mismatched"): 9847,
-    ("qnli", "train"): 104743, ("qnli", "dev"): 5463, ("qnli", "test"): 5463,
-    ("rte", "train"): 2490, ("rte", "dev"): 277, ("rte", "test"): 3000,
-    ("wnli", "train"): 635, ("wnli", "dev"): 71, ("wnli", "test"): 146,
-    ("ax", "test"): 1104,
+TASKS = {  # "ax": the diagnostic set, predicted with an MNLI model; test only
+    "cola": Task("CoLA", 3, None, 1, ("0", "1"), "mcc", 64, header=False, test_cols=(1, None)),
+    "sst2": Task("SST-2", 0, None, 1, ("0", "1"), "acc", 64, test_cols=(1, None)),
+    "mrpc": Task("MRPC", 3, 4, 0, ("0", "1"), "f1"),
+    "stsb": Task("STS-B", 7, 8, -1, (), "spearman", is_regression=True),
+    "qqp": Task("QQP", 3, 4, 5, ("0", "1"), "f1", test_cols=(1, 2)),
+    "mnli": Task("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc",
+                 dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched")),
+    "qnli": Task("QNLI", 1, 2, -1, ("entailment", "not_entailment"), "acc"),
+    "rte": Task("RTE", 1, 2, -1, ("entailment", "not_entailment"), "acc"),
+    "wnli": Task("WNLI", 1, 2, -1, ("0", "1"), "acc"),
+    "ax": Task("diagnostic", 1, 2, None, ("contradiction", "entailment", "neutral"), "acc"),
 }
+# Official number of examples per file: train, dev..., test... (GLUE paper; the download script).
+GLUE_ROWS = {"cola": (8551, 1043, 1063), "sst2": (67349, 872, 1821), "mrpc": (3668, 408, 1725),
+             "stsb": (5749, 1500, 1379), "qqp": (363846, 40430, 390965), "rte": (2490, 277, 3000),
+             "qnli": (104743, 5463, 5463), "wnli": (635, 71, 146), "ax": (1104,),
+             "mnli": (392702, 9815, 9832, 9796, 9847)}
 
 
 @dataclass
@@ -163,123 +111,64 @@ class Example:
     label: object     # int label index, float score (STS-B), None in test files
 
 
-def glue_path(task, split, data_dir):
-    t = TASKS[task]
-    file = "diagnostic.tsv" if task == "ax" else f"{split}.tsv"
-    return os.path.join(data_dir, "glue", t.folder, file)
-
-
 def read_glue(task, split, data_dir, allow_partial=False):
-    """The examples of one GLUE split, downloading the task on first use.
-
-    A dev or test file whose number of examples is not the official one (a truncated copy) is refused:
-    a metric on fewer rows is not the task's metric. allow_partial=True reads it anyway, with a warning.
-    """
+    """The examples of one GLUE split (downloaded on first use), read as the official processors
+    read it. An empty, narrow or cut-short file is refused, and so is a dev or test file without the
+    official number of examples (the metric would not be the task's) unless allow_partial."""
     if task not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(TASKS)}")
     t = TASKS[task]
     splits = ("test",) if task == "ax" else ("train", *t.dev_splits, *t.test_splits)
     if split not in splits:
         raise ValueError(f"{task} has no split {split!r}; its splits: {', '.join(splits)}")
-    path = glue_path(task, split, data_dir)
+    path = os.path.join(data_dir, "glue", t.folder, "diagnostic.tsv" if task == "ax" else f"{split}.tsv")
     if not os.path.exists(path):
-        try:
-            download_glue(task, data_dir)
-        except DownloadError as e:
-            raise DownloadError(e.url, f"{e.reason}, and the local file {path} does not exist "
-                                       f"(--data_dir {data_dir})", e.status, place=path) from None
-    test = split.startswith("test")
-    a, b = t.test_cols if test and t.test_cols else (t.a, t.b)
-    examples, skipped = [], 0
+        download_glue(task, data_dir, path)
     text = read_text(path, "utf-8-sig")  # utf-8-sig: MRPC starts with a BOM
-    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)  # quotes are text in GLUE
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    test = split.startswith("test")
     header = t.header or test  # CoLA's train/dev have no header, its test file has one
-    width = len(next(rows)) if header else None
-    for i, row in enumerate(rows):
-        width = width or len(row)
+    a, b = t.test_cols if test and t.test_cols else (t.a, t.b)
+    width = len(rows[0]) if rows else 0  # of the header, or of CoLA's first row
+    if len(rows) <= header or width <= max(a, b or 0, -1 if test else t.label):  # no rows to read
+        raise ValueError(f"{path} is empty or has too few columns for {t.folder}; {REFETCH}")
+    examples = []
+    for i, row in enumerate(rows[header:]):
         if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
-            skipped += 1
             continue
-        label = None
-        if not test:
-            raw = row[t.label]
-            if t.is_regression:
-                try:
-                    label = float(raw)
-                except ValueError:
-                    raise ValueError(f"{path}, line {i + 1 + header}: score {raw!r} is not a number") from None
-            elif raw in t.labels:
-                label = t.labels.index(raw)
-            else:
-                raise ValueError(f"{path}, line {i + 1 + header}: label {raw!r} is not one of {t.labels}")
+        raw = None if test else row[t.label]
+        try:
+            label = raw if test else float(raw) if t.is_regression else t.labels.index(raw)
+        except ValueError:
+            ok = "a number" if t.is_regression else f"one of {t.labels}"
+            raise ValueError(f"{path}, line {i + 1 + header}: label {raw!r} is not {ok}") from None
         guid = row[0] if test else f"{split}-{i}"
         examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
-    if skipped:
-        log(f"[data] {path}: skipped {skipped} malformed rows (wrong number of columns)")
-    check_rows(path, len(examples), GLUE_ROWS.get((task, split)), split != "train" and not allow_partial)
+    if len(examples) < len(rows) - header:  # dropped rows: a file cut short ends in one
+        if not examples or (len(rows[-1]) != width and not text.endswith("\n")):
+            raise ValueError(f"{path} ends in the middle of a row or has no whole one; {REFETCH}")
+        print(f"[data] {path}: skipped {len(rows) - header - len(examples)} malformed rows", file=sys.stderr)
+    want = GLUE_ROWS[task][splits.index(split)]
+    if len(examples) != want:
+        count_differs(path, len(examples), want, strict=split != "train" and not allow_partial)
     return examples
 
 
-def check_rows(path, have, want, strict):
-    """A file with fewer or more examples than the official one: an error when strict, else a warning."""
-    if want is None or have == want:
-        return
+def count_differs(path, have, want, strict):
+    """A file without the official number of examples: an error if strict, else a warning."""
     msg = f"{path} has {have} examples; the official file has {want}"
     if strict:
-        raise ValueError(f"{msg}: a truncated or altered file? Fetch it again, or pass --allow_partial to "
-                         "score on these rows anyway (the metric is then not the official one)")
-    log(f"[data] warning: {msg}")
-
-
-def download_glue(task, data_dir):
-    """Fetch a task as the official download script lays it out."""
-    t = TASKS[task]
-    root = os.path.join(data_dir, "glue")
-    if task == "mrpc":
-        return build_mrpc(root)
-    if task == "ax":
-        return download(f"{GLUE_URL}/AX.tsv", os.path.join(root, "diagnostic", "diagnostic.tsv"))
-    zip_path = download(f"{GLUE_URL}/{t.zip or t.folder}.zip", os.path.join(root, f"{t.zip or t.folder}.zip"),
-                        md5="9f81648d4199384278b86e315dac217c" if task == "sst2" else None)
-    unzip(zip_path, root)
-    os.remove(zip_path)
-    if not os.path.isdir(os.path.join(root, t.folder)):
-        raise ValueError(f"{zip_path} did not contain the folder {t.folder}/")
-
-
-def build_mrpc(root):
-    """MRPC as the GLUE script builds it: SentEval's train file split into train/dev by
-    mrpc_dev_ids.tsv (header copied, BOM and all), the test file re-indexed without labels."""
-    src = os.path.join(root, "MRPC", "original")
-    files = {}
-    for name, url in (("train", f"{SENTEVAL_URL}/msr_paraphrase_train.txt"),
-                      ("test", f"{SENTEVAL_URL}/msr_paraphrase_test.txt"),
-                      ("dev_ids", f"{GLUE_URL}/mrpc_dev_ids.tsv")):
-        files[name] = download(url, os.path.join(src, url.rsplit("/", 1)[-1]))
-    with open(files["dev_ids"], encoding="utf-8") as f:
-        dev_ids = {tuple(line.strip().split("\t")) for line in f if line.strip()}
-    with open(files["train"], encoding="utf-8", newline="") as f:
-        header, *lines = f.read().splitlines(keepends=True)
-    train = [header] + [ln for ln in lines if tuple(ln.split("\t")[1:3]) not in dev_ids]
-    dev = [header] + [ln for ln in lines if tuple(ln.split("\t")[1:3]) in dev_ids]
-    with open(files["test"], encoding="utf-8-sig", newline="") as f:
-        _, *tests = f.read().splitlines()
-    test = ["index\t#1 ID\t#2 ID\t#1 String\t#2 String\n"]
-    test += [f"{i}\t" + "\t".join(ln.split("\t")[1:]) + "\n" for i, ln in enumerate(tests)]
-    for name, rows in (("train", train), ("dev", dev), ("test", test)):
-        atomic_write_text(os.path.join(root, "MRPC", f"{name}.tsv"), "".join(rows))
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Batches: tokenize once into padded tensors; a batch is a gather and a trim, no Python per example.
+        raise ValueError(f"{msg}: a truncated or altered file? Fetch it again, or pass "
+                         "--allow_partial to score on these rows anyway (not the official metric)")
+    print(f"[data] warning: {msg}", file=sys.stderr)
 
 
 def encode_glue(task, examples, tokenizer, max_len=None):
-    """Tokenise every example once: a dict of tensors, one row per example."""
+    """Tokenise every example once: a dict of padded tensors, one row per example (a batch is then a
+    gather and a trim, no Python per example)."""
     t = TASKS[task]
-    ids, types, lengths = tokenizer.encode([e.text_a for e in examples],
-                                           [e.text_b for e in examples] if t.b is not None else None,
-                                           max_len or t.max_len)
+    texts_b = [e.text_b for e in examples] if t.b is not None else None
+    ids, types, lengths = tokenizer.encode([e.text_a for e in examples], texts_b, max_len or t.max_len)
     out = {"input_ids": ids, "token_type_ids": types, "lengths": lengths}
     if examples and examples[0].label is not None:
         dtype = torch.float32 if t.is_regression else torch.long
@@ -287,60 +176,50 @@ def encode_glue(task, examples, tokenizer, max_len=None):
     return out
 
 
-def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0, group_by_length=0):
-    """Yield batches {input_ids, token_type_ids, attention_mask, labels..., index} from an encoded
-    dataset. Dynamic padding trims to the longest row of the batch; fixed_padding keeps the full
-    max length (the authors' behaviour). start skips the first `start` batches (resuming).
-    group_by_length=G (with shuffle): batches of similar lengths, see batch_rows."""
-    n = len(dataset["input_ids"])
+def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0,
+            group_by_length=0):
+    """Yield batches {input_ids, token_type_ids, attention_mask, labels..., index} of an encoded
+    dataset, trimmed to their longest row (fixed_padding: the full max length, as the authors ran),
+    from batch `start` on (resuming an epoch). group_by_length=G (with shuffle; HF's Trainer has it
+    by that name): every run of G batches' worth of shuffled rows is sorted by length, cut and the
+    run's batches shuffled: a batch pads little, while the batches stay random."""
+    n, lengths = len(dataset["input_ids"]), dataset["lengths"]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    rows = batch_rows(order, batch_size, dataset["lengths"], group_by_length, generator)
+    rows = list(order.split(batch_size))  # the rows of each batch
+    if group_by_length:
+        rows = []
+        for run in order.split(group_by_length * batch_size):
+            by_length = run[torch.argsort(lengths[run], stable=True)].split(batch_size)
+            shuffled = torch.randperm(len(by_length), generator=generator).tolist()
+            rows += [by_length[i] for i in shuffled]
     for idx in rows[start:]:
-        lengths = dataset["lengths"][idx]
-        width = dataset["input_ids"].shape[1] if fixed_padding else int(lengths.max())
-        batch = {k: v[idx] for k, v in dataset.items() if k not in ("input_ids", "token_type_ids", "lengths")}
-        batch["input_ids"] = dataset["input_ids"][idx, :width]
-        batch["token_type_ids"] = dataset["token_type_ids"][idx, :width]
-        batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, width)
+        width = dataset["input_ids"].shape[1] if fixed_padding else int(lengths[idx].max())
+        batch = {k: v[idx, :width] if k in ("input_ids", "token_type_ids") else v[idx]
+                 for k, v in dataset.items() if k != "lengths"}
+        batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[idx][:, None]).long()
         batch["index"] = idx
         yield batch
 
 
-def batch_rows(order, batch_size, lengths, group=0, generator=None):
-    """The rows of each batch, in order: `order` cut into batches; with group = G > 0, each run of G batches'
-    worth of the shuffled rows is sorted by length before it is cut, and the run's batches are shuffled, so a
-    batch holds sentences of similar length and pads little (what HF's Trainer calls group_by_length), while
-    which rows meet in a run, and the order of the batches, stay random. Seeded by `generator`."""
-    if not group:
-        return list(order.split(batch_size))
-    rows = []
-    for run in order.split(group * batch_size):
-        by_length = run[torch.argsort(lengths[run], stable=True)].split(batch_size)  # (G tensors of batch_size rows)
-        rows += [by_length[i] for i in torch.randperm(len(by_length), generator=generator).tolist()]
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------
-# 4. SQuAD v1.1 / v2.0
-
-
-# Questions in the official files (the SQuAD papers' tables); files by other names are not checked.
-SQUAD_ROWS = {"train-v1.1.json": 87599, "dev-v1.1.json": 10570, "train-v2.0.json": 130319, "dev-v2.0.json": 11873}
+# SQuAD v1.1 / v2.0
 
 
 def read_squad(path, allow_partial=False):
-    """Flatten the official JSON into [{id, title, question, context, answers:[{text, answer_start}]}];
-    an unanswerable v2.0 question has answers == []. An official dev file with the wrong number of
-    questions is refused unless allow_partial (see read_glue)."""
+    """The official JSON, flattened: [{id, title, question, context, answers: [{text,
+    answer_start}]}] (no answers: unanswerable, v2.0). An official file is downloaded when missing;
+    an official dev file without the official count of questions is refused unless allow_partial."""
+    official = {"train-v1.1.json": 87599, "dev-v1.1.json": 10570,  # questions (the SQuAD papers)
+                "train-v2.0.json": 130319, "dev-v2.0.json": 11873}
     name = os.path.basename(path)
     if not os.path.exists(path):
-        if name not in SQUAD_ROWS:
+        if name not in official:
             raise FileNotFoundError(f"SQuAD file {path} does not exist")
-        download(f"{SQUAD_URL}/{name}", path, place=path)
+        download(f"https://rajpurkar.github.io/SQuAD-explorer/dataset/{name}", path, place=path)
     try:
         top = json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not a JSON file: {e}") from None
+        raise ValueError(f"{path} is not JSON ({e}): empty or cut short? Then {REFETCH}") from None
     examples = []
     for i, article in enumerate(squad_field(top, "data", list, "the file", path)):
         for j, para in enumerate(squad_field(article, "paragraphs", list, f"data[{i}]", path)):
@@ -348,33 +227,37 @@ def read_squad(path, allow_partial=False):
             context = squad_field(para, "context", str, where, path)
             for k, qa in enumerate(squad_field(para, "qas", list, where, path)):
                 at = f"{where}.qas[{k}]"
-                impossible = isinstance(qa, dict) and qa.get("is_impossible")  # v2.0: no answer to find
+                impossible = isinstance(qa, dict) and qa.get("is_impossible")  # v2.0: no answer
                 answers = [] if impossible else squad_field(qa, "answers", list, at, path)
                 for n, answer in enumerate(answers):
                     squad_field(answer, "text", str, f"{at}.answers[{n}]", path)
                     squad_field(answer, "answer_start", int, f"{at}.answers[{n}]", path)
-                examples.append(dict(id=squad_field(qa, "id", str, at, path), title=article.get("title", ""),
-                                     question=squad_field(qa, "question", str, at, path), context=context,
-                                     answers=answers))
-    check_rows(path, len(examples), SQUAD_ROWS.get(name), name.startswith("dev") and not allow_partial)
+                examples.append(dict(id=squad_field(qa, "id", str, at, path),
+                                     title=article.get("title", ""),
+                                     question=squad_field(qa, "question", str, at, path),
+                                     context=context, answers=answers))
+    if not examples:
+        raise ValueError(f"{path} holds no questions; {REFETCH}")
+    if name in official and len(examples) != official[name]:
+        count_differs(path, len(examples), official[name], name.startswith("dev") and not allow_partial)
     return examples
 
 
 def squad_field(obj, key, kind, where, path):
-    """obj[key], which the official layout (data[].paragraphs[].{context, qas[].{id, question, answers[]}})
-    says is a `kind`; a clear error naming the file and the place otherwise."""
+    """obj[key], which the official layout (data[].paragraphs[].{context, qas[].{id, question,
+    answers[]}}) says is a `kind`; a clear error naming the file and the place otherwise."""
     value = obj.get(key) if isinstance(obj, dict) else None
     if not isinstance(value, kind) or isinstance(value, bool):
         got = "nothing" if value is None else type(value).__name__
         want = {list: "a list", str: "a string", int: "an integer"}[kind]
-        raise ValueError(f"{path}: {where}.{key} should be {want}, found {got}; not the official SQuAD "
-                         "layout data[].paragraphs[].qas[] (rajpurkar.github.io/SQuAD-explorer)")
+        raise ValueError(f"{path}: {where}.{key} should be {want}, found {got}; not the official SQuAD layout "
+                         "data[].paragraphs[].qas[] (rajpurkar.github.io/SQuAD-explorer)")
     return value
 
 
 def split_squad(path, first, head_path, tail_path=None):
     """Write the first `first` articles of a SQuAD file to head_path and the rest to tail_path (if
-    given), both in the official format: a split by article keeps every paragraph's questions on one side."""
+    given), in the official format: a split by article keeps a paragraph's questions on one side."""
     doc = json.loads(read_text(path))
     if not 0 < first < len(doc["data"]):
         raise ValueError(f"{path} has {len(doc['data'])} articles: cannot split after {first}")
@@ -384,75 +267,55 @@ def split_squad(path, first, head_path, tail_path=None):
 
 
 def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, train=True):
-    """Cut every (question, context) into windows [CLS] question [SEP] window [SEP].
-
-    `stride` is the STEP between window starts, as in Google's run_squad.py (doc_stride 128: windows
-    start at context tokens 0, 128, 256, ...), not the overlap it means in HF `tokenizers`; we follow
-    the reference the paper's numbers come from. Training targets: the first answer's token span when
-    it lies wholly inside the window, else (0, 0) = [CLS] (also for unanswerable questions).
-    Returns tensors (one row per window) plus, for evaluation, per window the example index and the
-    character span in the context of every token (-1 for question and special tokens).
-    """
+    """Cut every (question, context) into windows [CLS] question [SEP] window [SEP]; `stride` is
+    the STEP between window starts as in Google's run_squad.py (doc_stride), not an overlap as in
+    `tokenizers`. Target: the first answer's token span if wholly in the window, else (0, 0).
+    Returns tensors, a row per window, with its example and each token's char span (-1: none)."""
     questions = tokenizer.tokenize(e["question"] for e in examples)
     contexts = tokenizer.tokenize(e["context"] for e in examples)
-    rows = {"input_ids": [], "token_type_ids": [], "lengths": [], "labels": [], "example": [], "offsets": []}
+    rows = []  # one per window: input_ids, token_type_ids, lengths, labels, example, offsets
     for i, (ex, q, c) in enumerate(zip(examples, questions, contexts)):
         q_ids = q.ids[:max_query]
-        room = max_len - len(q_ids) - 3
+        first = len(q_ids) + 2  # position of a window's first context token
+        room = max_len - first - 1
         if room < 1:
-            raise ValueError(
-                f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word pieces, which leaves no "
-                f"room for its context; use --max_len {len(q_ids) + 4} or more"
-            )
+            raise ValueError(f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word "
+                             f"pieces, no room for its context; use --max_len {first + 2} or more")
         offsets = np.array(c.offsets, dtype=np.int64).reshape(-1, 2)  # (n_ctx, 2) char [start, end)
         span = None
         if train and ex["answers"]:
-            a = ex["answers"][0]
-            s, e = a["answer_start"], a["answer_start"] + len(a["text"])
-            inside = np.nonzero((offsets[:, 1] > s) & (offsets[:, 0] < e))[0]  # tokens overlapping the answer
-            if len(inside):
-                span = (inside[0], inside[-1])
-        start = 0
-        while True:
+            s = ex["answers"][0]["answer_start"]
+            e = s + len(ex["answers"][0]["text"])
+            inside = np.nonzero((offsets[:, 1] > s) & (offsets[:, 0] < e))[0]  # answer tokens
+            span = (inside[0], inside[-1]) if len(inside) else None
+        step = min(room, stride)  # windows start every `step` tokens until one reaches the end
+        for start in range(0, max(len(c.ids) - room + step, 1), step):
             n = min(room, len(c.ids) - start)
             ids = [tokenizer.cls_id, *q_ids, tokenizer.sep_id, *c.ids[start:start + n], tokenizer.sep_id]
-            first = len(q_ids) + 2  # position of the window's first context token
+            pad = max_len - len(ids)
             tok_off = np.full((max_len, 2), -1, dtype=np.int64)
             tok_off[first:first + n] = offsets[start:start + n]
-            label = (0, 0)
-            if span is not None and start <= span[0] and span[1] < start + n:
-                label = (first + span[0] - start, first + span[1] - start)
-            rows["input_ids"].append(ids + [tokenizer.pad_id] * (max_len - len(ids)))
-            rows["token_type_ids"].append([0] * first + [1] * (n + 1) + [0] * (max_len - len(ids)))
-            rows["lengths"].append(len(ids))
-            rows["labels"].append(label)
-            rows["example"].append(i)
-            rows["offsets"].append(tok_off)
-            if start + n >= len(c.ids):
-                break
-            start += min(n, stride)
-    return {k: torch.tensor(np.array(v)) for k, v in rows.items()}
+            inside = span is not None and start <= span[0] and span[1] < start + n
+            label = (first + span[0] - start, first + span[1] - start) if inside else (0, 0)
+            types = [0] * first + [1] * (n + 1) + [0] * pad
+            rows.append((ids + [tokenizer.pad_id] * pad, types, len(ids), label, i, tok_off))
+    names = ("input_ids", "token_type_ids", "lengths", "labels", "example", "offsets")
+    return {k: torch.tensor(np.array(column)) for k, column in zip(names, zip(*rows))}
 
 
 def squad_predictions(examples, features, start_logits, end_logits, n_best=20, max_answer=30,
                       version="1.1", null_threshold=0.0):
-    """Turn per-window start/end logits (numpy (F, L)) into {question_id: answer text}.
-
-    For each window: the top n_best starts x top n_best ends, kept when both are context tokens,
-    start <= end and the span is at most max_answer tokens; score = start + end logit. The best span
-    over all windows of a question wins. v2.0: the null score is the minimum over windows of
-    start[0] + end[0]; predict "" when null - best > null_threshold. Returns (predictions,
-    null_minus_best {id: float}) the latter for eval.py's best-threshold search.
-    """
-    best = {}      # example index -> (score, text)
-    null = {}      # example index -> min null score
+    """Per-window start/end logits (numpy (F, L)) -> {question_id: answer}: the best start + end
+    over windows, of the top n_best starts x n_best ends in context, start <= end, <= max_answer
+    tokens. v2.0: null = least start[0] + end[0] over windows; "" when null - best > null_threshold.
+    Returns (predictions, null_minus_best {id: float}, for eval.py's threshold search)."""
+    best, null = {}, {}  # example index -> (score, text); example index -> min null score
     offsets = features["offsets"].numpy()
     for f, ex_i in enumerate(features["example"].tolist()):
         s_log, e_log = start_logits[f], end_logits[f]
         valid = offsets[f, :, 0] >= 0  # context tokens of this window
-        null[ex_i] = min(null.get(ex_i, math.inf), float(s_log[0] + e_log[0]))
-        starts = np.argsort(-s_log)[:n_best]
-        ends = np.argsort(-e_log)[:n_best]
+        null[ex_i] = min(null.get(ex_i, np.inf), float(s_log[0] + e_log[0]))
+        starts, ends = np.argsort(-s_log)[:n_best], np.argsort(-e_log)[:n_best]
         s, e = starts[:, None], ends[None, :]  # (n_best, n_best) pairs by broadcasting
         ok = valid[s] & valid[e] & (e >= s) & (e - s + 1 <= max_answer)
         if not ok.any():
@@ -460,272 +323,205 @@ def squad_predictions(examples, features, start_logits, end_logits, n_best=20, m
         score = np.where(ok, s_log[s] + e_log[e], -np.inf)
         k = np.unravel_index(np.argmax(score), score.shape)
         if ex_i not in best or score[k] > best[ex_i][0]:
-            ctx = examples[ex_i]["context"]
-            best[ex_i] = (float(score[k]), ctx[offsets[f, starts[k[0]], 0]:offsets[f, ends[k[1]], 1]])
+            chars = offsets[f, starts[k[0]], 0], offsets[f, ends[k[1]], 1]
+            best[ex_i] = (float(score[k]), examples[ex_i]["context"][chars[0]:chars[1]])
     predictions, null_minus_best = {}, {}
     for i, ex in enumerate(examples):
-        score, text = best.get(i, (-math.inf, "empty"))  # no valid span anywhere: the reference's placeholder
+        score, text = best.get(i, (-np.inf, "empty"))  # no valid span: the reference's placeholder
         if version == "2.0":
-            diff = null.get(i, math.inf) - score
-            null_minus_best[ex["id"]] = diff
-            if diff > null_threshold:
-                text = ""
+            null_minus_best[ex["id"]] = null.get(i, np.inf) - score
+            text = "" if null_minus_best[ex["id"]] > null_threshold else text
         predictions[ex["id"]] = text
     return predictions, null_minus_best
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Unlabeled text for general distillation: the format of Google's pre-training data
+# Unlabeled text for general distillation: the format of Google's pre-training data
 
 
 def read_corpus(paths):
-    """Plain UTF-8 text files, one sentence or paragraph per line, documents separated by blank lines:
-    a list of documents, each a list of lines."""
+    """Plain UTF-8 text files, one sentence or paragraph per line, documents separated by blank
+    lines: a list of documents, each a list of lines. An empty file is refused."""
     documents = []
     for path in paths:
-        current = []
-        for line in read_text(path).splitlines():
+        current, before = [], len(documents)
+        for line in read_text(path).splitlines() + [""]:  # a blank line closes the last document
             if line.strip():
                 current.append(line.strip())
             elif current:
                 documents.append(current)
                 current = []
-        if current:
-            documents.append(current)
-    if not documents:
-        raise ValueError(f"corpus {', '.join(paths)}: no text (one sentence or paragraph per line)")
+        if len(documents) == before:
+            raise ValueError(f"corpus {path} is empty; give UTF-8 text, a sentence or paragraph "
+                             "a line, documents apart by blank lines (data.py corpus writes one)")
     return documents
 
 
 def corpus_windows(documents, tokenizer, max_len=128):
-    """Pack consecutive lines of one document into windows [CLS] text [SEP] of at most max_len tokens; a
-    line longer than a window is cut into window-sized pieces. Returns {input_ids, token_type_ids,
-    lengths}, one row per window, as encode_glue does."""
-    room = max_len - 2
+    """Pack consecutive lines of a document into windows [CLS] text [SEP] of at most max_len tokens
+    (a longer line cut into pieces): {input_ids, token_type_ids, lengths} as encode_glue gives."""
+    room, windows = max_len - 2, []
     pieces = iter(tokenizer.tokenize([line for doc in documents for line in doc]))
-    windows = []
     for doc in documents:
         current = []
-        for _ in doc:
-            ids = next(pieces).ids
-            if current and len(current) + len(ids) > room:  # the line does not fit: close the window
-                windows.append(current)
-                current = []
-            while len(ids) > room:
-                windows.append(ids[:room])
-                ids = ids[room:]
-            current += ids
+        for ids in (next(pieces).ids for _ in doc):
+            for chunk in (ids[k:k + room] for k in range(0, len(ids), room)):
+                if current and len(current) + len(chunk) > room:  # no room: close the window
+                    windows.append(current)
+                    current = []
+                current += chunk
         if current:
             windows.append(current)
-    out = np.full((len(windows), max_len), tokenizer.pad_id, dtype=np.int64)
-    lengths = np.array([len(w) + 2 for w in windows], dtype=np.int64)
+    ids = torch.full((len(windows), max_len), tokenizer.pad_id, dtype=torch.long)
     for i, w in enumerate(windows):  # once per corpus, before training
-        out[i, :len(w) + 2] = [tokenizer.cls_id, *w, tokenizer.sep_id]
-    ids = torch.from_numpy(out)
-    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": torch.from_numpy(lengths)}
+        ids[i, :len(w) + 2] = torch.tensor([tokenizer.cls_id, *w, tokenizer.sep_id])
+    lengths = torch.tensor([len(w) + 2 for w in windows], dtype=torch.long)
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths}
 
 
 def build_corpus(data_dir, out, vocab=None):
-    """Write the corpus this repo can have offline: the paragraphs of the SQuAD *training* files present
-    (<data_dir>/squad/train-*.json; an article is a document, a paragraph a line) and the sentences of the
-    GLUE *train* splits present (a task's file is a document; a pair gives two lines); deduplicated.
-    Never a dev or test sentence: those files are not read for text, and any line that also appears in a
-    dev or test file present (GLUE dev/test, SQuAD dev contexts) is dropped. Nothing is downloaded.
-    Returns {documents, lines, words, word_pieces (with a vocab file), dropped_as_dev}."""
-    held = set()  # every dev/test text present
-    for task, t in TASKS.items():
-        for split in t.dev_splits + t.test_splits if task != "ax" else ("test",):
-            if os.path.exists(glue_path(task, split, data_dir)):
-                held.update(s.strip() for e in read_glue(task, split, data_dir, allow_partial=True)
-                            for s in (e.text_a, e.text_b) if s)
+    """Write the corpus this repo can have offline, downloading nothing: the paragraphs of the SQuAD
+    train-*.json present (an article a document) and the sentences of the GLUE train.tsv present (a
+    file a document), deduplicated, without any line of a dev or test file present. Returns
+    {documents, lines, words, dropped_as_dev, word_pieces (with a vocab)}."""
+    texts = []  # (held out?, the lines of a document): SQuAD articles, then GLUE files
     squad_dir = os.path.join(data_dir, "squad")
-    squad = sorted(os.listdir(squad_dir)) if os.path.isdir(squad_dir) else []
-    for name in (n for n in squad if n.startswith("dev") and n.endswith(".json")):
-        held.update(p.strip() for article in squad_articles(os.path.join(squad_dir, name)) for p in article)
-    documents, seen, dropped = [], set(), 0
-
-    def add(lines):
-        nonlocal dropped
-        doc = []
-        for line in (" ".join(x.split()) for x in lines):  # one line each, whitespace collapsed
-            if line and line not in seen:
-                seen.add(line)
-                if line in held:
-                    dropped += 1
-                else:
-                    doc.append(line)
-        if doc:
-            documents.append(doc)
-    for name in (n for n in squad if n.startswith("train") and n.endswith(".json")):
-        for paragraphs in squad_articles(os.path.join(squad_dir, name)):
-            add(paragraphs)
+    for name in sorted(os.listdir(squad_dir)) if os.path.isdir(squad_dir) else []:
+        if name.startswith(("train", "dev")) and name.endswith(".json"):
+            path = os.path.join(squad_dir, name)
+            try:  # every paragraph, with questions or without
+                articles = [[p["context"] for p in a["paragraphs"]] for a in json.loads(read_text(path))["data"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} is not a SQuAD JSON file ({e!r}); {REFETCH}") from None
+            texts += [(name.startswith("dev"), paragraphs) for paragraphs in articles]
     for task, t in TASKS.items():
-        if task != "ax" and os.path.exists(glue_path(task, "train", data_dir)):
-            add(s for e in read_glue(task, "train", data_dir) for s in (e.text_a, e.text_b) if s)
+        for split in ("test",) if task == "ax" else ("train", *t.dev_splits, *t.test_splits):
+            file = "diagnostic" if task == "ax" else split
+            if os.path.exists(os.path.join(data_dir, "glue", t.folder, f"{file}.tsv")):
+                examples = read_glue(task, split, data_dir, allow_partial=True)
+                texts.append((split != "train", [s for e in examples for s in (e.text_a, e.text_b) if s]))
+    held = {line.strip() for dev, lines in texts if dev for line in lines}
+    documents, seen, dropped = [], set(), 0
+    for lines in (lines for dev, lines in texts if not dev):
+        lines = [" ".join(x.split()) for x in lines]  # one line each, whitespace collapsed
+        fresh = [line for line in dict.fromkeys(lines) if line and line not in seen]
+        seen.update(fresh)
+        dropped += sum(line in held for line in fresh)
+        documents += [[line for line in fresh if line not in held]]
+    documents = [doc for doc in documents if doc]
     if not documents:
-        raise ValueError(f"{data_dir}: no SQuAD train-*.json under squad/ and no GLUE train.tsv under glue/")
+        raise ValueError(f"{data_dir}: no squad/train-*.json and no glue/*/train.tsv")
     atomic_write_text(out, "\n\n".join("\n".join(doc) for doc in documents) + "\n")
     lines = [line for doc in documents for line in doc]
-    stats = {"documents": len(documents), "lines": len(lines), "words": sum(len(x.split()) for x in lines),
-             "dropped_as_dev": dropped}
+    stats = {"documents": len(documents), "lines": len(lines),
+             "words": sum(len(x.split()) for x in lines), "dropped_as_dev": dropped}
     if vocab:
         stats["word_pieces"] = sum(len(e.ids) for e in Tokenizer(vocab).tokenize(lines))
-    log(f"[corpus] wrote {out}: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats.items()))
+    said = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats.items())
+    print(f"[corpus] wrote {out}: {said}", file=sys.stderr)
     return stats
 
 
-def squad_articles(path):
-    """The paragraphs of a SQuAD file, article by article: [[context, ...], ...] (questions or not)."""
-    try:
-        return [[p["context"] for p in a["paragraphs"]] for a in json.loads(read_text(path))["data"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a SQuAD JSON file: {e!r}") from None
-
-
 # ----------------------------------------------------------------------------------------------
-# 6. Download: streamed, resumable (.part + HTTP Range), checksummed, renamed atomically.
+# Machinery, which a reader of the formats may skip: downloads, text files, atomic writes, errors
+
+
+def download_glue(task, data_dir, path):
+    """Fetch a task as the official download script lays it out, MRPC as that script builds it:
+    SentEval's train file split into train/dev by mrpc_dev_ids.tsv (header copied, BOM and all),
+    the test file re-indexed without labels. `path`: the file wanted (said in an error)."""
+    t, root = TASKS[task], os.path.join(data_dir, "glue")
+    if task == "ax":  # one file: <root>/diagnostic/diagnostic.tsv
+        return download(f"{FILES_URL}/glue/data/AX.tsv", path, place=path)
+    if task != "mrpc":
+        name = {"qqp": "QQP-clean", "qnli": "QNLIv2"}.get(task, t.folder)  # the archive's name
+        md5 = "9f81648d4199384278b86e315dac217c" if task == "sst2" else None
+        zip_path = download(f"{FILES_URL}/glue/data/{name}.zip", os.path.join(root, f"{name}.zip"), md5, place=path)
+        unzip(zip_path, root)
+        os.remove(zip_path)
+        if not os.path.isdir(os.path.join(root, t.folder)):
+            raise ValueError(f"{zip_path} did not contain the folder {t.folder}/")
+        return
+    senteval, texts = f"{FILES_URL}/senteval/senteval_data/msr_paraphrase", []
+    for url in (f"{senteval}_train.txt", f"{senteval}_test.txt", f"{FILES_URL}/glue/data/mrpc_dev_ids.tsv"):
+        dest = os.path.join(root, "MRPC", "original", url.rsplit("/", 1)[-1])
+        texts.append(read_text(download(url, dest, place=path)))
+    dev_ids = {tuple(ln.strip().split("\t")) for ln in texts[2].splitlines() if ln.strip()}
+    header, *lines = texts[0].splitlines(keepends=True)
+    train = [header] + [ln for ln in lines if tuple(ln.split("\t")[1:3]) not in dev_ids]
+    dev = [header] + [ln for ln in lines if tuple(ln.split("\t")[1:3]) in dev_ids]
+    tests = texts[1].removeprefix("\ufeff").splitlines()[1:]
+    test = ["index\t#1 ID\t#2 ID\t#1 String\t#2 String\n"]
+    test += [f"{i}\t" + "\t".join(ln.split("\t")[1:]) + "\n" for i, ln in enumerate(tests)]  # no label
+    for name, rows in (("train", train), ("dev", dev), ("test", test)):
+        atomic_write_text(os.path.join(root, "MRPC", f"{name}.tsv"), "".join(rows))
 
 
 class DownloadError(RuntimeError):
+    """A file that could not be fetched; the message says where a user without internet puts it."""
+
     def __init__(self, url, reason, status=None, place=None):
-        self.url, self.reason, self.status = url, reason, status
-        where = (f"place it at {place}" if place else "place it by hand: GLUE/SQuAD under --data_dir (layout in "
-                 "README), weights as a model directory (config.json, vocab.txt, weights) passed by path")
-        super().__init__(f"download of {url} failed: {reason}.\n  Offline? Fetch the file on a machine with "
-                         f"internet and {where}.")
+        self.status = status  # the HTTP status, when the server answered
+        where = f"place it at {place}" if place else (
+            "place it by hand: GLUE/SQuAD under --data_dir (the README's 'Data' section), weights "
+            "as a model directory (config.json, vocab.txt, weights) passed by path")
+        super().__init__(f"download of {url} failed: {reason}. Offline? Fetch it where you can and {where}")
 
 
 def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
-    """Fetch url to dest unless dest exists. A cut transfer resumes from dest + '.part'; a host that
-    cannot be reached at all (offline, name lookup failed) is an error at once, not retried. `place`:
-    where a user without internet should put the file (said in the error).
-    No directory is created before the server has answered, so a misspelt path leaves nothing behind."""
+    """Fetch url to dest unless dest exists: streamed to dest + '.part' (a cut transfer resumes it
+    by HTTP Range), checked against md5/sha256, renamed. An unreachable host is an error at once;
+    `place`: where to put the file by hand. No directory is made before the server answers."""
+    import hashlib
+    import requests
     if os.path.exists(dest):
         return dest
     part = dest + ".part"
     for attempt in range(retries):
         have = os.path.getsize(part) if os.path.exists(part) else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        answered = False
+        r = None  # the server's answer
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-                answered = True
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {},
+                              stream=True, timeout=30) as r:
                 if r.status_code == 416:  # the .part already holds every byte
                     break
                 if r.status_code not in (200, 206):
                     raise DownloadError(url, f"HTTP {r.status_code}", r.status_code, place)
-                if r.status_code == 200:
-                    have = 0  # the server ignored Range: start over
+                have = have if r.status_code == 206 else 0  # 200: Range ignored, start over
                 total = have + int(r.headers.get("Content-Length", 0)) or None
-                done, t0, shown = have, time.time(), 0.0
                 os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
                 with open(part, "ab" if have else "wb") as f:
-                    for block in r.iter_content(chunk):
+                    for i, block in enumerate(r.iter_content(chunk)):
                         f.write(block)
-                        done += len(block)
-                        if time.time() - shown > 0.5:
-                            shown = time.time()
-                            _progress(url, done, total, (done - have) / max(shown - t0, 1e-9))
-                _progress(url, done, total, (done - have) / max(time.time() - t0, 1e-9), end="\n")
+                        if i % 100 == 0:  # a status line every 100 blocks
+                            print(f"\r[download] {dest}: {f.tell() >> 20} MiB", end="", file=sys.stderr)
+                    done = f.tell()
+                print(f"\r[download] {dest}: {done >> 20} MiB", file=sys.stderr)
                 if total is None or done >= total:
                     break
         except requests.RequestException as e:
-            if not answered and not isinstance(e, requests.ReadTimeout):  # nothing was cut: unreachable
-                raise DownloadError(url, f"cannot reach the server ({type(e).__name__})", place=place) from None
+            if r is None and not isinstance(e, requests.ReadTimeout):  # no answer: unreachable
+                raise DownloadError(url, f"cannot reach the server ({type(e).__name__})",
+                                    place=place) from None
             if attempt == retries - 1:
                 raise DownloadError(url, f"{type(e).__name__}: {e}", place=place) from None
-            log(f"[download] {url}: cut after {os.path.getsize(part) if os.path.exists(part) else 0} bytes "
-                f"({type(e).__name__}); resuming")
+            print(f"[download] {url}: cut ({type(e).__name__}); resuming", file=sys.stderr)
     else:
         raise DownloadError(url, f"incomplete after {retries} attempts", place=place)
-    for name, want in (("md5", md5), ("sha256", sha256)):
-        if want:
-            got = file_hash(part, name)
-            if got != want:
-                os.remove(part)
-                raise DownloadError(url, f"{name} mismatch: expected {want}, got {got}; the partial file was removed")
+    for algorithm, want in (("md5", md5), ("sha256", sha256)):
+        with open(part, "rb") as f:
+            got = hashlib.new(algorithm, f.read()).hexdigest() if want else None
+        if got != want:
+            os.remove(part)
+            raise DownloadError(url, f"{algorithm} mismatch: expected {want}, got {got}; the "
+                                "partial file was removed")
     os.replace(part, dest)
     return dest
 
 
-def _progress(url, done, total, rate, end="\r"):
-    eta = f", ETA {(total - done) / rate:.0f}s" if total and rate > 0 else ""
-    size = f"/{total / 1e6:.1f}" if total else ""
-    log(f"[download] {url.rsplit('/', 1)[-1]}: {done / 1e6:.1f}{size} MB, {rate / 1e6:.1f} MB/s{eta}   ", end=end)
-
-
-def file_hash(path, name):
-    h = hashlib.new(name)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-XXXX
-
-
-def atomic_write_bytes(path, chunks):
-    """Write to a temp file in the same directory, fsync, then rename over path: never half a file.
-    The file gets the mode a plain open() would give (0666 less the umask), not mkstemp's 0600."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = path  # a full disk: say which file it stopped
-        raise
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, [text.encode("utf-8")])
-
-
-def remove_stale_temporaries(directory):
-    """Delete what a killed atomic write left behind (SIGKILL skips the cleanup above)."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(directory, name))
-
-
-def error_line(e, writable):
-    """The one line a user reads for an error: a full disk or a file we may not write said in words (atomic writes
-    leave nothing half-written, so a rerun resumes); `writable` names what to choose instead ("an --out")."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written was kept. "
-                "Free some space and rerun the same command: finished work is kept, an interrupted stage resumes")
-    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
-    return str(e)
-
-
-def read_text(path, encoding="utf-8"):
-    """A whole text file as str (line ends kept as they are); a byte that is not valid in the encoding
-    is an error naming the file, the line and the byte, not a bare codec message."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[e.start]:02x} is not valid "
-                         f"{encoding.upper().removesuffix('-SIG')} ({e.reason}); re-save the file as UTF-8") from None
-
-
 def unzip(zip_path, dest_dir):
+    """Extract a zip archive into dest_dir; a damaged archive is a one-line error."""
+    import zipfile
     try:
         with zipfile.ZipFile(zip_path) as z:
             z.extractall(dest_dir)
@@ -733,16 +529,72 @@ def unzip(zip_path, dest_dir):
         raise ValueError(f"{zip_path} is not a valid zip file; delete it and run again") from None
 
 
+def read_text(path, encoding="utf-8"):
+    """A whole text file as str, line ends as they are. A byte that is not valid in the encoding,
+    or a NUL byte (a binary file), is a one-line error naming the file, the line and the byte."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    bad = raw.find(b"\0")
+    if bad < 0:
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            bad = e.start
+    line, column = raw.count(b"\n", 0, bad) + 1, bad - raw.rfind(b"\n", 0, bad)
+    raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[bad]:02x} is not valid UTF-8 text "
+                     "(binary or damaged?); re-save it as UTF-8, or delete it and run again")
+
+
+def atomic_write_bytes(path, blocks):
+    """Write blocks of bytes (or one str, in UTF-8) to a new file beside path, fsync, then rename it
+    over path: never half a file. The file gets the mode any open() gives (0666 less the umask)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), TMP_PREFIX + os.urandom(6).hex())
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    try:
+        with open(tmp, "xb") as f:  # x: a new file, never another writer's
+            f.writelines([blocks.encode("utf-8")] if isinstance(blocks, str) else blocks)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            e.filename = path  # a full disk, a folder we may not write: say which file it stopped
+        raise
+
+
+atomic_write_text = atomic_write_bytes  # the same writer, called with a str
+
+
+def remove_stale_temporaries(directory):
+    """Delete what a killed atomic write left behind (SIGKILL skips the cleanup above)."""
+    import glob
+    for tmp in glob.glob(os.path.join(glob.escape(directory), TMP_PREFIX + "*")):
+        os.remove(tmp)
+
+
+def error_line(e, writable):
+    """The one line a user reads for an error, a full disk or a file we may not write said in words
+    (atomic writes leave nothing half-written, a rerun resumes); `writable`: what to choose."""
+    import errno
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written "
+                "was kept. Free some space and rerun the same command: it resumes")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
+    return str(e)
+
+
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="data.py corpus: " + build_corpus.__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("corpus", help="write the offline corpus for general distillation (train splits only)")
-    c.add_argument("--data_dir", required=True, help="holds glue/<TASK>/train.tsv and/or squad/train-*.json")
-    c.add_argument("--out", required=True, help="the corpus file to write")
-    c.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
+    p = argparse.ArgumentParser(description=build_corpus.__doc__.split("\n")[0])
+    p.add_argument("command", choices=["corpus"], help="write the corpus of general distillation")
+    p.add_argument("--data_dir", required=True, help="holds glue/*/train.tsv, squad/train-*.json")
+    p.add_argument("--out", required=True, help="the corpus file to write")
+    p.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
     a = p.parse_args()
     try:
         build_corpus(a.data_dir, a.out, a.vocab)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {error_line(e, 'an --out')}")

@@ -590,17 +590,20 @@ def test_losses_are_finite_under_bf16_autocast():
 # data.py: tokenizer truncation, GLUE in each official format, real files, batches, SQuAD
 
 
-def test_pair_truncation_matches_googles_pop_loop():
-    for la in range(0, 14):
-        for lb in range(0, 14):
-            for budget in (0, 1, 5, 7, 10):
-                a, b = la, lb
-                while a + b > budget:  # Google's _truncate_seq_pair
-                    if a > b:
-                        a -= 1
-                    else:
-                        b -= 1
-                assert data.truncate_pair(la, lb, budget) == (a, b), (la, lb, budget)
+def test_pair_truncation_matches_googles_pop_loop(tmp_path):
+    tok = data.Tokenizer(write_vocab(tmp_path / "vocab.txt"))
+    pairs = [(la, lb) for la in range(0, 14) for lb in range(0, 14)]
+    for budget in (0, 1, 5, 7, 10):
+        ids, _, _ = tok.encode(["a " * la for la, _ in pairs], ["b " * lb for _, lb in pairs], budget + 3)
+        for (la, lb), row in zip(pairs, ids.tolist()):
+            a, b = la, lb
+            while a + b > budget:  # Google's _truncate_seq_pair
+                if a > b:
+                    a -= 1
+                else:
+                    b -= 1
+            kept = [tok.wp.id_to_token(i) for i in row]
+            assert (kept.count("a"), kept.count("b")) == (a, b), (la, lb, budget)
 
 
 def test_tokenizer_encodes_pairs_like_bert(tmp_path):
@@ -759,16 +762,15 @@ def test_glue_download_unzips_and_mrpc_is_built_from_senteval(tmp_path, monkeypa
         z.writestr("RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tnot_entailment\n")
     header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n"
     files = {
-        "/glue/RTE.zip": buf.getvalue(),
-        "/senteval/msr_paraphrase_train.txt": (
+        "/glue/data/RTE.zip": buf.getvalue(),
+        "/senteval/senteval_data/msr_paraphrase_train.txt": (
             header + "1\t1\t2\tA.\tB.\r\n0\t3\t4\tC.\tD.\r\n1\t5\t6\tE.\tF.\r\n"
         ).encode(),
-        "/senteval/msr_paraphrase_test.txt": (header + "1\t7\t8\tG.\tH.\r\n").encode(),
-        "/glue/mrpc_dev_ids.tsv": b"3\t4\n",
+        "/senteval/senteval_data/msr_paraphrase_test.txt": (header + "1\t7\t8\tG.\tH.\r\n").encode(),
+        "/glue/data/mrpc_dev_ids.tsv": b"3\t4\n",
     }
     with Server(files) as s:
-        monkeypatch.setattr(data, "GLUE_URL", s.url + "/glue")
-        monkeypatch.setattr(data, "SENTEVAL_URL", s.url + "/senteval")
+        monkeypatch.setattr(data, "FILES_URL", s.url)
         assert data.read_glue("rte", "train", str(tmp_path))[0].label == 1
         train, dev = (data.read_glue("mrpc", sp, str(tmp_path), allow_partial=True) for sp in ("train", "dev"))
         test = data.read_glue("mrpc", "test", str(tmp_path), allow_partial=True)
@@ -800,7 +802,7 @@ def test_real_glue_files_row_and_label_counts(task, split):
     import collections
     rows, labels = REAL_GLUE[(task, split)]
     examples = data.read_glue(task, split, SHARED)
-    assert len(examples) == rows == data.GLUE_ROWS[(task, split)]
+    assert len(examples) == rows == data.GLUE_ROWS[task][0 if split == "train" else 1]
     if labels:
         assert dict(collections.Counter(e.label for e in examples)) == labels
 
@@ -823,6 +825,57 @@ SQUAD_FIXTURE = {"version": "v2.0", "data": [{"title": "T", "paragraphs": [{
     "qas": [{"id": "q1", "question": "Where did the cat sit?", "answers": [{"text": "on the mat", "answer_start": 12}]},
             {"id": "q2", "question": "What color was the door?", "answers": [{"text": "red", "answer_start": 36}]},
             {"id": "q3", "question": "Who owns the house?", "answers": [], "is_impossible": True}]}]}]}
+
+
+GOOD_FILES = {  # reader -> (file name, a good file's bytes, where a copy cut short ends)
+    "glue": ("glue/SST-2/dev.tsv", b"sentence\tlabel\ngood\t1\nbad movie\t0\n", -6),  # in the last row
+    "squad": ("squad.json", json.dumps(SQUAD_FIXTURE).encode(), 200),
+    "corpus": ("corpus.txt", "un caf\u00e9 cr\u00e8me .\n".encode(), 7),  # inside the "é"
+    "vocab": ("vocab.txt", b"[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n", 13),  # before [CLS] is whole
+}
+BAD_FILES = {
+    "empty": lambda good, cut: b"",
+    "truncated": lambda good, cut: good[:cut],
+    "nul bytes": lambda good, cut: b"\0" * 64,
+    "random bytes": lambda good, cut: np.random.default_rng(0).bytes(256),
+    "latin-1": lambda good, cut: good.decode("utf-8").replace("e", "\u00e9").encode("latin-1"),
+}
+
+
+def read_with(reader, path, root):
+    """Read path with one of data.py's readers."""
+    if reader == "glue":
+        return data.read_glue("sst2", "dev", str(root), allow_partial=True)
+    if reader == "squad":
+        return data.read_squad(str(path))
+    if reader == "corpus":
+        return data.read_corpus([str(path)])
+    return data.Tokenizer(str(path))
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+@pytest.mark.parametrize("reader", list(GOOD_FILES))
+def test_every_reader_refuses_a_bad_file_in_one_line_naming_it(tmp_path, reader, kind):
+    name, good, cut = GOOD_FILES[reader]
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(good)
+    read_with(reader, path, tmp_path)  # the good file reads
+    path.write_bytes(BAD_FILES[kind](good, cut))
+    with pytest.raises(ValueError) as caught:
+        read_with(reader, path, tmp_path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_empty_dev_file_stops_train_in_one_line(tmp_path):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    dev = tmp_path / "data" / "glue" / "SST-2" / "dev.tsv"
+    dev.write_bytes(b"")
+    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=f"^{re.escape(str(dev))} is empty") as caught:
+        train.main(argv)
+    assert "\n" not in str(caught.value) and "README's 'Data' section" in str(caught.value)
 
 
 def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
@@ -1509,14 +1562,15 @@ def test_eval_encodes_at_the_trained_max_len(tmp_path, capsys):
 
 
 def test_offline_errors_name_the_local_path_and_create_nothing(tmp_path, monkeypatch):
+    import requests
     calls = []
-    real_get = data.requests.get
+    real_get = requests.get
 
     def counted(*a, **k):
         calls.append(a[0])
         return real_get(*a, **k)
-    monkeypatch.setattr(data.requests, "get", counted)
-    monkeypatch.setattr(data, "GLUE_URL", "http://127.0.0.1:9/glue")  # nothing listens: like a failed name lookup
+    monkeypatch.setattr(requests, "get", counted)
+    monkeypatch.setattr(data, "FILES_URL", "http://127.0.0.1:9")  # nothing listens: like a failed name lookup
     misspelt = tmp_path / "dtaa"
     with pytest.raises(
         data.DownloadError, match=rf"(?s)cannot reach the server.*place it at {misspelt}/glue/SST-2/train.tsv"
