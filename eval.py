@@ -184,14 +184,21 @@ def squad_f1(prediction, gold):
 # The head a task needs (train.py builds and checks its models with these too)
 
 
+# What a label means where GLUE's files write 0/1 (the GLUE paper's task descriptions).
+LABEL_TEXT = {"cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
+              "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
+              "wnli": ["not_entailment", "entailment"]}
+
+
 def head_config(task):
     """The head of a model of the task: classification with the task's labels, regression (STS-B),
     span (SQuAD) or none (task "general": general distillation trains no head)."""
     if task in data.TASKS and data.TASKS[task].labels:
         labels = list(data.TASKS[task].labels)
-        return dict(head="classification", num_labels=len(labels), label_names=labels)
+        return dict(head="classification", num_labels=len(labels), label_names=labels,
+                    label_text=LABEL_TEXT.get(task, labels))
     head = {"general": "none", "squad1": "span", "squad2": "span"}.get(task, "regression")
-    return dict(head=head, label_names=[])
+    return dict(head=head, label_names=[], label_text=[])
 
 
 def head_mismatch(model, task):

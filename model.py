@@ -57,6 +57,7 @@ class BertConfig:
     head: str = "none"  # "none", "classification", "regression" (num_labels 1) or "span" (SQuAD)
     num_labels: int = 0
     label_names: list = field(default_factory=list)  # stored so a teacher and student agree (MNLI!)
+    label_text: list = field(default_factory=list)  # what HF's id2label shows: "negative", not "0"
 
     def __post_init__(self):
         """Refuse a shape, dropout rate or head that cannot build a BERT; set num_labels of the
@@ -251,7 +252,7 @@ class Bert(nn.Module):
         c = self.config
         state = {to_hf_name(k): v for k, v in self.state_dict().items()}
         write_safetensors(state, os.path.join(directory, "model.safetensors"))
-        labels = c.label_names or [f"LABEL_{i}" for i in range(c.num_labels)]  # HF's default names
+        labels = c.label_text or c.label_names or [f"LABEL_{i}" for i in range(c.num_labels)]
         hf = dict(model_type="bert", architectures=[HF_ARCHITECTURES[c.head]], hidden_act="gelu",
                   position_embedding_type="absolute", id2label=dict(enumerate(labels)),
                   label2id={n: i for i, n in enumerate(labels)})

@@ -2765,3 +2765,107 @@ def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
     assert "step: stage1" in names and "4 x 312 student, 3 heads" in names and "eval.py on the saved student" in names
     assert dict((r[0], r[1]) for r in rows)["eval.py on the saved student"] == "same"
     assert dict((r[0], r[1]) for r in rows)["eval.py --show on Stage 1"].endswith(" rows")
+
+
+# ==============================================================================================
+# The same result however a run arrives there; nothing a careless user types ends in a traceback
+
+
+def small_run(tmp_path):
+    init = write_pipeline_fixture(tmp_path)
+    return PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--teacher_epochs", "1",
+                       "--epochs1", "1", "--epochs2", "1", "--save_steps", "2", "--stages", "teacher,stage1,stage2"]
+
+
+def weights(directory, file="model.safetensors"):
+    return model.read_safetensors(str(directory / file))
+
+
+def test_each_stage_gives_the_same_weights_however_the_teacher_arrived(tmp_path, monkeypatch):
+    import train
+    argv = small_run(tmp_path)
+    whole, given, split = tmp_path / "whole", tmp_path / "given", tmp_path / "split"
+    train.main(argv + ["--out", str(whole)])  # teacher trained in this process, then both stages
+    torch.manual_seed(123)  # whatever the global generator holds before a run does not matter
+    train.main(argv + ["--out", str(given), "--teacher", str(whole / "teacher"), "--stages", "stage1,stage2"])
+    train.main(argv + ["--out", str(split), "--stages", "teacher,stage1"])  # stopped between the stages ...
+    real = kill_at_training_batch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):  # ... and Stage 2 killed after its first step, then resumed
+        train.main(argv + ["--out", str(split), "--stages", "stage2", "--save_steps", "1"])
+    monkeypatch.setattr(data, "batches", real)
+    train.main(argv + ["--out", str(split), "--stages", "stage2", "--save_steps", "1"])
+    for run in (given, split):
+        for stage, file in (("stage1", "model.safetensors"), ("stage1", "projections.safetensors"),
+                            ("stage2", "model.safetensors")):
+            a, b = weights(whole / stage, file), weights(run / stage, file)
+            assert all(torch.equal(a[k], b[k]) for k in a), (run.name, stage, file)
+
+
+def test_ctrl_c_during_the_teacher_pass_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    import train
+    argv = small_run(tmp_path) + ["--out", str(tmp_path / "out")]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "teacher_cache", interrupted)  # Stage 2's teacher pass, outside the loop
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    assert (f"interrupted: kept in {tmp_path / 'out'}: teacher (finished), stage1 (finished); rerun the same "
+            "command to resume") in capsys.readouterr().out
+
+
+def test_max_steps_bounds_the_teacher_pass(tmp_path, capsys):
+    import train
+    argv = small_run(tmp_path) + ["--out", str(tmp_path / "out"), "--max_steps", "2"]
+    train.main(argv)  # 2 steps of 16 rows see fewer rows than the 64 of the training set
+    said = capsys.readouterr().out
+    assert "no teacher cache, the teacher runs on each batch" in said and "computed once" not in said
+
+
+def test_paths_are_absolute_and_float_flags_finite(tmp_path, monkeypatch, capsys):
+    import eval as ev
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    train.main(PIPELINE + ["--data_dir", "data", "--teacher_init", "teacher_init", "--out", "out",
+                           "--teacher_epochs", "1", "--stages", "teacher"])
+    saved = json.load(open(tmp_path / "out" / "teacher" / "args.json"))
+    assert saved["data_dir"] == str(tmp_path / "data") and saved["teacher_init"] == str(init)
+    monkeypatch.chdir(HERE)  # eval.py from another folder finds the data the model was trained on
+    assert "acc" in ev.main(["--task", "sst2", "--model", str(tmp_path / "out" / "teacher"), "--device", "cpu",
+                             "--allow_partial"])
+    capsys.readouterr()
+    for flag in ("--lr1", "--temperature", "--warmup", "--w_kd"):
+        for value in ("nan", "inf"):
+            with pytest.raises(SystemExit):
+                train.parse_args(["--task", "sst2", flag, value])
+            err = capsys.readouterr().err
+            assert err == f"error: argument {flag}: must be a finite number, got {value}\n", err
+
+
+def test_a_rerun_refusal_prints_each_value_as_typed(tmp_path):
+    import train
+    argv = small_run(tmp_path) + ["--out", str(tmp_path / "out"), "--stages", "teacher"]
+    train.main(argv)
+    with pytest.raises(ValueError, match=r"--teacher_epochs 1\.0 \(now 2\.0\)"):
+        train.main(argv + ["--teacher_epochs", "2"])
+
+
+def test_a_saved_model_works_in_an_hf_pipeline_as_it_is(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import train
+    out = tmp_path / "out"
+    train.main(small_run(tmp_path) + ["--out", str(out), "--stages", "teacher", "--max_len", "16"])
+    saved = json.load(open(out / "teacher" / "tokenizer_config.json"))
+    assert saved["model_max_length"] == 16 and saved["do_lower_case"]
+    classify = transformers.pipeline("text-classification", model=str(out / "teacher"), device="cpu")
+    text = " ".join(["The movie was very GOOD"] * 140)  # 700 words: far past 512 positions
+    scores = classify(text, truncation=True, top_k=None, function_to_apply="none")
+    assert {s["label"] for s in scores} == {"negative", "positive"}  # SST-2's names, not "0" and "1"
+    ours = model.Bert.from_pretrained(str(out / "teacher"), verbose=False).eval()
+    ids, types, lengths = data.Tokenizer(str(out / "teacher" / "vocab.txt")).encode([text], None, 16)
+    with torch.no_grad():
+        logits = ours(torch.as_tensor(ids), torch.as_tensor(types), torch.ones(1, 16, dtype=torch.long)).logits[0]
+    theirs = {s["label"]: s["score"] for s in scores}
+    assert theirs["negative"] == pytest.approx(float(logits[0]), abs=1e-5)
+    assert theirs["positive"] == pytest.approx(float(logits[1]), abs=1e-5)

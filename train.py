@@ -607,7 +607,10 @@ def save_model(model, directory, args):
     """The model in HF's layout with its vocabulary and the settings it was trained with (eval.py reads
     max_len and data_dir from them)."""
     if LEAD:
+        tokenizer = {"tokenizer_class": "BertTokenizer", "do_lower_case": True,  # as data.Tokenizer
+                     "model_max_length": args.max_len}  # an HF pipeline then cuts where we trained
         model.save(directory, {"vocab.txt": data.read_text(args.vocab),
+                               "tokenizer_config.json": json.dumps(tokenizer, indent=2),
                                "args.json": json.dumps(vars(args), indent=2, default=str)})
 
 
