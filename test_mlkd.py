@@ -2869,3 +2869,19 @@ def test_a_saved_model_works_in_an_hf_pipeline_as_it_is(tmp_path):
     theirs = {s["label"]: s["score"] for s in scores}
     assert theirs["negative"] == pytest.approx(float(logits[0]), abs=1e-5)
     assert theirs["positive"] == pytest.approx(float(logits[1]), abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [b"", b"PK\x03\x04 cut short", bytes(range(256)) * 4])
+def test_a_bad_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch, bad):
+    import train
+    argv = small_run(tmp_path) + ["--out", str(tmp_path / "out"), "--stages", "teacher"]
+
+    def stopped(*a, **k):  # the stage has begun (its directory and settings), then it stops
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "fit", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.undo()
+    (tmp_path / "out" / "teacher" / "checkpoint.pt").write_bytes(bad)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint .*delete it to start teacher over"):
+        train.main(argv)

@@ -746,8 +746,9 @@ def resume(stage, directory, modules, optimizer, scheduler, args):
         try:
             state = torch.load(ckpt, map_location=args.device, weights_only=True)
         except Exception as e:  # empty, truncated or not a checkpoint at all
-            raise ValueError(f"{ckpt}: not a readable checkpoint ({str(e).splitlines()[0][:120]}); delete it "
-                             f"to start {stage} over") from None
+            why = (str(e) or type(e).__name__).splitlines()[0][:80]
+            raise ValueError(f"{ckpt}: not a readable checkpoint ({why}); delete it to start {stage} "
+                             "over") from None
         for m, s in zip(modules, state["modules"]):
             m.load_state_dict(s)
         optimizer.load_state_dict(state["optimizer"])
