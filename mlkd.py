@@ -1,6 +1,6 @@
-"""mlkd.py: the losses of MLKD-BERT and its two distillation stages, on plain tensors.
+"""mlkd.py: the losses of MLKD-BERT and the objectives of its two distillation stages.
 
-Chapter 2 of mlkd, and the one to read to learn the method. Source: Zhang, Yang and Ji,
+Read this file first (then model.py's BertOutput, train.py, eval.py, data.py). Source: Zhang, Yang and Ji,
 "MLKD-BERT: Multi-level Knowledge Distillation for Pre-trained Language Models" (arXiv 2407.02775),
 with the details the paper leaves open read from the authors' code (HandH1998/tmp_bert_mlkd, a fork
 of TinyBERT's). Imports nothing of ours: the
@@ -20,7 +20,9 @@ scores and hidden states by MSE in Stage 1, L_KD alone in Stage 2; train.py --re
 Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher layers.
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
 masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked loss.
-Everything is computed in fp32 (safe under bf16 autocast); the teacher's tensors are detached.
+The relations (similarity matmuls, softmaxes, KLs) and L_SC run in fp32 with autocast off, the MSEs on
+fp32 copies; the projections W_m run under autocast like the model (bf16 on CUDA). The teacher's tensors
+are detached.
 Under torchrun (train.py) each process computes these on its own rows of the batch: the token-level
 losses then average exactly as on one process, while the batch relations L_SS and L_SC see only the
 local batch, as in the authors' multi-GPU runs.
@@ -285,7 +287,8 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
     (its BertOutput, or its TeacherTargets when they were cached).
 
     The [CLS] state is hidden_states[-1][:, 0] (raw); L_SC projects the student's with the last
-    projection W_M. SQuAD: ss and sc are 0 (the authors distil span logits alone).
+    projection W_M. A weight of 0 skips a loss (train.py gives SQuAD w_ss = w_sc = 0: the authors
+    distil its span logits alone).
     Returns (weighted total, unweighted parts).
     """
     w = {**STAGE2_WEIGHTS, **(weights or {})}

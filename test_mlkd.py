@@ -779,7 +779,7 @@ def test_glue_download_unzips_and_mrpc_is_built_from_senteval(tmp_path, monkeypa
     assert not os.path.exists(tmp_path / "glue" / "RTE.zip")
 
 
-REAL_GLUE = {  # SOURCES.md: rows and label counts of the real files
+REAL_GLUE = {  # rows and label counts of the official files (GLUE's download script's output)
     ("sst2", "train"): (67349, {1: 37569, 0: 29780}),
     ("sst2", "dev"): (872, {1: 444, 0: 428}),
     ("cola", "train"): (8551, None),
@@ -2883,5 +2883,5 @@ def test_a_bad_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch, bad):
         train.main(argv)
     monkeypatch.undo()
     (tmp_path / "out" / "teacher" / "checkpoint.pt").write_bytes(bad)
-    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint .*delete it to start teacher over"):
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint .*delete it to start teacher"):
         train.main(argv)

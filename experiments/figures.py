@@ -28,8 +28,7 @@ if __name__ == "__main__":
     maps = evaluation.ss_maps(student, teacher, dev)
     sizes = [[float(x) for x in re.search(r'width="([\d.]+)" height="([\d.]+)"', m).groups()] for m in maps]
     width, height = sizes[0][0] + sizes[1][0] + 20, max(h for _, h in sizes)
-    nested = [m.replace("<svg ", f'<svg x="{0 if i == 0 else sizes[0][0] + 20}" ', 1).replace('id="g"', f'id="g{i}"')
-              .replace("url(#g)", f"url(#g{i})") for i, m in enumerate(maps)]
+    nested = [m.replace("<svg ", f'<svg x="{0 if i == 0 else sizes[0][0] + 20}" ', 1) for i, m in enumerate(maps)]
     data.atomic_write_text(a.out, f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">\n'
                            + "\n".join(nested) + "\n</svg>\n")
     print(f"wrote {a.out}")
