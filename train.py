@@ -265,13 +265,10 @@ def heldout_losses(student, loss_fn, heldout, args):
 
 def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, evaluate=None,
         keep_best=False):
-    """Train `modules` (the first is the model) on loss_fn(model, batch) -> (loss, parts) with AdamW;
-    returns (the last log record, the best dev metrics or None).
-
-    The lr: linear warm-up over a fraction `warmup` of the steps, then linear decay to 0; constant when
-    warmup is None. `evaluate` (-> metrics, higher is better on args.metric) runs every --eval_steps
-    and at each epoch's end; keep_best saves the best model and then marks the stage finished.
-    A checkpoint every --save_steps; a rerun resumes from it."""
+    """Train `modules` (the first is the model) on loss_fn(model, batch) -> (loss, parts) with AdamW at
+    lr_factor's schedule; `evaluate` (-> metrics, higher is better on args.metric) runs every --eval_steps
+    and at each epoch's end, keep_best keeps the best model. A checkpoint every --save_steps; a rerun
+    resumes from it. Returns (the last log record, the best dev metrics or None)."""
     model, per_epoch = modules[0], math.ceil(len(train["input_ids"]) / args.batch_size)
     planned = max(1, math.ceil(epochs * per_epoch))
     total = min(planned, args.max_steps or planned)
@@ -283,12 +280,9 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_factor, warm=warm, total=total, constant=warmup is None))
     step, best = resume(stage, directory, modules, optimizer, scheduler, args)
-    log = Log(stage, directory, step, total, args)
-    per_process = f" ({math.ceil(args.batch_size / dist.get_world_size())} per process)" \
-        if dist.is_initialized() else ""
-    print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}{per_process}, {total} steps "
-          f"({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)}), lr {lr:g}, "
-          + ("constant lr" if warmup is None else f"warm-up {warm} steps then linear decay"))
+    schedule = "constant lr" if warmup is None else f"warm-up {warm} steps then linear decay"
+    log = Log(stage, directory, step, total, args, len(train["input_ids"]), f"{total / per_epoch:.3g} "
+              f"epochs{', capped by --max_steps' * (total < planned)}), lr {lr:g}, {schedule}")
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
         rows, weight = len(batch["index"]), 1.0
@@ -468,6 +462,9 @@ def parse_args(argv=None):
         check_flags(args)
     except ValueError as e:
         refuse(str(e))
+    if args.group_by_length and args.paper_exact:
+        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
+        args.group_by_length = False
     return args
 
 
@@ -520,9 +517,6 @@ def check_flags(args):
         if args.layer_map[0] < 0 or any(x < 1 for x in args.layer_map[1:]):
             raise ValueError(f"--layer_map {','.join(map(str, args.layer_map))}: teacher layers count "
                              "from 1 (0 is the embeddings)")
-    if args.group_by_length and args.paper_exact:
-        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
-        args.group_by_length = False
 
 
 def check_shapes(args, teacher):
@@ -779,10 +773,13 @@ class Log:
     """A stage's log.jsonl and progress lines: each loss, the lr, samples/s and the ETA (of training time
     only), the dev evaluations, the peak memory at the end."""
 
-    def __init__(self, stage, directory, step, total, args):
+    def __init__(self, stage, directory, step, total, args, examples, schedule):
         self.stage, self.step0, self.total, self.args = stage, step, total, args
         self.t0, self.seen, self.record = time.time(), 0, {}
         self.file = open(os.path.join(directory, "log.jsonl"), "a") if LEAD else open(os.devnull, "w")
+        per_process = f" ({math.ceil(args.batch_size / dist.get_world_size())} per process)" \
+            if dist.is_initialized() else ""
+        print(f"[{stage}] {examples} examples, batch {args.batch_size}{per_process}, {total} steps ({schedule}")
 
     def trained(self, step, epoch, parts, lr, rows):
         self.seen += rows  # the global batch: samples/s counts every process's rows
