@@ -218,12 +218,13 @@ def test_environment():
 
 
 def first_failure(output):
-    """The first failing test in pytest's short summary, its name and the start of its message
-    ("test_layer_map - assert [0, 1, 3] == [0, 2, 3]"), or '' when none is named."""
+    """The first failing test in pytest's short summary: its name, a newline, the start of its
+    message ("test_layer_map\nassert [0, 1, 3] == [0, 2, 3]"); '' when none is named."""
     for line in output.splitlines():
         if line.startswith(("FAILED ", "ERROR ")):
-            failure = line.split(" ", 1)[1].split("::", 1)[-1]
-            return failure if len(failure) <= 90 else failure[:87] + "..."
+            name, _, message = line.split(" ", 1)[1].partition(" - ")
+            message = message if len(message) <= 60 else message[:57] + "..."
+            return name.split("::", 1)[-1] + ("\n" + message if message else "")
     return ""
 
 
@@ -320,7 +321,10 @@ def main(argv=None):
     for n, m, verdict, failing, seconds in rows:
         print(f"{n:3d}  {verdict:8s} {seconds:7.0f}  {m.file:9s}  {m.why}")
         if verdict == "caught":
-            print(f"{'':34s}by {failing or '(no test named)'}")
+            name, _, message = failing.partition("\n")
+            print(f"{'':34s}by {name or '(no test named)'}")
+            if message:
+                print(f"{'':37s}{message}")
     caught = sum(1 for row in rows if row[2] == "caught")
     print(f"\n{len(rows)} mutants in {(time.time() - started) / 60:.0f} minutes, "
           "the unmutated suite's run included")
