@@ -2268,6 +2268,26 @@ def test_each_stage_trains_its_modules_on_its_schedule(tmp_path, monkeypatch, ca
     assert all(not changed(state, snapshot(t)) for _, t, state in teachers)
 
 
+def test_stages_read_an_eval_mode_teacher_through_the_layer_map_asked_for(tmp_path, monkeypatch):
+    import train
+    read = []  # (objective, teacher in train mode?, layer map) at every step of Stage 1 and 2
+
+    def spy(real):
+        def objective(model, batch, teacher, *a, **k):
+            read.append((real.__name__, teacher.training, k.get("lmap")))
+            return real(model, batch, teacher, *a, **k)
+        return objective
+    monkeypatch.setattr(train, "stage1_objective", spy(train.stage1_objective))
+    monkeypatch.setattr(train, "stage2_objective", spy(train.stage2_objective))
+    # --max_steps 2: no teacher cache in Stage 2, so the teacher runs at every step of both stages
+    flags = ["--out", str(tmp_path / "out"), "--layer_map", "1,3", "--max_steps", "2"]
+    train.main(small_run(tmp_path) + flags)
+    assert [name for name, _, _ in read] == ["stage1_objective"] * 2 + ["stage2_objective"] * 2
+    assert not any(training for _, training, _ in read)  # no dropout in the teacher's targets
+    stage1_maps = [lmap for name, _, lmap in read if name == "stage1_objective"]
+    assert stage1_maps == [[0, 1, 3]] * 2  # the map asked for, not uniform's [0, 2, 4]
+
+
 def test_general_distillation_trains_the_encoder_and_every_projection_with_warmup(tmp_path, monkeypatch):
     import train
     init = write_pipeline_fixture(tmp_path)

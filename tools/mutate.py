@@ -1,0 +1,337 @@
+"""tools/mutate.py: mutation testing of the method's wiring, kept as a habit.
+
+Each mutant below is one plausible miswiring of MLKD-BERT: a loss reading a neighbouring layer, the
+wrong projection, the pooled [CLS], a stage started from fresh weights, a flag ignored. The script
+copies the repository (its tracked files and testdata/) into a temporary folder, makes the one
+change, runs the test suite there, and says whether the suite caught it (a test failed) or let it
+survive (every test passed). A survivor is a missing test: write the test that fails on it.
+
+Run it before resolving a change to the wiring (mlkd.py's stage objectives, model.py's outputs,
+train.py's stages):
+
+    python tools/mutate.py                  # every mutant; stops at the first survivor
+    python tools/mutate.py --keep-going     # every mutant, a full table: before a merge
+    python tools/mutate.py --only 3,17      # some of them, by number
+    python tools/mutate.py --list           # the numbered list, and whether each still applies
+
+It takes one run of the suite for the unmutated code (it must pass, else every mutant would look
+caught), then one per mutant, stopped at the mutant's first failing test (pytest -x). A run of the
+whole suite is 1 minute on 2 idle CPU cores and up to 5 when they are shared; a caught mutant stops
+sooner. All 29 took 19 minutes on 2 shared cores. Run it in the background.
+
+Read the first failing test of each caught mutant: one caught only by a test that has nothing to do
+with its mistake may have met a flaky test; run it again with --only N.
+
+A mutant's `old` text must occur exactly once in its file; when it does not, the code has moved and
+the script stops before running anything. Rewrite that mutant against the new code, so that it makes
+the same mistake there; do not delete it. A mutant that the suite cannot tell from the right code
+(an equivalent mutant) is no miswiring: replace it with one that is.
+
+Standard library only; nothing of the chapter files imports it.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LINE = 120  # test_every_file_keeps_its_shape's limit: a mutant must not be caught by it
+
+
+class Mutant(NamedTuple):
+    file: str  # relative to the repository root
+    old: str   # occurs exactly once in the file
+    new: str
+    why: str   # the mistake, as a contributor could make it
+
+
+MUTANTS = [
+    # mlkd.py: the losses and the stage objectives
+    Mutant("mlkd.py",
+           "t.attn_outputs[g[m] - 1], mask, splits, mha_temperature)",
+           "t.attn_outputs[g[m] - 2], mask, splits, mha_temperature)",
+           "L_MHA reads teacher layer g(m) - 1, a neighbour of g(m)"),
+    Mutant("mlkd.py",
+           't.hidden_states[g[m]], mask)\n',  # Stage 1's line; TinyBERT's goes on after "mask)"
+           't.hidden_states[g[m] - 1], mask)\n',
+           "L_FFN reads teacher hidden state g(m) - 1, a neighbour of g(m)"),
+    Mutant("mlkd.py",
+           'parts["ffn"] = sum(ffn_loss(proj(m, s.hidden_states[m])',
+           'parts["ffn"] = sum(ffn_loss(proj(m - 1, s.hidden_states[m])',
+           "L_FFN projects student layer m with W_{m-1} instead of W_m"),
+    Mutant("mlkd.py",
+           'parts["ss"] = ss_loss(c_s, c_t)',
+           'parts["ss"] = ss_loss(s.pooled, c_t)',
+           "L_SS relates the student's pooled output, not its raw final [CLS] state"),
+    Mutant("mlkd.py",
+           "sc_loss(proj(len(proj.w) - 1, c_s), c_t,",
+           "sc_loss(proj(len(proj.w) - 1, s.pooled), c_t,",
+           "L_SC contrasts the student's pooled [CLS], not its raw final [CLS] state"),
+    Mutant("mlkd.py",
+           "sc_loss(proj(len(proj.w) - 1, c_s)",
+           "sc_loss(proj(0, c_s)",
+           "L_SC projects the student's [CLS] with W_0 instead of W_M"),
+    Mutant("mlkd.py",
+           "emb_loss(s.token_embeddings, t.token_embeddings, mask)",
+           "emb_loss(s.hidden_states[0], t.hidden_states[0], mask)",
+           "L_EMB on the embedding layer's output (positions, segments) not the word pieces"),
+    Mutant("mlkd.py",
+           "return (logp_t.exp() * (logp_t - logp_s)).sum(-1)",
+           "return (logp_s.exp() * (logp_s - logp_t)).sum(-1)",
+           "the relation KL is taken the other way round, KL(R_S || R_T)"),
+    Mutant("mlkd.py",
+           "logp_t = relation_logprobs(x_t.detach(), mask, temperature)",
+           "logp_t = relation_logprobs(x_t.detach(), None, temperature)",
+           "the teacher's relation leaves its pad keys in the softmax (its mask dropped)"),
+    Mutant("mlkd.py",
+           "scale = math.sqrt(x.shape[-1]) * temperature",
+           "scale = math.sqrt(x.shape[1] * x.shape[-1]) * temperature",
+           "relations scaled by sqrt of the whole width d, not of a split's width d/A"),
+    Mutant("mlkd.py",
+           "g = [math.floor(m * N / M + 0.5) for m in range(M + 1)]",
+           "g = [math.floor(m * N / M) for m in range(M + 1)]",
+           "the uniform layer map rounds m N / M down instead of half up"),
+    Mutant("mlkd.py",
+           'rows = batch["index"]',
+           'rows = torch.arange(len(batch["index"]))',
+           "the teacher cache is read by position in the batch, not by batch['index']"),
+    Mutant("mlkd.py",
+           "return ce.reshape(len(ce), -1).sum(1).mean() * t * t",
+           "return ce.reshape(len(ce), -1).sum(1).mean()",
+           "L_KD drops the t^2 factor, so --temperature also rescales the loss"),
+    # model.py: the tensors the losses read
+    Mutant("model.py",
+           "out.attn_outputs.append(ctx)",
+           "out.attn_outputs.append(layer.attn_out(ctx))",
+           "attn_outputs taken after the attention's output projection, not before"),
+    Mutant("model.py",
+           "key_mask = (1.0 - attention_mask[:, None, None, :].to(dtype))",
+           "key_mask = (1.0 - attention_mask[:, None, :, None].to(dtype))",
+           "the attention mask applied to the queries instead of the keys"),
+    Mutant("model.py",
+           "BertOutput([x], [], self.emb_ln(words), None,",
+           "BertOutput([x], [], words, None,",
+           "token_embeddings are the raw word embeddings, without the embedding LayerNorm"),
+    # train.py: the stages
+    Mutant("train.py",
+           'warmup = args.warmup if stage == "general" else None',
+           "warmup = args.warmup",
+           "Stage 1 runs with warm-up and linear decay instead of a constant lr"),
+    Mutant("train.py",
+           "record, _ = fit(stage, directory, [student, proj], loss_fn",
+           "record, _ = fit(stage, directory, [student], loss_fn",
+           "the projections W_0..W_M are left out of Stage 1's optimizer"),
+    Mutant("train.py",
+           "    if is_done(stage1_dir):\n        proj.load_state_dict(read_safetensors(",
+           "    if False:\n        proj.load_state_dict(read_safetensors(",
+           "Stage 2 starts from fresh projections, not Stage 1's trained ones"),
+    Mutant("train.py",
+           'mask = None if args.paper_exact else batch["attention_mask"]',
+           "mask = None",
+           "Stage 1 runs its losses unmasked, as if --paper_exact were always given"),
+    Mutant("train.py",
+           "return (step + 1) / max(1, warm) if step < warm",
+           "return step / max(1, warm) if step < warm",
+           "warm-up starts at lr 0 (off by one): the first step does not move"),
+    Mutant("train.py",
+           "student = Bert.from_pretrained(stage1_dir, verbose=False)",
+           "student = build_student(args, teacher)",
+           "Stage 2 starts from a fresh student, not from Stage 1's"),
+    Mutant("train.py",
+           "                best = metrics\n                save_model(model, directory, args)",
+           "                best = metrics\n            save_model(model, directory, args)",
+           "every dev evaluation saves the model, so the last is kept, not the best"),
+    Mutant("train.py",
+           "weights, args.temperature,",
+           "weights, 1.0,",
+           "--temperature is ignored in Stage 2 (L_KD always at t = 1)"),
+    Mutant("train.py",
+           '"mha": args.w_mha, "ffn": args.w_ffn}',
+           '"mha": args.w_ffn, "ffn": args.w_mha}',
+           "--w_mha and --w_ffn swapped"),
+    Mutant("train.py",
+           '    torch.manual_seed(zlib.crc32(f"{args.seed} {stage}".encode()))\n',
+           "",
+           "no per-stage seeding: a stage's weights depend on what ran before it"),
+    Mutant("train.py",
+           "return teacher.to(args.device).eval().requires_grad_(False)",
+           "return teacher.to(args.device).train().requires_grad_(False)",
+           "the frozen teacher is left in train mode: dropout in its targets"),
+    Mutant("train.py",
+           "args.epochs2, args.lr2,",
+           "args.epochs2, args.lr1,",
+           "Stage 2 trains at --lr1 instead of --lr2"),
+    Mutant("train.py",
+           "c.num_hidden_layers, args.layer_map)",
+           "c.num_hidden_layers)",
+           "Stage 1 ignores --layer_map and always maps uniformly"),
+]
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def mutated_text(mutant, root=ROOT):
+    """The text of the mutant's file with its change made; a ValueError when `old` is not there
+    exactly once, or when the change makes a line longer than MAX_LINE."""
+    text = read(os.path.join(root, mutant.file))
+    count = text.count(mutant.old)
+    if count != 1:
+        raise ValueError(f"{mutant.file}: the old text occurs {count} times, not once; the code "
+                         "has moved: rewrite this mutant against the new code")
+    new_text = text.replace(mutant.old, mutant.new)
+    longest = max(len(line) for line in new_text.splitlines())
+    if longest > MAX_LINE:
+        raise ValueError(f"{mutant.file}: the change makes a line {longest} characters long, which "
+                         "the line-length test would catch; shorten the mutant")
+    return new_text
+
+
+def copy_repo(destination):
+    """Copy the tracked files (as they are in the working tree) and testdata/ into destination."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for directory, _, files in os.walk(os.path.join(ROOT, "testdata")):
+        listed += [os.path.relpath(os.path.join(directory, f), ROOT) for f in files]
+    for name in set(listed):
+        source = os.path.join(ROOT, name)
+        if name and os.path.isfile(source) and "__pycache__" not in name:
+            target = os.path.join(destination, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def test_environment():
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    # The copy is not next to the repository's ../shared/data, where the tests look for the real
+    # GLUE/SQuAD files by default: point them at it, unless MLKD_SHARED_DATA says otherwise.
+    shared = os.path.join(os.path.dirname(ROOT), "shared", "data")
+    if "MLKD_SHARED_DATA" not in env and os.path.isdir(shared):
+        env["MLKD_SHARED_DATA"] = shared
+    return env
+
+
+def first_failure(output):
+    """The first failing test in pytest's short summary: its name, a newline, the start of its
+    message ("test_layer_map\nassert [0, 1, 3] == [0, 2, 3]"); '' when none is named."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            name, _, message = line.split(" ", 1)[1].partition(" - ")
+            message = message if len(message) <= 60 else message[:57] + "..."
+            return name.split("::", 1)[-1] + ("\n" + message if message else "")
+    return ""
+
+
+def run_suite(mutant=None, timeout=1800):
+    """Run the test suite on a copy of the repository, with the mutant's change made when one is
+    given. Returns (result, first failing test, seconds): result is "passed" or "failed", or
+    "broken" when pytest could not run the tests at all (an import error, say)."""
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="mlkd-mutant-") as copy:
+        copy_repo(copy)
+        if mutant is not None:
+            with open(os.path.join(copy, mutant.file), "w", encoding="utf-8") as f:
+                f.write(mutated_text(mutant))
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        try:
+            done = subprocess.run(command, cwd=copy, env=test_environment(), timeout=timeout,
+                                  capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return "failed", f"(timed out after {timeout} s)", time.time() - start
+    seconds = time.time() - start
+    if done.returncode == 0:
+        return "passed", "", seconds
+    if done.returncode == 1:
+        return "failed", first_failure(done.stdout), seconds
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+    return "broken", f"pytest exit status {done.returncode}:\n{tail}", seconds
+
+
+def parse_only(text):
+    try:
+        numbers = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of mutant numbers, got {text}")
+    bad = [n for n in numbers if not 1 <= n <= len(MUTANTS)]
+    if bad or not numbers:
+        raise argparse.ArgumentTypeError(f"mutant numbers run from 1 to {len(MUTANTS)}, got {text}")
+    return numbers
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="list the mutants and whether each applies")
+    p.add_argument("--only", type=parse_only, help="run these mutants only, e.g. 3,17")
+    p.add_argument("--keep-going", action="store_true",
+                   help="run every mutant even after a survivor (default: stop at the first)")
+    args = p.parse_args(argv)
+    numbers = args.only or list(range(1, len(MUTANTS) + 1))
+
+    stale = {}
+    for n in numbers:
+        try:
+            mutated_text(MUTANTS[n - 1])
+        except ValueError as e:
+            stale[n] = str(e)
+    if args.list:
+        for n in numbers:
+            m = MUTANTS[n - 1]
+            print(f"{n:3d}  {m.file:9s} {'STALE ' if n in stale else ''}{m.why}")
+        for n, why in stale.items():
+            print(f"mutant {n}: {why}")
+        return 1 if stale else 0
+    if stale:
+        for n, why in stale.items():
+            print(f"mutant {n}: {why}", file=sys.stderr)
+        print("error: fix the mutants above first (none was run)", file=sys.stderr)
+        return 2
+
+    print(f"the unmutated suite first (it must pass), then {len(numbers)} mutants, one at a time",
+          flush=True)
+    started = time.time()
+    result, failing, seconds = run_suite()
+    if result != "passed":
+        print(f"error: the unmutated suite does not pass ({failing or result}, {seconds:.0f} s); "
+              "a mutant run would mean nothing", file=sys.stderr)
+        return 2
+    print(f"unmutated: passed in {seconds:.0f} s", flush=True)
+
+    rows = []
+    for n in numbers:
+        m = MUTANTS[n - 1]
+        result, failing, seconds = run_suite(m)
+        verdict = {"failed": "caught", "passed": "SURVIVED", "broken": "BROKEN"}[result]
+        rows.append((n, m, verdict, failing, seconds))
+        print(f"{n:3d}  {verdict:8s} {seconds:5.0f} s  {m.file:9s} {m.why}", flush=True)
+        if verdict == "BROKEN":
+            print(f"     the mutant does not even run: fix it\n{failing}", flush=True)
+        if verdict != "caught" and not args.keep_going:
+            print("stopped at the first mutant the suite did not catch "
+                  "(--keep-going runs them all)")
+            break
+
+    print(f"\n  #  result   {'seconds':>7s}  file       mistake / first failing test")
+    for n, m, verdict, failing, seconds in rows:
+        print(f"{n:3d}  {verdict:8s} {seconds:7.0f}  {m.file:9s}  {m.why}")
+        if verdict == "caught":
+            name, _, message = failing.partition("\n")
+            print(f"{'':34s}by {name or '(no test named)'}")
+            if message:
+                print(f"{'':37s}{message}")
+    caught = sum(1 for row in rows if row[2] == "caught")
+    print(f"\n{len(rows)} mutants in {(time.time() - started) / 60:.0f} minutes, "
+          "the unmutated suite's run included")
+    print(f"caught {caught} of {len(rows)}")
+    all_run_and_caught = len(rows) == len(numbers) and caught == len(rows)
+    return 0 if all_run_and_caught else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
