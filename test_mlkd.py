@@ -2699,6 +2699,62 @@ def test_stage_losses_of_a_batch_do_not_depend_on_its_padding(tmp_path):
         assert a.keys() == b.keys() and all(abs(a[k].item() - b[k].item()) < 1e-5 for k in a), (a, b)
 
 
+def test_bucketed_batches_have_a_few_widths_and_keep_every_token():
+    g = torch.Generator().manual_seed(0)
+    n, full = 300, 100  # buckets 16, 32, 64 and the dataset's own width, 100
+    lengths = (torch.arange(n) % full + 1)[torch.randperm(n, generator=g)]  # 1..100, each three times
+    real = torch.arange(full)[None] < lengths[:, None]
+    ds = {"input_ids": torch.randint(5, 128, (n, full), generator=g) * real,
+          "token_type_ids": torch.randint(0, 2, (n, full), generator=g) * real, "lengths": lengths,
+          "labels": torch.arange(n)}
+    for kw in ({}, {"shuffle": True, "group_by_length": 40}, {"fixed_padding": True}):  # 40: one sorted run
+        plain = list(data.batches(ds, 8, generator=torch.Generator().manual_seed(1), **kw))
+        bucketed = list(data.batches(ds, 8, generator=torch.Generator().manual_seed(1), buckets=True, **kw))
+        assert [b["index"].tolist() for b in bucketed] == [b["index"].tolist() for b in plain]  # the same rows
+        for b, p in zip(bucketed, plain):
+            width, longest = b["input_ids"].shape[1], int(lengths[b["index"]].max())
+            assert width == (full if kw.get("fixed_padding") else min(w for w in (16, 32, 64, 100) if w >= longest))
+            assert torch.equal(b["input_ids"][:, :p["input_ids"].shape[1]], p["input_ids"])  # every real token
+            assert torch.equal(b["input_ids"], ds["input_ids"][b["index"], :width])  # the rest: [PAD] = 0
+            assert torch.equal(b["token_type_ids"], ds["token_type_ids"][b["index"], :width])
+            assert torch.equal(b["attention_mask"].bool(), real[b["index"], :width])
+            assert torch.equal(b["labels"], p["labels"])
+        widths = {b["input_ids"].shape[1] for b in bucketed}
+        assert widths <= {16, 32, 64, 100} and (widths == {16, 32, 64, 100} or not kw.get("shuffle")), widths
+    narrow = {**ds, "input_ids": ds["input_ids"][:, :12], "token_type_ids": ds["token_type_ids"][:, :12],
+              "lengths": lengths.clamp(max=12)}
+    assert {b["input_ids"].shape[1] for b in data.batches(narrow, 8, buckets=True)} == {12}  # capped at 12
+
+
+def test_padding_a_batch_to_its_bucket_leaves_every_masked_loss_unchanged():
+    torch.manual_seed(0)
+    teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)))
+    student = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)))
+    spans = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="span")))
+    proj = random_projections(2, 24, 48)
+    lengths = torch.tensor([5, 3, 17, 4])
+    real = torch.arange(40)[None] < lengths[:, None]
+    ds = {"input_ids": torch.randint(5, 128, (4, 40)) * real, "token_type_ids": torch.randint(0, 2, (4, 40)) * real,
+          "lengths": lengths, "labels": torch.tensor([0, 1, 1, 0])}
+    tight, bucketed = next(data.batches(ds, 4)), next(data.batches(ds, 4, buckets=True))
+    assert tight["input_ids"].shape[1] == 17 and bucketed["input_ids"].shape[1] == 32
+
+    def losses(b):
+        inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
+        with torch.no_grad():
+            s, t, span = student(*inputs), teacher(*inputs), spans(*inputs).logits
+        _, stage1 = mlkd.stage1_loss(s, t, proj, b["attention_mask"], mlkd.layer_map(4, 2), splits=4)
+        _, stage2 = mlkd.stage2_loss(s, mlkd.stage2_targets(b, teacher), proj, b["labels"])
+        gold = {"ce": torch.nn.functional.cross_entropy(s.logits, b["labels"]),  # span: start 0, end its last token
+                "span ce": torch.nn.functional.cross_entropy(span.transpose(1, 2), torch.stack([0 * lengths,
+                                                                                                lengths - 1], 1))}
+        return {**{f"stage1 {k}": v for k, v in stage1.items()}, **{f"stage2 {k}": v for k, v in stage2.items()},
+                **gold}
+    a, b = losses(tight), losses(bucketed)
+    assert len(a) == 8 and a.keys() == b.keys(), a.keys()
+    assert all(abs(a[k].item() - b[k].item()) < 1e-5 for k in a), (a, b)
+
+
 # ==============================================================================================
 # The student leaves the repo: a saved model opens in HF transformers as it is
 
