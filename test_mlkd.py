@@ -2821,6 +2821,36 @@ def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
     assert dict((r[0], r[1]) for r in rows)["eval.py --show on Stage 1"].endswith(" rows")
 
 
+def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
+    import time
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "experiments", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    write_pipeline_fixture(tmp_path)  # 64 training rows: 2 steps an epoch at batch 32
+    argv = ["--recipe", "--tiny", "--data_dir", str(tmp_path / "data"), "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        gpu_check.main(argv + ["--epoch_scale", "0"])
+    assert "--epoch_scale 0: must be in (0, 1]" in capsys.readouterr().err
+    tables = gpu_check.main(argv + ["--epoch_scale", "0.25"])
+    out = capsys.readouterr().out
+    assert f"CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: SST-2 recipe" in out
+    assert "| stage | epochs | steps | wall min | train min | dev eval min | samples/s | peak GiB |" in out
+    assert [r[0] for r in tables["mfu"]] == ["2 x 16", "4 x 16"] and all(r[3].endswith("%") for r in tables["mfu"])
+    rows = {r[0]: r for r in tables["recipe"]}
+    stages = ["teacher", "stage1", "stage2", "eval", "total"]
+    assert list(rows) == stages + [f"{s}, extrapolated" for s in stages], list(rows)
+    for stage, epochs, steps in (("teacher", "1", "2"), ("stage1", "3.75", "8"), ("stage2", "2.5", "5"),
+                                 ("teacher, extrapolated", "4", "8"), ("stage1, extrapolated", "15", "30"),
+                                 ("stage2, extrapolated", "10", "20")):  # the paper's 4, 15, 10 epochs x 0.25
+        _, e, n, wall, train, dev, rate, peak = rows[stage]
+        assert (e, n) == (epochs, steps) and float(peak) > 0 and float(rate.replace(",", "")) > 0, rows[stage]
+        assert float(wall) + 0.01 >= float(train) + float(dev)  # minutes, rounded to 0.01
+    for total in ("total", "total, extrapolated"):
+        cells = [r for r in tables["recipe"] if r[0].endswith("extrapolated") == total.endswith("extrapolated")]
+        assert abs(float(rows[total][3]) - sum(float(r[3]) for r in cells[:4])) <= 0.03  # the stages' walls
+    assert float(rows["total, extrapolated"][3]) > float(rows["total"][3])
+
+
 # ==============================================================================================
 # The same result however a run arrives there; nothing a careless user types ends in a traceback
 
