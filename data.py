@@ -177,13 +177,15 @@ def encode_glue(task, examples, tokenizer, max_len=None):
 
 
 def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0,
-            group_by_length=0):
+            group_by_length=0, buckets=False):
     """Yield batches {input_ids, token_type_ids, attention_mask, labels..., index} of an encoded
     dataset, trimmed to their longest row (fixed_padding: the full max length, as the authors ran),
     from batch `start` on (resuming an epoch). group_by_length=G (with shuffle; HF's Trainer has it
     by that name): every run of G batches' worth of shuffled rows is sorted by length, cut and the
-    run's batches shuffled: a batch pads little, while the batches stay random."""
-    n, lengths = len(dataset["input_ids"]), dataset["lengths"]
+    run's batches shuffled: a batch pads little, while the batches stay random. buckets: each width
+    is rounded up to a power of two from 16 on, at most the dataset's width, so that a compiled model
+    (torch.compile) sees a few shapes again and again; the extra columns are [PAD] with mask 0."""
+    n, lengths, full = len(dataset["input_ids"]), dataset["lengths"], dataset["input_ids"].shape[1]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     rows = list(order.split(batch_size))  # the rows of each batch
     if group_by_length:
@@ -193,7 +195,9 @@ def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=Fa
             shuffled = torch.randperm(len(by_length), generator=generator).tolist()
             rows += [by_length[i] for i in shuffled]
     for idx in rows[start:]:
-        width = dataset["input_ids"].shape[1] if fixed_padding else int(lengths[idx].max())
+        width = full if fixed_padding else int(lengths[idx].max())
+        if buckets:  # the least power of two >= width, e.g. 17..32 -> 32
+            width = min(full, max(16, 2 ** (width - 1).bit_length()))
         batch = {k: v[idx, :width] if k in ("input_ids", "token_type_ids") else v[idx]
                  for k, v in dataset.items() if k != "lengths"}
         batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[idx][:, None]).long()

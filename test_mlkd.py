@@ -2719,6 +2719,60 @@ def test_stage_losses_of_a_batch_do_not_depend_on_its_padding(tmp_path):
         assert a.keys() == b.keys() and all(abs(a[k].item() - b[k].item()) < 1e-5 for k in a), (a, b)
 
 
+def test_bucketed_batches_have_a_few_widths_and_keep_every_token():
+    g = torch.Generator().manual_seed(0)
+    n, full = 300, 100  # buckets 16, 32, 64 and the dataset's own width, 100
+    lengths = (torch.arange(n) % full + 1)[torch.randperm(n, generator=g)]  # 1..100, each three times
+    real = torch.arange(full)[None] < lengths[:, None]
+    ds = {"input_ids": torch.randint(5, 128, (n, full), generator=g) * real,
+          "token_type_ids": torch.randint(0, 2, (n, full), generator=g) * real, "lengths": lengths,
+          "labels": torch.arange(n)}
+    for kw in ({}, {"shuffle": True, "group_by_length": 40}, {"fixed_padding": True}):  # 40: one sorted run
+        plain = list(data.batches(ds, 8, generator=torch.Generator().manual_seed(1), **kw))
+        bucketed = list(data.batches(ds, 8, generator=torch.Generator().manual_seed(1), buckets=True, **kw))
+        assert [b["index"].tolist() for b in bucketed] == [b["index"].tolist() for b in plain]  # the same rows
+        for b, p in zip(bucketed, plain):
+            width, longest = b["input_ids"].shape[1], int(lengths[b["index"]].max())
+            assert width == (full if kw.get("fixed_padding") else min(w for w in (16, 32, 64, 100) if w >= longest))
+            assert torch.equal(b["input_ids"][:, :p["input_ids"].shape[1]], p["input_ids"])  # every real token
+            assert torch.equal(b["input_ids"], ds["input_ids"][b["index"], :width])  # the rest: [PAD] = 0
+            assert torch.equal(b["token_type_ids"], ds["token_type_ids"][b["index"], :width])
+            assert torch.equal(b["attention_mask"].bool(), real[b["index"], :width])
+            assert torch.equal(b["labels"], p["labels"])
+        widths = {b["input_ids"].shape[1] for b in bucketed}
+        assert widths <= {16, 32, 64, 100} and (widths == {16, 32, 64, 100} or not kw.get("shuffle")), widths
+    narrow = {**ds, "input_ids": ds["input_ids"][:, :12], "token_type_ids": ds["token_type_ids"][:, :12],
+              "lengths": lengths.clamp(max=12)}
+    assert {b["input_ids"].shape[1] for b in data.batches(narrow, 8, buckets=True)} == {12}  # capped at 12
+
+
+def test_padding_a_batch_to_its_bucket_leaves_every_masked_loss_unchanged():
+    torch.manual_seed(0)
+    teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)))
+    student = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)))
+    spans = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="span")))
+    proj = random_projections(2, 24, 48)
+    lengths = torch.tensor([5, 3, 17, 4])
+    real = torch.arange(40)[None] < lengths[:, None]
+    ds = {"input_ids": torch.randint(5, 128, (4, 40)) * real, "token_type_ids": torch.randint(0, 2, (4, 40)) * real,
+          "lengths": lengths, "labels": torch.tensor([0, 1, 1, 0])}
+    tight, bucketed = next(data.batches(ds, 4)), next(data.batches(ds, 4, buckets=True))
+    assert tight["input_ids"].shape[1] == 17 and bucketed["input_ids"].shape[1] == 32
+
+    def losses(b):
+        inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
+        with torch.no_grad():
+            s, t, span = student(*inputs), teacher(*inputs), spans(*inputs).logits
+        _, stage1 = mlkd.stage1_loss(s, t, proj, b["attention_mask"], mlkd.layer_map(4, 2), splits=4)
+        _, stage2 = mlkd.stage2_loss(s, mlkd.stage2_targets(b, teacher), proj, b["labels"])
+        ce, answers = torch.nn.functional.cross_entropy, torch.stack([0 * lengths, lengths - 1], 1)  # [CLS]..last
+        gold = {"ce": ce(s.logits, b["labels"]), "span ce": ce(span.transpose(1, 2), answers)}
+        return {**{f"1 {k}": v for k, v in stage1.items()}, **{f"2 {k}": v for k, v in stage2.items()}, **gold}
+    a, b = losses(tight), losses(bucketed)
+    assert len(a) == 8 and a.keys() == b.keys(), a.keys()
+    assert all(abs(a[k].item() - b[k].item()) < 1e-5 for k in a), (a, b)
+
+
 # ==============================================================================================
 # The student leaves the repo: a saved model opens in HF transformers as it is
 
@@ -2785,6 +2839,36 @@ def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
     assert "step: stage1" in names and "4 x 312 student, 3 heads" in names and "eval.py on the saved student" in names
     assert dict((r[0], r[1]) for r in rows)["eval.py on the saved student"] == "same"
     assert dict((r[0], r[1]) for r in rows)["eval.py --show on Stage 1"].endswith(" rows")
+
+
+def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
+    import time
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "experiments", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    write_pipeline_fixture(tmp_path)  # 64 training rows: 2 steps an epoch at batch 32
+    argv = ["--recipe", "--tiny", "--data_dir", str(tmp_path / "data"), "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        gpu_check.main(argv + ["--epoch_scale", "0"])
+    assert "--epoch_scale 0: must be in (0, 1]" in capsys.readouterr().err
+    tables = gpu_check.main(argv + ["--epoch_scale", "0.25"])
+    out = capsys.readouterr().out
+    assert f"CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: SST-2 recipe" in out
+    assert "| stage | epochs | steps | wall min | train min | dev eval min | samples/s | peak GiB |" in out
+    assert [r[0] for r in tables["mfu"]] == ["2 x 16", "4 x 16"] and all(r[3].endswith("%") for r in tables["mfu"])
+    rows = {r[0]: r for r in tables["recipe"]}
+    stages = ["teacher", "stage1", "stage2", "eval", "total"]
+    assert list(rows) == stages + [f"{s}, extrapolated" for s in stages], list(rows)
+    for stage, epochs, steps in (("teacher", "1", "2"), ("stage1", "3.75", "8"), ("stage2", "2.5", "5"),
+                                 ("teacher, extrapolated", "4", "8"), ("stage1, extrapolated", "15", "30"),
+                                 ("stage2, extrapolated", "10", "20")):  # the paper's 4, 15, 10 epochs x 0.25
+        _, e, n, wall, train, dev, rate, peak = rows[stage]
+        assert (e, n) == (epochs, steps) and float(peak) > 0 and float(rate.replace(",", "")) > 0, rows[stage]
+        assert float(wall) + 0.01 >= float(train) + float(dev)  # minutes, rounded to 0.01
+    for total in ("total", "total, extrapolated"):
+        cells = [r for r in tables["recipe"] if r[0].endswith("extrapolated") == total.endswith("extrapolated")]
+        assert abs(float(rows[total][3]) - sum(float(r[3]) for r in cells[:4])) <= 0.03  # the stages' walls
+    assert float(rows["total, extrapolated"][3]) > float(rows["total"][3])
 
 
 # ==============================================================================================
