@@ -334,7 +334,8 @@ def training_batches(train, args, step, per_epoch, total):
         epoch = step // per_epoch
         for batch in data.batches(train, args.batch_size, shuffle=True, start=step % per_epoch,
                                   generator=torch.Generator().manual_seed(args.seed + epoch),
-                                  fixed_padding=args.paper_exact, group_by_length=100 * args.group_by_length):
+                                  fixed_padding=args.paper_exact, group_by_length=100 * args.group_by_length,
+                                  buckets=args.compile):  # compiled shapes repeat
             yield epoch, batch
             step += 1
             if step >= total:
@@ -411,7 +412,7 @@ FLAGS = [
     ("log_steps", int, 50, "progress line every N steps"),
     ("eval_batch_size", int, 128, "batch size of evaluation and of the teacher cache"),
     ("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N"),
-    ("compile", bool, False, "torch.compile the trained model"),
+    ("compile", bool, False, "torch.compile the trained model; batches padded to a few widths"),
     ("no_teacher_cache", bool, False, "run the teacher on every Stage-2 step, not once per example"),
 ]
 
