@@ -178,13 +178,11 @@ def encode_glue(task, examples, tokenizer, max_len=None):
 
 def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0,
             group_by_length=0, buckets=False):
-    """Yield batches {input_ids, token_type_ids, attention_mask, labels..., index} of an encoded
-    dataset, trimmed to their longest row (fixed_padding: the full max length, as the authors ran),
-    from batch `start` on (resuming an epoch). group_by_length=G (with shuffle; HF's Trainer has it
-    by that name): every run of G batches' worth of shuffled rows is sorted by length, cut and the
-    run's batches shuffled: a batch pads little, while the batches stay random. buckets: each width
-    is rounded up to a power of two from 16 on, at most the dataset's width, so that a compiled model
-    (torch.compile) sees a few shapes again and again; the extra columns are [PAD] with mask 0."""
+    """Batches {input_ids, token_type_ids, attention_mask, labels..., index} of an encoded dataset,
+    trimmed to their longest row (fixed_padding: max length, as the authors ran), from batch `start`.
+    group_by_length=G (HF's name): each run of G batches of shuffled rows is sorted by length, cut, and
+    its batches shuffled. buckets: widths rounded up to a power of two (>= 16, <= the dataset's), so a
+    compiled model sees few shapes; the extra columns are [PAD] with mask 0."""
     n, lengths, full = len(dataset["input_ids"]), dataset["lengths"], dataset["input_ids"].shape[1]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     rows = list(order.split(batch_size))  # the rows of each batch

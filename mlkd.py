@@ -1,11 +1,11 @@
 """mlkd.py: the losses of MLKD-BERT and the objectives of its two distillation stages.
 
-Read this file first (then model.py's BertOutput, train.py, eval.py, data.py). Source: Zhang, Yang and Ji,
-"MLKD-BERT: Multi-level Knowledge Distillation for Pre-trained Language Models" (arXiv 2407.02775),
-with the details the paper leaves open read from the authors' code (HandH1998/tmp_bert_mlkd, a fork
-of TinyBERT's). Imports nothing of ours: the
-stage objectives read the fields of model.py's BertOutput (hidden_states, attn_outputs,
-token_embeddings, logits) by name.
+Read this file first (then model.py's BertOutput, train.py, eval.py, data.py). Source: Zhang, Yang
+and Ji, "MLKD-BERT: Multi-level Knowledge Distillation for Pre-trained Language Models" (arXiv
+2407.02775), with the details the paper leaves open read from the authors' code
+(HandH1998/tmp_bert_mlkd, a fork of TinyBERT's). Imports nothing of ours: the stage objectives read
+the fields of model.py's BertOutput (hidden_states, attn_outputs, token_embeddings, logits) by
+name.
 
     level      loss    compares (teacher T is always the target P of KL(P || Q))
     feature    L_FFN   projected student hidden states with the teacher's (MSE)             Stage 1
@@ -19,13 +19,12 @@ scores and hidden states by MSE in Stage 1, L_KD alone in Stage 2; train.py --re
 
 Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher layers.
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
-masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked loss.
-The relations (similarity matmuls, softmaxes, KLs) and L_SC run in fp32 with autocast off, the MSEs on
-fp32 copies; the projections W_m run under autocast like the model (bf16 on CUDA). The teacher's tensors
-are detached.
-Under torchrun (train.py) each process computes these on its own rows of the batch: the token-level
-losses then average exactly as on one process, while the batch relations L_SS and L_SC see only the
-local batch, as in the authors' multi-GPU runs.
+masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked
+loss. The relations (similarity matmuls, softmaxes, KLs) and L_SC run in fp32 with autocast off,
+the MSEs on fp32 copies; the projections W_m run under autocast like the model (bf16 on CUDA). The
+teacher's tensors are detached. Under torchrun (train.py) each process computes these on its own
+rows of the batch: the token-level losses then average exactly as on one process, while the batch
+relations L_SS and L_SC see only the local batch, as in the authors' multi-GPU runs.
 """
 import functools
 import math
@@ -35,11 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NEG = -1e30  # "minus infinity" for masked keys that stays finite, so 0 * (logp_T - logp_S) is 0, never NaN
+# "Minus infinity" for masked keys that stays finite, so 0 * (logp_T - logp_S) is 0, never NaN
+NEG = -1e30
 
 
 def fp32(fn):
-    """Run fn with autocast off: similarity matmuls, softmax and KL stay in fp32 under bf16 autocast."""
+    """Run fn with autocast off: its matmuls, softmax and KL stay in fp32 under bf16 autocast."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
@@ -53,8 +53,9 @@ def fp32(fn):
 
 @fp32
 def relation_logprobs(x, mask=None, temperature=1.0):
-    """x (B, A, L, k) -> log softmax(x x^T / (sqrt(k) t)) over the last dim, (B, A, L, L); pad keys masked.
-    The paper's relations have t = 1; t < 1 sharpens them (train.py --mha_temperature, not the paper's method)."""
+    """x (B, A, L, k) -> log softmax(x x^T / (sqrt(k) t)) over the last dim, (B, A, L, L); pad keys
+    masked. The paper's relations have t = 1; t < 1 sharpens them (train.py --mha_temperature, not
+    the paper's method)."""
     x = x.float()
     scale = math.sqrt(x.shape[-1]) * temperature
     scores = (x / scale) @ x.transpose(-1, -2)                          # (B, A, L, L); scaled on the small side
@@ -74,7 +75,7 @@ def relation_kl_rows(x_s, x_t, mask=None, temperature=1.0):
 
 
 def relation_kl(x_s, x_t, mask=None, temperature=1.0):
-    """Mean over valid (example, split, query row) of KL(R_T || R_S): relation_kl_rows, pad rows left out."""
+    """Mean over valid (example, split, query row) of KL(R_T || R_S) (pad rows left out)."""
     kl_rows = relation_kl_rows(x_s, x_t, mask, temperature)  # (B, A, L)
     if mask is None:
         return kl_rows.mean()
@@ -83,7 +84,7 @@ def relation_kl(x_s, x_t, mask=None, temperature=1.0):
 
 
 def mha_splits(o, splits):
-    """(B, L, d) -> (B, A, L, d/A): A contiguous chunks of the feature dim, whatever the head count."""
+    """(B, L, d) -> (B, A, L, d/A): A contiguous chunks of the features, whatever the heads."""
     B, L, d = o.shape
     if d % splits:
         raise ValueError(f"MHA-splits: {splits} splits do not divide the width {d}; choose splits dividing "
@@ -107,9 +108,9 @@ def mha_loss(o_s, o_t, mask=None, splits=12, temperature=1.0):
     """L_MHA for one layer pair = mean over (split a, query row i) of KL(R^T_a[i] || R^S_a[i]),
     R_a = softmax(O_a O_a^T / sqrt(d/A)), O_a the a-th of A contiguous feature chunks of O.
 
-    o_s (B, L, d_S), o_t (B, L, d_T): concatenated head contexts before the output projection.
-    The splits, not the heads, are matched: the student may have any number of heads.
-    temperature t divides both relations' logits, O_a O_a^T / (sqrt(d/A) t): 1 is the paper's loss; t < 1
+    o_s (B, L, d_S), o_t (B, L, d_T): concatenated head contexts before the output projection. The
+    splits, not the heads, are matched: the student may have any number of heads. temperature t
+    divides both relations' logits, O_a O_a^T / (sqrt(d/A) t): 1 is the paper's loss; t < 1
     sharpens relations that are nearly uniform (an experiment beyond the paper).
     """
     return relation_kl(mha_splits(o_s, splits), mha_splits(o_t, splits), mask, temperature)
@@ -208,7 +209,8 @@ class Projections(nn.Module):
     student (put them in the optimizer), used by L_FFN and L_SC, discarded at inference.
 
     init "normal": N(0, 0.02) as BERT initialises a new Linear (the authors' fit_dense);
-    "identity": W = I, b = 0 (only when d_S = d_T), so a student that already matches starts at zero loss.
+    "identity": W = I, b = 0 (only when d_S = d_T), so a student that already matches starts at
+    zero loss.
     """
 
     def __init__(self, n_student, d_student, d_teacher, init="normal"):
@@ -259,8 +261,9 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_t
 
 
 class TeacherTargets(NamedTuple):
-    """All that Stage 2 reads of the teacher: its logits and its final [CLS] state. The teacher is frozen
-    and deterministic, so these can be computed once per training example and reused every epoch."""
+    """All that Stage 2 reads of the teacher: its logits and its final [CLS] state. The teacher is
+    frozen and deterministic, so these can be computed once per training example and reused every
+    epoch."""
     logits: torch.Tensor  # (B, C) classification, (B, 1) regression, (B, 2, L) span
     cls: torch.Tensor     # (B, d_T): hidden_states[-1][:, 0], raw
 
@@ -270,8 +273,8 @@ class TeacherTargets(NamedTuple):
 
 
 def stage2_targets(batch, teacher, cache=None):
-    """The teacher's TeacherTargets for a batch: its rows of the cache (span logits cut to the batch's
-    width), or, without a cache, a live forward of the frozen teacher."""
+    """The teacher's TeacherTargets for a batch: its rows of the cache (span logits cut to the
+    batch's width), or, without a cache, a live forward of the frozen teacher."""
     if cache is None:
         with torch.no_grad():
             return TeacherTargets.of(teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
@@ -308,14 +311,15 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
 # ----------------------------------------------------------------------------------------------
 # The baseline MLKD is compared with: TinyBERT's task distillation (Jiao et al. 2020, "TinyBERT:
 # Distilling BERT for Natural Language Understanding", eq. 7-10). Its Stage 1 matches features, not
-# relations; its Stage 2 is L_KD alone (soft cross-entropy at t = 1), so kd_loss serves it unchanged.
+# relations; its Stage 2 is L_KD alone (soft cross-entropy at t = 1): kd_loss serves it unchanged.
 
 
 def attention_mse(a_s, a_t, mask=None):
     """TinyBERT's L_attn for one layer pair = MSE(A_S, A_T) over heads and valid (query, key) pairs,
-    A = Q K^T / sqrt(d/h) the pre-softmax scores, (B, h, L, L). Head i of the student learns head i of
-    the teacher, so both need the same head count (MLKD's L_MHA does not). TinyBERT's code zeroes the
-    masked scores (its "<= -100 -> 0"); here masked pairs leave the mean, as in every loss of this file.
+    A = Q K^T / sqrt(d/h) the pre-softmax scores, (B, h, L, L). Head i of the student learns head i
+    of the teacher, so both need the same head count (MLKD's L_MHA does not). TinyBERT's code
+    zeroes the masked scores (its "<= -100 -> 0"); here masked pairs leave the mean, as in every
+    loss of this file.
     """
     if a_s.shape[1] != a_t.shape[1]:
         raise ValueError(f"TinyBERT's attention loss matches heads one to one: the student has {a_s.shape[1]} "
