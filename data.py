@@ -27,8 +27,7 @@ TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-<ran
 
 
 class Tokenizer:
-    """Uncased BERT tokenisation (BertNormalizer: clean, split CJK, lower-case, strip accents; split
-    on whitespace and punctuation; WordPiece) by vocab.txt: one token a line, id = line number."""
+    """Uncased BERT tokenisation (clean, lower-case, strip accents, split; WordPiece) by vocab.txt."""
 
     def __init__(self, vocab_file):
         from tokenizers import BertWordPieceTokenizer
@@ -164,8 +163,7 @@ def count_differs(path, have, want, strict):
 
 
 def encode_glue(task, examples, tokenizer, max_len=None):
-    """Tokenise every example once: a dict of padded tensors, one row per example (a batch is then a
-    gather and a trim, no Python per example)."""
+    """Tokenise every example once: padded tensors, a row an example (a batch: a gather and a trim)."""
     t = TASKS[task]
     texts_b = [e.text_b for e in examples] if t.b is not None else None
     ids, types, lengths = tokenizer.encode([e.text_a for e in examples], texts_b, max_len or t.max_len)
