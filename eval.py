@@ -33,15 +33,28 @@ from model import Bert, fetch
 
 
 def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False, with_predictions=False):
-    """{metric: value, "total": rows} on a GLUE task's encoded dev split(s) {split: dataset};
-    MNLI's get the suffixes _m and _mm. with_predictions: (metrics, {split: predictions})."""
+    """{metric: value, "total": rows} on a GLUE task's encoded dev split(s) {split: dataset}, by the
+    official metric(s) (the GLUE paper, Table 1; scikit-learn's and scipy's, as its leaderboard);
+    MNLI's get the suffixes _m and _mm. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1
+    as positive. with_predictions: (metrics, {split: class indices, or scores for STS-B})."""
     metrics, predictions = {}, {}
     for split, ds in dev_sets.items():
         logits = model_outputs(model, ds, batch_size, device, fixed_padding)[0].numpy()  # (N, C)
         preds = logits[:, 0] if data.TASKS[task].is_regression else logits.argmax(-1)
-        scores = {**glue_metrics(task, preds, ds["labels"].numpy()), "total": len(preds)}
+        labels = ds["labels"].numpy()
+        scores = {"acc": 100 * float(np.mean(preds == labels))}
+        if task == "stsb":  # Spearman: Pearson of the ranks, ties given the mean rank they span
+            ranks = [np.sum(v[:, None] > v, 1) + (np.sum(v[:, None] == v, 1) + 1) / 2
+                     for v in (preds, labels)]  # rank = #smaller + (#equal + 1) / 2
+            scores = {"pearson": 100 * pearson(preds, labels), "spearman": 100 * pearson(*ranks)}
+        elif task == "cola":  # Matthews = Pearson of the two 0/1 series (the phi coefficient)
+            scores = {"mcc": 100 * pearson(preds == 1, labels == 1)}
+        elif task in ("mrpc", "qqp"):  # F1 of class 1, not macro-F1: 2 TP / (2 TP + FP + FN)
+            tp = float(np.sum((preds == 1) & (labels == 1)))
+            two_tp_fp_fn = float(np.sum(preds == 1) + np.sum(labels == 1))
+            scores["f1"] = 0.0 if tp == 0 else 100 * 2 * tp / two_tp_fp_fn
         suffix = {"dev_matched": "_m", "dev_mismatched": "_mm"}.get(split, "")
-        metrics.update({k + suffix: v for k, v in scores.items()})
+        metrics.update({k + suffix: v for k, v in {**scores, "total": len(preds)}.items()})
         predictions[split] = preds
     return (metrics, predictions) if with_predictions else metrics
 
@@ -63,36 +76,6 @@ def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=Fa
             cls.append(out.hidden_states[-1][:, 0].float().cpu())
     unsort = torch.argsort(order)  # back to the dataset's order
     return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
-
-
-def glue_metrics(task, preds, labels):
-    """The official metric(s) of a GLUE task (the GLUE paper, Table 1); preds: class indices, or
-    scores for STS-B. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1 as positive."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    if task == "stsb":
-        return {"pearson": 100 * pearson(preds, labels),
-                "spearman": 100 * pearson(average_ranks(preds), average_ranks(labels))}
-    acc = 100 * float(np.mean(preds == labels))
-    if task not in ("cola", "mrpc", "qqp"):
-        return {"acc": acc}
-    p, y = preds == 1, labels == 1
-    tp, tn, fp, fn = (float(np.sum(a & b)) for a, b in ((p, y), (~p, ~y), (p, ~y), (~p, y)))
-    if task == "cola":  # Matthews: (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), or 0
-        denominator = float(np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-        return {"mcc": 0.0 if denominator == 0 else 100 * (tp * tn - fp * fn) / denominator}
-    f1 = 0.0 if tp == 0 else 100 * 2 * tp / (2 * tp + fp + fn)  # of class 1, not macro-F1
-    return {"acc": acc, "f1": f1}
-
-
-def average_ranks(x):
-    """Ranks 1..n, ties given the mean of the ranks they span (scipy's rankdata 'average')."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    starts = np.r_[0, np.nonzero(np.diff(x[order]))[0] + 1]  # first index of each run of ties
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of starts+1..ends
-    return ranks
 
 
 def pearson(a, b):
