@@ -424,41 +424,44 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
     return rows
 
 
+CURVES = """<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{height}" font-family="sans-serif"
+ font-size="12"><title>{title}</title><text x="8" y="18" font-size="14" font-weight="bold">{title}</text>
+{panels}</svg>
+"""
 PANEL = """<g class="panel" data-name="{name}" transform="translate(0 {top})">
 <text x="64" y="-6" font-weight="bold">{name}</text>
 <rect x="64" y="0" width="480" height="100" fill="none" stroke="#999"/>
 <text x="60" y="10" text-anchor="end">{hi:.4g}</text>
 <text x="60" y="100" text-anchor="end">{lo:.4g}</text>
 <text x="64" y="118">step 0</text><text x="544" y="118" text-anchor="end">step {last}</text>
-<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="{points}"/>{dots}</g>"""
+<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="{points}"/>{dots}</g>
+"""
 
 
 def write_curves(directory):
     """<directory>/curves.svg from its log.jsonl: a PANEL against step for each loss (the batch's at
     each logged step) and each dev metric (held-out loss for general distillation)."""
     series, skip = {}, {"lr", "samples_per_s", "train_s", "eval_s", "peak_memory_gib"}
-    for line in open(os.path.join(directory, "log.jsonl")):
-        r = json.loads(line) if line.strip() else {}
+    for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))):
         where = "held-out" if r.get("stage") == "general" else "dev"
         values = {f"{where} {k}": v for k, v in r["dev"].items()} if "dev" in r else r
         for name, v in values.items():
             if isinstance(v, float) and name not in skip:  # counts (step, total) are ints
                 series.setdefault(name, []).append((r["step"], v))
     last = max([s for pts in series.values() for s, _ in pts] + [1])
-    title = html.escape(f"{os.path.basename(directory)}: {directory}")
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{150 * len(series) + 30}"'
-           f' font-family="sans-serif" font-size="12"><title>{title}</title>',
-           f'<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>']
+    panels = ""
     for i, (name, pts) in enumerate(series.items()):
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)
         if lo == hi:  # one value: +-10% around it, never across 0
             lo, hi = sorted((0.9 * lo, 1.1 * lo)) if lo else (0.0, 1.0)
         xy = [(64 + 480 * s / last, 100 * (hi - v) / (hi - lo)) for s, v in pts]  # in the panel
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
         dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#1f5fa8"/>' for x, y in xy)
-        svg.append(PANEL.format(name=name, top=56 + 150 * i, hi=hi, lo=lo, last=last,
-                                points=" ".join(f"{x:.1f},{y:.1f}" for x, y in xy),
-                                dots=dots if len(xy) <= 40 else ""))
-    data.atomic_write_text(os.path.join(directory, "curves.svg"), "\n".join(svg + ["</svg>\n"]))
+        panels += PANEL.format(name=name, top=56 + 150 * i, hi=hi, lo=lo, last=last, points=points,
+                               dots=dots if len(xy) <= 40 else "")  # dots only where few
+    title = html.escape(f"{os.path.basename(directory)}: {directory}")
+    svg = CURVES.format(height=150 * len(series) + 30, title=title, panels=panels)
+    data.atomic_write_text(os.path.join(directory, "curves.svg"), svg)
 
 
 def write_index(out, directories):
