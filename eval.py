@@ -561,20 +561,17 @@ def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14):
     w, h = max(left + m.shape[1] * cell + 12, 8 + 6.5 * len(title)), top + m.shape[0] * cell + 8
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
            f'font-family="sans-serif" font-size="11"><text x="4" y="14">{html.escape(title)}</text>']
+    t = np.clip(m / vmax, 0.0, 1.0) if vmax > 0 else np.zeros(m.shape)  # linear in each channel
+    fill = {ij: "#" + "".join(f"{round(255 + float(x) * (c - 255)):02x}" for c in (8, 48, 107))
+            for ij, x in np.ndenumerate(t)}  # white (0) to dark blue (vmax): lighter is always smaller
     out += [f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell}" '
-            f'height="{cell}" fill="{colour(v, vmax)}" data-v="{v:.9g}"/>'
+            f'height="{cell}" fill="{fill[i, j]}" data-v="{v:.9g}"/>'
             for (i, j), v in np.ndenumerate(m)]
     out += [f'<text x="{left - 3}" y="{top + i * cell + cell - 3}" text-anchor="end">{html.escape(s)}'
             '</text>' for i, s in enumerate(rows or [])]
     out += [f'<text transform="translate({left + j * cell + cell - 3} {top - 3}) rotate(-90)">'
             f'{html.escape(s)}</text>' for j, s in enumerate(cols or [])]
     return "\n".join(out + ["</svg>"])
-
-
-def colour(v, vmax):
-    """White (0) to dark blue (vmax), linear in each channel: lighter is always smaller."""
-    t = min(max(v / vmax, 0.0), 1.0) if vmax > 0 else 0.0
-    return "#" + "".join(f"{round(255 + t * (c - 255)):02x}" for c in (8, 48, 107))
 
 
 def relation_pairs(student, teacher, batch, lmap, splits=12, temperature=1.0):
