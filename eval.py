@@ -154,7 +154,7 @@ def squad_f1(prediction, gold):
     p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not p or not g:  # v2.0: both empty is a match, one empty is not
         return float(p == g)
-    common = sum(min(p.count(w), g.count(w)) for w in set(p))  # the official Counter(p) & Counter(g)
+    common = sum(min(p.count(w), g.count(w)) for w in set(p))  # official: Counter(p) & Counter(g)
     return 2 * common / (len(p) + len(g))  # = 2 precision recall / (precision + recall), or 0
 
 
@@ -419,8 +419,9 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
     return rows
 
 
-CURVES = """<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{height}" font-family="sans-serif"
- font-size="12"><title>{title}</title><text x="8" y="18" font-size="14" font-weight="bold">{title}</text>
+CURVES = """<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{height}"
+ font-family="sans-serif" font-size="12"><title>{title}</title>
+<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>
 {panels}</svg>
 """
 PANEL = """<g class="panel" data-name="{name}" transform="translate(0 {top})">
@@ -527,8 +528,8 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
                                                      for a in range(splits)) + "</div>"
                   for who, r in (("teacher", r_t), ("student", r_s))]
         kl = mlkd.relation_kl_rows(x_s, x_t)[0].cpu().numpy()  # (A, L)
-        parts.append(heatmap_svg(kl, f"KL(teacher || student) of each query row, dark blue {kl.max():.3g}",
-                                 kl.max(), [f"split {a + 1}" for a in range(splits)], pieces))
+        title = f"KL(teacher || student) of each query row, dark blue {kl.max():.3g}"
+        parts.append(heatmap_svg(kl, title, kl.max(), [f"split {a + 1}" for a in range(splits)], pieces))
     if dev is not None:
         parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows "
                      "sorted by label</h2>")
@@ -562,7 +563,7 @@ def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14):
            f'font-family="sans-serif" font-size="11"><text x="4" y="14">{html.escape(title)}</text>']
     t = np.clip(m / vmax, 0.0, 1.0) if vmax > 0 else np.zeros(m.shape)  # linear in each channel
     fill = {ij: "#" + "".join(f"{round(255 + float(x) * (c - 255)):02x}" for c in (8, 48, 107))
-            for ij, x in np.ndenumerate(t)}  # white (0) to dark blue (vmax): lighter is always smaller
+            for ij, x in np.ndenumerate(t)}  # white (0) to dark blue (vmax): lighter is smaller
     out += [f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell}" '
             f'height="{cell}" fill="{fill[i, j]}" data-v="{v:.9g}"/>'
             for (i, j), v in np.ndenumerate(m)]
