@@ -12,7 +12,6 @@ flags, typos for --noise, latency for --speed, a run's loss curves, the relation
     python eval.py --task sst2 --model DIR --teacher T --show "a sentence"   # relations.html
 """
 import argparse
-import collections
 import dataclasses
 import html
 import json
@@ -33,15 +32,28 @@ from model import Bert, fetch
 
 
 def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False, with_predictions=False):
-    """{metric: value, "total": rows} on a GLUE task's encoded dev split(s) {split: dataset};
-    MNLI's get the suffixes _m and _mm. with_predictions: (metrics, {split: predictions})."""
+    """{metric: value, "total": rows} on a GLUE task's encoded dev split(s) {split: dataset}, by the
+    official metric(s) (the GLUE paper, Table 1; scikit-learn's and scipy's, as its leaderboard);
+    MNLI's get the suffixes _m and _mm. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1
+    as positive. with_predictions: (metrics, {split: class indices, or scores for STS-B})."""
     metrics, predictions = {}, {}
     for split, ds in dev_sets.items():
         logits = model_outputs(model, ds, batch_size, device, fixed_padding)[0].numpy()  # (N, C)
         preds = logits[:, 0] if data.TASKS[task].is_regression else logits.argmax(-1)
-        scores = {**glue_metrics(task, preds, ds["labels"].numpy()), "total": len(preds)}
+        labels = ds["labels"].numpy()
+        scores = {"acc": 100 * float(np.mean(preds == labels))}
+        if task == "stsb":  # Spearman: Pearson of the ranks, ties given the mean rank they span
+            ranks = [np.sum(v[:, None] > v, 1) + (np.sum(v[:, None] == v, 1) + 1) / 2
+                     for v in (preds, labels)]  # rank = #smaller + (#equal + 1) / 2
+            scores = {"pearson": 100 * pearson(preds, labels), "spearman": 100 * pearson(*ranks)}
+        elif task == "cola":  # Matthews = Pearson of the two 0/1 series (the phi coefficient)
+            scores = {"mcc": 100 * pearson(preds == 1, labels == 1)}
+        elif task in ("mrpc", "qqp"):  # F1 of class 1, not macro-F1: 2 TP / (2 TP + FP + FN)
+            tp = float(np.sum((preds == 1) & (labels == 1)))
+            two_tp_fp_fn = float(np.sum(preds == 1) + np.sum(labels == 1))
+            scores["f1"] = 0.0 if tp == 0 else 100 * 2 * tp / two_tp_fp_fn
         suffix = {"dev_matched": "_m", "dev_mismatched": "_mm"}.get(split, "")
-        metrics.update({k + suffix: v for k, v in scores.items()})
+        metrics.update({k + suffix: v for k, v in {**scores, "total": len(preds)}.items()})
         predictions[split] = preds
     return (metrics, predictions) if with_predictions else metrics
 
@@ -56,43 +68,12 @@ def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=Fa
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
         for b in data.batches(by_length, batch_size, fixed_padding=fixed_padding):
             out = model(*(b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")))
-            z = out.logits
-            if z.dim() == 3:  # span logits (B, 2, width): to the dataset's width, never an answer
-                z = torch.nn.functional.pad(z, (0, width - z.shape[-1]), value=-1e4)
-            logits.append(z.float().cpu())
+            logits.append(out.logits.float().cpu())
             cls.append(out.hidden_states[-1][:, 0].float().cpu())
+    if logits[0].dim() == 3:  # span logits (B, 2, width): to the dataset's width, never an answer
+        logits = [torch.nn.functional.pad(z, (0, width - z.shape[-1]), value=-1e4) for z in logits]
     unsort = torch.argsort(order)  # back to the dataset's order
     return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
-
-
-def glue_metrics(task, preds, labels):
-    """The official metric(s) of a GLUE task (the GLUE paper, Table 1); preds: class indices, or
-    scores for STS-B. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1 as positive."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    if task == "stsb":
-        return {"pearson": 100 * pearson(preds, labels),
-                "spearman": 100 * pearson(average_ranks(preds), average_ranks(labels))}
-    acc = 100 * float(np.mean(preds == labels))
-    if task not in ("cola", "mrpc", "qqp"):
-        return {"acc": acc}
-    p, y = preds == 1, labels == 1
-    tp, tn, fp, fn = (float(np.sum(a & b)) for a, b in ((p, y), (~p, ~y), (p, ~y), (~p, y)))
-    if task == "cola":  # Matthews: (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), or 0
-        denominator = float(np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-        return {"mcc": 0.0 if denominator == 0 else 100 * (tp * tn - fp * fn) / denominator}
-    f1 = 0.0 if tp == 0 else 100 * 2 * tp / (2 * tp + fp + fn)  # of class 1, not macro-F1
-    return {"acc": acc, "f1": f1}
-
-
-def average_ranks(x):
-    """Ranks 1..n, ties given the mean of the ranks they span (scipy's rankdata 'average')."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    starts = np.r_[0, np.nonzero(np.diff(x[order]))[0] + 1]  # first index of each run of ties
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of starts+1..ends
-    return ranks
 
 
 def pearson(a, b):
@@ -173,11 +154,8 @@ def squad_f1(prediction, gold):
     p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not p or not g:  # v2.0: both empty is a match, one empty is not
         return float(p == g)
-    common = sum((collections.Counter(p) & collections.Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
+    common = sum(min(p.count(w), g.count(w)) for w in set(p))  # official: Counter(p) & Counter(g)
+    return 2 * common / (len(p) + len(g))  # = 2 precision recall / (precision + recall), or 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,9 +192,9 @@ def head_mismatch(model, task):
 
 def check_labels(model, task):
     """Refuse a model fine-tuned under another label order: it would be silently wrong (MNLI)."""
-    want, have = list(data.TASKS[task].labels), list(model.config.label_names)
-    if have and have != want:
-        raise ValueError(f"the model's labels {have} differ from task {task}'s {want}")
+    if list(model.config.label_names) not in ([], list(data.TASKS[task].labels)):
+        raise ValueError(f"the model's labels {model.config.label_names} differ from task {task}'s "
+                         f"{list(data.TASKS[task].labels)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,41 +419,45 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
     return rows
 
 
+CURVES = """<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{height}"
+ font-family="sans-serif" font-size="12"><title>{title}</title>
+<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>
+{panels}</svg>
+"""
 PANEL = """<g class="panel" data-name="{name}" transform="translate(0 {top})">
 <text x="64" y="-6" font-weight="bold">{name}</text>
 <rect x="64" y="0" width="480" height="100" fill="none" stroke="#999"/>
 <text x="60" y="10" text-anchor="end">{hi:.4g}</text>
 <text x="60" y="100" text-anchor="end">{lo:.4g}</text>
 <text x="64" y="118">step 0</text><text x="544" y="118" text-anchor="end">step {last}</text>
-<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="{points}"/>{dots}</g>"""
+<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="{points}"/>{dots}</g>
+"""
 
 
 def write_curves(directory):
     """<directory>/curves.svg from its log.jsonl: a PANEL against step for each loss (the batch's at
     each logged step) and each dev metric (held-out loss for general distillation)."""
     series, skip = {}, {"lr", "samples_per_s", "train_s", "eval_s", "peak_memory_gib"}
-    for line in open(os.path.join(directory, "log.jsonl")):
-        r = json.loads(line) if line.strip() else {}
+    for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))):
         where = "held-out" if r.get("stage") == "general" else "dev"
         values = {f"{where} {k}": v for k, v in r["dev"].items()} if "dev" in r else r
         for name, v in values.items():
             if isinstance(v, float) and name not in skip:  # counts (step, total) are ints
                 series.setdefault(name, []).append((r["step"], v))
     last = max([s for pts in series.values() for s, _ in pts] + [1])
-    title = html.escape(f"{os.path.basename(directory)}: {directory}")
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{150 * len(series) + 30}"'
-           f' font-family="sans-serif" font-size="12"><title>{title}</title>',
-           f'<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>']
+    panels = ""
     for i, (name, pts) in enumerate(series.items()):
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)
         if lo == hi:  # one value: +-10% around it, never across 0
             lo, hi = sorted((0.9 * lo, 1.1 * lo)) if lo else (0.0, 1.0)
         xy = [(64 + 480 * s / last, 100 * (hi - v) / (hi - lo)) for s, v in pts]  # in the panel
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
         dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#1f5fa8"/>' for x, y in xy)
-        svg.append(PANEL.format(name=name, top=56 + 150 * i, hi=hi, lo=lo, last=last,
-                                points=" ".join(f"{x:.1f},{y:.1f}" for x, y in xy),
-                                dots=dots if len(xy) <= 40 else ""))
-    data.atomic_write_text(os.path.join(directory, "curves.svg"), "\n".join(svg + ["</svg>\n"]))
+        panels += PANEL.format(name=name, top=56 + 150 * i, hi=hi, lo=lo, last=last, points=points,
+                               dots=dots if len(xy) <= 40 else "")  # dots only where few
+    title = html.escape(f"{os.path.basename(directory)}: {directory}")
+    svg = CURVES.format(height=150 * len(series) + 30, title=title, panels=panels)
+    data.atomic_write_text(os.path.join(directory, "curves.svg"), svg)
 
 
 def write_index(out, directories):
@@ -546,8 +528,8 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
                                                      for a in range(splits)) + "</div>"
                   for who, r in (("teacher", r_t), ("student", r_s))]
         kl = mlkd.relation_kl_rows(x_s, x_t)[0].cpu().numpy()  # (A, L)
-        parts.append(heatmap_svg(kl, f"KL(teacher || student) of each query row, dark blue {kl.max():.3g}",
-                                 kl.max(), [f"split {a + 1}" for a in range(splits)], pieces))
+        title = f"KL(teacher || student) of each query row, dark blue {kl.max():.3g}"
+        parts.append(heatmap_svg(kl, title, kl.max(), [f"split {a + 1}" for a in range(splits)], pieces))
     if dev is not None:
         parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows "
                      "sorted by label</h2>")
@@ -579,20 +561,17 @@ def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14):
     w, h = max(left + m.shape[1] * cell + 12, 8 + 6.5 * len(title)), top + m.shape[0] * cell + 8
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
            f'font-family="sans-serif" font-size="11"><text x="4" y="14">{html.escape(title)}</text>']
+    t = np.clip(m / vmax, 0.0, 1.0) if vmax > 0 else np.zeros(m.shape)  # linear in each channel
+    fill = {ij: "#" + "".join(f"{round(255 + float(x) * (c - 255)):02x}" for c in (8, 48, 107))
+            for ij, x in np.ndenumerate(t)}  # white (0) to dark blue (vmax): lighter is smaller
     out += [f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell}" '
-            f'height="{cell}" fill="{colour(v, vmax)}" data-v="{v:.9g}"/>'
+            f'height="{cell}" fill="{fill[i, j]}" data-v="{v:.9g}"/>'
             for (i, j), v in np.ndenumerate(m)]
     out += [f'<text x="{left - 3}" y="{top + i * cell + cell - 3}" text-anchor="end">{html.escape(s)}'
             '</text>' for i, s in enumerate(rows or [])]
     out += [f'<text transform="translate({left + j * cell + cell - 3} {top - 3}) rotate(-90)">'
             f'{html.escape(s)}</text>' for j, s in enumerate(cols or [])]
     return "\n".join(out + ["</svg>"])
-
-
-def colour(v, vmax):
-    """White (0) to dark blue (vmax), linear in each channel: lighter is always smaller."""
-    t = min(max(v / vmax, 0.0), 1.0) if vmax > 0 else 0.0
-    return "#" + "".join(f"{round(255 + t * (c - 255)):02x}" for c in (8, 48, 107))
 
 
 def relation_pairs(student, teacher, batch, lmap, splits=12, temperature=1.0):

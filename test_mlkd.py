@@ -973,26 +973,42 @@ def test_real_squad_answers_round_trip():
 # eval.py: metrics against hand-worked examples
 
 
-def test_glue_metrics_by_hand():
+def glue_metrics(task, preds, labels):
+    """eval.evaluate_glue's metrics (but "total") for a stand-in model that predicts preds."""
+    import types
     import eval as ev
+
+    class Predicts(torch.nn.Module):  # row i (input id i): logits whose argmax (STS-B: score) is preds[i]
+        def forward(self, ids, token_types, mask):
+            v = torch.tensor(preds, dtype=torch.float)[ids[:, 0]]
+            z = v[:, None] if task == "stsb" else torch.nn.functional.one_hot(v.long(), 3).float()
+            return types.SimpleNamespace(logits=z, hidden_states=[z[:, None]])
+    n = len(preds)
+    dev = {"input_ids": torch.arange(n)[:, None], "token_type_ids": torch.zeros(n, 1, dtype=torch.long),
+           "lengths": torch.ones(n, dtype=torch.long), "labels": torch.tensor(labels)}
+    return {k: v for k, v in ev.evaluate_glue(Predicts(), task, {"dev": dev}).items() if k != "total"}
+
+
+def test_glue_metrics_by_hand():
     # 4 TP, 2 TN, 1 FP, 1 FN
     preds, labels = [1, 1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 1, 0, 0, 0, 1]
-    m = ev.glue_metrics("mrpc", preds, labels)
+    m = glue_metrics("mrpc", preds, labels)
     assert m == {"acc": 75.0, "f1": pytest.approx(100 * 8 / 10)}  # 2TP / (2TP + FP + FN)
-    assert ev.glue_metrics("cola", preds, labels)["mcc"] == pytest.approx(
+    assert glue_metrics("cola", preds, labels)["mcc"] == pytest.approx(
         100 * (4 * 2 - 1 * 1) / math.sqrt(5 * 5 * 3 * 3)
     )
-    assert ev.glue_metrics("cola", [1, 1, 1], [1, 0, 1]) == {"mcc": 0.0}  # one predicted class: denominator 0
-    assert ev.glue_metrics("sst2", [0, 1], [1, 1]) == {"acc": 50.0}
-    # ties get average ranks: [1, 2, 2, 3] -> ranks [1, 2.5, 2.5, 4]
-    assert ev.average_ranks([1.0, 2.0, 2.0, 3.0]).tolist() == [1.0, 2.5, 2.5, 4.0]
-    assert ev.average_ranks([3.0, 1.0, 3.0, 3.0]).tolist() == [3.0, 1.0, 3.0, 3.0]
-    s = ev.glue_metrics("stsb", [0.1, 0.2, 0.4, 0.3], [1.0, 2.0, 2.0, 3.0])
-    # ranks preds [1, 2, 4, 3], labels [1, 2.5, 2.5, 4]; deviations from 2.5: [-1.5, -.5, 1.5, .5] and
-    # [-1.5, 0, 0, 1.5]; sum of products 3, sums of squares 5 and 4.5: rho = 3 / sqrt(22.5)
+    assert glue_metrics("cola", [1, 1, 1], [1, 0, 1]) == {"mcc": 0.0}  # one predicted class: denominator 0
+    assert glue_metrics("sst2", [0, 1], [1, 1]) == {"acc": 50.0}
+    s = glue_metrics("stsb", [0.1, 0.2, 0.4, 0.3], [1.0, 2.0, 2.0, 3.0])
+    # ties get average ranks: ranks preds [1, 2, 4, 3], labels [1, 2.5, 2.5, 4]; deviations from 2.5:
+    # [-1.5, -.5, 1.5, .5] and [-1.5, 0, 0, 1.5]; sum of products 3, sums of squares 5 and 4.5: rho = 3 / sqrt(22.5)
     assert s["spearman"] == pytest.approx(100 * 3 / math.sqrt(22.5))
     x, y = np.array([0.1, 0.2, 0.4, 0.3]), np.array([1.0, 2.0, 2.0, 3.0])
     assert s["pearson"] == pytest.approx(100 * np.corrcoef(x, y)[0, 1])
+    # [3, 1, 3, 3] -> ranks [3, 1, 3, 3] against [2, 1, 3, 4]: deviations [.5, -1.5, .5, .5] and
+    # [-.5, -1.5, .5, 1.5], sum of products 3, sums of squares 3 and 5 (ties ranked in order would give 1)
+    assert glue_metrics("stsb", [3.0, 1.0, 3.0, 3.0], [2.0, 1.0, 3.0, 4.0])["spearman"] == pytest.approx(
+        100 * 3 / math.sqrt(15))
 
 
 def test_squad_scores_by_hand():
