@@ -730,33 +730,25 @@ def begin(stage, directory, args):
     return True
 
 
-def as_json(args):
-    return json.dumps(vars(args), indent=2, default=str)
-
-
 def same_settings(stage, directory, args):
-    """Refuse to reuse a stage directory whose work (a finished result or a checkpoint) was done
-    with other values of the flags that change it; a stage stopped before its first checkpoint kept
-    nothing."""
-    kept = [f for f in ("metrics.json", "checkpoint.pt") if os.path.exists(os.path.join(directory, f))]
-    if not kept or not os.path.exists(os.path.join(directory, "args.json")):
-        return
-    was, now = json.loads(data.read_text(os.path.join(directory, "args.json"))), json.loads(as_json(args))
-    differ = [f"--{f} {was[f]} (now {now[f]})" for f in bound_flags(stage) if was.get(f, now[f]) != now[f]]
+    """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
+    values of the flags that change the stage: those under the groups of FLAGS that name it."""
+    path, now = os.path.join(directory, "args.json"), json.loads(as_json(args))
+    if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
+                                           for f in ("metrics.json", "checkpoint.pt")):
+        return  # a stage stopped before its first checkpoint kept nothing
+    was, stages, differ = json.loads(data.read_text(path)), "", []
+    for flag in FLAGS:
+        stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
+        if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
+            differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
     if differ:
         raise ValueError(f"{directory} was run with other settings: {', '.join(differ)}. Rerun with "
                          "those to resume or reuse it, or pass a new --out")
 
 
-def bound_flags(stage):
-    """The flags whose groups in FLAGS name `stage`: those that change its results."""
-    bound, stages = [], ""
-    for flag in FLAGS:
-        if len(flag) == 2:
-            stages = flag[1].split()
-        elif stage in stages:
-            bound.append(flag[0])
-    return bound
+def as_json(args):
+    return json.dumps(vars(args), indent=2, default=str)
 
 
 def finish(directory, metrics):
