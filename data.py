@@ -11,7 +11,8 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
+from dataclasses import make_dataclass
 
 import numpy as np
 import torch
@@ -66,48 +67,33 @@ class Tokenizer:
 # GLUE: the official download script's layout, <data_dir>/glue/<folder>/{train,dev,test}.tsv
 
 
-@dataclass(frozen=True)
-class Task:
-    folder: str            # directory of the official download script
-    a: int                 # column of the first sentence (train/dev)
-    b: int | None          # column of the second sentence, None for single-sentence tasks
-    label: int | None      # column of the label (-1 = last), None in test files
-    labels: tuple          # label strings in index order; () = regression
-    metric: str            # GLUE's official metric: the paper reports it, train.py selects on it
-    max_len: int = 128
-    header: bool = True    # CoLA's train and dev files have no header line
-    test_cols: tuple = None  # (a, b) in test.tsv where they differ from train/dev
-    is_regression: bool = False
-    dev_splits: tuple = ("dev",)
-    test_splits: tuple = ("test",)
-
-
+# A task's fields: folder: the official download script's directory; a, b: the columns of the first
+# and second sentence in train/dev (b None: single-sentence task); label: the label's column (-1 =
+# last; None: test only); labels: the label strings in index order (() = regression); metric: GLUE's
+# official metric (the paper reports it, train.py selects on it); sizes: the official number of
+# examples per file, train, dev..., test... (GLUE paper; the download script); header: False where
+# train and dev have no header line (CoLA); test_cols: (a, b) in test.tsv where they differ.
+Task = namedtuple("Task", ["folder", "a", "b", "label", "labels", "metric", "sizes", "max_len",
+                           "header", "test_cols", "is_regression", "dev_splits", "test_splits"],
+                  defaults=(128, True, None, False, ("dev",), ("test",)))
 TASKS = {  # "ax": the diagnostic set, predicted with an MNLI model; test only
-    "cola": Task("CoLA", 3, None, 1, ("0", "1"), "mcc", 64, header=False, test_cols=(1, None)),
-    "sst2": Task("SST-2", 0, None, 1, ("0", "1"), "acc", 64, test_cols=(1, None)),
-    "mrpc": Task("MRPC", 3, 4, 0, ("0", "1"), "f1"),
-    "stsb": Task("STS-B", 7, 8, -1, (), "spearman", is_regression=True),
-    "qqp": Task("QQP", 3, 4, 5, ("0", "1"), "f1", test_cols=(1, 2)),
+    "cola": Task("CoLA", 3, None, 1, ("0", "1"), "mcc", (8551, 1043, 1063), 64, header=False, test_cols=(1, None)),
+    "sst2": Task("SST-2", 0, None, 1, ("0", "1"), "acc", (67349, 872, 1821), 64, test_cols=(1, None)),
+    "mrpc": Task("MRPC", 3, 4, 0, ("0", "1"), "f1", (3668, 408, 1725)),
+    "stsb": Task("STS-B", 7, 8, -1, (), "spearman", (5749, 1500, 1379), is_regression=True),
+    "qqp": Task("QQP", 3, 4, 5, ("0", "1"), "f1", (363846, 40430, 390965), test_cols=(1, 2)),
     "mnli": Task("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc",
-                 dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched")),
-    "qnli": Task("QNLI", 1, 2, -1, ("entailment", "not_entailment"), "acc"),
-    "rte": Task("RTE", 1, 2, -1, ("entailment", "not_entailment"), "acc"),
-    "wnli": Task("WNLI", 1, 2, -1, ("0", "1"), "acc"),
-    "ax": Task("diagnostic", 1, 2, None, ("contradiction", "entailment", "neutral"), "acc"),
+                 (392702, 9815, 9832, 9796, 9847), dev_splits=("dev_matched", "dev_mismatched"),
+                 test_splits=("test_matched", "test_mismatched")),
+    "qnli": Task("QNLI", 1, 2, -1, ("entailment", "not_entailment"), "acc", (104743, 5463, 5463)),
+    "rte": Task("RTE", 1, 2, -1, ("entailment", "not_entailment"), "acc", (2490, 277, 3000)),
+    "wnli": Task("WNLI", 1, 2, -1, ("0", "1"), "acc", (635, 71, 146)),
+    "ax": Task("diagnostic", 1, 2, None, ("contradiction", "entailment", "neutral"), "acc", (1104,)),
 }
-# Official number of examples per file: train, dev..., test... (GLUE paper; the download script).
-GLUE_ROWS = {"cola": (8551, 1043, 1063), "sst2": (67349, 872, 1821), "mrpc": (3668, 408, 1725),
-             "stsb": (5749, 1500, 1379), "qqp": (363846, 40430, 390965), "rte": (2490, 277, 3000),
-             "qnli": (104743, 5463, 5463), "wnli": (635, 71, 146), "ax": (1104,),
-             "mnli": (392702, 9815, 9832, 9796, 9847)}
-
-
-@dataclass
-class Example:
-    guid: str         # "<split>-<row>" or the test file's index (needed for the submission)
-    text_a: str
-    text_b: str | None
-    label: object     # int label index, float score (STS-B), None in test files
+# One example: guid ("<split>-<row>", or the test file's index, which the submission needs), text_a,
+# text_b (None: single sentence), label (an int label index, a float score (STS-B), None in test
+# files). A dataclass: eval.py copies one with dataclasses.replace.
+Example = make_dataclass("Example", ["guid", "text_a", "text_b", "label"])
 
 
 def read_glue(task, split, data_dir, allow_partial=False):
@@ -147,7 +133,7 @@ def read_glue(task, split, data_dir, allow_partial=False):
         if not examples or (len(rows[-1]) != width and not text.endswith("\n")):
             raise ValueError(f"{path} ends in the middle of a row or has no whole one; {REFETCH}")
         print(f"[data] {path}: skipped {len(rows) - header - len(examples)} malformed rows", file=sys.stderr)
-    want = GLUE_ROWS[task][splits.index(split)]
+    want = t.sizes[splits.index(split)]
     if len(examples) != want:
         count_differs(path, len(examples), want, strict=split != "train" and not allow_partial)
     return examples
