@@ -82,9 +82,8 @@ TASKS = {  # "ax": the diagnostic set, predicted with an MNLI model; test only
     "mrpc": Task("MRPC", 3, 4, 0, ("0", "1"), "f1", (3668, 408, 1725)),
     "stsb": Task("STS-B", 7, 8, -1, (), "spearman", (5749, 1500, 1379), is_regression=True),
     "qqp": Task("QQP", 3, 4, 5, ("0", "1"), "f1", (363846, 40430, 390965), test_cols=(1, 2)),
-    "mnli": Task("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc",
-                 (392702, 9815, 9832, 9796, 9847), dev_splits=("dev_matched", "dev_mismatched"),
-                 test_splits=("test_matched", "test_mismatched")),
+    "mnli": Task("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc", (392702, 9815, 9832, 9796, 9847),
+                 dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched")),
     "qnli": Task("QNLI", 1, 2, -1, ("entailment", "not_entailment"), "acc", (104743, 5463, 5463)),
     "rte": Task("RTE", 1, 2, -1, ("entailment", "not_entailment"), "acc", (2490, 277, 3000)),
     "wnli": Task("WNLI", 1, 2, -1, ("0", "1"), "acc", (635, 71, 146)),
@@ -121,12 +120,11 @@ def read_glue(task, split, data_dir, allow_partial=False):
     for i, row in enumerate(rows[header:]):
         if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
             continue
-        raw = None if test else row[t.label]
-        try:
-            label = raw if test else float(raw) if t.is_regression else t.labels.index(raw)
+        try:  # a label's index, or a score where there are no labels (regression: STS-B)
+            label = None if test else t.labels.index(row[t.label]) if t.labels else float(row[t.label])
         except ValueError:
-            ok = "a number" if t.is_regression else f"one of {t.labels}"
-            raise ValueError(f"{path}, line {i + 1 + header}: label {raw!r} is not {ok}") from None
+            ok = f"one of {t.labels}" if t.labels else "a number"
+            raise ValueError(f"{path}, line {i + 1 + header}: label {row[t.label]!r} is not {ok}") from None
         guid = row[0] if test else f"{split}-{i}"
         examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
     if len(examples) < len(rows) - header:  # dropped rows: a file cut short ends in one
@@ -149,24 +147,23 @@ def count_differs(path, have, want, strict):
 
 
 def encode_glue(task, examples, tokenizer, max_len=None):
-    """Tokenise every example once: padded tensors, a row an example (a batch: a gather and a trim)."""
+    """Tokenise every example once: padded tensors, a row an example (a batch: a gather, a trim)."""
     t = TASKS[task]
     texts_b = [e.text_b for e in examples] if t.b is not None else None
     ids, types, lengths = tokenizer.encode([e.text_a for e in examples], texts_b, max_len or t.max_len)
     out = {"input_ids": ids, "token_type_ids": types, "lengths": lengths}
-    if examples and examples[0].label is not None:
-        dtype = torch.float32 if t.is_regression else torch.long
-        out["labels"] = torch.tensor([e.label for e in examples], dtype=dtype)
+    if examples and examples[0].label is not None:  # int64 label indices, float32 scores (STS-B)
+        out["labels"] = torch.tensor([e.label for e in examples])
     return out
 
 
 def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0,
             group_by_length=0, buckets=False):
     """Batches {input_ids, token_type_ids, attention_mask, labels..., index} of an encoded dataset,
-    trimmed to their longest row (fixed_padding: max length, as the authors ran), from batch `start`.
-    group_by_length=G (HF's name): each run of G batches of shuffled rows is sorted by length, cut, and
-    its batches shuffled. buckets: widths rounded up to a power of two (>= 16, <= the dataset's), so a
-    compiled model sees few shapes; the extra columns are [PAD] with mask 0."""
+    trimmed to their longest row (fixed_padding: max length, as the authors ran), from batch
+    `start`. group_by_length=G (HF's name): each run of G batches of shuffled rows is sorted by
+    length, cut, and its batches shuffled. buckets: widths rounded up to a power of two (>= 16, <=
+    the dataset's), so a compiled model sees few shapes; the extra columns are [PAD] with mask 0."""
     n, lengths, full = len(dataset["input_ids"]), dataset["lengths"], dataset["input_ids"].shape[1]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     rows = list(order.split(batch_size))  # the rows of each batch
@@ -520,12 +517,12 @@ def read_text(path, encoding="utf-8"):
     or a NUL byte (a binary file), is a one-line error naming the file, the line and the byte."""
     with open(path, "rb") as f:
         raw = f.read()
-    bad = raw.find(b"\0")
-    if bad < 0:
-        try:
+    try:
+        if b"\0" not in raw:
             return raw.decode(encoding)
-        except UnicodeDecodeError as e:
-            bad = e.start
+        bad = raw.index(b"\0")
+    except UnicodeDecodeError as e:
+        bad = e.start
     line, column = raw.count(b"\n", 0, bad) + 1, bad - raw.rfind(b"\n", 0, bad)
     raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[bad]:02x} is not valid UTF-8 text "
                      "(binary or damaged?); re-save it as UTF-8, or delete it and run again")
