@@ -11,7 +11,8 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
+from dataclasses import make_dataclass
 
 import numpy as np
 import torch
@@ -66,48 +67,32 @@ class Tokenizer:
 # GLUE: the official download script's layout, <data_dir>/glue/<folder>/{train,dev,test}.tsv
 
 
-@dataclass(frozen=True)
-class Task:
-    folder: str            # directory of the official download script
-    a: int                 # column of the first sentence (train/dev)
-    b: int | None          # column of the second sentence, None for single-sentence tasks
-    label: int | None      # column of the label (-1 = last), None in test files
-    labels: tuple          # label strings in index order; () = regression
-    metric: str            # GLUE's official metric: the paper reports it, train.py selects on it
-    max_len: int = 128
-    header: bool = True    # CoLA's train and dev files have no header line
-    test_cols: tuple = None  # (a, b) in test.tsv where they differ from train/dev
-    is_regression: bool = False
-    dev_splits: tuple = ("dev",)
-    test_splits: tuple = ("test",)
-
-
+# A task's fields: folder: the official download script's directory; a, b: the columns of the first
+# and second sentence in train/dev (b None: single-sentence task); label: the label's column (-1 =
+# last; None: test only); labels: the label strings in index order (() = regression); metric: GLUE's
+# official metric (the paper reports it, train.py selects on it); sizes: the official number of
+# examples per file, train, dev..., test... (GLUE paper; the download script); header: False where
+# train and dev have no header line (CoLA); test_cols: (a, b) in test.tsv where they differ.
+Task = namedtuple("Task", ["folder", "a", "b", "label", "labels", "metric", "sizes", "max_len",
+                           "header", "test_cols", "is_regression", "dev_splits", "test_splits"],
+                  defaults=(128, True, None, False, ("dev",), ("test",)))
 TASKS = {  # "ax": the diagnostic set, predicted with an MNLI model; test only
-    "cola": Task("CoLA", 3, None, 1, ("0", "1"), "mcc", 64, header=False, test_cols=(1, None)),
-    "sst2": Task("SST-2", 0, None, 1, ("0", "1"), "acc", 64, test_cols=(1, None)),
-    "mrpc": Task("MRPC", 3, 4, 0, ("0", "1"), "f1"),
-    "stsb": Task("STS-B", 7, 8, -1, (), "spearman", is_regression=True),
-    "qqp": Task("QQP", 3, 4, 5, ("0", "1"), "f1", test_cols=(1, 2)),
-    "mnli": Task("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc",
+    "cola": Task("CoLA", 3, None, 1, ("0", "1"), "mcc", (8551, 1043, 1063), 64, header=False, test_cols=(1, None)),
+    "sst2": Task("SST-2", 0, None, 1, ("0", "1"), "acc", (67349, 872, 1821), 64, test_cols=(1, None)),
+    "mrpc": Task("MRPC", 3, 4, 0, ("0", "1"), "f1", (3668, 408, 1725)),
+    "stsb": Task("STS-B", 7, 8, -1, (), "spearman", (5749, 1500, 1379), is_regression=True),
+    "qqp": Task("QQP", 3, 4, 5, ("0", "1"), "f1", (363846, 40430, 390965), test_cols=(1, 2)),
+    "mnli": Task("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc", (392702, 9815, 9832, 9796, 9847),
                  dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched")),
-    "qnli": Task("QNLI", 1, 2, -1, ("entailment", "not_entailment"), "acc"),
-    "rte": Task("RTE", 1, 2, -1, ("entailment", "not_entailment"), "acc"),
-    "wnli": Task("WNLI", 1, 2, -1, ("0", "1"), "acc"),
-    "ax": Task("diagnostic", 1, 2, None, ("contradiction", "entailment", "neutral"), "acc"),
+    "qnli": Task("QNLI", 1, 2, -1, ("entailment", "not_entailment"), "acc", (104743, 5463, 5463)),
+    "rte": Task("RTE", 1, 2, -1, ("entailment", "not_entailment"), "acc", (2490, 277, 3000)),
+    "wnli": Task("WNLI", 1, 2, -1, ("0", "1"), "acc", (635, 71, 146)),
+    "ax": Task("diagnostic", 1, 2, None, ("contradiction", "entailment", "neutral"), "acc", (1104,)),
 }
-# Official number of examples per file: train, dev..., test... (GLUE paper; the download script).
-GLUE_ROWS = {"cola": (8551, 1043, 1063), "sst2": (67349, 872, 1821), "mrpc": (3668, 408, 1725),
-             "stsb": (5749, 1500, 1379), "qqp": (363846, 40430, 390965), "rte": (2490, 277, 3000),
-             "qnli": (104743, 5463, 5463), "wnli": (635, 71, 146), "ax": (1104,),
-             "mnli": (392702, 9815, 9832, 9796, 9847)}
-
-
-@dataclass
-class Example:
-    guid: str         # "<split>-<row>" or the test file's index (needed for the submission)
-    text_a: str
-    text_b: str | None
-    label: object     # int label index, float score (STS-B), None in test files
+# One example: guid ("<split>-<row>", or the test file's index, which the submission needs), text_a,
+# text_b (None: single sentence), label (an int label index, a float score (STS-B), None in test
+# files). A dataclass: eval.py copies one with dataclasses.replace.
+Example = make_dataclass("Example", ["guid", "text_a", "text_b", "label"])
 
 
 def read_glue(task, split, data_dir, allow_partial=False):
@@ -135,19 +120,18 @@ def read_glue(task, split, data_dir, allow_partial=False):
     for i, row in enumerate(rows[header:]):
         if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
             continue
-        raw = None if test else row[t.label]
-        try:
-            label = raw if test else float(raw) if t.is_regression else t.labels.index(raw)
+        try:  # a label's index, or a score where there are no labels (regression: STS-B)
+            label = None if test else t.labels.index(row[t.label]) if t.labels else float(row[t.label])
         except ValueError:
-            ok = "a number" if t.is_regression else f"one of {t.labels}"
-            raise ValueError(f"{path}, line {i + 1 + header}: label {raw!r} is not {ok}") from None
+            ok = f"one of {t.labels}" if t.labels else "a number"
+            raise ValueError(f"{path}, line {i + 1 + header}: label {row[t.label]!r} is not {ok}") from None
         guid = row[0] if test else f"{split}-{i}"
         examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
     if len(examples) < len(rows) - header:  # dropped rows: a file cut short ends in one
         if not examples or (len(rows[-1]) != width and not text.endswith("\n")):
             raise ValueError(f"{path} ends in the middle of a row or has no whole one; {REFETCH}")
         print(f"[data] {path}: skipped {len(rows) - header - len(examples)} malformed rows", file=sys.stderr)
-    want = GLUE_ROWS[task][splits.index(split)]
+    want = t.sizes[splits.index(split)]
     if len(examples) != want:
         count_differs(path, len(examples), want, strict=split != "train" and not allow_partial)
     return examples
@@ -163,24 +147,23 @@ def count_differs(path, have, want, strict):
 
 
 def encode_glue(task, examples, tokenizer, max_len=None):
-    """Tokenise every example once: padded tensors, a row an example (a batch: a gather and a trim)."""
+    """Tokenise every example once: padded tensors, a row an example (a batch: a gather, a trim)."""
     t = TASKS[task]
     texts_b = [e.text_b for e in examples] if t.b is not None else None
     ids, types, lengths = tokenizer.encode([e.text_a for e in examples], texts_b, max_len or t.max_len)
     out = {"input_ids": ids, "token_type_ids": types, "lengths": lengths}
-    if examples and examples[0].label is not None:
-        dtype = torch.float32 if t.is_regression else torch.long
-        out["labels"] = torch.tensor([e.label for e in examples], dtype=dtype)
+    if examples and examples[0].label is not None:  # int64 label indices, float32 scores (STS-B)
+        out["labels"] = torch.tensor([e.label for e in examples])
     return out
 
 
 def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=False, start=0,
             group_by_length=0, buckets=False):
     """Batches {input_ids, token_type_ids, attention_mask, labels..., index} of an encoded dataset,
-    trimmed to their longest row (fixed_padding: max length, as the authors ran), from batch `start`.
-    group_by_length=G (HF's name): each run of G batches of shuffled rows is sorted by length, cut, and
-    its batches shuffled. buckets: widths rounded up to a power of two (>= 16, <= the dataset's), so a
-    compiled model sees few shapes; the extra columns are [PAD] with mask 0."""
+    trimmed to their longest row (fixed_padding: max length, as the authors ran), from batch
+    `start`. group_by_length=G (HF's name): each run of G batches of shuffled rows is sorted by
+    length, cut, and its batches shuffled. buckets: widths rounded up to a power of two (>= 16, <=
+    the dataset's), so a compiled model sees few shapes; the extra columns are [PAD] with mask 0."""
     n, lengths, full = len(dataset["input_ids"]), dataset["lengths"], dataset["input_ids"].shape[1]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     rows = list(order.split(batch_size))  # the rows of each batch
@@ -534,12 +517,12 @@ def read_text(path, encoding="utf-8"):
     or a NUL byte (a binary file), is a one-line error naming the file, the line and the byte."""
     with open(path, "rb") as f:
         raw = f.read()
-    bad = raw.find(b"\0")
-    if bad < 0:
-        try:
+    try:
+        if b"\0" not in raw:
             return raw.decode(encoding)
-        except UnicodeDecodeError as e:
-            bad = e.start
+        bad = raw.index(b"\0")
+    except UnicodeDecodeError as e:
+        bad = e.start
     line, column = raw.count(b"\n", 0, bad) + 1, bad - raw.rfind(b"\n", 0, bad)
     raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[bad]:02x} is not valid UTF-8 text "
                      "(binary or damaged?); re-save it as UTF-8, or delete it and run again")

@@ -802,7 +802,7 @@ def test_real_glue_files_row_and_label_counts(task, split):
     import collections
     rows, labels = REAL_GLUE[(task, split)]
     examples = data.read_glue(task, split, SHARED)
-    assert len(examples) == rows == data.GLUE_ROWS[task][0 if split == "train" else 1]
+    assert len(examples) == rows == data.TASKS[task].sizes[0 if split == "train" else 1]
     if labels:
         assert dict(collections.Counter(e.label for e in examples)) == labels
 
