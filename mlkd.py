@@ -20,13 +20,12 @@ scores and hidden states by MSE in Stage 1, L_KD alone in Stage 2; train.py --re
 Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher layers.
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
 masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked
-loss. The relations (similarity matmuls, softmaxes, KLs) and L_SC run in fp32 with autocast off,
-the MSEs on fp32 copies; the projections W_m run under autocast like the model (bf16 on CUDA). The
+loss. The similarity matmuls of the relations and of L_SC run on fp32 copies with autocast off,
+so the softmaxes and KLs after them are fp32 too; the MSEs take fp32 copies; the projections W_m run under autocast like the model (bf16 on CUDA). The
 teacher's tensors are detached. Under torchrun (train.py) each process computes these on its own
 rows of the batch: the token-level losses then average exactly as on one process, while the batch
 relations L_SS and L_SC see only the local batch, as in the authors' multi-GPU runs.
 """
-import functools
 import math
 from typing import NamedTuple
 
@@ -38,27 +37,18 @@ import torch.nn.functional as F
 NEG = -1e30
 
 
-def fp32(fn):
-    """Run fn with autocast off: its matmuls, softmax and KL stay in fp32 under bf16 autocast."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            return fn(*args, **kwargs)
-    return wrapped
-
-
 # ----------------------------------------------------------------------------------------------
 # Relations: softmax(X X^T / sqrt(k)) and the KL between the teacher's and the student's
 
 
-@fp32
 def relation_logprobs(x, mask=None, temperature=1.0):
     """x (B, A, L, k) -> log softmax(x x^T / (sqrt(k) t)) over the last dim, (B, A, L, L); pad keys
     masked. The paper's relations have t = 1; t < 1 sharpens them (train.py --mha_temperature, not
     the paper's method)."""
     x = x.float()
     scale = math.sqrt(x.shape[-1]) * temperature
-    scores = (x / scale) @ x.transpose(-1, -2)                          # (B, A, L, L); scaled on the small side
+    with torch.autocast(x.device.type, enabled=False):  # an fp32 matmul under bf16 autocast
+        scores = (x / scale) @ x.transpose(-1, -2)                      # (B, A, L, L); scaled first
     if mask is not None:
         scores.masked_fill_(mask[:, None, None, :] == 0, NEG)           # pad keys leave the softmax (in place)
     return F.log_softmax(scores, dim=-1)
@@ -155,7 +145,6 @@ def ss_loss(c_s, c_t):
     return relation_kl(c_s[None, None], c_t[None, None])
 
 
-@fp32
 def sc_loss(u, v, labels, tau=0.07, base_tau=1.0):
     """L_SC, supervised contrast over the 2B features F = [u_1..u_B, v_1..v_B] (unit vectors).
 
@@ -168,7 +157,8 @@ def sc_loss(u, v, labels, tau=0.07, base_tau=1.0):
     """
     f = F.normalize(torch.cat([u.float(), v.detach().float()]), dim=-1)    # (2B, d)
     y = torch.cat([labels, labels])                                        # (2B,)
-    sim = f @ f.T / tau                                                    # (2B, 2B)
+    with torch.autocast(f.device.type, enabled=False):  # an fp32 matmul under bf16 autocast
+        sim = f @ f.T / tau                                                # (2B, 2B)
     self_ = torch.eye(len(f), dtype=torch.bool, device=f.device)
     log_denominator = torch.logsumexp(sim.masked_fill(self_, -math.inf), dim=1, keepdim=True)  # (2B, 1)
     log_prob = sim - log_denominator                                      # (2B, 2B)

@@ -584,6 +584,12 @@ def test_losses_are_finite_under_bf16_autocast():
         l1, _ = mlkd.stage1_loss(so, to, proj, mask, splits=4)
         l2, _ = mlkd.stage2_loss(so, to, proj, torch.tensor([0, 1, 1, 0]))
     assert l1.dtype == torch.float32 and torch.isfinite(l1 + l2)
+    # the similarity matmuls run in fp32 with autocast off: bf16 ones would be ~1e-2 off
+    x, u, v, y = torch.randn(4, 3, 10, 16), torch.randn(6, 48), torch.randn(6, 48), torch.tensor([0, 1] * 3)
+    with torch.autocast("cpu", torch.bfloat16):
+        under = mlkd.relation_logprobs(x, mask), mlkd.sc_loss(u, v, y)
+    for a, b in zip(under, (mlkd.relation_logprobs(x, mask), mlkd.sc_loss(u, v, y))):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-5)
 
 
 # ==============================================================================================

@@ -103,6 +103,10 @@ MUTANTS = [
            "return ce.reshape(len(ce), -1).sum(1).mean() * t * t",
            "return ce.reshape(len(ce), -1).sum(1).mean()",
            "L_KD drops the t^2 factor, so --temperature also rescales the loss"),
+    Mutant("mlkd.py",
+           "    with torch.autocast(x.device.type, enabled=False):",
+           "    with torch.autocast(x.device.type, enabled=True):",
+           "the relations' similarity matmul runs in bf16 under autocast, not in fp32"),
     # model.py: the tensors the losses read
     Mutant("model.py",
            "out.attn_outputs.append(ctx)",
