@@ -335,8 +335,9 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
             loss, parts = loss_fn(forward, batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: "
-                                     f"{floats(parts)}, batch rows {batch['index'].tolist()}")
+            losses = {k: float(v) for k, v in parts.items()}
+            raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
+                                     f"batch rows {batch['index'].tolist()}")
         optimizer.zero_grad(set_to_none=True)
         (loss * weight).backward()
         if dist.is_initialized():  # the mean of the processes' gradients
@@ -802,36 +803,28 @@ def save_checkpoint(directory, modules, optimizer, step, best):
     data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
 
 
-def floats(parts):
-    return {k: float(v.detach()) for k, v in parts.items()}
-
-
 class Log:
     """A stage's log.jsonl and progress lines: each loss, the lr, samples/s and the ETA (of the
     training time alone), the dev evaluations, the peak memory at the end."""
 
     def __init__(self, stage, directory, step, total, args):
         self.stage, self.step0, self.total, self.args = stage, step, total, args
-        self.t0, self.seen, self.record = time.time(), 0, {}
+        self.t0, self.seen, self.record = time.time(), 0, {"stage": stage}
         self.file = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a")
-
-    def write(self, record):
-        self.file.write(json.dumps({"stage": self.stage, **record}) + "\n")
-        self.file.flush()
 
     def trained(self, step, epoch, parts, lr, rows):
         self.seen += rows  # the global batch: samples/s counts every process's rows
         if step % self.args.log_steps and step != self.total:
             return
         elapsed = time.time() - self.t0
-        eta = (self.total - step) * elapsed / (step - self.step0)
-        self.record = {"epoch": epoch + 1, "step": step, "total": self.total, **floats(parts),
-                       "lr": lr, "samples_per_s": self.seen / elapsed, "train_s": elapsed}
-        self.write(self.record)
+        losses = {k: float(v) for k, v in parts.items()}
+        self.record = {"stage": self.stage, "epoch": epoch + 1, "step": step, "total": self.total,
+                       **losses, "lr": lr, "samples_per_s": self.seen / elapsed, "train_s": elapsed}
         print(f"[{self.stage}] epoch {epoch + 1} step {step}/{self.total} | "
-              + " ".join(f"{k} {v:.4f}" for k, v in floats(parts).items())
-              + f" | lr {lr:.2e} | {self.seen / elapsed:.1f} samples/s | ETA {eta / 60:.1f} min",
-              flush=True)
+              + " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" | lr {lr:.2e} | "
+              f"{self.seen / elapsed:.1f} samples/s | ETA "
+              f"{(self.total - step) * elapsed / (step - self.step0) / 60:.1f} min", flush=True)
+        print(json.dumps(self.record), file=self.file, flush=True)
 
     def evaluated(self, step, evaluate, dev):
         """Run a dev (or held-out) evaluation and log it; its time is not training time."""
@@ -840,20 +833,21 @@ class Log:
         self.t0 += time.time() - t  # samples/s and the ETA count training alone
         print(f"[{self.stage}] {'dev' if dev else 'held-out'} at step {step} ({time.time() - t:.0f}"
               " s): " + evaluation.format_metrics(metrics, 2 if dev else 4))
-        self.write({"step": step, "dev": metrics, "eval_s": time.time() - t})
+        record = {"stage": self.stage, "step": step, "dev": metrics, "eval_s": time.time() - t}
+        print(json.dumps(record), file=self.file, flush=True)
         return metrics
 
     def done(self):
         """The closing line (peak memory: CUDA allocated, or the process's resident set on a CPU)."""
         cuda = self.args.device.startswith("cuda")
-        peak = (torch.cuda.max_memory_allocated() if cuda else
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-        self.record["peak_memory_gib"] = peak
-        print(f"[{self.stage}] done: {self.record.get('samples_per_s', 0):.1f} samples/s, peak "
-              f"memory {peak:.2f} GiB ({'CUDA allocated' if cuda else 'process RSS'})")
-        self.write({"done": True, "peak_memory_gib": peak})
+        self.record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
+                                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        print(f"[{self.stage}] done: {self.record.get('samples_per_s', 0):.1f} samples/s, peak memory "
+              f"{self.record['peak_memory_gib']:.2f} GiB ({'CUDA allocated' if cuda else 'process RSS'})")
+        done = {"stage": self.stage, "done": True, "peak_memory_gib": self.record["peak_memory_gib"]}
+        print(json.dumps(done), file=self.file, flush=True)
         self.file.close()
-        return {"stage": self.stage, **self.record}
+        return self.record
 
 
 # ----------------------------------------------------------------------------------------------
