@@ -335,7 +335,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
             loss, parts = loss_fn(forward, batch)
         if not torch.isfinite(loss):
-            losses = {k: float(v) for k, v in parts.items()}
+            losses = {k: float(v.detach()) for k, v in parts.items()}
             raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
                                      f"batch rows {batch['index'].tolist()}")
         optimizer.zero_grad(set_to_none=True)
@@ -817,7 +817,7 @@ class Log:
         if step % self.args.log_steps and step != self.total:
             return
         elapsed = time.time() - self.t0
-        losses = {k: float(v) for k, v in parts.items()}
+        losses = {k: float(v.detach()) for k, v in parts.items()}
         self.record = {"stage": self.stage, "epoch": epoch + 1, "step": step, "total": self.total,
                        **losses, "lr": lr, "samples_per_s": self.seen / elapsed, "train_s": elapsed}
         print(f"[{self.stage}] epoch {epoch + 1} step {step}/{self.total} | "
