@@ -217,15 +217,14 @@ class Bert(nn.Module):
         plain = {k.removeprefix("bert.").replace(".gamma", ".weight").replace(".beta", ".bias"): t
                  for k, t in state.items() if not re.search(r"^cls\.|fit_dense|position_ids$", k)}
         renamed = {our_name.get(k, k): t for k, t in plain.items()}
-        bad = [f"missing:     {k}" for k in ours
-               if k not in renamed and not k.startswith(("classifier.", "qa_outputs."))]
+        new = [k for k in ours if k not in renamed]  # only a head may be new
+        bad = [f"missing:     {k}" for k in new if not k.startswith(("classifier.", "qa_outputs."))]
         bad += [f"unexpected:  {k}" for k in renamed if k not in ours]
         bad += [f"wrong shape: {k}: checkpoint {tuple(t.shape)} vs model {tuple(ours[k].shape)}"
                 for k, t in renamed.items() if k in ours and t.shape != ours[k].shape]
         if bad:
             raise ValueError("\n  ".join([f"{directory}: the checkpoint does not fit the model", *bad]))
         model.load_state_dict({**ours, **renamed}, strict=True)
-        new = [k for k in ours if k not in renamed]
         if verbose and new:
             print(f"[model] newly initialised (not in {directory}): {', '.join(new)}", file=sys.stderr)
         return model
@@ -343,16 +342,15 @@ def read_safetensors(path):
 
 def write_safetensors(tensors, path):
     """Write {name: tensor} as a safetensors file (atomically), its header padded to 8 bytes."""
-    header, at, blobs = {}, 0, []
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, body = {}, bytearray()
+    code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     for name, t in tensors.items():
-        b = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[at, at + len(b)])
-        at += len(b)
-        blobs.append(b)
+        begin = len(body)
+        body += t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = dict(dtype=code[t.dtype], shape=list(t.shape), data_offsets=[begin, len(body)])
     h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)  # pad so tensors stay 8-byte aligned
-    data.atomic_write_bytes(path, [len(h).to_bytes(8, "little"), h, *blobs])
+    h += b" " * (-len(h) % 8)  # pad so the tensors' bytes begin 8-byte aligned
+    data.atomic_write_bytes(path, [len(h).to_bytes(8, "little"), h, body])
 
 
 def read_bin(path):
