@@ -62,18 +62,16 @@ class BertConfig:
     def __post_init__(self):
         """Refuse a shape, dropout rate or head that cannot build a BERT; set num_labels of the
         heads that fix it (none 0, regression 1, span 2)."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings", "type_vocab_size")
+        for name, value in vars(self).items():  # the *_prob fields: the two dropout rates
+            if name in sizes and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+            if name.endswith("_prob") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
         if self.head not in ("none", "classification", "regression", "span"):
             raise ValueError("BertConfig.head must be none, classification, regression or span, "
                              f"got {self.head!r}")
