@@ -105,7 +105,7 @@ class BertConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-# (test_mlkd.py adds its tiny shapes here.)
+# Named shapes for BertConfig.preset (test_mlkd.py adds its tiny ones).
 PRESETS = {"bert-base-uncased": {}, "tinybert-6l-768d": dict(num_hidden_layers=6),
            "tinybert-4l-312d": dict(num_hidden_layers=4, hidden_size=312, intermediate_size=1200),
            "minilm-l6-h384": dict(num_hidden_layers=6, hidden_size=384, intermediate_size=1536)}
