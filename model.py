@@ -62,25 +62,22 @@ class BertConfig:
     def __post_init__(self):
         """Refuse a shape, dropout rate or head that cannot build a BERT; set num_labels of the
         heads that fix it (none 0, regression 1, span 2)."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings", "type_vocab_size")
+        for name, value in vars(self).items():  # the *_prob fields: the two dropout rates
+            if name in sizes and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+            if name.endswith("_prob") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
-        fixed = {"none": 0, "regression": 1, "span": 2}
-        if self.head not in (*fixed, "classification"):
+        if self.head not in ("none", "classification", "regression", "span"):
             raise ValueError("BertConfig.head must be none, classification, regression or span, "
                              f"got {self.head!r}")
-        if self.head in fixed:
-            self.num_labels = fixed[self.head]
-        elif not isinstance(self.num_labels, int) or self.num_labels < 2:
+        self.num_labels = {"none": 0, "regression": 1, "span": 2}.get(self.head, self.num_labels)
+        labels_ok = isinstance(self.num_labels, int) and self.num_labels >= 2
+        if self.head == "classification" and not labels_ok:
             raise ValueError("BertConfig: a classification head needs num_labels >= 2, "
                              f"got {self.num_labels!r}")
 
@@ -89,19 +86,15 @@ class BertConfig:
         """The config an HF or Google config.json holds, with overrides; keys we do not use are
         ignored. A file that is no JSON object, or a value that cannot build a BERT, is an error
         naming the file."""
-        try:
+        try:  # json's errors, and BertConfig's, are ValueErrors: each is said with the file's name
             raw = json.loads(data.read_text(path))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read BERT config {path}: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: not a BERT config (a JSON {type(raw).__name__}, not an object)")
-        if raw.get("hidden_act", "gelu") != "gelu" or raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: only hidden_act gelu (exact erf) and absolute position "
-                             "embeddings are supported")
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{**{k: v for k, v in raw.items() if k in known}, **overrides})
-        except ValueError as e:
+            if not isinstance(raw, dict):
+                raise ValueError(f"not a BERT config (a JSON {type(raw).__name__}, not an object)")
+            for key, ours in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+                if raw.get(key, ours) != ours:  # gelu: the exact (erf) one, as F.gelu computes it
+                    raise ValueError(f"{key} {raw[key]!r} is not supported, only {ours!r}")
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw} | overrides)
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
 
     @classmethod
@@ -112,17 +105,10 @@ class BertConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-PRESETS = {
-    "bert-base-uncased": {},
-    "tinybert-4l-312d": dict(num_hidden_layers=4, hidden_size=312, intermediate_size=1200),
-    "tinybert-6l-768d": dict(num_hidden_layers=6),
-    "minilm-l6-h384": dict(num_hidden_layers=6, hidden_size=384, intermediate_size=1536),
-    # tiny shapes for tests: a 4-layer 48-wide "teacher" and a 2-layer 24-wide "student"
-    "tiny-teacher": dict(vocab_size=128, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=96, max_position_embeddings=64),
-    "tiny-student": dict(vocab_size=128, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=64),
-}
+# Named shapes for BertConfig.preset (test_mlkd.py adds its tiny ones).
+PRESETS = {"bert-base-uncased": {}, "tinybert-6l-768d": dict(num_hidden_layers=6),
+           "tinybert-4l-312d": dict(num_hidden_layers=4, hidden_size=312, intermediate_size=1200),
+           "minilm-l6-h384": dict(num_hidden_layers=6, hidden_size=384, intermediate_size=1536)}
 
 # ----------------------------------------------------------------------------------------------
 # The network
@@ -171,7 +157,7 @@ class Bert(nn.Module):
         Returns a BertOutput; scores=True fills its attn_scores (TinyBERT's loss; slower)."""
         c = self.config
         B, L = input_ids.shape
-        d, h = c.hidden_size, c.num_attention_heads
+        h = c.num_attention_heads
         if L > c.max_position_embeddings:
             raise ValueError(f"sequence length {L} exceeds max_position_embeddings "
                              f"{c.max_position_embeddings}")
@@ -182,21 +168,19 @@ class Bert(nn.Module):
         x = self.dropout(x)
         # token_embeddings, L_EMB's E: the word pieces alone (no positions, no segments), no dropout
         out = BertOutput([x], [], self.emb_ln(words), None, attn_scores=[] if scores else None)
-        key_mask = None
-        if attention_mask is not None:  # additive, on keys only, in the dtype attention runs in
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            key_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         p = c.attention_probs_dropout_prob if self.training else 0.0
         for layer in self.layers:
-            q, k, v = (layer[n](x).view(B, L, h, d // h).transpose(1, 2) for n in "qkv")  # (B,h,L,d/h)
+            q, k, v = (layer[n](x).view(B, L, h, -1).transpose(1, 2) for n in "qkv")  # (B,h,L,d/h)
+            # additive, on keys only, in the dtype attention runs in (autocast's, where it is on)
+            key_mask = None if attention_mask is None else (
+                (1.0 - attention_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min)
             if scores:  # written out as SDPA computes it, to keep the pre-softmax scores
-                s = q @ k.transpose(-1, -2) / math.sqrt(d // h)                      # (B, h, L, L)
+                s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                 # (B, h, L, L)
                 ctx = F.dropout(torch.softmax(s if key_mask is None else s + key_mask, -1), p) @ v
                 out.attn_scores.append(s)
             else:
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
-            ctx = ctx.transpose(1, 2).reshape(B, L, d)                               # (B, L, d)
+            ctx = ctx.transpose(1, 2).reshape(B, L, -1)                              # (B, L, d)
             a = layer.attn_ln(x + self.dropout(layer.attn_out(ctx)))
             x = layer.ffn_ln(a + self.dropout(layer.ffn_out(F.gelu(layer.ffn_in(a)))))  # erf gelu
             out.hidden_states.append(x)
@@ -226,21 +210,19 @@ class Bert(nn.Module):
             os.path.join(directory, "pytorch_model.bin"))
         ours = model.state_dict()
         our_name = {to_hf_name(k).removeprefix("bert."): k for k in ours}  # HF's name, no bert. -> ours
-        renamed = {}
-        for key, tensor in state.items():  # HF's names, in old files with LayerNorm gamma, beta; or ours
-            key = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
-            key = key.replace("LayerNorm.beta", "LayerNorm.bias")
-            if not re.search(IGNORED_KEYS, key):
-                renamed[our_name.get(key, key)] = tensor
-        heads = ("classifier.", "qa_outputs.")
-        bad = [f"missing:     {k}" for k in ours if k not in renamed and not k.startswith(heads)]
+        # HF's names (LayerNorm's gamma, beta in old files) or ours; not what fine-tuning does not
+        # use: pre-training heads (cls.*), TinyBERT's fit_dense, HF's position_ids buffer
+        plain = {k.removeprefix("bert.").replace(".gamma", ".weight").replace(".beta", ".bias"): t
+                 for k, t in state.items() if not re.search(r"^cls\.|fit_dense|position_ids$", k)}
+        renamed = {our_name.get(k, k): t for k, t in plain.items()}
+        new = [k for k in ours if k not in renamed]  # only a head may be new
+        bad = [f"missing:     {k}" for k in new if not k.startswith(("classifier.", "qa_outputs."))]
         bad += [f"unexpected:  {k}" for k in renamed if k not in ours]
         bad += [f"wrong shape: {k}: checkpoint {tuple(t.shape)} vs model {tuple(ours[k].shape)}"
                 for k, t in renamed.items() if k in ours and t.shape != ours[k].shape]
         if bad:
             raise ValueError("\n  ".join([f"{directory}: the checkpoint does not fit the model", *bad]))
         model.load_state_dict({**ours, **renamed}, strict=True)
-        new = [k for k in ours if k not in renamed]
         if verbose and new:
             print(f"[model] newly initialised (not in {directory}): {', '.join(new)}", file=sys.stderr)
         return model
@@ -253,11 +235,10 @@ class Bert(nn.Module):
         state = {to_hf_name(k): v for k, v in self.state_dict().items()}
         write_safetensors(state, os.path.join(directory, "model.safetensors"))
         labels = c.label_text or c.label_names or [f"LABEL_{i}" for i in range(c.num_labels)]
+        problem = {"classification": "single_label_classification", "regression": "regression"}
         hf = dict(model_type="bert", architectures=[HF_ARCHITECTURES[c.head]], hidden_act="gelu",
                   position_embedding_type="absolute", id2label=dict(enumerate(labels)),
-                  label2id={n: i for i, n in enumerate(labels)})
-        if c.head in ("classification", "regression"):
-            hf["problem_type"] = "regression" if c.head == "regression" else "single_label_classification"
+                  label2id={n: i for i, n in enumerate(labels)}, problem_type=problem.get(c.head))
         files = {"config.json": json.dumps({**hf, **asdict(c)}, indent=2), **(extra_files or {})}
         for name, text in files.items():
             data.atomic_write_text(os.path.join(directory, name), text)
@@ -266,27 +247,23 @@ class Bert(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Weights on disk: HF's names, the hub, safetensors and .bin files
 
-# Our module names -> HF transformers' (modeling_bert.py); a layer's are under encoder.layer.<i>.
-HF_NAMES = {"word": "embeddings.word_embeddings", "position": "embeddings.position_embeddings",
-            "token_type": "embeddings.token_type_embeddings", "emb_ln": "embeddings.LayerNorm",
-            "pooler": "pooler.dense", "q": "attention.self.query", "k": "attention.self.key",
-            "v": "attention.self.value", "attn_out": "attention.output.dense",
-            "attn_ln": "attention.output.LayerNorm", "ffn_in": "intermediate.dense",
-            "ffn_out": "output.dense", "ffn_ln": "output.LayerNorm"}
+# Our module names -> HF transformers' (modeling_bert.py), under bert.; the heads' names are HF's.
+HF_NAMES = {"layers": "encoder.layer", "word": "embeddings.word_embeddings",
+            "position": "embeddings.position_embeddings", "emb_ln": "embeddings.LayerNorm",
+            "token_type": "embeddings.token_type_embeddings", "pooler": "pooler.dense",
+            "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+            "attn_out": "attention.output.dense", "attn_ln": "attention.output.LayerNorm",
+            "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_ln": "output.LayerNorm"}
 HF_ARCHITECTURES = {"none": "BertModel", "classification": "BertForSequenceClassification",
                     "regression": "BertForSequenceClassification", "span": "BertForQuestionAnswering"}
-# What a fine-tuning model does not use: pre-training heads, TinyBERT's fit_dense, HF's buffer.
-IGNORED_KEYS = r"^cls\.|(^|\.)fit_dense|position_ids$"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def to_hf_name(key):
     """Our parameter name -> HF's: layers.3.q.weight -> bert.encoder.layer.3.attention.self.query
     .weight, word.weight -> bert.embeddings.word_embeddings.weight; the heads' names as they are."""
-    *module, param = key.split(".")
-    if module[0] == "layers":
-        return f"bert.encoder.layer.{module[1]}.{HF_NAMES[module[2]]}.{param}"
-    return f"bert.{HF_NAMES[module[0]]}.{param}" if module[0] in HF_NAMES else key
+    parts = key.split(".")
+    return "bert." + ".".join(HF_NAMES.get(p, p) for p in parts) if parts[0] in HF_NAMES else key
 
 
 def fetch(name_or_dir, cache_dir=None):
@@ -335,18 +312,16 @@ def read_safetensors(path):
     one, or is cut short, is an error naming the file and what is wrong."""
     with open(path, "rb") as f:
         buf = bytearray(f.read())
-    n = int.from_bytes(buf[:8], "little")
-    if len(buf) < 8 or n > len(buf) - 8:
-        raise ValueError(f"{path}: not a safetensors file, or its header is cut short "
-                         f"({len(buf)} bytes)")
-    try:
-        header = json.loads(buf[8:8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+    start = 8 + int.from_bytes(buf[:8], "little")  # where the tensors' bytes begin
+    try:  # an empty, cut or foreign file fails here: its header is no JSON
+        header = json.loads(buf[8:start])
+    except ValueError as e:  # json's errors, a UnicodeDecodeError too
+        raise ValueError(f"{path}: not a safetensors file, or its header is cut short or corrupt "
+                         f"({len(buf)} bytes; {e})") from None
     if not isinstance(header, dict) or not all(isinstance(i, dict) for i in header.values()):
         raise ValueError(f"{path}: corrupt safetensors header: not a JSON object of tensor entries")
     header.pop("__metadata__", None)
-    start, state = 8 + n, {}
+    state = {}
     for name, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
@@ -364,18 +339,16 @@ def read_safetensors(path):
 
 
 def write_safetensors(tensors, path):
-    """Write {name: tensor} as a safetensors file (atomically), each tensor 8-byte aligned."""
-    header, offset, blobs = {}, 0, []
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    """Write {name: tensor} as a safetensors file (atomically), its header padded to 8 bytes."""
+    header, body = {}, bytearray()
+    code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     for name, t in tensors.items():
-        b = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
+        begin = len(body)
+        body += t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = dict(dtype=code[t.dtype], shape=list(t.shape), data_offsets=[begin, len(body)])
     h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)  # pad so tensors stay 8-byte aligned
-    data.atomic_write_bytes(path, [len(h).to_bytes(8, "little"), h, *blobs])
+    h += b" " * (-len(h) % 8)  # pad so the tensors' bytes begin 8-byte aligned
+    data.atomic_write_bytes(path, [len(h).to_bytes(8, "little"), h, body])
 
 
 def read_bin(path):

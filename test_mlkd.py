@@ -129,6 +129,14 @@ def test_download_names_url_when_offline(tmp_path):
 # ==============================================================================================
 # model.py: config, parity with HF, loader strictness, hub fetch
 
+# tiny shapes for tests: a 4-layer 48-wide "teacher" and a 2-layer 24-wide "student"
+model.PRESETS.update({
+    "tiny-teacher": dict(vocab_size=128, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=96, max_position_embeddings=64),
+    "tiny-student": dict(vocab_size=128, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=64),
+})
+
 
 def test_config_validation_and_presets(tmp_path):
     assert model.BertConfig().hidden_size == 768
