@@ -1122,7 +1122,8 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     rows = ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_batch", "2", "--speed_length", "8"])
     assert [r["heads"] for r in rows] == [12, 6, 4, 3, 2, 1] and all(r["latency_ms"] > 0 for r in rows)
     capsys.readouterr()  # tools/relations.py: the page, and the sharpness of every relation with the trained settings
-    tool("relations").main(d + ["--model", str(out / "stage1"), "--teacher", str(out / "teacher"), "the movie was good"])
+    tool("relations").main(d + ["--model", str(out / "stage1"), "--teacher", str(out / "teacher"),
+                                "the movie was good"])
     said, shown = capsys.readouterr().out, json.load(open(out / "stage1" / "relations.json"))
     assert "relation sharpness on the first 32 dev rows (L_MHA temperature 1" in said and "L_SS" in said
     assert shown["temperature"] == 1 and len(shown["rows"]) == 1 + 2 * 4 + 1  # L_EMB, 2 pairs x 4 splits, L_SS
