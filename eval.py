@@ -2,14 +2,14 @@
 length-sorted batches -> predictions -> the official metric: the GLUE paper's, as scikit-learn and
 scipy compute them for its leaderboard), SQuAD's EM and F1 (the official v1.1 and v2.0 scripts),
 the head a task needs, and the command (dev metrics, SQuAD, GLUE test predictions); then machinery:
-flags, typos for --noise, latency for --speed, a run's loss curves, the relation maps of --show.
+flags, typos for --noise, latency for --speed, a run's loss curves. The relation maps of a teacher
+and a student on one sentence: tools/relations.py.
 
     python eval.py --task sst2 --model out/sst2/stage2    # dev metrics
     python eval.py --task sst2 --model DIR --predict      # GLUE test predictions (submission TSVs)
     python eval.py --task sst2 --model DIR --speed        # latency at 12/6/4/3/2/1 heads
     python eval.py --task squad1 --model DIR              # EM/F1 and predictions.json
     python eval.py --task sst2 --model DIR --noise 0.1    # dev with a typo in 10% of the words
-    python eval.py --task sst2 --model DIR --teacher T --show "a sentence"   # relations.html
 """
 import argparse
 import dataclasses
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 import data
-import mlkd
 from model import Bert, fetch
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +197,7 @@ def check_labels(model, task):
 
 
 # ----------------------------------------------------------------------------------------------
-# The command: dev metrics by default; SQuAD, test predictions, speed, the relation page on request
+# The command: dev metrics by default; SQuAD, test predictions, speed on request
 
 
 def main(argv=None):
@@ -214,9 +213,6 @@ def main(argv=None):
     args.paper_exact = trained.get("paper_exact", False)
     model = Bert.from_pretrained(directory).to(args.device)
     tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
-    if args.show:
-        teacher = Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device)
-        return show(args, model, teacher, tok, trained)
     if args.speed:
         length = args.speed_length or trained.get("max_len", 128)
         return speed(model, args.speed_batch, length, device=args.device, verbose=True)
@@ -295,8 +291,7 @@ def write_test_predictions(model, tok, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed), a run's
-# loss curves, and the relation maps of teacher and student (--show)
+# Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed), loss curves
 
 
 def parse_args(argv=None):
@@ -315,12 +310,6 @@ def parse_args(argv=None):
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v*.json)")
     p.add_argument("--max_len", type=int, help="encoding (SQuAD: window) length (default: the one "
                    "the model was trained and selected with, in its args.json; else the task's)")
-    p.add_argument("--show", metavar="SENTENCE", help="draw the relation maps of --model and "
-                   "--teacher on this sentence (and a dev batch) into a page")
-    p.add_argument("--teacher", help="the teacher for --show")
-    p.add_argument("--mha_temperature", type=float, help="--show: L_MHA's temperature for the "
-                   "sharpness table (default: the model's args.json, else 1, the paper's)")
-    p.add_argument("--show_out", help="the page --show writes (default: <model>/relations.html)")
     p.add_argument("--allow_partial", action="store_true", help="score on a dev file with fewer or "
                    "more rows than the official one (refused otherwise)")
     p.add_argument("--noise", type=float, metavar="P", help="score on dev with a typo in a fraction "
@@ -338,19 +327,16 @@ def parse_args(argv=None):
     for name in ("batch_size", "speed_batch", "speed_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.show is not None and not args.show.strip():
-        p.error("--show: give a sentence to draw (it is empty)")
-    if args.show and not args.teacher:
-        p.error("--show needs --teacher DIR")
-    writes = args.noise or args.show or args.predict or args.task.startswith("squad")
-    if writes and not args.show_out and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
+    writes = args.noise or args.predict or args.task.startswith("squad")
+    if writes and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
         p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy it "
-                f"to a directory you can write to{' or give --show_out FILE' if args.show else ''}")
+                "to a directory you can write to")
     return args
 
 
 def trained_settings(directory):
-    """The settings eval.py reuses from the args.json train.py saved with a model (else {})."""
+    """The settings eval.py and tools/relations.py reuse from the args.json train.py saved with a
+    model (else {})."""
     path = os.path.join(directory, "args.json")
     saved = json.loads(data.read_text(path)) if os.path.exists(path) else {}
     keep = ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature", "data_dir")
@@ -469,156 +455,15 @@ def write_index(out, directories):
     data.atomic_write_text(os.path.join(out, "index.html"), page)
 
 
-def show(args, model, teacher, tok, trained):
-    """--show: the relation page of one sentence and, on the first 32 dev rows, the sharpness of
-    every relation (printed, and kept in relations.json) under the model's training settings."""
-    kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
-    temperature = args.mha_temperature or trained.get("mha_temperature", 1.0)
-    dev = None
-    if args.task in data.TASKS:
-        split = data.TASKS[args.task].dev_splits[0]
-        examples = data.read_glue(args.task, split, args.data_dir, args.allow_partial)
-        dev = data.encode_glue(args.task, examples, tok, args.max_len)
-    labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by label
-    out = args.show_out or os.path.join(args.model, "relations.html")
-    page = relation_page(model, teacher, tok, args.show, dev if labelled else None, splits,
-                         args.device, kind)
-    data.atomic_write_text(out, page)
-    print(f"wrote {out}")
-    if dev is None:
-        return out
-    batch = next(data.batches({k: v[:32] for k, v in dev.items()}, 32))
-    batch = {k: v.to(args.device) for k, v in batch.items()}
-    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, model.config.num_hidden_layers, kind)
-    rows = relation_sharpness(model, teacher, batch, lmap, splits, temperature)
-    print(f"relation sharpness on the first {len(batch['index'])} dev rows (L_MHA temperature "
-          f"{temperature:g}; H/log n: 1 = uniform, 0 = one-hot)")
-    print("\n".join(sharpness_table(rows)))
-    path = os.path.join(os.path.dirname(out), "relations.json")
-    data.atomic_write_text(path, json.dumps({"temperature": temperature, "rows": rows}, indent=1))
-    print(f"wrote {path}")
-    return out
-
-
-def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu", kind="uniform"):
-    """HTML: the relations of relation_pairs on one sentence, teacher beside student (L_MHA: with
-    the KL of each query row) and, with dev (encoded, labelled), the L_SS relation of 32 dev rows.
-    Every number drawn comes from mlkd.relation_logprobs or relation_kl_rows."""
-    room = min(64, student.config.max_position_embeddings)
-    ids, types, lengths = tok.encode([sentence], max_length=room)
-    if len(tok.tokenize([sentence])[0].ids) + 2 > room:
-        print(f"--show: the sentence is longer than {room} positions; the page draws its first "
-              f"{room - 2} word pieces")
-    batch = next(data.batches({"input_ids": ids, "token_type_ids": types, "lengths": lengths}, 1))
-    pieces = [tok.wp.id_to_token(i) for i in batch["input_ids"][0].tolist()]
-    lmap = mlkd.layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers, kind)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    parts = []
-    for loss, m, g_m, x_s, x_t, _, _ in relation_pairs(student, teacher, batch, lmap, splits)[:-1]:
-        r_t, r_s = (mlkd.relation_logprobs(x).exp()[0].cpu().numpy() for x in (x_t, x_s))  # (A,L,L)
-        vmax = max(r_t.max(), r_s.max())
-        if loss == "L_EMB":
-            parts.append("<h2>L_EMB: token-token relation of the word-piece embeddings</h2>")
-            parts += [heatmap_svg(r[0], f"{who}: softmax(E E^T / sqrt(d)), dark blue {vmax:.3g}",
-                                  vmax, pieces, pieces) for who, r in (("teacher", r_t), ("student", r_s))]
-            continue
-        parts.append(f"<h2>L_MHA: student layer {m} against teacher layer {g_m}, {splits} "
-                     f"MHA-splits (dark blue: {vmax:.3g})</h2>")
-        parts += [f"<div><b>{who}</b><br>" + "".join(heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6)
-                                                     for a in range(splits)) + "</div>"
-                  for who, r in (("teacher", r_t), ("student", r_s))]
-        kl = mlkd.relation_kl_rows(x_s, x_t)[0].cpu().numpy()  # (A, L)
-        title = f"KL(teacher || student) of each query row, dark blue {kl.max():.3g}"
-        parts.append(heatmap_svg(kl, title, kl.max(), [f"split {a + 1}" for a in range(splits)], pieces))
-    if dev is not None:
-        parts.append("<h2>L_SS: sample-sample relation G of the final [CLS] states, 32 dev rows "
-                     "sorted by label</h2>")
-        parts += ss_maps(student, teacher, dev, device)
-    return (f'<!doctype html>\n<meta charset="utf-8">\n<title>MLKD relations</title>\n'
-            f"<style>svg {{vertical-align: top}}</style>\n<h1>{html.escape(sentence)}</h1>\n"
-            "<p>Colour: white = 0 to dark blue = the largest value of the pair (in the title).</p>\n"
-            + "\n".join(parts) + "\n")
-
-
-def ss_maps(student, teacher, dev, device="cpu", n=32):
-    """The L_SS relation G = softmax(C C^T / sqrt(d)) of the final [CLS] states of the first n dev
-    rows sorted by label, teacher and student: two heatmap SVGs on one colour scale."""
-    order = torch.argsort(dev["labels"][:n], stable=True)
-    rows = {k: dev[k][:n][order] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
-    batch = {k: v.to(device) for k, v in next(data.batches(rows, n)).items()}
-    loss, _, _, x_s, x_t, _, _ = relation_pairs(student, teacher, batch, [0])[-1]  # L_SS
-    r_t, r_s = (mlkd.relation_logprobs(x).exp()[0, 0].cpu().numpy() for x in (x_t, x_s))  # (n, n)
-    vmax, labels = max(r_t.max(), r_s.max()), [str(v) for v in rows["labels"].tolist()]
-    return [heatmap_svg(r, f"{who}: softmax(C C^T / sqrt(d)), dark blue {vmax:.3g}", vmax, labels,
-                        labels) for who, r in (("teacher", r_t), ("student", r_s))]
-
-
-def heatmap_svg(m, title, vmax, rows=None, cols=None, cell=14):
-    """A matrix (numpy 2-d) as an SVG grid: a <rect class="cell"> per entry, white (0) to dark blue
-    (vmax), its value in data-v; tick labels when given."""
-    left = 8 + 7 * max(map(len, rows)) if rows else 8
-    top = 22 + (7 * max(map(len, cols)) if cols else 0)
-    w, h = max(left + m.shape[1] * cell + 12, 8 + 6.5 * len(title)), top + m.shape[0] * cell + 8
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-           f'font-family="sans-serif" font-size="11"><text x="4" y="14">{html.escape(title)}</text>']
-    t = np.clip(m / vmax, 0.0, 1.0) if vmax > 0 else np.zeros(m.shape)  # linear in each channel
-    fill = {ij: "#" + "".join(f"{round(255 + float(x) * (c - 255)):02x}" for c in (8, 48, 107))
-            for ij, x in np.ndenumerate(t)}  # white (0) to dark blue (vmax): lighter is smaller
-    out += [f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell}" '
-            f'height="{cell}" fill="{fill[i, j]}" data-v="{v:.9g}"/>'
-            for (i, j), v in np.ndenumerate(m)]
-    out += [f'<text x="{left - 3}" y="{top + i * cell + cell - 3}" text-anchor="end">{html.escape(s)}'
-            '</text>' for i, s in enumerate(rows or [])]
-    out += [f'<text transform="translate({left + j * cell + cell - 3} {top - 3}) rotate(-90)">'
-            f'{html.escape(s)}</text>' for j, s in enumerate(cols or [])]
-    return "\n".join(out + ["</svg>"])
-
-
-def relation_pairs(student, teacher, batch, lmap, splits=12, temperature=1.0):
-    """What MLKD's relation losses compare on a batch: (loss, m, g(m), x_s, x_t, mask, temperature)
-    for the embeddings (L_EMB), the MHA-splits of each mapped layer pair m -> g(m) (L_MHA, at the
-    temperature of --mha_temperature) and the final [CLS] states as one sequence (L_SS)."""
-    mask = batch["attention_mask"]  # (B, L)
-    with torch.no_grad():
-        s, t = (m.eval()(batch["input_ids"], batch["token_type_ids"], mask) for m in (student, teacher))
-    pairs = [("L_EMB", 0, 0, s.token_embeddings[:, None], t.token_embeddings[:, None], mask, 1.0)]
-    for m in range(1, len(lmap)):
-        o_s, o_t = (mlkd.mha_splits(o.attn_outputs[k - 1], splits) for o, k in ((s, m), (t, lmap[m])))
-        pairs.append(("L_MHA", m, lmap[m], o_s, o_t, mask, temperature))
-    c_s, c_t = s.hidden_states[-1][:, 0][None, None], t.hidden_states[-1][:, 0][None, None]
-    return pairs + [("L_SS", len(lmap) - 1, len(t.attn_outputs), c_s, c_t, None, 1.0)]
-
-
-def relation_sharpness(student, teacher, batch, lmap, splits=12, temperature=1.0):
-    """How sharp the relations of relation_pairs are (a uniform target teaches little): per loss,
-    layer pair and split, the mean over real query rows i of the teacher's and the student's
-    H(R[i]) / log n (1: uniform over the n real keys, 0: one-hot) and of KL(R_T[i] || R_S[i])."""
-    rows, pairs = [], relation_pairs(student, teacher, batch, lmap, splits, temperature)
-    for loss, m, g_m, x_s, x_t, mask, temp in pairs:
-        real = (x_s.new_ones(x_s.shape[0], x_s.shape[2]) if mask is None else mask)[:, None].float()
-        log_n = real.sum(-1, keepdim=True).log()  # (B, 1, 1): log of the row's real keys
-        logp_t, logp_s = (mlkd.relation_logprobs(x, mask, temp) for x in (x_t, x_s))
-        per_row = [-(logp_t.exp() * logp_t).sum(-1) / log_n, -(logp_s.exp() * logp_s).sum(-1) / log_n,
-                   mlkd.relation_kl_rows(x_s, x_t, mask, temp)]  # each (B, A, L)
-        h_t, h_s, kl = (((v * real).sum((0, 2)) / real.sum((0, 2))).tolist() for v in per_row)
-        rows += [dict(loss=loss, student=m, teacher=g_m, split=a + 1 if loss == "L_MHA" else None,
-                      h_teacher=h_t[a], h_student=h_s[a], kl=kl[a]) for a in range(len(kl))]
-    return rows
-
-
-def sharpness_table(rows):
-    """relation_sharpness's rows as text: a line per layer pair (L_MHA: the mean of its splits)."""
-    lines = [f"{'loss':6s} {'layers S->T':>11s} {'H_T/log n':>9s} {'H_S/log n':>9s} {'KL(T||S)':>9s}"]
-    for key in dict.fromkeys((r["loss"], r["student"], r["teacher"]) for r in rows):
-        group = [r for r in rows if (r["loss"], r["student"], r["teacher"]) == key]
-        h_t, h_s, kl = (sum(r[k] for r in group) / len(group) for k in ("h_teacher", "h_student", "kl"))
-        lines.append(f"{key[0]:6s} {f'{key[1]}->{key[2]}':>11s} {h_t:9.3f} {h_s:9.3f} {kl:9.4f}")
-        if len(group) > 1:
-            lines.append(f"{'':18s} teacher by split: " + " ".join(f"{r['h_teacher']:.3f}" for r in group))
-    return lines
-
-
 if __name__ == "__main__":
+    import shlex
+    import sys
+    if "--show" in sys.argv:  # the relation page moved to tools/relations.py: its command, exit 2
+        at = sys.argv.index("--show")
+        flags = [{"--show_out": "--out"}.get(f, f) for f in sys.argv[1:at] + sys.argv[at + 2:]]
+        new = ["python", "tools/relations.py", *flags, *sys.argv[at + 1:at + 2]]
+        print(f"eval.py: error: --show moved, run: {shlex.join(new)}", file=sys.stderr)
+        sys.exit(2)
     try:
         main()
     except (ValueError, FileNotFoundError, data.DownloadError, OSError) as e:

@@ -1135,8 +1135,9 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     )
     rows = ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_batch", "2", "--speed_length", "8"])
     assert [r["heads"] for r in rows] == [12, 6, 4, 3, 2, 1] and all(r["latency_ms"] > 0 for r in rows)
-    capsys.readouterr()  # --show: the page, and the sharpness of every relation with the trained map and splits
-    ev.main(d + ["--model", str(out / "stage1"), "--teacher", str(out / "teacher"), "--show", "the movie was good"])
+    capsys.readouterr()  # tools/relations.py: the page, and the sharpness of every relation with the trained settings
+    tool("relations").main(d + ["--model", str(out / "stage1"), "--teacher", str(out / "teacher"),
+                                "the movie was good"])
     said, shown = capsys.readouterr().out, json.load(open(out / "stage1" / "relations.json"))
     assert "relation sharpness on the first 32 dev rows (L_MHA temperature 1" in said and "L_SS" in said
     assert shown["temperature"] == 1 and len(shown["rows"]) == 1 + 2 * 4 + 1  # L_EMB, 2 pairs x 4 splits, L_SS
@@ -1456,14 +1457,14 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
 
 def test_relation_page_draws_what_mlkd_computes(tmp_path):
     import xml.etree.ElementTree as ET
-    import eval as ev
+    relations = tool("relations")
     write_pipeline_fixture(tmp_path)
     tok = data.Tokenizer(str(tmp_path / "vocab.txt"))
     torch.manual_seed(0)
     teacher = model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)).eval()
     student = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)).eval()
     dev = data.encode_glue("sst2", data.read_glue("sst2", "dev", str(tmp_path / "data"), allow_partial=True), tok, 16)
-    page = ev.relation_page(student, teacher, tok, "the movie was good", dev, splits=4)
+    page = relations.relation_page(student, teacher, tok, "the movie was good", dev, splits=4)
     svgs = [ET.fromstring(s) for s in re.findall(r"<svg.*?</svg>", page, re.S)]  # well-formed XML, each
     assert len(svgs) == 2 + 2 * (2 * 4 + 1) + 2  # L_EMB pair; per layer pair 2 x 4 splits and the row KLs; G pair
 
@@ -1520,8 +1521,18 @@ def test_eval_flag_errors_print_one_usage_line_and_help_lists_every_flag(tmp_pat
         ev.main(["--help"])
     said = capsys.readouterr().out
     flags = ("task model data_dir batch_size device predict speed speed_batch speed_length squad_file max_len "
-             "show teacher mha_temperature show_out allow_partial noise noise_seed").split()
+             "allow_partial noise noise_seed").split()
     assert all(f"--{f}" in said for f in flags)
+
+
+def test_eval_show_names_the_command_that_replaced_it(tmp_path):
+    """eval.py --show moved to tools/relations.py: it says that command, flags and sentence carried over."""
+    import subprocess
+    argv = ["--task", "sst2", "--model", "m", "--teacher", "t", "--show", "a good film", "--show_out", "p.html"]
+    run = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), *argv], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and run.stderr == "eval.py: error: --show moved, run: python tools/relations.py " \
+        "--task sst2 --model m --teacher t --out p.html 'a good film'\n", run.stderr
 
 
 def test_teacher_without_the_task_head_is_refused_before_work(tmp_path):
@@ -2411,7 +2422,7 @@ def ref_relation_entropy(x, mask, temperature=1.0):
 
 
 def test_relation_sharpness_is_the_entropy_and_kl_of_each_mapped_relation():
-    import eval as ev
+    relations = tool("relations")
     torch.manual_seed(0)
     teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)))
     student = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2)), 0.1)
@@ -2420,7 +2431,7 @@ def test_relation_sharpness_is_the_entropy_and_kl_of_each_mapped_relation():
     mask[1, 4:], mask[3, 6:] = 0, 0
     batch = {"input_ids": ids * mask, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
     g = [0, 4, 1]
-    rows = ev.relation_sharpness(student, teacher, batch, g, splits=4, temperature=0.5)
+    rows = relations.relation_sharpness(student, teacher, batch, g, splits=4, temperature=0.5)
     assert [(r["loss"], r["student"], r["teacher"], r["split"]) for r in rows] == [("L_EMB", 0, 0, None)] + [
         ("L_MHA", m, g[m], a) for m in (1, 2) for a in (1, 2, 3, 4)] + [("L_SS", 2, 4, None)]
     with torch.no_grad():
@@ -2443,7 +2454,7 @@ def test_relation_sharpness_is_the_entropy_and_kl_of_each_mapped_relation():
     assert rows[-1]["h_teacher"] == pytest.approx(ref_relation_entropy([c_t], None), rel=1e-4)
     assert rows[-1]["kl"] == pytest.approx(ref_relation_kl([[c_s]], [[c_t]], None), rel=1e-4)
     assert all(0 < r["h_teacher"] <= 1 and 0 < r["h_student"] <= 1 for r in rows)
-    lines = ev.sharpness_table(rows)
+    lines = relations.sharpness_table(rows)
     assert len(lines) == 1 + 1 + 2 * 2 + 1 and lines[2].split()[:2] == ["L_MHA", "1->4"]
 
 
@@ -2594,8 +2605,7 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
     assert "is a Stage-1 student: Stage 1 never trains the task head" in capsys.readouterr().out
     rows = ev.main(["--task", "sst2", "--model", str(out / "stage2"), "--speed", "--speed_batch", "2", *cpu])
     assert "speed: batch 2 x length 32" in capsys.readouterr().out and rows[-1]["heads"] == 1
-    for flags, msg in ((["--show", " "], "--show: give a sentence to draw (it is empty)"),
-                       (["--speed", "--speed_batch", "0"], "--speed_batch must be at least 1, got 0"),
+    for flags, msg in ((["--speed", "--speed_batch", "0"], "--speed_batch must be at least 1, got 0"),
                        (["--max_len", "2"], "--max_len 2: must be in 3..512")):
         with pytest.raises(SystemExit):
             ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu, *flags])
@@ -2607,10 +2617,13 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
         ids = torch.randint(5, 60, (2, 7))
         with torch.no_grad():
             torch.testing.assert_close(hf(input_ids=ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
-    long = " ".join(["good"] * 80)
-    ev.main(["--task", "sst2", "--model", str(out / "stage2"), "--teacher", str(out / "teacher"), "--show", long, *cpu])
+    relations, long = tool("relations"), " ".join(["good"] * 80)
+    with pytest.raises(SystemExit):
+        relations.main(["--task", "sst2", "--model", str(out / "stage2"), "--teacher", str(out / "teacher"), " "])
+    assert "relations.py: error: give a sentence to draw (it is empty)" in capsys.readouterr().err
+    relations.main(["--task", "sst2", "--model", str(out / "stage2"), "--teacher", str(out / "teacher"), long, *cpu])
     assert (
-        "--show: the sentence is longer than 64 positions; the page draws its first 62 word pieces"
+        "the sentence is longer than 64 positions; the page draws its first 62 word pieces"
         in capsys.readouterr().out
     )
 
@@ -2863,7 +2876,7 @@ def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
     names = [r[0] for r in rows]
     assert "step: stage1" in names and "4 x 312 student, 3 heads" in names and "eval.py on the saved student" in names
     assert dict((r[0], r[1]) for r in rows)["eval.py on the saved student"] == "same"
-    assert dict((r[0], r[1]) for r in rows)["eval.py --show on Stage 1"].endswith(" rows")
+    assert dict((r[0], r[1]) for r in rows)["tools/relations.py on Stage 1"].endswith(" rows")
 
 
 def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):

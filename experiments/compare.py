@@ -249,11 +249,11 @@ def run_all(args):
     return failed
 
 
-SENTENCE = "a gripping , funny and ultimately moving film ."  # each Stage 1's relation page (eval.py --show)
+SENTENCE = "a gripping , funny and ultimately moving film ."  # each Stage 1's page (tools/relations.py)
 
 
 def show_relations(args):
-    """eval.py --show on every finished Stage 1 of args.settings not shown yet: its relations.json holds the
+    """tools/relations.py on every finished Stage 1 of args.settings not shown yet: its relations.json holds the
     sharpness of the teacher's and the student's relations on 32 dev rows (harvest puts it in the record)."""
     teacher, failed = os.path.join(teacher_out(args.task, *TASKS[args.task]["teachers"][0]), "teacher"), []
     for setting in args.settings:
@@ -263,8 +263,8 @@ def show_relations(args):
                 if stages != "stage1" or not os.path.exists(os.path.join(model, "metrics.json")) or \
                         os.path.exists(os.path.join(model, "relations.json")):
                     continue
-                cmd = [sys.executable, "eval.py", "--task", args.task, "--data_dir", args.data_dir, "--model", model,
-                       "--teacher", teacher, "--show", SENTENCE]
+                cmd = [sys.executable, "tools/relations.py", "--task", args.task, "--data_dir", args.data_dir,
+                       "--model", model, "--teacher", teacher, SENTENCE]
                 proc, name, _ = start((f"relations {model}", cmd, os.path.join(model, "relations.log"), None), None)
                 if proc.wait():
                     failed.append(name)
@@ -437,7 +437,7 @@ def setting_table(task, setting):
 
 
 def relations_table(task, setting):
-    """The sharpness of the relations after Stage 1 (eval.py --show on 32 dev rows), for every row recorded with
+    """The sharpness of the relations after Stage 1 (tools/relations.py on 32 dev rows), for every row recorded with
     them: H/log n of the teacher's and the student's rows (1 = uniform) and the KL, L_MHA's averaged over its
     layer pairs and splits. Empty when no record has them."""
     lines = []
@@ -546,7 +546,7 @@ def table(args):
             if relations_table(args.task, setting):
                 lines += [
                     "",
-                    "How sharp the relations are after Stage 1 (`eval.py --show` on the first 32 dev rows, "
+                    "How sharp the relations are after Stage 1 (`tools/relations.py` on the first 32 dev rows, "
                     "recorded with each row): H_T, H_S = the mean normalised entropy H/log n of the teacher's and "
                     "the student's relation rows (1 = uniform, 0 = one-hot; L_MHA at the row's temperature), KL = "
                     "the mean KL(teacher || student) the loss averages; L_MHA over every layer pair and split.",

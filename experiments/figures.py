@@ -4,16 +4,19 @@
         --student out/sst2-offline/stage2 --data_dir ../shared/data --out experiments/sst2-ss-relation.svg
 
 G = softmax(C C^T / sqrt(d)) of the final [CLS] states of the first 32 dev rows, sorted by label, drawn by
-eval.ss_maps from mlkd.relation_logprobs (the same maps as `eval.py --show`); one SVG file.
+tools/relations.py's ss_maps from mlkd.relation_logprobs (the same maps as its page); one SVG file.
 """
 import argparse
 import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
+import relations  # noqa: E402
 from model import Bert  # noqa: E402
 
 if __name__ == "__main__":
@@ -25,7 +28,7 @@ if __name__ == "__main__":
     max_len = evaluation.trained_settings(a.student).get("max_len", data.TASKS[a.task].max_len)
     tok = data.Tokenizer(os.path.join(a.student, "vocab.txt"))
     dev = data.encode_glue(a.task, data.read_glue(a.task, data.TASKS[a.task].dev_splits[0], a.data_dir), tok, max_len)
-    maps = evaluation.ss_maps(student, teacher, dev)
+    maps = relations.ss_maps(student, teacher, dev)
     sizes = [[float(x) for x in re.search(r'width="([\d.]+)" height="([\d.]+)"', m).groups()] for m in maps]
     width, height = sizes[0][0] + sizes[1][0] + 20, max(h for _, h in sizes)
     nested = [m.replace("<svg ", f'<svg x="{0 if i == 0 else sizes[0][0] + 20}" ', 1) for i, m in enumerate(maps)]

@@ -18,7 +18,7 @@ result, what it means):
     heads       eval.py --speed's latency of a 4 x 312 student at 12, 6 and 3 heads
     pipeline    train.py on the real SST-2 files: a random BERT-base-shaped teacher, teacher ->
                 Stage 1 -> Stage 2 -> eval with --max_steps, then eval.py on the student and its
-                relation page (--show)
+                relation page (tools/relations.py)
 
 With --recipe it prints two tables instead, each as soon as it is measured:
 
@@ -51,9 +51,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 import bench_steps  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
+import relations  # noqa: E402
 import train  # noqa: E402
 from model import Bert, BertConfig, to_hf_name  # noqa: E402
 
@@ -202,9 +204,9 @@ def pipeline_rows(data_dir, device, tiny, out):
     scored = evaluation.main(["--task", "sst2", "--model", os.path.join(run, "stage2"),
                               "--device", device, "--allow_partial"])
     same = abs(scored["acc"] - results["student"]["acc"]) < 1e-9
-    evaluation.main(["--task", "sst2", "--model", os.path.join(run, "stage1"), "--device", device,
-                     "--allow_partial", "--teacher", os.path.join(run, "teacher"),
-                     "--show", "a gripping , funny film ."])
+    relations.main(["--task", "sst2", "--model", os.path.join(run, "stage1"), "--device", device,
+                    "--allow_partial", "--teacher", os.path.join(run, "teacher"),
+                    "a gripping , funny film ."])
     shown = len(json.load(open(os.path.join(run, "stage1", "relations.json")))["rows"])
     memory = max(json.load(open(os.path.join(run, s, "metrics.json")))["train"]["peak_memory_gib"]
                  for s in ("teacher", "stage1", "stage2"))
@@ -212,7 +214,7 @@ def pipeline_rows(data_dir, device, tiny, out):
              f"{steps} steps a stage; student dev acc {results['student']['acc']:.2f} "
              f"(random teacher: a smoke test); peak {memory:.2f} GiB"),
             ("eval.py on the saved student", "same" if same else "DIFFERS", f"acc {scored['acc']:.2f}"),
-            ("eval.py --show on Stage 1", f"{shown} rows",
+            ("tools/relations.py on Stage 1", f"{shown} rows",
              "the relation page and the sharpness of every relation")]
 
 
