@@ -21,10 +21,11 @@ Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher 
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
 masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked
 loss. The similarity matmuls of the relations and of L_SC run on fp32 copies with autocast off,
-so the softmaxes and KLs after them are fp32 too; the MSEs take fp32 copies; the projections W_m run under autocast like the model (bf16 on CUDA). The
-teacher's tensors are detached. Under torchrun (train.py) each process computes these on its own
-rows of the batch: the token-level losses then average exactly as on one process, while the batch
-relations L_SS and L_SC see only the local batch, as in the authors' multi-GPU runs.
+so the softmaxes and KLs after them are fp32 too; the MSEs take fp32 copies; the projections W_m
+run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under
+torchrun (train.py) each process computes these on its own rows of the batch: the token-level
+losses then average exactly as on one process, while the batch relations L_SS and L_SC see only
+the local batch, as in the authors' multi-GPU runs.
 """
 import math
 from typing import NamedTuple
