@@ -286,11 +286,9 @@ def report(args, teacher, out, evaluate):
                    teacher_dir=dirs[0], student_dir=dirs[2])
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     evaluation.write_index(args.out, dirs)
-    print(f"\n{args.task} dev (selection metric {args.metric}; the student: Stage 2's best on dev)")
-    print(f"  {'':8s} " + " ".join(f"{k:>9s}" for k in metrics["teacher"]) + f" {'params':>9s}")
+    print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
     for name, params in (("teacher", tp), ("student", sp)):
-        cells = (f"{v:9d}" if isinstance(v, int) else f"{v:9.2f}" for v in metrics[name].values())
-        print(f"  {name:8s} " + " ".join(cells) + f" {params / 1e6:8.1f}M")
+        print(f"  {name} ({params / 1e6:.1f}M parameters): " + evaluation.format_metrics(metrics[name]))
     print(f"  student/teacher on {args.metric}: {100 * s / max(t, 1e-9):.1f}%, {tp / sp:.1f}x fewer "
           f"parameters; {os.path.join(args.out, 'results.json')}")
     return results
