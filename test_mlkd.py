@@ -1197,9 +1197,9 @@ def test_train_rejects_bad_flags_before_work(capsys):
                       (["--task", "sst2", "--lr1", "0"], "--lr1 must be positive"),
                       (["--task", "sst2", "--lr1=-5e-5"], "--lr1: must be a finite number >= 0"),
                       (["--task", "sst2", "--teacher", "/nonexistent"], "no such directory"),
-                      *((["--task", "sst2", f"--{f}", "0"], f"--{f} must be at least 1, got 0")
+                      *((["--task", "sst2", f"--{f}", "0"], f"--{f}: must be a whole number >= 1, got 0")
                         for f in ("layers", "hidden", "heads", "ffn", "max_steps")),
-                      (["--task", "sst2", "--heads", "-2"], "--heads must be at least 1, got -2"),
+                      (["--task", "sst2", "--heads", "-2"], "--heads: must be a whole number >= 1, got -2"),
                       (["--task", "sst2", "--weight_decay", "-0.01"], "--weight_decay: must be a finite number >= 0")):
         with pytest.raises(SystemExit):
             train.parse_args(argv)

@@ -396,6 +396,13 @@ def number(text):
     return float(text)
 
 
+def count(text):
+    """The type of the integer flags but --seed: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return int(text)
+
+
 def path(text):
     """The type of the file flags: absolute (args.json then holds from any folder); FILE,FILE..."""
     return ",".join(os.path.abspath(f) for f in text.split(","))
@@ -412,11 +419,11 @@ def model_path(text):
 FLAGS = [
     ("task and data", "teacher stage1 stage2 general"),
     ("task", str, None, "one of " + ", ".join(TASKS)),
-    ("batch_size", int, None, "default 32 (16 for SQuAD); under torchrun the global batch"),
-    ("max_len", int, None, "word pieces per example (default: the task's)"),
+    ("batch_size", count, None, "default 32 (16 for SQuAD); under torchrun the global batch"),
+    ("max_len", count, None, "word pieces per example (default: the task's)"),
     ("train_file", path, None, "SQuAD training JSON(s), comma-separated (default: in data_dir)"),
-    ("train_subset", int, None, "train on this many examples, the same for every --seed"),
-    ("max_steps", int, None, "cap the steps of every stage (quick runs)"),
+    ("train_subset", count, None, "train on this many examples, the same for every --seed"),
+    ("max_steps", count, None, "cap the steps of every stage (quick runs)"),
     ("seed", int, 42, "each stage draws from its own generator, seeded by --seed and its name"),
     ("weight_decay", number, 0.01, "AdamW weight decay (not on biases and LayerNorm weights)"),
     ("paper_exact", bool, False, "as the authors ran: batches padded to max_len, losses unmasked"),
@@ -429,20 +436,20 @@ FLAGS = [
     ("teacher_lr", number, None, "teacher learning rate"),
     ("schedule and model selection", "teacher stage2 general"),
     ("warmup", number, 0.1, "warm-up fraction of the steps (teacher, Stage 2, general)"),
-    ("eval_steps", int, None, "evaluate on dev every N steps (default: every epoch)"),
+    ("eval_steps", count, None, "evaluate on dev every N steps (default: every epoch)"),
     ("dev_file", path, None, "SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or v2.0)"),
     ("the student and Stage 1", "stage1 stage2 general"),
     ("student_init", model_path, None, "tinybert: General TinyBERT (the paper's; default for "
      "tasks); teacher-layers: the teacher's embeddings and layers g(1..M) (DistilBERT's init); "
      "DIR: the same from a model directory; random (default for --task general)"),
-    ("layers", int, None, "student layers M (default: 4 for tinybert, else DIR's or N/2)"),
-    ("hidden", int, None, "student width (default: 312 for tinybert, else the teacher's)"),
-    ("heads", int, None, "student attention heads (any divisor of the width)"),
-    ("ffn", int, None, "student FFN width"),
+    ("layers", count, None, "student layers M (default: 4 for tinybert, else DIR's or N/2)"),
+    ("hidden", count, None, "student width (default: 312 for tinybert, else the teacher's)"),
+    ("heads", count, None, "student attention heads (any divisor of the width)"),
+    ("ffn", count, None, "student FFN width"),
     ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's task distillation, the "
      "paper's baseline (Stage 1: MSE of attention scores and hidden states; Stage 2: L_KD)"),
     ("layer_map", str, "uniform", "uniform, last, or the teacher layer of each student layer: 3,6,9,12"),
-    ("splits", int, 12, "MHA-splits A for L_MHA (must divide both widths)"),
+    ("splits", count, 12, "MHA-splits A for L_MHA (must divide both widths)"),
     ("proj_init", ["normal", "identity"], "normal", "W_m init: N(0, 0.02) (the authors') or identity"),
     *((f"w_{w}", number, 1.0, f"weight of L_{w.upper()} (0 switches it off)") for w in ("emb", "mha", "ffn")),
     ("mha_temperature", number, 1.0, "L_MHA relation temperature; not 1 is NOT the paper's method"),
@@ -463,9 +470,9 @@ FLAGS = [
     ("out", path, None, "output directory (default: out/<task>)"),
     ("stages", str, None, "comma-separated subset of " + ",".join(STAGES) + " (default: all)"),
     ("allow_partial", bool, False, "score a dev file with fewer or more rows than the official"),
-    ("save_steps", int, 200, "write a resumable checkpoint every N steps"),
-    ("log_steps", int, 50, "progress line every N steps"),
-    ("eval_batch_size", int, 128, "batch size of evaluation and of the teacher cache"),
+    ("save_steps", count, 200, "write a resumable checkpoint every N steps"),
+    ("log_steps", count, 50, "progress line every N steps"),
+    ("eval_batch_size", count, 128, "batch size of evaluation and of the teacher cache"),
     ("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N"),
     ("compile", bool, False, "torch.compile the trained model; batches padded to a few widths"),
     ("no_teacher_cache", bool, False, "run the teacher on every Stage-2 step, not once per example"),
@@ -518,10 +525,6 @@ def parse_args(argv=None):
 def check_flags(args):
     """Refuse, before any work, the flags that cannot work: one line naming the flag."""
     general, world = args.task == "general", int(os.environ.get("WORLD_SIZE", 1))
-    for name, kind, *_ in (f for f in FLAGS if len(f) == 4):
-        value = getattr(args, name)
-        if kind is int and name != "seed" and value is not None and value < 1:
-            refuse(f"--{name} must be at least 1, got {value}")
     for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau"):
         if getattr(args, name) == 0:
             refuse(f"--{name} must be positive, got {getattr(args, name)}")
