@@ -64,7 +64,8 @@ LEAD = int(os.environ.get("RANK", 0)) == 0  # under torchrun, process 0 alone wr
 
 def main(argv=None):
     args = parse_args(argv)
-    start_distributed(args)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: data-parallel processes
+        start_distributed(args)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     try:
         result = general(args) if args.task == "general" else pipeline(args)
@@ -300,70 +301,96 @@ def report(args, teacher, out, evaluate):
 
 def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, evaluate=None,
         keep_best=False):
-    """Train `modules` (the first is the model) on loss_fn(model, batch) -> (loss, parts) with AdamW,
-    at a constant lr (warmup None) or warm-up then linear decay. evaluate(model) -> metrics runs
-    every --eval_steps and at each epoch's end; with keep_best the model with the best
-    args.metric is saved and finish() marks the stage done. A checkpoint every --save_steps lets a
-    rerun resume. Returns the last log record."""
+    """Train `modules` (the first is the model) on loss_fn(model, batch) by AdamW at lr x lr_factor;
+    evaluate(model) every --eval_steps and epoch (keep_best: keep the best); resumable checkpoints."""
     model, per_epoch = modules[0], math.ceil(len(train["input_ids"]) / args.batch_size)
     planned = max(1, math.ceil(epochs * per_epoch))
     total = min(planned, args.max_steps or planned)
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, LN
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    warm = 0 if warmup is None else int(warmup * total)
+    optimizer = adamw(modules, lr, args)
     step, best = resume(stage, directory, modules, optimizer, args)
-    log = Log(stage, directory, step, total, args)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    per = f" ({math.ceil(args.batch_size / world)} per process)" if world > 1 else ""
-    print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}{per}, {total} steps "
-          f"({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)}), lr {lr:g}, "
-          + ("constant lr" if warmup is None else f"warm-up {warm} steps then linear decay"))
+    print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}{per_process(args)}"
+          f", {total} steps ({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)})"
+          f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
+    log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a")
+    first, t0, seen, record = step, time.time(), 0, {"stage": stage}
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
-        rows, weight = len(batch["index"]), 1.0
-        if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
-            batch, weight = shard(batch, by_tokens=stage in ("stage1", "general")
-                                  and not args.paper_exact)
-        batch = {k: v.to(args.device) for k, v in batch.items()}
         for group in optimizer.param_groups:
-            group["lr"] = lr * (1.0 if warmup is None else lr_factor(step, warm, total))
-        model.train()
-        with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
-            loss, parts = loss_fn(forward, batch)
-        if not torch.isfinite(loss):
-            losses = {k: float(v.detach()) for k, v in parts.items()}
-            raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
-                                     f"batch rows {batch['index'].tolist()}")
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        if dist.is_initialized():  # the mean of the processes' gradients
-            for p in (p for p in params if p.grad is not None):  # Stage 1 leaves the head unused
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        log.trained(step, epoch, parts, optimizer.param_groups[0]["lr"], rows)
-        due = step % per_epoch == 0 or step == total or args.eval_steps and step % args.eval_steps == 0
-        if evaluate and LEAD and due:
-            metrics = log.evaluated(step, functools.partial(evaluate, model), keep_best)
-            if keep_best and (best is None or metrics[args.metric] > best[args.metric]):
+            group["lr"] = lr * lr_factor(step, warmup, total)
+        losses = train_step(forward, batch, loss_fn, optimizer, stage, step, args)
+        step, seen = step + 1, seen + len(batch["index"])  # samples/s: every process's rows
+        if step % args.log_steps == 0 or step == total:
+            took = time.time() - t0
+            record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total, **losses,
+                      "lr": group["lr"], "samples_per_s": seen / took, "train_s": took}
+            print(json.dumps(record), file=log, flush=True)
+            print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | " + evaluation.format_metrics(
+                losses, 4) + f" | lr {group['lr']:.2e} | {seen / took:.1f} samples/s | ETA "
+                f"{(total - step) * took / (step - first) / 60:.1f} min", flush=True)
+        if evaluate and LEAD and (step % per_epoch == 0 or step == total
+                                  or args.eval_steps and step % args.eval_steps == 0):
+            took = time.time()
+            metrics = evaluate(model)
+            took = time.time() - took
+            t0 += took  # samples/s and the ETA count training time alone
+            improved = keep_best and (best is None or metrics[args.metric] > best[args.metric])
+            print(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": took}),
+                  file=log, flush=True)
+            print(f"[{stage}] {'dev' if keep_best else 'held-out'} at step {step} ({took:.0f} s): "
+                  + evaluation.format_metrics(metrics, 2 if keep_best else 4)
+                  + "  (best so far: saved)" * improved)
+            if improved:
                 best = metrics
                 save_model(model, directory, args)
-                print(f"[{stage}] best so far: saved")
         if step % args.save_steps == 0 and step < total and LEAD:
             save_checkpoint(directory, modules, optimizer, step, best)
-    record = log.done()
+    record = close_log(log, record, args)
     if keep_best:
         finish(directory, {"dev": best, "train": record})
     return record
 
 
-def lr_factor(step, warm, total):
-    """The lr of step `step` (from 0) over the base lr: linear warm-up for `warm` steps, then a
-    linear decay to 0 at `total`."""
+def adamw(modules, lr, args):
+    """AdamW over the trainable parameters of `modules`, with --weight_decay on the weight matrices
+    and none on the biases and LayerNorm weights (BERT's recipe)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def train_step(model, batch, loss_fn, optimizer, stage, step, args):
+    """One AdamW step on one batch; returns its losses. Under torchrun: this process's share of
+    the batch, then the mean of the processes' gradients."""
+    weight = 1.0
+    if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
+        batch, weight = shard(batch, by_tokens=stage in ("stage1", "general") and not args.paper_exact)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    model.train()
+    with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
+        loss, parts = loss_fn(model, batch)
+    losses = {k: float(v.detach()) for k, v in parts.items()}
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
+                                 f"batch rows {batch['index'].tolist()}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    if dist.is_initialized():  # the mean of the processes' gradients
+        for p in (p for p in params if p.grad is not None):  # Stage 1 leaves the head unused
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return losses
+
+
+def lr_factor(step, warmup, total):
+    """The lr of step `step` (from 0) over the base lr: 1 at a constant lr (warmup None), else a
+    linear warm-up over the first warmup x total steps, then a linear decay to 0 at `total`."""
+    if warmup is None:
+        return 1.0
+    warm = int(warmup * total)
     if step < warm:
         return (step + 1) / warm
     return max(0.0, (total - step) / max(1, total - warm))
@@ -408,11 +435,6 @@ def path(text):
     return ",".join(os.path.abspath(f) for f in text.split(","))
 
 
-def model_path(text):
-    """The type of the model flags: a directory made absolute, else a hub name or a keyword."""
-    return path(text) if os.path.exists(text) else text
-
-
 # The flags as --help groups them: (name, type, default, help); a bool flag is a switch, a list
 # gives the choices, None defaults come from TASKS or parse_args. A group's header names the stages
 # whose results its flags change: a rerun into a stage's directory with other values is refused.
@@ -431,7 +453,7 @@ FLAGS = [
      "padding, the same masked losses; L_SS and L_SC then relate samples of similar length"),
     ("the teacher", "teacher stage1 stage2 general"),
     ("teacher", path, None, "directory of a fine-tuned teacher: skips the teacher stage"),
-    ("teacher_init", model_path, "google-bert/bert-base-uncased", "pre-trained: hub name or DIR"),
+    ("teacher_init", str, "google-bert/bert-base-uncased", "pre-trained: hub name or DIR"),
     ("teacher_epochs", number, None, "teacher epochs"),
     ("teacher_lr", number, None, "teacher learning rate"),
     ("schedule and model selection", "teacher stage2 general"),
@@ -439,7 +461,7 @@ FLAGS = [
     ("eval_steps", count, None, "evaluate on dev every N steps (default: every epoch)"),
     ("dev_file", path, None, "SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or v2.0)"),
     ("the student and Stage 1", "stage1 stage2 general"),
-    ("student_init", model_path, None, "tinybert: General TinyBERT (the paper's; default for "
+    ("student_init", str, None, "tinybert: General TinyBERT (the paper's; default for "
      "tasks); teacher-layers: the teacher's embeddings and layers g(1..M) (DistilBERT's init); "
      "DIR: the same from a model directory; random (default for --task general)"),
     ("layers", count, None, "student layers M (default: 4 for tinybert, else DIR's or N/2)"),
@@ -514,6 +536,9 @@ def parse_args(argv=None):
     args.student_init = args.student_init or ("random" if general else "tinybert")
     args.batch_size = args.batch_size or (16 if squad else 32)
     args.out = args.out or path(os.path.join("out", args.task))
+    for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
+        if os.path.exists(getattr(args, name)):
+            setattr(args, name, path(getattr(args, name)))
     args.stages = (args.stages or ("general" if general else ",".join(STAGES))).split(",")
     if args.group_by_length and args.paper_exact:
         print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
@@ -726,7 +751,8 @@ def begin(stage, directory, args):
         return False
     if LEAD:
         os.makedirs(directory, exist_ok=True)
-        data.atomic_write_text(os.path.join(directory, "args.json"), as_json(args))
+        data.atomic_write_text(os.path.join(directory, "args.json"),
+                               json.dumps(vars(args), indent=2, default=str))
     sync()
     torch.manual_seed(zlib.crc32(f"{args.seed} {stage}".encode()))
     return True
@@ -735,7 +761,7 @@ def begin(stage, directory, args):
 def same_settings(stage, directory, args):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
     values of the flags that change the stage: those under the groups of FLAGS that name it."""
-    path, now = os.path.join(directory, "args.json"), json.loads(as_json(args))
+    path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
         return  # a stage stopped before its first checkpoint kept nothing
@@ -749,8 +775,18 @@ def same_settings(stage, directory, args):
                          "those to resume or reuse it, or pass a new --out")
 
 
-def as_json(args):
-    return json.dumps(vars(args), indent=2, default=str)
+def close_log(log, record, args):
+    """A stage's closing line and log record: samples/s and the peak memory (CUDA allocated, or on
+    a CPU the process's peak resident set). Returns the last record with the peak."""
+    cuda = args.device.startswith("cuda")
+    record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    print(f"[{record['stage']}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory "
+          f"{record['peak_memory_gib']:.2f} GiB ({'CUDA allocated' if cuda else 'process RSS'})")
+    done = {"stage": record["stage"], "done": True, "peak_memory_gib": record["peak_memory_gib"]}
+    print(json.dumps(done), file=log, flush=True)
+    log.close()
+    return record
 
 
 def finish(directory, metrics):
@@ -804,53 +840,6 @@ def save_checkpoint(directory, modules, optimizer, step, best):
     data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
 
 
-class Log:
-    """A stage's log.jsonl and progress lines: each loss, the lr, samples/s and the ETA (of the
-    training time alone), the dev evaluations, the peak memory at the end."""
-
-    def __init__(self, stage, directory, step, total, args):
-        self.stage, self.step0, self.total, self.args = stage, step, total, args
-        self.t0, self.seen, self.record = time.time(), 0, {"stage": stage}
-        self.file = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a")
-
-    def trained(self, step, epoch, parts, lr, rows):
-        self.seen += rows  # the global batch: samples/s counts every process's rows
-        if step % self.args.log_steps and step != self.total:
-            return
-        elapsed = time.time() - self.t0
-        losses = {k: float(v.detach()) for k, v in parts.items()}
-        self.record = {"stage": self.stage, "epoch": epoch + 1, "step": step, "total": self.total,
-                       **losses, "lr": lr, "samples_per_s": self.seen / elapsed, "train_s": elapsed}
-        print(f"[{self.stage}] epoch {epoch + 1} step {step}/{self.total} | "
-              + " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" | lr {lr:.2e} | "
-              f"{self.seen / elapsed:.1f} samples/s | ETA "
-              f"{(self.total - step) * elapsed / (step - self.step0) / 60:.1f} min", flush=True)
-        print(json.dumps(self.record), file=self.file, flush=True)
-
-    def evaluated(self, step, evaluate, dev):
-        """Run a dev (or held-out) evaluation and log it; its time is not training time."""
-        t = time.time()
-        metrics = evaluate()
-        self.t0 += time.time() - t  # samples/s and the ETA count training alone
-        print(f"[{self.stage}] {'dev' if dev else 'held-out'} at step {step} ({time.time() - t:.0f}"
-              " s): " + evaluation.format_metrics(metrics, 2 if dev else 4))
-        record = {"stage": self.stage, "step": step, "dev": metrics, "eval_s": time.time() - t}
-        print(json.dumps(record), file=self.file, flush=True)
-        return metrics
-
-    def done(self):
-        """The closing line (peak memory: CUDA allocated, or the process's resident set on a CPU)."""
-        cuda = self.args.device.startswith("cuda")
-        self.record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
-                                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-        print(f"[{self.stage}] done: {self.record.get('samples_per_s', 0):.1f} samples/s, peak memory "
-              f"{self.record['peak_memory_gib']:.2f} GiB ({'CUDA allocated' if cuda else 'process RSS'})")
-        done = {"stage": self.stage, "done": True, "peak_memory_gib": self.record["peak_memory_gib"]}
-        print(json.dumps(done), file=self.file, flush=True)
-        self.file.close()
-        return self.record
-
-
 # ----------------------------------------------------------------------------------------------
 # Several processes: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python train.py` is one
 
@@ -859,8 +848,6 @@ def start_distributed(args):
     """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), take this process's
     GPU, and let process 0 alone print. Every process loads the teacher and the data and computes
     the teacher cache; process 0 alone evaluates (the others wait: hence the long timeout)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return
     cuda = args.device.startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     if cuda:
@@ -868,6 +855,12 @@ def start_distributed(args):
         torch.cuda.set_device(args.device)
     if not LEAD:
         sys.stdout = open(os.devnull, "w")
+
+
+def per_process(args):
+    """' (16 per process)' under torchrun: the share of the global batch each process trains."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return f" ({math.ceil(args.batch_size / world)} per process)" if world > 1 else ""
 
 
 def sync():
