@@ -294,6 +294,17 @@ def write_test_predictions(model, tok, args):
 # Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed), loss curves
 
 
+def check_model_flags(p, args):
+    """Refuse, through parser p, a --model that is neither a directory nor a hub name and a
+    --max_len with no room for the special tokens (eval.py and tools/relations.py)."""
+    if not os.path.exists(args.model) and args.model.count("/") != 1:  # else a hub name
+        p.error(f"--model {args.model}: no such directory")
+    least = 5 if args.task.startswith("squad") or data.TASKS[args.task].b is not None else 3
+    if args.max_len is not None and not least <= args.max_len <= 512:
+        p.error(f"--max_len {args.max_len}: must be in {least}..512 (room for the special tokens "
+                "and one word piece of each text)")
+
+
 def parse_args(argv=None):
     """eval.py's flags, each checked before a model is read; an error prints one usage line."""
     p = argparse.ArgumentParser(prog="eval.py", usage="%(prog)s --task T --model DIR [flags, see --help]",
@@ -318,12 +329,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
         p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
-    if not os.path.exists(args.model) and args.model.count("/") != 1:  # else a hub name
-        p.error(f"--model {args.model}: no such directory")
-    least = 5 if args.task.startswith("squad") or data.TASKS[args.task].b is not None else 3
-    if args.max_len is not None and not least <= args.max_len <= 512:
-        p.error(f"--max_len {args.max_len}: must be in {least}..512 (room for the special tokens "
-                "and one word piece of each text)")
+    check_model_flags(p, args)
     for name in ("batch_size", "speed_batch", "speed_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")

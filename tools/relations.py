@@ -92,12 +92,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.sentence.strip():
         p.error("give a sentence to draw (it is empty)")
-    if not os.path.exists(args.model) and args.model.count("/") != 1:  # else a hub name
-        p.error(f"--model {args.model}: no such directory")
-    least = 5 if args.task.startswith("squad") or data.TASKS[args.task].b is not None else 3
-    if args.max_len is not None and not least <= args.max_len <= 512:
-        p.error(f"--max_len {args.max_len}: must be in {least}..512 (room for the special tokens "
-                "and one word piece of each text)")
+    evaluation.check_model_flags(p, args)
     if not args.out and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
         p.error(f"--model {args.model}: not writable, and relations.py writes its page there; "
                 "copy it to a directory you can write to or give --out FILE")
