@@ -318,14 +318,15 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, warmup, total)
         losses = train_step(forward, batch, loss_fn, optimizer, stage, step, args)
+        lr_used = optimizer.param_groups[0]["lr"]
         step, seen = step + 1, seen + len(batch["index"])  # samples/s: every process's rows
         if step % args.log_steps == 0 or step == total:
             took = time.time() - t0
             record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total, **losses,
-                      "lr": group["lr"], "samples_per_s": seen / took, "train_s": took}
+                      "lr": lr_used, "samples_per_s": seen / took, "train_s": took}
             print(json.dumps(record), file=log, flush=True)
             print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | " + evaluation.format_metrics(
-                losses, 4) + f" | lr {group['lr']:.2e} | {seen / took:.1f} samples/s | ETA "
+                losses, 4) + f" | lr {lr_used:.2e} | {seen / took:.1f} samples/s | ETA "
                 f"{(total - step) * took / (step - first) / 60:.1f} min", flush=True)
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
                                   or args.eval_steps and step % args.eval_steps == 0):
@@ -729,10 +730,11 @@ def squad_dev(model, examples, features, version, args):
 
 def train_subset(n, examples):
     """A random subset of n training examples, the same for every --seed (all of them without n)."""
-    if n and n >= len(examples):
+    if not n:
+        return examples
+    if n >= len(examples):
         print(f"[data] --train_subset {n} is not less than the {len(examples)} training examples: "
               "training on all of them")
-    if not n or n >= len(examples):
         return examples
     keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(42))[:n]
     return [examples[i] for i in sorted(keep.tolist())]
