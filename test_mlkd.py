@@ -1416,16 +1416,19 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     import train
     init = write_pipeline_fixture(tmp_path)
     data.build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
+    general = tool("general_distill")
     out = tmp_path / "gen"
-    argv = ["--task", "general", "--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init), "--layers", "2",
+    argv = ["--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init), "--layers", "2",
             "--hidden", "24", "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16", "--batch_size", "8",
-            "--lr1", "2e-3", "--epochs1", "6", "--warmup", "0", "--save_steps", "3", "--log_steps", "1",
+            "--lr", "2e-3", "--epochs", "6", "--warmup", "0", "--save_steps", "3", "--log_steps", "1",
             "--device", "cpu", "--out", str(out)]
     real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):
-        train.main(argv)
+        general.main(argv)
     monkeypatch.setattr(data, "batches", real)
-    result = train.main(argv)
+    with pytest.raises(ValueError, match="was run with other settings: --lr 0.002 \\(now 0.001\\)"):
+        general.main([*argv, "--lr", "1e-3"])  # the settings guard holds the checkpoint
+    result = general.main(argv)
     said = capsys.readouterr().out
     assert "[general] resumed from" in said and "held-out at step 0" in said
     metrics = json.load(open(out / "general" / "metrics.json"))
@@ -1434,6 +1437,10 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     assert curve[-1]["loss"] < curve[0]["loss"] and curve[-1]["windows"] == metrics["corpus"]["heldout_windows"] >= 1
     for f in ("model.safetensors", "config.json", "vocab.txt", "projections.safetensors", "args.json"):
         assert os.path.exists(out / "general" / f), f
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import general_table  # the README's table reads these records
+    table = list(general_table.rows("G", str(out / "general")))
+    assert len(table) == 8 and table[0].startswith("| G (2 x 24, 2 heads, FFN 48) | init (random) |")
     # the General student starts a task: Stage 1 and Stage 2 from it (its own width, its two layers)
     task = PIPELINE + [
         "--data_dir",
@@ -2330,10 +2337,10 @@ def test_general_distillation_trains_the_encoder_and_every_projection_with_warmu
     data.build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
     seen, teachers = spy_on_stages(monkeypatch, train)
     out = tmp_path / "gen"
-    train.main(["--task", "general", "--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init),
-                "--layers", "2", "--hidden", "24", "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16",
-                "--batch_size", "8", "--lr1", "2e-3", "--max_steps", "5", "--warmup", "0.4", "--log_steps", "1",
-                "--device", "cpu", "--out", str(out)])
+    tool("general_distill").main([
+        "--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init), "--layers", "2", "--hidden", "24",
+        "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16", "--batch_size", "8", "--lr", "2e-3",
+        "--max_steps", "5", "--warmup", "0.4", "--log_steps", "1", "--device", "cpu", "--out", str(out)])
     before, after = seen["general"]
     assert changed(before[0], after[0]) == {k for k in before[0] if not k.startswith("pooler.")}
     assert changed(before[1], after[1]) == set(before[1])
@@ -2478,7 +2485,7 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
         with pytest.raises(ValueError, match=msg):
             train.main(base + extra)
         assert not os.path.exists(out), extra  # nothing trained, nothing left behind
-    for extra, msg in ((["--layer_map=-1,2"], "teacher layers count from 1"),
+    for extra, msg in ((["--layer_map=-1,2"], "they count from 1"),
                        (["--max_len", "2"], "--max_len 2: sst2 needs 3 to 512 positions"),
                        (["--max_len", "4", "--task", "rte"], "--max_len 4: rte needs 5 to 512 positions"),
                        (["--batch_size", "1"], "--batch_size 1: L_SS and L_SC relate the samples of a batch"),

@@ -1,15 +1,13 @@
 """train.py: the whole MLKD pipeline for one task, in one command.
 
     python train.py --task sst2       # teacher -> Stage 1 -> Stage 2 -> eval, into out/sst2
-    python train.py --task general --corpus FILE --teacher_init DIR --layers 4 --hidden 192 --ffn 768
 
 Read mlkd.py first (the losses), then model.py's BertOutput (the tensors they read), then this
 file from the top: the stages in the paper's order (section 3; the settings of the authors'
 scripts, HandH1998/tmp_bert_mlkd), what each one minimises, the one training loop; below them the
 machinery (flags, a stage's directory, logging, torchrun), which a reader of the method may skip.
 --recipe tinybert runs TinyBERT's task distillation (the paper's baseline) in both stages.
---task general distils a pre-trained teacher on unlabeled text with the Stage-1 losses, as General
-TinyBERT was made: its output is a student for --student_init.
+A student of another shape starts from general distillation: tools/general_distill.py.
 
 Each stage writes <out>/<stage>/: model.safetensors, config.json, vocab.txt, args.json,
 metrics.json, log.jsonl, curves.svg. A rerun skips finished stages and resumes an interrupted one
@@ -51,8 +49,6 @@ TASKS = {
     "wnli": Recipe(max_len=128, epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
     "squad1": Recipe(max_len=384, epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
     "squad2": Recipe(max_len=384, epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
-    # the authors' general_distill.py: 3 epochs at lr 5e-5 (--lr1), 10% warm-up, 128 tokens
-    "general": Recipe(max_len=128, epochs1=3, epochs2=0, teacher_epochs=0, teacher_lr=5e-5),
 }
 STAGES = ("teacher", "stage1", "stage2", "eval")
 LEAD = int(os.environ.get("RANK", 0)) == 0  # under torchrun, process 0 alone writes and evaluates
@@ -68,10 +64,10 @@ def main(argv=None):
         start_distributed(args)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     try:
-        result = general(args) if args.task == "general" else pipeline(args)
+        result = pipeline(args)
     except KeyboardInterrupt:  # Ctrl-C anywhere: say what is kept
         kept = [f"{s} ({'finished' if is_done(d) else 'checkpoint.pt'})" for s, d in (
-            (s, os.path.join(args.out, s)) for s in (*STAGES[:3], "general"))
+            (s, os.path.join(args.out, s)) for s in STAGES[:3])
             if is_done(d) or os.path.exists(os.path.join(d, "checkpoint.pt"))]
         print(f"\ninterrupted: kept in {args.out}: {', '.join(kept) or 'nothing'}; "
               "rerun the same command to resume", flush=True)
@@ -105,7 +101,11 @@ def pipeline(args):
 
     # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
     if begin("stage1", out["stage1"], args):
-        distil_layers("stage1", out["stage1"], teacher, train, args, warmup=None)
+        student, proj, loss_fn = stage1_start(teacher, args)
+        record = fit("stage1", out["stage1"], [student, proj], loss_fn, train, args, args.epochs1,
+                     args.lr1, warmup=None)
+        save_model(student, out["stage1"], args, proj)
+        finish(out["stage1"], {"train": record})
 
     # Stage 2: the prediction layer (L_KD + L_SS + L_SC), from Stage 1's student and projections;
     # warm-up then linear decay; the checkpoint with the best dev metric is kept
@@ -138,7 +138,7 @@ def teacher_loss(model, batch):
 
 
 def stage1_objective(model, batch, teacher, proj, lmap, args):
-    """Stage 1 and general distillation -> (loss, parts): mlkd.stage1_loss against the frozen
+    """Stage 1 (and general distillation) -> (loss, parts): mlkd.stage1_loss against the frozen
     teacher (--recipe tinybert: TinyBERT's attention-score and hidden-state MSE)."""
     inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     tiny = args.recipe == "tinybert"
@@ -168,32 +168,17 @@ def stage2_objective(model, batch, teacher, proj, cache, args):
     return total, parts
 
 
-def distil_layers(stage, directory, teacher, train, args, warmup, heldout=None):
-    """Stage 1 or general distillation: the student of --student_init learns the teacher's
-    embeddings and layers through the projections W_0..W_M, at a constant lr (warmup None) or
-    warm-up then decay. Saves both, marks the stage finished; returns the held-out losses at start."""
+def stage1_start(teacher, args):
+    """Stage 1's student (--student_init), its projections W_0..W_M into the teacher's width, and
+    its loss: stage1_objective through the layer map g (student layer m learns teacher layer g(m))."""
     student = build_student(args, teacher).to(args.device)
     M, d_s = student.config.num_hidden_layers, student.config.hidden_size
     lmap = mlkd.layer_map(teacher.config.num_hidden_layers, M, args.layer_map)
-    print(f"[{stage}] layer map student -> teacher: {lmap} (0 = embeddings); student {M} x {d_s}, "
+    print(f"[student] layer map student -> teacher: {lmap} (0 = embeddings); {M} x {d_s}, "
           f"{student.num_parameters() / 1e6:.1f}M parameters")
     proj = mlkd.Projections(M, d_s, teacher.config.hidden_size, args.proj_init).to(args.device)
-    saved = os.path.join(args.student_init, "projections.safetensors")
-    if stage == "general" and os.path.isfile(saved):  # continuing a general student: its W_m too
-        proj.load_state_dict(read_safetensors(saved))
     loss_fn = functools.partial(stage1_objective, teacher=teacher, proj=proj, lmap=lmap, args=args)
-    evaluate = heldout and functools.partial(heldout_losses, loss_fn=loss_fn, heldout=heldout,
-                                             args=args)
-    start = evaluate and evaluate(student)
-    if start:
-        print(f"[{stage}] held-out at step 0: " + evaluation.format_metrics(start, 4))
-    record = fit(stage, directory, [student, proj], loss_fn, train, args, args.epochs1, args.lr1,
-                 warmup, evaluate)
-    save_model(student, directory, args)
-    if LEAD:
-        write_safetensors(proj.state_dict(), os.path.join(directory, "projections.safetensors"))
-    finish(directory, {"train": record})
-    return start
+    return student, proj, loss_fn
 
 
 def stage2_start(stage1_dir, teacher, args):
@@ -211,48 +196,6 @@ def stage2_start(stage1_dir, teacher, args):
     if is_done(stage1_dir):
         proj.load_state_dict(read_safetensors(os.path.join(stage1_dir, "projections.safetensors")))
     return student.to(args.device), proj.to(args.device)
-
-
-def general(args):
-    """--task general: general distillation on unlabeled text, into <out>/general."""
-    directory, source = os.path.join(args.out, "general"), fetch(args.teacher_init)
-    args.vocab = os.path.join(source, "vocab.txt")
-    check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
-    if not begin("general", directory, args):
-        return json.loads(data.read_text(os.path.join(directory, "metrics.json")))
-    teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
-    documents = data.read_corpus(args.corpus.split(","))
-    windows = data.corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
-    n = len(windows["lengths"])
-    if n < 2:
-        raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-    k = min(1000, max(1, n // 100))  # held out, never trained on: 1% of the windows, at most 1000
-    heldout, train = ({key: v[rows] for key, v in windows.items()} for rows in (order[:k], order[k:]))
-    print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, {k} held out")
-    start = distil_layers("general", directory, teacher, train, args, args.warmup, heldout)
-    metrics = json.loads(data.read_text(os.path.join(directory, "metrics.json")))
-    logged = map(json.loads, open(os.path.join(directory, "log.jsonl")))
-    curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]} for r in logged if "dev" in r]
-    corpus = {"files": args.corpus, "windows": n, "heldout_windows": k}
-    finish(directory, {**metrics, "corpus": corpus, "heldout": curve})
-    print("[general] held-out losses, start -> end: " + ", ".join(
-        f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
-    return {"corpus": corpus, "heldout": curve}
-
-
-@torch.no_grad()
-def heldout_losses(student, loss_fn, heldout, args):
-    """Each Stage-1 loss and their weighted sum, averaged over the held-out windows (eval mode)."""
-    student.eval()
-    sums, n = collections.Counter(), 0
-    for b in data.batches(heldout, args.eval_batch_size):
-        b = {k: v.to(args.device) for k, v in b.items()}
-        with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
-            total, parts = loss_fn(student, b)
-        sums.update({k: float(v) * len(b["index"]) for k, v in {**parts, "loss": total}.items()})
-        n += len(b["index"])
-    return {**{k: v / n for k, v in sums.items()}, "windows": n}
 
 
 def teacher_cache(teacher, train, args):
@@ -431,6 +374,17 @@ def count(text):
     return int(text)
 
 
+def layers(text):
+    """The type of --layer_map: uniform, last, or the teacher layer of each student layer."""
+    if text in ("uniform", "last"):
+        return text
+    g = [int(x) if x.isdigit() else -1 for x in text.split(",")]
+    if g[0] < 0 or any(x < 1 for x in g[1:]):
+        raise argparse.ArgumentTypeError(f"{text}: use uniform, last or teacher layers 3,6,9,12 "
+                                         "(they count from 1; a leading 0: the embeddings)")
+    return g
+
+
 def path(text):
     """The type of the file flags: absolute (args.json then holds from any folder); FILE,FILE..."""
     return ",".join(os.path.abspath(f) for f in text.split(","))
@@ -440,7 +394,7 @@ def path(text):
 # gives the choices, None defaults come from TASKS or parse_args. A group's header names the stages
 # whose results its flags change: a rerun into a stage's directory with other values is refused.
 FLAGS = [
-    ("task and data", "teacher stage1 stage2 general"),
+    ("task and data", "teacher stage1 stage2"),
     ("task", str, None, "one of " + ", ".join(TASKS)),
     ("batch_size", count, None, "default 32 (16 for SQuAD); under torchrun the global batch"),
     ("max_len", count, None, "word pieces per example (default: the task's)"),
@@ -452,26 +406,26 @@ FLAGS = [
     ("paper_exact", bool, False, "as the authors ran: batches padded to max_len, losses unmasked"),
     ("group_by_length", bool, False, "batches of similar lengths (runs of 100 sorted): less "
      "padding, the same masked losses; L_SS and L_SC then relate samples of similar length"),
-    ("the teacher", "teacher stage1 stage2 general"),
+    ("the teacher", "teacher stage1 stage2"),
     ("teacher", path, None, "directory of a fine-tuned teacher: skips the teacher stage"),
     ("teacher_init", str, "google-bert/bert-base-uncased", "pre-trained: hub name or DIR"),
     ("teacher_epochs", number, None, "teacher epochs"),
     ("teacher_lr", number, None, "teacher learning rate"),
-    ("schedule and model selection", "teacher stage2 general"),
-    ("warmup", number, 0.1, "warm-up fraction of the steps (teacher, Stage 2, general)"),
+    ("schedule and model selection", "teacher stage2"),
+    ("warmup", number, 0.1, "warm-up fraction of the steps (teacher, Stage 2)"),
     ("eval_steps", count, None, "evaluate on dev every N steps (default: every epoch)"),
     ("dev_file", path, None, "SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or v2.0)"),
-    ("the student and Stage 1", "stage1 stage2 general"),
-    ("student_init", str, None, "tinybert: General TinyBERT (the paper's; default for "
-     "tasks); teacher-layers: the teacher's embeddings and layers g(1..M) (DistilBERT's init); "
-     "DIR: the same from a model directory; random (default for --task general)"),
+    ("the student and Stage 1", "stage1 stage2"),
+    ("student_init", str, "tinybert", "tinybert: General TinyBERT (the paper's); teacher-layers: "
+     "the teacher's embeddings and layers g(1..M) (DistilBERT's init); DIR: the same from a model "
+     "directory (tools/general_distill.py makes one of any shape); random"),
     ("layers", count, None, "student layers M (default: 4 for tinybert, else DIR's or N/2)"),
     ("hidden", count, None, "student width (default: 312 for tinybert, else the teacher's)"),
     ("heads", count, None, "student attention heads (any divisor of the width)"),
     ("ffn", count, None, "student FFN width"),
     ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's task distillation, the "
      "paper's baseline (Stage 1: MSE of attention scores and hidden states; Stage 2: L_KD)"),
-    ("layer_map", str, "uniform", "uniform, last, or the teacher layer of each student layer: 3,6,9,12"),
+    ("layer_map", layers, "uniform", "uniform, last, or the teacher layer of each student layer: 3,6,9,12"),
     ("splits", count, 12, "MHA-splits A for L_MHA (must divide both widths)"),
     ("proj_init", ["normal", "identity"], "normal", "W_m init: N(0, 0.02) (the authors') or identity"),
     *((f"w_{w}", number, 1.0, f"weight of L_{w.upper()} (0 switches it off)") for w in ("emb", "mha", "ffn")),
@@ -485,8 +439,6 @@ FLAGS = [
     ("tau", number, 0.07, "L_SC temperature"),
     ("epochs2", number, None, "Stage-2 epochs"),
     ("lr2", number, 5e-5, "Stage-2 learning rate"),
-    ("--task general", "general"),
-    ("corpus", path, None, "unlabeled text files, comma-separated (python data.py corpus)"),
     ("running (changes no result)", ""),
     ("data_dir", path, os.environ.get("MLKD_DATA", "data"),
      "holds glue/<TASK>/*.tsv and squad/*.json; missing files are downloaded there"),
@@ -509,11 +461,12 @@ def refuse(message):
     sys.exit(2)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+def make_parser(flags, description):
+    """The argparse parser of a flag table such as FLAGS (tools/general_distill.py has its own)."""
+    p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = refuse
-    for flag in FLAGS:
+    for flag in flags:
         if len(flag) == 2:  # a group: (title, the stages its flags change)
             group = p.add_argument_group(flag[0], f"changes: {flag[1] or 'nothing'}")
         elif flag[1] is bool:
@@ -523,24 +476,26 @@ def parse_args(argv=None):
             choices = kind if isinstance(kind, list) else None
             group.add_argument(f"--{name}", type=str if choices else kind, default=default,
                                choices=choices, help=text, required=name == "task")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = make_parser(FLAGS, __doc__).parse_args(argv)
     if args.task not in TASKS:
         refuse(f"--task {args.task!r}: unknown; choose one of {', '.join(TASKS)}")
     for name, value in TASKS[args.task]._asdict().items():  # the task's defaults
         value = value if getattr(args, name) is None else getattr(args, name)
         setattr(args, name, value if name == "max_len" else float(value))  # as --epochs1 15 gives
-    general, squad = args.task == "general", args.task.startswith("squad")
+    squad = args.task.startswith("squad")
     if squad or args.recipe == "tinybert":  # Stage 2 = L_KD alone: TinyBERT's, the authors' SQuAD
         args.w_ss = args.w_sc = 0.0
-    args.metric = ("f1" if squad else "loss" if general else "acc_m" if args.task == "mnli"
-                   else data.TASKS[args.task].metric)
-    args.student_init = args.student_init or ("random" if general else "tinybert")
+    args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     args.batch_size = args.batch_size or (16 if squad else 32)
     args.out = args.out or path(os.path.join("out", args.task))
     for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
         if os.path.exists(getattr(args, name)):
             setattr(args, name, path(getattr(args, name)))
-    args.stages = (args.stages or ("general" if general else ",".join(STAGES))).split(",")
+    args.stages = (args.stages or ",".join(STAGES)).split(",")
     if args.group_by_length and args.paper_exact:
         print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
         args.group_by_length = False
@@ -550,19 +505,13 @@ def parse_args(argv=None):
 
 def check_flags(args):
     """Refuse, before any work, the flags that cannot work: one line naming the flag."""
-    general, world = args.task == "general", int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau"):
         if getattr(args, name) == 0:
             refuse(f"--{name} must be positive, got {getattr(args, name)}")
     if args.warmup >= 1:
         refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
-    if general and (args.stages != ["general"] or args.teacher or not args.corpus):
-        refuse("--task general distils --teacher_init on --corpus FILE[,FILE...] in one stage "
-               "(no --stages, no --teacher; python data.py corpus makes a corpus)")
-    for f in (args.corpus or "").split(","):
-        if f and not os.path.isfile(f):
-            refuse(f"--corpus {f}: no such file")
-    if not general and (set(args.stages) - set(STAGES) or not all(args.stages)):
+    if set(args.stages) - set(STAGES) or not all(args.stages):
         refuse(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
     if not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)):
         refuse("Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0")
@@ -585,13 +534,6 @@ def check_flags(args):
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK):
         refuse(f"--out {args.out}: {parent} is not writable; choose an --out you can write to")
-    if args.layer_map not in ("uniform", "last"):
-        try:
-            args.layer_map = [int(x) for x in args.layer_map.split(",")]
-        except ValueError:
-            refuse(f"--layer_map {args.layer_map}: use uniform, last or teacher layers 3,6,9,12")
-        if args.layer_map[0] < 0 or any(x < 1 for x in args.layer_map[1:]):
-            refuse(f"--layer_map {args.layer_map}: teacher layers count from 1 (0: embeddings)")
 
 
 TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D",
@@ -677,9 +619,11 @@ def build_student(args, teacher):
     return student
 
 
-def save_model(model, directory, args):
-    """The model in HF's layout, its vocabulary, and the settings it was trained with (eval.py
-    reads max_len and data_dir from them)."""
+def save_model(model, directory, args, proj=None):
+    """The model in HF's layout, its vocabulary, the settings it was trained with (eval.py reads
+    max_len and data_dir from them) and a student's projections W_0..W_M (Stage 2 starts from them)."""
+    if LEAD and proj is not None:
+        write_safetensors(proj.state_dict(), os.path.join(directory, "projections.safetensors"))
     if LEAD:
         tokenizer = {"tokenizer_class": "BertTokenizer", "do_lower_case": True,  # as data.Tokenizer
                      "model_max_length": args.max_len}  # an HF pipeline then cuts where we trained
@@ -740,14 +684,14 @@ def train_subset(n, examples):
     return [examples[i] for i in sorted(keep.tolist())]
 
 
-def begin(stage, directory, args):
+def begin(stage, directory, args, flags=FLAGS):
     """True when `stage` runs now: it is in --stages and not finished. Its directory then holds the
     settings it runs with (args.json), and the stage draws its randomness (initialisation, dropout)
     from the generator seeded by --seed and its name: the same command gives the same weights
     whether the stages before it ran in this process or an earlier one."""
     if stage not in args.stages:
         return False
-    same_settings(stage, directory, args)
+    same_settings(stage, directory, args, flags)
     if is_done(directory):
         print(f"[{stage}] {directory} is finished: skipped")
         return False
@@ -760,15 +704,15 @@ def begin(stage, directory, args):
     return True
 
 
-def same_settings(stage, directory, args):
+def same_settings(stage, directory, args, flags=FLAGS):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
-    values of the flags that change the stage: those under the groups of FLAGS that name it."""
+    values of the flags that change the stage: those under the groups of `flags` that name it."""
     path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
         return  # a stage stopped before its first checkpoint kept nothing
     was, stages, differ = json.loads(data.read_text(path)), "", []
-    for flag in FLAGS:
+    for flag in flags:
         stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
         if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")

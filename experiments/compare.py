@@ -141,7 +141,7 @@ def first_jobs(args, mini):
     for heads, student in generals:  # out/general-4x192/general -> --out out/general-4x192
         out = os.path.dirname(student)
         chains[-1].append((f"General student{'' if heads == 12 else f', {heads} heads'}",
-                           [py, "train.py", "--task", "general", "--corpus", "out/corpus.txt", "--teacher_init", mini,
+                           [py, "tools/general_distill.py", "--corpus", "out/corpus.txt", "--teacher_init", mini,
                             "--layers", "4", "--hidden", "192", "--heads", str(heads), "--ffn", "768", "--out", out],
                            out + ".log", os.path.join(student, "metrics.json")))
     chains = [[j for j in chain if not os.path.exists(j[3])] for chain in chains if not os.path.exists(chain[-1][3])]

@@ -2,7 +2,7 @@
 
     python experiments/general_table.py "LABEL=out/general-4x192/general" ["LABEL=DIR:init" ...]
 
-Each DIR is a finished `train.py --task general` stage directory. For each it prints the held-out Stage-1
+Each DIR is a finished `tools/general_distill.py` stage directory (OUT/general). For each it prints the held-out Stage-1
 losses (mean over the held-out corpus windows, student in eval mode) at step 0, i.e. the student as
 initialised, and after every epoch, with the training time and throughput from its log; DIR:init prints
 the step-0 row alone (a reference initialisation scored by a --max_steps 1 run).

@@ -1,0 +1,135 @@
+"""General distillation: a student of any shape learns a pre-trained teacher's embeddings and
+Transformer layers on unlabeled text, by the Stage-1 losses (train.py's stage1_objective), at a
+linear warm-up then decay: how General TinyBERT was made (TinyBERT, section 3.2); the authors of
+MLKD ship it as general_distill.py (3 epochs at lr 5e-5, 10% warm-up, 128 tokens: the defaults).
+The student it writes starts a task: `python train.py --task sst2 --student_init OUT/general`.
+
+    python data.py corpus --data_dir DATA --out corpus.txt --vocab DIR/vocab.txt
+    python tools/general_distill.py --corpus corpus.txt --teacher_init DIR \\
+        --layers 4 --hidden 192 --ffn 768 --out out/general-4x192
+
+1% of the corpus windows (at most 1000) are held out, never trained on: their Stage-1 losses at the
+start and after every epoch are the curve in OUT/general/metrics.json ("heldout"). OUT/general is a
+stage directory as train.py's are: the same command resumes it from its checkpoint.pt, and a rerun
+with other settings is refused. Under torchrun it is data-parallel.
+"""
+import collections
+import functools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import train  # noqa: E402
+from model import Bert, BertConfig, fetch, read_safetensors  # noqa: E402
+
+SAME = {f[0]: f for f in train.FLAGS if len(f) == 4}  # train.py's flags, where they mean the same
+FLAGS = [  # train.py's table form: a group header names the stage its flags change
+    ("general distillation", "general"),
+    ("corpus", train.path, None, "unlabeled text files, comma-separated (python data.py corpus)"),
+    ("teacher_init", str, "google-bert/bert-base-uncased", "the pre-trained teacher: hub name or DIR"),
+    ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
+     "general student to go on from: its projections too)"),
+    *(SAME[name] for name in "layers hidden heads ffn recipe layer_map splits proj_init".split()),
+    *(SAME[name] for name in "w_emb w_mha w_ffn mha_temperature seed weight_decay".split()),
+    ("max_len", train.count, 128, "word pieces per window of text"),
+    ("batch_size", train.count, 32, "windows per batch; under torchrun the global batch"),
+    ("epochs", train.number, 3.0, "epochs over the corpus"),
+    ("lr", train.number, 5e-5, "learning rate"),
+    ("warmup", train.number, 0.1, "warm-up fraction of the steps"),
+    *(SAME[name] for name in "max_steps paper_exact group_by_length".split()),
+    ("running (changes no result)", ""),
+    ("out", train.path, train.path(os.path.join("out", "general")), "writes OUT/general"),
+    ("eval_steps", train.count, None, "held-out losses every N steps too (default: every epoch)"),
+    *(SAME[name] for name in "save_steps log_steps eval_batch_size device compile".split()),
+]
+
+
+def main(argv=None):
+    args = train.make_parser(FLAGS, __doc__).parse_args(argv)
+    args.task, args.stages, args.metric = "general", ["general"], "loss"  # as train.py's functions read
+    for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
+        if os.path.exists(getattr(args, name)):
+            setattr(args, name, train.path(getattr(args, name)))
+    for f in (args.corpus or "").split(","):
+        if not os.path.isfile(f):
+            train.refuse(f"--corpus {f!r}: no such file (python data.py corpus writes one)")
+    if args.student_init not in ("random", "tinybert", "teacher-layers") \
+            and not os.path.isdir(args.student_init):
+        train.refuse(f"--student_init {args.student_init}: not random/tinybert/teacher-layers nor "
+                     "a directory")
+    for name in ("lr", "mha_temperature"):
+        if getattr(args, name) == 0:
+            train.refuse(f"--{name} must be positive, got 0")
+    if args.warmup >= 1:
+        train.refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: data-parallel processes
+        train.start_distributed(args)
+    directory, source = os.path.join(args.out, "general"), fetch(args.teacher_init)
+    args.vocab = os.path.join(source, "vocab.txt")
+    train.check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
+    if not train.begin("general", directory, args, FLAGS):
+        return json.loads(data.read_text(os.path.join(directory, "metrics.json")))
+    teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
+    documents = data.read_corpus(args.corpus.split(","))
+    windows = data.corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
+    n = len(windows["lengths"])
+    if n < 2:
+        raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    k = min(1000, max(1, n // 100))  # held out: 1% of the windows, at most 1000
+    heldout, rows = ({key: v[i] for key, v in windows.items()} for i in (order[:k], order[k:]))
+    corpus = {"files": args.corpus, "windows": n, "heldout_windows": k,
+              "word_pieces": int(windows["lengths"].sum()) - 2 * n}  # without [CLS] and [SEP]
+    print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, "
+          f"{corpus['word_pieces']:,} word pieces; {k} held out")
+
+    student, proj, loss_fn = train.stage1_start(teacher, args)
+    saved = os.path.join(args.student_init, "projections.safetensors")
+    if os.path.isfile(saved):  # going on from a general student: its W_0..W_M too
+        proj.load_state_dict(read_safetensors(saved))
+    evaluate = functools.partial(heldout_losses, loss_fn=loss_fn, heldout=heldout, args=args)
+    start = evaluate(student)
+    print("[general] held-out at step 0: " + evaluation.format_metrics(start, 4))
+    record = train.fit("general", directory, [student, proj], loss_fn, rows, args, args.epochs,
+                       args.lr, args.warmup, evaluate)
+    train.save_model(student, directory, args, proj)
+    logged = map(json.loads, open(os.path.join(directory, "log.jsonl")))
+    curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]} for r in logged if "dev" in r]
+    train.finish(directory, {"train": record, "corpus": corpus, "heldout": curve})
+    print("[general] held-out losses, start -> end: " + ", ".join(
+        f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
+    if train.dist.is_initialized():  # the processes leave together
+        train.sync()
+        train.dist.destroy_process_group()
+    return {"corpus": corpus, "heldout": curve}
+
+
+@torch.no_grad()
+def heldout_losses(student, loss_fn, heldout, args):
+    """Each Stage-1 loss and their weighted sum, averaged over the held-out windows (eval mode)."""
+    student.eval()
+    sums, n = collections.Counter(), 0
+    for b in data.batches(heldout, args.eval_batch_size):
+        b = {k: v.to(args.device) for k, v in b.items()}
+        with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
+            total, parts = loss_fn(student, b)
+        sums.update({k: float(v) * len(b["index"]) for k, v in {**parts, "loss": total}.items()})
+        n += len(b["index"])
+    return {**{k: v / n for k, v in sums.items()}, "windows": n}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError, OSError) as e:
+        if train.LEAD:  # once, not once per torchrun process
+            print(f"error: {data.error_line(e, 'an --out')}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the checkpoint", file=sys.stderr)
+        sys.exit(130)
