@@ -2,8 +2,8 @@
 length-sorted batches -> predictions -> the official metric: the GLUE paper's, as scikit-learn and
 scipy compute them for its leaderboard), SQuAD's EM and F1 (the official v1.1 and v2.0 scripts),
 the head a task needs, and the command (dev metrics, SQuAD, GLUE test predictions); then machinery:
-flags, typos for --noise, latency for --speed, a run's loss curves. The relation maps of a teacher
-and a student on one sentence: tools/relations.py.
+flags, typos for --noise, latency for --speed, train.py's report and a run's loss curves. The
+relation maps of a teacher and a student on one sentence: tools/relations.py.
 
     python eval.py --task sst2 --model out/sst2/stage2    # dev metrics
     python eval.py --task sst2 --model DIR --predict      # GLUE test predictions (submission TSVs)
@@ -291,7 +291,8 @@ def write_test_predictions(model, tok, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed), loss curves
+# Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed); a run's
+# report (train.py's eval stage), loss curves and index page
 
 
 def check_model_flags(p, args):
@@ -424,6 +425,26 @@ PANEL = """<g class="panel" data-name="{name}" transform="translate(0 {top})">
 <text x="64" y="118">step 0</text><text x="544" y="118" text-anchor="end">step {last}</text>
 <polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="{points}"/>{dots}</g>
 """
+
+
+def report(args, teacher, dirs, evaluate):
+    """train.py's eval stage: the teacher's and the student's (dirs: teacher, Stage 1, Stage 2)
+    metrics by evaluate(model) -> <out>/results.json, <out>/index.html and a few lines printed."""
+    models = {"teacher": teacher, "student": Bert.from_pretrained(dirs[2], verbose=False)}
+    metrics = {name: evaluate(m.to(args.device)) for name, m in models.items()}
+    t, s = (metrics[name][args.metric] for name in models)
+    tp, sp = (m.num_parameters() for m in models.values())
+    results = dict(task=args.task, metric=args.metric, split="dev", **metrics,
+                   ratio=s / t if t else None, teacher_parameters=tp, student_parameters=sp,
+                   teacher_dir=dirs[0], student_dir=dirs[2])
+    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    write_index(args.out, dirs)
+    print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
+    for name, params in (("teacher", tp), ("student", sp)):
+        print(f"  {name} ({params / 1e6:.1f}M parameters): " + format_metrics(metrics[name]))
+    print(f"  student/teacher on {args.metric}: {100 * s / max(t, 1e-9):.1f}%, {tp / sp:.1f}x fewer "
+          f"parameters; {os.path.join(args.out, 'results.json')}")
+    return results
 
 
 def write_curves(directory):

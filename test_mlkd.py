@@ -1678,7 +1678,8 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
         return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     run = torchrun(tmp_path, base + ["--out", str(two), "--stages", "teacher"])
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "batch 16 (8 per process), 4 steps" in run.stdout
+    assert "[torchrun] 2 processes" in run.stdout and "--batch_size 16 in all (8 per process)" in run.stdout
+    assert "batch 16, 4 steps" in run.stdout
     assert run.stdout.count("[teacher] done") == 1  # rank 0 prints
     assert max_diff("teacher") < 1e-5
     killed = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage1"], DIE_AT="4")  # after step 3

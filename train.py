@@ -117,8 +117,12 @@ def pipeline(args):
         fit("stage2", out["stage2"], [student, proj], loss_fn, train, args, args.epochs2,
             args.lr2, args.warmup, evaluate, keep_best=True)
 
+    # The eval stage: the teacher's and the student's dev metrics -> results.json and index.html
     if "eval" in args.stages and LEAD:
-        return report(args, teacher, out, evaluate)
+        if not is_done(out["stage2"]):
+            raise ValueError(f"no finished student in {out['stage2']}: run stage2 first")
+        dirs = [args.teacher or out["teacher"], out["stage1"], out["stage2"]]
+        return evaluation.report(args, teacher, dirs, evaluate)
 
 
 def task_loss(logits, labels):
@@ -216,28 +220,6 @@ def teacher_cache(teacher, train, args):
     return mlkd.TeacherTargets(logits.to(args.device), cls.to(args.device))
 
 
-def report(args, teacher, out, evaluate):
-    """The eval stage: the teacher's and the Stage-2 student's dev metrics -> results.json."""
-    if not is_done(out["stage2"]):
-        raise ValueError(f"no finished student in {out['stage2']}: run stage2 first")
-    models = {"teacher": teacher, "student": Bert.from_pretrained(out["stage2"], verbose=False)}
-    metrics = {name: evaluate(m.to(args.device)) for name, m in models.items()}
-    t, s = (metrics[name][args.metric] for name in models)
-    tp, sp = (m.num_parameters() for m in models.values())
-    dirs = [args.teacher or out["teacher"], out["stage1"], out["stage2"]]
-    results = dict(task=args.task, metric=args.metric, split="dev", **metrics,
-                   ratio=s / t if t else None, teacher_parameters=tp, student_parameters=sp,
-                   teacher_dir=dirs[0], student_dir=dirs[2])
-    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
-    evaluation.write_index(args.out, dirs)
-    print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
-    for name, params in (("teacher", tp), ("student", sp)):
-        print(f"  {name} ({params / 1e6:.1f}M parameters): " + evaluation.format_metrics(metrics[name]))
-    print(f"  student/teacher on {args.metric}: {100 * s / max(t, 1e-9):.1f}%, {tp / sp:.1f}x fewer "
-          f"parameters; {os.path.join(args.out, 'results.json')}")
-    return results
-
-
 # ----------------------------------------------------------------------------------------------
 # The one training loop
 
@@ -251,7 +233,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     total = min(planned, args.max_steps or planned)
     optimizer = adamw(modules, lr, args)
     step, best = resume(stage, directory, modules, optimizer, args)
-    print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}{per_process(args)}"
+    print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}"
           f", {total} steps ({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)})"
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
     log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a")
@@ -273,8 +255,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 f"{(total - step) * took / (step - first) / 60:.1f} min", flush=True)
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
                                   or args.eval_steps and step % args.eval_steps == 0):
-            took = time.time()
-            metrics = evaluate(model)
+            took, metrics = time.time(), evaluate(model)
             took = time.time() - took
             t0 += took  # samples/s and the ETA count training time alone
             improved = keep_best and (best is None or metrics[args.metric] > best[args.metric])
@@ -801,12 +782,9 @@ def start_distributed(args):
         torch.cuda.set_device(args.device)
     if not LEAD:
         sys.stdout = open(os.devnull, "w")
-
-
-def per_process(args):
-    """' (16 per process)' under torchrun: the share of the global batch each process trains."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return f" ({math.ceil(args.batch_size / world)} per process)" if world > 1 else ""
+    world = dist.get_world_size()
+    print(f"[torchrun] {world} processes: each trains its share of every batch, --batch_size "
+          f"{args.batch_size} in all ({math.ceil(args.batch_size / world)} per process)")
 
 
 def sync():
