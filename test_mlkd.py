@@ -1422,6 +1422,13 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
             "--hidden", "24", "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16", "--batch_size", "8",
             "--lr", "2e-3", "--epochs", "6", "--warmup", "0", "--save_steps", "3", "--log_steps", "1",
             "--device", "cpu", "--out", str(out)]
+    for bad, msg in ((["--corpus", str(tmp_path / "none.txt")], "none.txt': no such file"),
+                     (["--student_init", "tiny"], "--student_init tiny: not random"), (["--lr", "0"], "--lr must be"),
+                     (["--warmup", "1"], "--warmup must be a fraction")):
+        with pytest.raises(SystemExit):
+            general.main(argv + bad)
+        assert msg in capsys.readouterr().err
+    assert not os.path.exists(out)  # refused before any work
     real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):
         general.main(argv)
