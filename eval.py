@@ -169,7 +169,7 @@ LABEL_TEXT = {"cola": ["unacceptable", "acceptable"], "sst2": ["negative", "posi
 
 def head_config(task):
     """The head of a model of the task: classification with the task's labels, regression (STS-B),
-    span (SQuAD) or none (task "general": general distillation trains no head)."""
+    span (SQuAD) or none (tools/general_distill.py's task "general" trains no head)."""
     if task in data.TASKS and data.TASKS[task].labels:
         labels = list(data.TASKS[task].labels)
         return dict(head="classification", num_labels=len(labels), label_names=labels,
@@ -179,21 +179,17 @@ def head_config(task):
 
 
 def head_mismatch(model, task):
-    """None when the model's head is the task's, else what differs ("has ..., but needs ...")."""
+    """None when the model's head is the task's, else what differs ("has ..., but needs ..."). A
+    head fine-tuned under another label order would be silently wrong (MNLI's three): refused too."""
     have, want = model.config, head_config(task)
     if have.head == want["head"] and have.num_labels == want.get("num_labels", have.num_labels):
-        return None
+        if list(have.label_names) in ([], want["label_names"]):
+            return None
+        return f"has the labels {have.label_names}, but --task {task}'s are {want['label_names']}"
     labels = f" with {have.num_labels} labels" if have.head == "classification" else ""
     shown = "no task head" if have.head == "none" else f"a {have.head} head{labels}"
     labels = f" with {want['num_labels']} labels" if "num_labels" in want else ""
     return f"has {shown}, but --task {task} needs a {want['head']} head{labels}"
-
-
-def check_labels(model, task):
-    """Refuse a model fine-tuned under another label order: it would be silently wrong (MNLI)."""
-    if list(model.config.label_names) not in ([], list(data.TASKS[task].labels)):
-        raise ValueError(f"the model's labels {model.config.label_names} differ from task {task}'s "
-                         f"{list(data.TASKS[task].labels)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +222,6 @@ def main(argv=None):
               "this scores an untrained classifier; the distilled student is in stage2")
     if args.task.startswith("squad"):
         return score_squad(model, tok, args)
-    check_labels(model, args.task)
     return write_test_predictions(model, tok, args) if args.predict else score_dev(model, tok, args)
 
 

@@ -1193,7 +1193,7 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
 
 def test_train_rejects_bad_flags_before_work(capsys):
     import train
-    for argv, msg in ((["--task", "sst3"], "unknown"), (["--task", "sst2", "--stages", "stage3"], "--stages"),
+    for argv, msg in ((["--task", "sst3"], "invalid choice"), (["--task", "sst2", "--stages", "stage3"], "--stages"),
                       (["--task", "sst2", "--lr1", "0"], "--lr1 must be positive"),
                       (["--task", "sst2", "--lr1=-5e-5"], "--lr1: must be a finite number >= 0"),
                       (["--task", "sst2", "--teacher", "/nonexistent"], "no such directory"),
@@ -2590,6 +2590,8 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
                            "--teacher_epochs", "1", "--epochs1", "1", "--epochs2", "1", "--max_len", "32"])
     vocab = {"vocab.txt": open(init / "vocab.txt").read()}
     model.Bert(model.BertConfig.preset("tiny-student", head="span")).save(tmp_path / "squad_model", vocab)
+    swapped = dict(head="classification", num_labels=2, label_names=["1", "0"])  # another label order
+    model.Bert(model.BertConfig.preset("tiny-student", **swapped)).save(tmp_path / "swapped", vocab)
     cpu = ["--device", "cpu", "--allow_partial"]
     for task, directory, msg in (
         (
@@ -2609,9 +2611,13 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
             tmp_path / "squad_model",
             "has a span head, but --task sst2 needs a " "classification head with 2 labels",
         ),
+        ("sst2", tmp_path / "swapped", "has the labels ['1', '0'], but --task sst2's are ['0', '1']"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"--model {directory}: {msg}")):
             ev.main(["--task", task, "--model", str(directory), *cpu, "--data_dir", str(tmp_path / "data")])
+    with pytest.raises(ValueError, match=re.escape(f"--teacher {tmp_path / 'swapped'}: has the labels ['1', '0']")):
+        train.main(PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher", str(tmp_path / "swapped"),
+                               "--out", str(tmp_path / "out2")])  # refused as a teacher too, before any work
     capsys.readouterr()  # no --data_dir: the one the model was trained with (its args.json), at its max_len
     assert ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu])["total"] == 32
     said = capsys.readouterr().out

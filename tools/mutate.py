@@ -120,6 +120,11 @@ MUTANTS = [
            "BertOutput([x], [], self.emb_ln(words), None,",
            "BertOutput([x], [], words, None,",
            "token_embeddings are the raw word embeddings, without the embedding LayerNorm"),
+    # eval.py: the head a task needs
+    Mutant("eval.py",
+           'if list(have.label_names) in ([], want["label_names"]):',
+           "if True:",
+           "a model fine-tuned under another label order is accepted (MNLI's would be silently wrong)"),
     # train.py: the stages
     Mutant("train.py",
            "args.lr1, warmup=None)",
