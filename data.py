@@ -71,8 +71,9 @@ class Tokenizer:
 # and second sentence in train/dev (b None: single-sentence task); label: the label's column (-1 =
 # last; None: test only); labels: the label strings in index order (() = regression); metric: GLUE's
 # official metric (the paper reports it, train.py selects on it); sizes: the official number of
-# examples per file, train, dev..., test... (GLUE paper; the download script); header: False where
-# train and dev have no header line (CoLA); test_cols: (a, b) in test.tsv where they differ.
+# examples per file, train, dev..., test... (GLUE paper; the download script); max_len: word pieces
+# per example in the MLKD authors' scripts; header: False where train and dev have no header line
+# (CoLA); test_cols: (a, b) in test.tsv where they differ.
 Task = namedtuple("Task", ["folder", "a", "b", "label", "labels", "metric", "sizes", "max_len",
                            "header", "test_cols", "is_regression", "dev_splits", "test_splits"],
                   defaults=(128, True, None, False, ("dev",), ("test",)))

@@ -77,7 +77,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     tok = data.Tokenizer(os.path.join(args.vocab, "vocab.txt"))
-    max_len = train.TASKS[args.task].max_len
+    max_len = data.TASKS[args.task].max_len
     rows = data.encode_glue(args.task, data.read_glue(args.task, "train", args.data_dir), tok, max_len)
     real = int(rows["lengths"].sum())
     orders = {"random": epoch(rows, 0), "grouped": epoch(rows, 100)}  # --group_by_length: runs of 100
