@@ -116,7 +116,7 @@ PRESETS = {"bert-base-uncased": {}, "tinybert-6l-768d": dict(num_hidden_layers=6
 
 @dataclass
 class BertOutput:
-    hidden_states: list  # num_layers + 1 tensors (B, L, d): embedding output, then each layer's
+    hidden_states: list  # num_layers + 1 tensors (B, L, d): embedding output, then layer 1..N's
     attn_outputs: list   # num_layers tensors (B, L, d): concatenated head contexts, before attn_out
     token_embeddings: torch.Tensor  # (B, L, d): LayerNorm_emb(word_embeddings[ids]), L_EMB's E
     pooled: torch.Tensor  # (B, d): tanh(Dense(h_last[:, 0]))

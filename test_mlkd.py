@@ -1191,6 +1191,21 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert f"[teacher] skipped: using the fine-tuned teacher of --teacher {out / 'teacher'}" in capsys.readouterr().out
 
 
+def test_help_lists_every_flag_what_it_changes_and_the_task_defaults(capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    said = capsys.readouterr().out
+    assert all(f"--{flag[0]}" in said for flag in train.FLAGS if len(flag) == 4)
+    assert "changes: stage1 stage2" in said and "changes: nothing" in said
+    assert "  sst2: epochs1 15, epochs2 10, teacher_epochs 4, teacher_lr 2e-05" in said  # the authors' table
+    general = tool("general_distill")
+    with pytest.raises(SystemExit):
+        general.main(["--help"])
+    said = capsys.readouterr().out
+    assert all(f"--{flag[0]}" in said for flag in general.FLAGS if len(flag) == 4) and "--corpus" in said
+
+
 def test_train_rejects_bad_flags_before_work(capsys):
     import train
     for argv, msg in ((["--task", "sst3"], "invalid choice"), (["--task", "sst2", "--stages", "stage3"], "--stages"),

@@ -5,7 +5,8 @@
 Read mlkd.py first (the losses), then model.py's BertOutput (the tensors they read), then this
 file from the top: the stages in the paper's order (section 3; the settings of the authors'
 scripts, HandH1998/tmp_bert_mlkd), what each one minimises, the one training loop; below them the
-machinery (flags, a stage's directory, logging, torchrun), which a reader of the method may skip.
+machinery (the flags and their checks, the models and the data, a stage's directory, torchrun),
+which a reader of the method may skip.
 --recipe tinybert runs TinyBERT's task distillation (the paper's baseline) in both stages.
 A student of another shape starts from general distillation: tools/general_distill.py.
 
@@ -84,8 +85,7 @@ def pipeline(args):
     source = fetch(args.teacher or args.teacher_init)
     args.vocab = os.path.join(source, "vocab.txt")
     check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
-    if args.teacher:
-        load_teacher(args.teacher, args)  # refused before any work when it is not the task's
+    teacher = args.teacher and load_teacher(args.teacher, args)  # refused here when not the task's
     train, evaluate = load_task(args, data.Tokenizer(args.vocab))
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
@@ -93,17 +93,21 @@ def pipeline(args):
         print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}")
     elif begin("teacher", out["teacher"], args):
         model = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task))
-        fit("teacher", out["teacher"], [model.to(args.device)], teacher_loss, train, args,
-            args.teacher_epochs, args.teacher_lr, args.warmup, evaluate, keep_best=True)
+        record, best = fit("teacher", out["teacher"], [model.to(args.device)], teacher_loss, train,
+                           args, args.teacher_epochs, args.teacher_lr, args.warmup, evaluate,
+                           keep_best=True)
+        finish(out["teacher"], {"dev": best, "train": record})
     if args.stages == ["teacher"]:
         return None
-    teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
+    teacher = teacher or load_teacher(out["teacher"], args)  # the kept teacher, frozen
 
     # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
     if begin("stage1", out["stage1"], args):
-        student, proj, loss_fn = stage1_start(teacher, args)
-        record = fit("stage1", out["stage1"], [student, proj], loss_fn, train, args, args.epochs1,
-                     args.lr1, warmup=None)
+        student, proj, lmap = stage1_start(teacher, args)
+        loss_fn = functools.partial(stage1_objective, teacher=teacher, proj=proj, lmap=lmap,
+                                    args=args)
+        record, _ = fit("stage1", out["stage1"], [student, proj], loss_fn, train, args,
+                        args.epochs1, args.lr1, warmup=None)
         save_model(student, out["stage1"], args, proj)
         finish(out["stage1"], {"train": record})
 
@@ -114,8 +118,9 @@ def pipeline(args):
         loss_fn = functools.partial(stage2_objective, teacher=teacher, proj=proj, args=args,
                                     cache=teacher_cache(teacher, train, args))
         print("[stage2] the checkpoint with the best dev metric is kept: model selection on dev")
-        fit("stage2", out["stage2"], [student, proj], loss_fn, train, args, args.epochs2,
-            args.lr2, args.warmup, evaluate, keep_best=True)
+        record, best = fit("stage2", out["stage2"], [student, proj], loss_fn, train, args,
+                           args.epochs2, args.lr2, args.warmup, evaluate, keep_best=True)
+        finish(out["stage2"], {"dev": best, "train": record})
 
     # The eval stage: the teacher's and the student's dev metrics -> results.json and index.html
     if "eval" in args.stages and LEAD:
@@ -174,31 +179,28 @@ def stage2_objective(model, batch, teacher, proj, cache, args):
 
 def stage1_start(teacher, args):
     """Stage 1's student (--student_init), its projections W_0..W_M into the teacher's width, and
-    its loss: stage1_objective through the layer map g (student layer m learns teacher layer g(m))."""
+    the layer map g: student layer m learns teacher layer g(m)."""
     student = build_student(args, teacher).to(args.device)
     M, d_s = student.config.num_hidden_layers, student.config.hidden_size
     lmap = mlkd.layer_map(teacher.config.num_hidden_layers, M, args.layer_map)
     print(f"[student] layer map student -> teacher: {lmap} (0 = embeddings); {M} x {d_s}, "
           f"{student.num_parameters() / 1e6:.1f}M parameters")
     proj = mlkd.Projections(M, d_s, teacher.config.hidden_size, args.proj_init).to(args.device)
-    loss_fn = functools.partial(stage1_objective, teacher=teacher, proj=proj, lmap=lmap, args=args)
-    return student, proj, loss_fn
+    return student, proj, lmap
 
 
 def stage2_start(stage1_dir, teacher, args):
     """Stage 2's student and projections: Stage 1's; for a baseline run without Stage 1 (KD on
     logits only, or gold labels), the student of --student_init and fresh projections."""
-    if is_done(stage1_dir):
-        same_settings("stage1", stage1_dir, args)
-        student = Bert.from_pretrained(stage1_dir, verbose=False)
-    else:
+    if not is_done(stage1_dir):
         print(f"[stage2] no finished Stage 1 in {stage1_dir}: from --student_init")
-        student = build_student(args, teacher)
+        student, proj, _ = stage1_start(teacher, args)
+        return student, proj
+    same_settings("stage1", stage1_dir, args)
+    student = Bert.from_pretrained(stage1_dir, verbose=False)
     c = student.config
-    proj = mlkd.Projections(c.num_hidden_layers, c.hidden_size, teacher.config.hidden_size,
-                            args.proj_init)
-    if is_done(stage1_dir):
-        proj.load_state_dict(read_safetensors(os.path.join(stage1_dir, "projections.safetensors")))
+    proj = mlkd.Projections(c.num_hidden_layers, c.hidden_size, teacher.config.hidden_size)
+    proj.load_state_dict(read_safetensors(os.path.join(stage1_dir, "projections.safetensors")))
     return student.to(args.device), proj.to(args.device)
 
 
@@ -227,7 +229,8 @@ def teacher_cache(teacher, train, args):
 def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, evaluate=None,
         keep_best=False):
     """Train `modules` (the first is the model) on loss_fn(model, batch) by AdamW at lr x lr_factor;
-    evaluate(model) every --eval_steps and epoch (keep_best: keep the best); resumable checkpoints."""
+    evaluate(model) every --eval_steps and epoch (keep_best: save the best); resumable checkpoints.
+    Returns (the last log record, the best evaluation: None without keep_best)."""
     model, per_epoch = modules[0], math.ceil(len(train["input_ids"]) / args.batch_size)
     planned = max(1, math.ceil(epochs * per_epoch))
     total = min(planned, args.max_steps or planned)
@@ -255,8 +258,9 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 f"{(total - step) * took / (step - first) / 60:.1f} min", flush=True)
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
                                   or args.eval_steps and step % args.eval_steps == 0):
-            took, metrics = time.time(), evaluate(model)
-            took = time.time() - took
+            started = time.time()
+            metrics = evaluate(model)
+            took = time.time() - started
             t0 += took  # samples/s and the ETA count training time alone
             improved = keep_best and (best is None or metrics[args.metric] > best[args.metric])
             print(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": took}),
@@ -269,10 +273,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 save_model(model, directory, args)
         if step % args.save_steps == 0 and step < total and LEAD:
             save_checkpoint(directory, modules, optimizer, step, best)
-    record = close_log(log, record, args)
-    if keep_best:
-        finish(directory, {"dev": best, "train": record})
-    return record
+    return close_log(log, record, args), best
 
 
 def adamw(modules, lr, args):
@@ -285,11 +286,12 @@ def adamw(modules, lr, args):
 
 
 def train_step(model, batch, loss_fn, optimizer, stage, step, args):
-    """One AdamW step on one batch; returns its losses. Under torchrun: this process's share of
-    the batch, then the mean of the processes' gradients."""
+    """One AdamW step on one batch, its gradient clipped to norm 1 (BERT's); returns its losses.
+    Under torchrun: this process's share of the batch, then the mean of the processes' gradients."""
     weight = 1.0
     if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
-        batch, weight = shard(batch, by_tokens=stage in ("stage1", "general") and not args.paper_exact)
+        layers = stage not in ("teacher", "stage2")  # Stage 1, tools/general_distill.py's "general"
+        batch, weight = shard(batch, by_tokens=layers and not args.paper_exact)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     model.train()
     with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
@@ -355,7 +357,7 @@ def count(text):
     return int(text)
 
 
-def layers(text):
+def layer_spec(text):
     """The type of --layer_map: uniform, last, or the teacher layer of each student layer."""
     if text in ("uniform", "last"):
         return text
@@ -382,7 +384,7 @@ FLAGS = [
     ("train_file", path, None, "SQuAD training JSON(s), comma-separated (default: in data_dir)"),
     ("train_subset", count, None, "train on this many examples, the same for every --seed"),
     ("max_steps", count, None, "cap the steps of every stage (quick runs)"),
-    ("seed", int, 42, "each stage draws from its own generator, seeded by --seed and its name"),
+    ("seed", int, 42, "seeds each stage's init and dropout (with its name) and batch order"),
     ("weight_decay", number, 0.01, "AdamW weight decay (not on biases and LayerNorm weights)"),
     ("paper_exact", bool, False, "as the authors ran: batches padded to max_len, losses unmasked"),
     ("group_by_length", bool, False, "batches of similar lengths (runs of 100 sorted): less "
@@ -405,8 +407,9 @@ FLAGS = [
     ("heads", count, None, "student attention heads (any divisor of the width)"),
     ("ffn", count, None, "student FFN width"),
     ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's task distillation, the "
-     "paper's baseline (Stage 1: MSE of attention scores and hidden states; Stage 2: L_KD)"),
-    ("layer_map", layers, "uniform", "uniform, last, or the teacher layer of each student layer: 3,6,9,12"),
+     "paper's baseline (Stage 1: MSE of attention scores and hidden states, not weighted by "
+     "--w_emb/--w_mha/--w_ffn; Stage 2: L_KD)"),
+    ("layer_map", layer_spec, "uniform", "uniform, last, or the teacher layer of each student layer: 3,6,9,12"),
     ("splits", count, 12, "MHA-splits A for L_MHA (must divide both widths)"),
     ("proj_init", ["normal", "identity"], "normal", "W_m init: N(0, 0.02) (the authors') or identity"),
     *((f"w_{w}", number, 1.0, f"weight of L_{w.upper()} (0 switches it off)") for w in ("emb", "mha", "ffn")),
@@ -461,13 +464,19 @@ def make_parser(flags, description):
 
 
 def parse_args(argv=None):
-    args = make_parser(FLAGS, __doc__).parse_args(argv)
+    p = make_parser(FLAGS, __doc__)
+    p.epilog = "per-task defaults (the authors' scripts):\n" + "\n".join(
+        f"  {task}: " + ", ".join(f"{k} {v:g}" for k, v in r._asdict().items())
+        for task, r in TASKS.items())
+    args = p.parse_args(argv)
     for name, value in TASKS[args.task]._asdict().items():  # the task's defaults
         value = value if getattr(args, name) is None else getattr(args, name)
-        setattr(args, name, float(value))  # as --epochs1 15 gives
+        setattr(args, name, float(value))  # a float, as --epochs1 15 parses: args.json compares
     squad = args.task.startswith("squad")
     args.max_len = args.max_len or (384 if squad else data.TASKS[args.task].max_len)
     if squad or args.recipe == "tinybert":  # Stage 2 = L_KD alone: TinyBERT's, the authors' SQuAD
+        print(f"{'--recipe tinybert' if args.recipe == 'tinybert' else args.task}: Stage 2 is L_KD "
+              "alone (--w_ss 0 --w_sc 0)")
         args.w_ss = args.w_sc = 0.0
     args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     args.batch_size = args.batch_size or (16 if squad else 32)
@@ -539,7 +548,7 @@ def check_shapes(args, teacher):
     N, d_t, h_t = teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads
     M, d_s, h_s, ffn = student_shape(args, teacher)
     copies = args.student_init not in ("tinybert", "random")
-    distils = any(s in args.stages for s in ("stage1", "general"))
+    distils = any(s in args.stages for s in ("stage1", "general"))  # general: general_distill.py
     for flag, want, have in (("--hidden", args.hidden, d_s), ("--ffn", args.ffn, ffn)):
         if copies and want is not None and want != have:
             raise ValueError(f"{flag} {want}: --student_init {args.student_init} copies weights "
@@ -792,7 +801,8 @@ def sync():
 def shard(batch, by_tokens):
     """This process's rows of a global batch and the weight of its loss: world x its share of the
     examples (of the real tokens for the Stage-1 losses, which average over tokens), so that the
-    mean of the processes' gradients is the gradient of the global batch's loss."""
+    mean of the processes' gradients is the gradient of the global batch's loss. (TinyBERT's
+    attention MSE averages over token pairs: for it the token share is close, not exact.)"""
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = torch.arange(len(batch["index"])).tensor_split(world)[rank]
     if not len(rows):  # an empty shard: one row at weight 0

@@ -88,15 +88,17 @@ def main(argv=None):
     print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, "
           f"{corpus['word_pieces']:,} word pieces; {k} held out")
 
-    student, proj, loss_fn = train.stage1_start(teacher, args)
+    student, proj, lmap = train.stage1_start(teacher, args)
+    loss_fn = functools.partial(train.stage1_objective, teacher=teacher, proj=proj, lmap=lmap,
+                                args=args)
     saved = os.path.join(args.student_init, "projections.safetensors")
     if os.path.isfile(saved):  # going on from a general student: its W_0..W_M too
         proj.load_state_dict(read_safetensors(saved))
     evaluate = functools.partial(heldout_losses, loss_fn=loss_fn, heldout=heldout, args=args)
     start = evaluate(student)
     print("[general] held-out at step 0: " + evaluation.format_metrics(start, 4))
-    record = train.fit("general", directory, [student, proj], loss_fn, rows, args, args.epochs,
-                       args.lr, args.warmup, evaluate)
+    record, _ = train.fit("general", directory, [student, proj], loss_fn, rows, args, args.epochs,
+                          args.lr, args.warmup, evaluate)
     train.save_model(student, directory, args, proj)
     logged = map(json.loads, open(os.path.join(directory, "log.jsonl")))
     curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]} for r in logged if "dev" in r]
