@@ -598,11 +598,10 @@ def build_student(args, teacher):
     student = Bert(BertConfig(**{**vars(source.config), **overrides, "num_hidden_layers": M}))
     head = ("classifier.", "qa_outputs.") if from_teacher else ()  # the teacher's head: not copied
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(("layers.", *head))}
+    missing = student.load_state_dict(state, strict=False).missing_keys  # embeddings, pooler
+    assert all(k.startswith(("layers.", "classifier.", "qa_outputs.")) for k in missing), missing
     for m in range(1, M + 1):  # student layer m <- source layer g(m)
-        state.update({f"layers.{m - 1}.{k.split('.', 2)[2]}": v for k, v in
-                      source.state_dict().items() if k.startswith(f"layers.{g[m] - 1}.")})
-    missing = student.load_state_dict(state, strict=False).missing_keys
-    assert all(k.startswith(("classifier.", "qa_outputs.")) for k in missing), missing  # a new head
+        student.layers[m - 1].load_state_dict(source.layers[g[m] - 1].state_dict())
     print(f"[student] layers {g[1:]} of {'the teacher' if from_teacher else args.student_init} "
           f"(and its embeddings) -> a {M}-layer student")
     return student

@@ -178,6 +178,10 @@ MUTANTS = [
            "lmap = mlkd.layer_map(teacher.config.num_hidden_layers, M, args.layer_map)",
            "lmap = mlkd.layer_map(teacher.config.num_hidden_layers, M)",
            "Stage 1 ignores --layer_map and always maps uniformly"),
+    Mutant("train.py",
+           "student.layers[m - 1].load_state_dict(source.layers[g[m] - 1].state_dict())",
+           "student.layers[m - 1].load_state_dict(source.layers[m - 1].state_dict())",
+           "a copied student takes the source's first M layers, not layers g(1..M)"),
 ]
 
 
