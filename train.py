@@ -67,9 +67,9 @@ def main(argv=None):
     try:
         result = pipeline(args)
     except KeyboardInterrupt:  # Ctrl-C anywhere: say what is kept
-        kept = [f"{s} ({'finished' if is_done(d) else 'checkpoint.pt'})" for s, d in (
-            (s, os.path.join(args.out, s)) for s in STAGES[:3])
-            if is_done(d) or os.path.exists(os.path.join(d, "checkpoint.pt"))]
+        dirs = [(s, os.path.join(args.out, s)) for s in STAGES[:3]]
+        kept = [f"{s} (finished)" if is_done(d) else f"{s} (checkpoint.pt)" for s, d in dirs
+                if is_done(d) or os.path.exists(os.path.join(d, "checkpoint.pt"))]
         print(f"\ninterrupted: kept in {args.out}: {', '.join(kept) or 'nothing'}; "
               "rerun the same command to resume", flush=True)
         raise

@@ -49,7 +49,8 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
 ]
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags, checked before any work (one line naming the flag, as train.py refuses)."""
     args = train.make_parser(FLAGS, __doc__).parse_args(argv)
     args.task, args.stages, args.metric = "general", ["general"], "loss"  # as train.py's functions read
     for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
@@ -67,6 +68,11 @@ def main(argv=None):
             train.refuse(f"--{name} must be positive, got 0")
     if args.warmup >= 1:
         train.refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: data-parallel processes
         train.start_distributed(args)
     directory, source = os.path.join(args.out, "general"), fetch(args.teacher_init)
