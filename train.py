@@ -325,7 +325,9 @@ def lr_factor(step, warmup, total):
 
 def training_batches(train, args, step, per_epoch, total):
     """(epoch, batch) from step `step` until `total`: each epoch shuffled by a seed of its own,
-    so a resumed run sees the same batches in the same order (length-grouped ones too)."""
+    so a resumed run sees the same batches in the same order (length-grouped ones too). Padded to
+    max_len with --paper_exact, to a few widths with --compile; --group_by_length sorts runs of 100
+    batches by length."""
     while step < total:
         epoch = step // per_epoch
         for batch in data.batches(train, args.batch_size, shuffle=True, start=step % per_epoch,
