@@ -342,7 +342,7 @@ def training_batches(train, args, step, per_epoch, total):
 
 # ----------------------------------------------------------------------------------------------
 # Machinery: the flags and their checks; the models and the task's data; a stage's directory
-# (settings, resume, the log); the eval stage's report; torchrun.
+# (settings, resume, the log); torchrun. (The eval stage's report: eval.py.)
 
 
 def number(text):
