@@ -471,9 +471,9 @@ def parse_args(argv=None):
         f"  {task}: " + ", ".join(f"{k} {v:g}" for k, v in r._asdict().items())
         for task, r in TASKS.items())
     args = p.parse_args(argv)
-    for name, value in TASKS[args.task]._asdict().items():  # the task's defaults
-        value = value if getattr(args, name) is None else getattr(args, name)
-        setattr(args, name, float(value))  # a float, as --epochs1 15 parses: args.json compares
+    for name, value in TASKS[args.task]._asdict().items():  # the task's defaults, where not given
+        if getattr(args, name) is None:  # as floats, as --epochs1 15 parses (args.json compares)
+            setattr(args, name, float(value))
     squad = args.task.startswith("squad")
     args.max_len = args.max_len or (384 if squad else data.TASKS[args.task].max_len)
     if squad or args.recipe == "tinybert":  # Stage 2 = L_KD alone: TinyBERT's, the authors' SQuAD
