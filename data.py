@@ -1,10 +1,9 @@
 """data.py: what the models read, in this order: the WordPiece tokenizer; the GLUE tasks and their
-files, read as the official tools read them; batches; SQuAD (reader, windows, answers); unlabeled
-text for general distillation; then the machinery (downloads, text files, atomic writes, errors).
+files, read as the official tools read them; batches; SQuAD (reader, windows, answers); then the
+machinery (downloads, text files, atomic writes, errors). (Unlabeled text for general distillation:
+tools/corpus.py writes it, tools/general_distill.py reads it.)
 A reader refuses an empty, cut-short, binary or wrongly encoded file in one line naming it. Sources:
 the GLUE download script and paper, Google's run_classifier.py / run_squad.py, the SQuAD scripts.
-
-    python data.py corpus --data_dir DIR --out FILE [--vocab VOCAB]   # the offline corpus
 """
 import csv
 import io
@@ -320,93 +319,6 @@ def squad_predictions(examples, features, start_logits, end_logits, n_best=20, m
 
 
 # ----------------------------------------------------------------------------------------------
-# Unlabeled text for general distillation: the format of Google's pre-training data
-
-
-def read_corpus(paths):
-    """Plain UTF-8 text files, one sentence or paragraph per line, documents separated by blank
-    lines: a list of documents, each a list of lines. An empty file is refused."""
-    documents = []
-    for path in paths:
-        current, before = [], len(documents)
-        for line in read_text(path).splitlines() + [""]:  # a blank line closes the last document
-            if line.strip():
-                current.append(line.strip())
-            elif current:
-                documents.append(current)
-                current = []
-        if len(documents) == before:
-            raise ValueError(f"corpus {path} is empty; give UTF-8 text, a sentence or paragraph "
-                             "a line, documents apart by blank lines (data.py corpus writes one)")
-    return documents
-
-
-def corpus_windows(documents, tokenizer, max_len=128):
-    """Pack consecutive lines of a document into windows [CLS] text [SEP] of at most max_len tokens
-    (a longer line cut into pieces): {input_ids, token_type_ids, lengths} as encode_glue gives."""
-    room, windows = max_len - 2, []
-    pieces = iter(tokenizer.tokenize([line for doc in documents for line in doc]))
-    for doc in documents:
-        current = []
-        for ids in (next(pieces).ids for _ in doc):
-            for chunk in (ids[k:k + room] for k in range(0, len(ids), room)):
-                if current and len(current) + len(chunk) > room:  # no room: close the window
-                    windows.append(current)
-                    current = []
-                current += chunk
-        if current:
-            windows.append(current)
-    ids = torch.full((len(windows), max_len), tokenizer.pad_id, dtype=torch.long)
-    for i, w in enumerate(windows):  # once per corpus, before training
-        ids[i, :len(w) + 2] = torch.tensor([tokenizer.cls_id, *w, tokenizer.sep_id])
-    lengths = torch.tensor([len(w) + 2 for w in windows], dtype=torch.long)
-    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths}
-
-
-def build_corpus(data_dir, out, vocab=None):
-    """Write the corpus this repo can have offline, downloading nothing: the paragraphs of the SQuAD
-    train-*.json present (an article a document) and the sentences of the GLUE train.tsv present (a
-    file a document), deduplicated, without any line of a dev or test file present. Returns
-    {documents, lines, words, dropped_as_dev, word_pieces (with a vocab)}."""
-    texts = []  # (held out?, the lines of a document): SQuAD articles, then GLUE files
-    squad_dir = os.path.join(data_dir, "squad")
-    for name in sorted(os.listdir(squad_dir)) if os.path.isdir(squad_dir) else []:
-        if name.startswith(("train", "dev")) and name.endswith(".json"):
-            path = os.path.join(squad_dir, name)
-            try:  # every paragraph, with questions or without
-                articles = [[p["context"] for p in a["paragraphs"]] for a in json.loads(read_text(path))["data"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path} is not a SQuAD JSON file ({e!r}); {REFETCH}") from None
-            texts += [(name.startswith("dev"), paragraphs) for paragraphs in articles]
-    for task, t in TASKS.items():
-        for split in ("test",) if task == "ax" else ("train", *t.dev_splits, *t.test_splits):
-            file = "diagnostic" if task == "ax" else split
-            if os.path.exists(os.path.join(data_dir, "glue", t.folder, f"{file}.tsv")):
-                examples = read_glue(task, split, data_dir, allow_partial=True)
-                texts.append((split != "train", [s for e in examples for s in (e.text_a, e.text_b) if s]))
-    held = {line.strip() for dev, lines in texts if dev for line in lines}
-    documents, seen, dropped = [], set(), 0
-    for lines in (lines for dev, lines in texts if not dev):
-        lines = [" ".join(x.split()) for x in lines]  # one line each, whitespace collapsed
-        fresh = [line for line in dict.fromkeys(lines) if line and line not in seen]
-        seen.update(fresh)
-        dropped += sum(line in held for line in fresh)
-        documents += [[line for line in fresh if line not in held]]
-    documents = [doc for doc in documents if doc]
-    if not documents:
-        raise ValueError(f"{data_dir}: no squad/train-*.json and no glue/*/train.tsv")
-    atomic_write_text(out, "\n\n".join("\n".join(doc) for doc in documents) + "\n")
-    lines = [line for doc in documents for line in doc]
-    stats = {"documents": len(documents), "lines": len(lines),
-             "words": sum(len(x.split()) for x in lines), "dropped_as_dev": dropped}
-    if vocab:
-        stats["word_pieces"] = sum(len(e.ids) for e in Tokenizer(vocab).tokenize(lines))
-    said = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats.items())
-    print(f"[corpus] wrote {out}: {said}", file=sys.stderr)
-    return stats
-
-
-# ----------------------------------------------------------------------------------------------
 # Machinery, which a reader of the formats may skip: downloads, text files, atomic writes, errors
 
 
@@ -568,17 +480,3 @@ def error_line(e, writable):
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
     return str(e)
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description=build_corpus.__doc__.split("\n")[0])
-    p.add_argument("command", choices=["corpus"], help="write the corpus of general distillation")
-    p.add_argument("--data_dir", required=True, help="holds glue/*/train.tsv, squad/train-*.json")
-    p.add_argument("--out", required=True, help="the corpus file to write")
-    p.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
-    a = p.parse_args()
-    try:
-        build_corpus(a.data_dir, a.out, a.vocab)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {error_line(e, 'an --out')}")

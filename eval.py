@@ -2,8 +2,8 @@
 length-sorted batches -> predictions -> the official metric: the GLUE paper's, as scikit-learn and
 scipy compute them for its leaderboard), SQuAD's EM and F1 (the official v1.1 and v2.0 scripts),
 the head a task needs, and the command (dev metrics, SQuAD, GLUE test predictions); then machinery:
-flags, typos for --noise, latency for --speed, train.py's report and a run's loss curves. The
-relation maps of a teacher and a student on one sentence: tools/relations.py.
+flags, typos for --noise, latency for --speed, train.py's report. A run's loss curves:
+tools/pages.py; the relation maps of a teacher and a student on one sentence: tools/relations.py.
 
     python eval.py --task sst2 --model out/sst2/stage2    # dev metrics
     python eval.py --task sst2 --model DIR --predict      # GLUE test predictions (submission TSVs)
@@ -13,7 +13,6 @@ relation maps of a teacher and a student on one sentence: tools/relations.py.
 """
 import argparse
 import dataclasses
-import html
 import json
 import os
 import re
@@ -287,7 +286,7 @@ def write_test_predictions(model, tok, args):
 
 # ----------------------------------------------------------------------------------------------
 # Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed); a run's
-# report (train.py's eval stage), loss curves and index page
+# report (train.py's eval stage)
 
 
 def check_model_flags(p, args):
@@ -407,24 +406,9 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
     return rows
 
 
-CURVES = """<svg xmlns="http://www.w3.org/2000/svg" width="560" height="{height}"
- font-family="sans-serif" font-size="12"><title>{title}</title>
-<text x="8" y="18" font-size="14" font-weight="bold">{title}</text>
-{panels}</svg>
-"""
-PANEL = """<g class="panel" data-name="{name}" transform="translate(0 {top})">
-<text x="64" y="-6" font-weight="bold">{name}</text>
-<rect x="64" y="0" width="480" height="100" fill="none" stroke="#999"/>
-<text x="60" y="10" text-anchor="end">{hi:.4g}</text>
-<text x="60" y="100" text-anchor="end">{lo:.4g}</text>
-<text x="64" y="118">step 0</text><text x="544" y="118" text-anchor="end">step {last}</text>
-<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="{points}"/>{dots}</g>
-"""
-
-
 def report(args, teacher, dirs, evaluate):
     """train.py's eval stage: the teacher's and the student's (dirs: teacher, Stage 1, Stage 2)
-    metrics by evaluate(model) -> <out>/results.json, <out>/index.html and a few lines printed."""
+    metrics by evaluate(model) -> <out>/results.json and a few lines printed."""
     models = {"teacher": teacher, "student": Bert.from_pretrained(dirs[2], verbose=False)}
     metrics = {name: evaluate(m.to(args.device)) for name, m in models.items()}
     t, s = (metrics[name][args.metric] for name in models)
@@ -433,48 +417,13 @@ def report(args, teacher, dirs, evaluate):
                    ratio=s / t if t else None, teacher_parameters=tp, student_parameters=sp,
                    teacher_dir=dirs[0], student_dir=dirs[2])
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
-    write_index(args.out, dirs)
     print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
     for name, params in (("teacher", tp), ("student", sp)):
         print(f"  {name} ({params / 1e6:.1f}M parameters): " + format_metrics(metrics[name]))
     print(f"  student/teacher on {args.metric}: {100 * s / max(t, 1e-9):.1f}%, {tp / sp:.1f}x fewer "
           f"parameters; {os.path.join(args.out, 'results.json')}")
+    print(f"  loss curves of every stage: python tools/pages.py {args.out}")
     return results
-
-
-def write_curves(directory):
-    """<directory>/curves.svg from its log.jsonl: a PANEL against step for each loss (the batch's at
-    each logged step) and each dev metric (held-out loss for general distillation)."""
-    series, skip = {}, {"lr", "samples_per_s", "train_s", "eval_s", "peak_memory_gib"}
-    for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))):
-        where = "held-out" if r.get("stage") == "general" else "dev"
-        values = {f"{where} {k}": v for k, v in r["dev"].items()} if "dev" in r else r
-        for name, v in values.items():
-            if isinstance(v, float) and name not in skip:  # counts (step, total) are ints
-                series.setdefault(name, []).append((r["step"], v))
-    last = max([s for pts in series.values() for s, _ in pts] + [1])
-    panels = ""
-    for i, (name, pts) in enumerate(series.items()):
-        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-        if lo == hi:  # one value: +-10% around it, never across 0
-            lo, hi = sorted((0.9 * lo, 1.1 * lo)) if lo else (0.0, 1.0)
-        xy = [(64 + 480 * s / last, 100 * (hi - v) / (hi - lo)) for s, v in pts]  # in the panel
-        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-        dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#1f5fa8"/>' for x, y in xy)
-        panels += PANEL.format(name=name, top=56 + 150 * i, hi=hi, lo=lo, last=last, points=points,
-                               dots=dots if len(xy) <= 40 else "")  # dots only where few
-    title = html.escape(f"{os.path.basename(directory)}: {directory}")
-    svg = CURVES.format(height=150 * len(series) + 30, title=title, panels=panels)
-    data.atomic_write_text(os.path.join(directory, "curves.svg"), svg)
-
-
-def write_index(out, directories):
-    """<out>/index.html: the loss curves of each stage of a run, one below the other."""
-    page = f'<!doctype html>\n<meta charset="utf-8">\n<title>{out}</title>\n<h1>{out}</h1>\n'
-    for d in (d for d in directories if os.path.exists(os.path.join(d, "curves.svg"))):
-        page += (f'<h2>{os.path.basename(d)}</h2>\n'
-                 f'<img src="{os.path.relpath(d, out)}/curves.svg" alt="loss curves of {d}">\n')
-    data.atomic_write_text(os.path.join(out, "index.html"), page)
 
 
 if __name__ == "__main__":

@@ -863,7 +863,7 @@ def read_with(reader, path, root):
     if reader == "squad":
         return data.read_squad(str(path))
     if reader == "corpus":
-        return data.read_corpus([str(path)])
+        return tool("general_distill").read_corpus([str(path)])
     return data.Tokenizer(str(path))
 
 
@@ -1110,8 +1110,10 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
         log = [sum(r[p] for p in parts) for r in map(json.loads, open(out / stage / "log.jsonl")) if parts[0] in r]
         assert np.mean(log[-3:]) < log[0], (stage, log)
     assert "selection on dev" in logged and json.load(open(out / "results.json"))["task"] == "sst2"
-    # every finished stage draws its curves from its log; the run's index page shows them
+    # tools/pages.py draws every stage's curves from its log; the run's index page shows them
     import xml.etree.ElementTree as ET
+    assert "python tools/pages.py " + str(out) in logged and not os.path.exists(out / "index.html")
+    tool("pages").main([str(out)])
     svg = "{http://www.w3.org/2000/svg}"
     panels = {g.get("data-name"): g for g in ET.parse(out / "stage2" / "curves.svg").getroot().iter(svg + "g")}
     assert set(panels) == {"kd", "ss", "sc", "dev acc"}
@@ -1120,7 +1122,7 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     kd = [r["kd"] for r in records]
     assert len(ys) == len(kd) == 40 and all(ys[i] >= ys[j] for i in range(40) for j in range(40) if kd[i] < kd[j])
     index = (out / "index.html").read_text()
-    assert all(f'src="{s}/curves.svg"' in index for s in ("teacher", "stage1", "stage2"))
+    assert re.findall(r'src="(\w+)/curves.svg"', index) == ["teacher", "stage1", "stage2"]
     # eval.py scores the saved student as train.py did, writes test predictions, times re-headed models
     import eval as ev
     d = ["--task", "sst2", "--data_dir", str(tmp_path / "data"), "--device", "cpu", "--allow_partial"]
@@ -1382,8 +1384,8 @@ def test_corpus_has_train_text_only_deduplicated(tmp_path):
     (squad / "train-v1.1.json").write_text(json.dumps(SQUAD_FIXTURE))
     dev_doc = {"data": [{"title": "D", "paragraphs": [{"context": "A dev context.", "qas": []}]}]}
     (squad / "dev-v1.1.json").write_text(json.dumps(dev_doc))
-    stats = data.build_corpus(str(d), str(tmp_path / "corpus.txt"), str(tmp_path / "vocab.txt"))
-    docs = data.read_corpus([str(tmp_path / "corpus.txt")])
+    stats = tool("corpus").build_corpus(str(d), str(tmp_path / "corpus.txt"), str(tmp_path / "vocab.txt"))
+    docs = tool("general_distill").read_corpus([str(tmp_path / "corpus.txt")])
     lines = [x for doc in docs for x in doc]
     train_lines = {e.text_a for e in data.read_glue("sst2", "train", str(d))}
     held = {e.text_a for s in ("dev", "test") for e in data.read_glue("sst2", s, str(d), allow_partial=True)}
@@ -1397,7 +1399,7 @@ def test_corpus_has_train_text_only_deduplicated(tmp_path):
 def test_corpus_windows_pack_lines_of_one_document(tmp_path):
     tok = data.Tokenizer(write_vocab(tmp_path / "v.txt", ["a", "b", "c"]))
     docs = [["a b", "c a b c", "a"], ["b " * 9]]  # 2, 4, 1 word pieces; then one line of 9
-    w = data.corpus_windows(docs, tok, max_len=8)  # room for 6 pieces per window
+    w = tool("general_distill").corpus_windows(docs, tok, max_len=8)  # room for 6 pieces per window
     rows = [w["input_ids"][i, :n].tolist() for i, n in enumerate(w["lengths"].tolist())]
     a, b, c, cls, sep = (tok.wp.token_to_id(t) for t in ("a", "b", "c", "[CLS]", "[SEP]"))
     assert rows == [[cls, a, b, c, a, b, c, sep], [cls, a, sep], [cls] + [b] * 6 + [sep], [cls] + [b] * 3 + [sep]]
@@ -1430,7 +1432,7 @@ def test_student_init_dir_takes_layers_by_the_layer_map(tmp_path):
 def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, monkeypatch):
     import train
     init = write_pipeline_fixture(tmp_path)
-    data.build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
+    tool("corpus").build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
     general = tool("general_distill")
     out = tmp_path / "gen"
     argv = ["--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init), "--layers", "2",
@@ -1521,14 +1523,16 @@ def test_relation_page_draws_what_mlkd_computes(tmp_path):
 
 
 def test_curves_of_a_single_point_keep_a_non_negative_loss_axis(tmp_path):
-    """Issue 38: one logged point drew its loss axis from -0.47; a single value gets +-10% around it."""
+    """Issue 38: one logged point drew its loss axis from -0.47; a single value gets +-10% around it.
+    tools/pages.py draws a stage directory given alone, and refuses a folder with no log in one line."""
     import xml.etree.ElementTree as ET
-    import eval as ev
     records = [{"stage": "stage2", "epoch": 1, "step": 1, "total": 1, "kd": 0.03, "lr": 1e-4},
                {"stage": "stage2", "step": 1, "dev": {"acc": 50.0, "total": 32}, "eval_s": 0.1},
                {"stage": "stage2", "done": True, "peak_memory_gib": 0.1}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    ev.write_curves(str(tmp_path))
+    with pytest.raises(SystemExit, match=r"nope: no log.jsonl in it nor in a folder of it"):
+        tool("pages").main([str(tmp_path / "nope")])
+    assert tool("pages").main([str(tmp_path)]) == [str(tmp_path / "curves.svg")]
     svg = "{http://www.w3.org/2000/svg}"
     panels = {g.get("data-name"): g for g in ET.parse(tmp_path / "curves.svg").getroot().iter(svg + "g")}
     assert set(panels) == {"kd", "dev acc"}
@@ -2357,7 +2361,7 @@ def test_stages_read_an_eval_mode_teacher_through_the_layer_map_asked_for(tmp_pa
 def test_general_distillation_trains_the_encoder_and_every_projection_with_warmup(tmp_path, monkeypatch):
     import train
     init = write_pipeline_fixture(tmp_path)
-    data.build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
+    tool("corpus").build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
     seen, teachers = spy_on_stages(monkeypatch, train)
     out = tmp_path / "gen"
     tool("general_distill").main([

@@ -11,9 +11,9 @@ which a reader of the method may skip.
 A student of another shape starts from general distillation: tools/general_distill.py.
 
 Each stage writes <out>/<stage>/: model.safetensors, config.json, vocab.txt, args.json,
-metrics.json, log.jsonl, curves.svg. A rerun skips finished stages and resumes an interrupted one
-from its checkpoint.pt. Under `torchrun --nproc_per_node N train.py ...` every stage is
-data-parallel.
+metrics.json, log.jsonl (tools/pages.py draws its curves). A rerun skips finished stages and
+resumes an interrupted one from its checkpoint.pt. Under `torchrun --nproc_per_node N train.py ...`
+every stage is data-parallel.
 """
 import argparse
 import collections
@@ -122,7 +122,7 @@ def pipeline(args):
                            args.epochs2, args.lr2, args.warmup, evaluate, keep_best=True)
         finish(out["stage2"], {"dev": best, "train": record})
 
-    # The eval stage: the teacher's and the student's dev metrics -> results.json and index.html
+    # The eval stage: the teacher's and the student's dev metrics -> results.json
     if "eval" in args.stages and LEAD:
         if not is_done(out["stage2"]):
             raise ValueError(f"no finished student in {out['stage2']}: run stage2 first")
@@ -724,11 +724,10 @@ def close_log(log, record, args):
 
 
 def finish(directory, metrics):
-    """Mark a stage finished: metrics.json (with done), curves.svg; drop the checkpoint."""
+    """Mark a stage finished: metrics.json (with done); drop the checkpoint."""
     if LEAD:
         data.atomic_write_text(os.path.join(directory, "metrics.json"),
                                json.dumps({**metrics, "done": True}, indent=2))
-        evaluation.write_curves(directory)  # curves.svg: every loss and dev metric against step
         if os.path.exists(os.path.join(directory, "checkpoint.pt")):
             os.remove(os.path.join(directory, "checkpoint.pt"))
     sync()

@@ -136,7 +136,7 @@ def first_jobs(args, mini):
     py, chains = sys.executable, [[teacher_job(args, mini, *TASKS[args.task]["teachers"][0])]]
     generals = [(SETTINGS[s]["general"], SETTINGS[s]["flags"][1]) for s in args.settings if "general" in SETTINGS[s]]
     if generals:
-        chains.append([("corpus", [py, "data.py", "corpus", "--data_dir", args.data_dir, "--out", "out/corpus.txt",
+        chains.append([("corpus", [py, "tools/corpus.py", "--data_dir", args.data_dir, "--out", "out/corpus.txt",
                                    "--vocab", os.path.join(mini, "vocab.txt")], "out/corpus.log", "out/corpus.txt")])
     for heads, student in generals:  # out/general-4x192/general -> --out out/general-4x192
         out = os.path.dirname(student)

@@ -4,7 +4,7 @@ linear warm-up then decay: how General TinyBERT was made (TinyBERT, section 3.2)
 MLKD ship it as general_distill.py (3 epochs at lr 5e-5, 10% warm-up, 128 tokens: the defaults).
 The student it writes starts a task: `python train.py --task sst2 --student_init OUT/general`.
 
-    python data.py corpus --data_dir DATA --out corpus.txt --vocab DIR/vocab.txt
+    python tools/corpus.py --data_dir DATA --out corpus.txt --vocab DIR/vocab.txt
     python tools/general_distill.py --corpus corpus.txt --teacher_init DIR \\
         --layers 4 --hidden 192 --ffn 768 --out out/general-4x192
 
@@ -30,7 +30,7 @@ from model import Bert, BertConfig, fetch, read_safetensors  # noqa: E402
 SAME = {f[0]: f for f in train.FLAGS if len(f) == 4}  # train.py's flags, where they mean the same
 FLAGS = [  # train.py's table form: a group header names the stage its flags change
     ("general distillation", "general"),
-    ("corpus", train.path, None, "unlabeled text files, comma-separated (python data.py corpus)"),
+    ("corpus", train.path, None, "unlabeled text files, comma-separated (tools/corpus.py)"),
     ("teacher_init", str, "google-bert/bert-base-uncased", "the pre-trained teacher: hub name or DIR"),
     ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
      "general student to go on from: its projections too)"),
@@ -58,7 +58,7 @@ def parse_args(argv=None):
             setattr(args, name, train.path(getattr(args, name)))
     for f in (args.corpus or "").split(","):
         if not os.path.isfile(f):
-            train.refuse(f"--corpus {f!r}: no such file (python data.py corpus writes one)")
+            train.refuse(f"--corpus {f!r}: no such file (tools/corpus.py writes one)")
     if args.student_init not in ("random", "tinybert", "teacher-layers") \
             and not os.path.isdir(args.student_init):
         train.refuse(f"--student_init {args.student_init}: not random/tinybert/teacher-layers nor "
@@ -81,8 +81,8 @@ def main(argv=None):
     if not train.begin("general", directory, args, FLAGS):
         return json.loads(data.read_text(os.path.join(directory, "metrics.json")))
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
-    documents = data.read_corpus(args.corpus.split(","))
-    windows = data.corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
+    documents = read_corpus(args.corpus.split(","))
+    windows = corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
     n = len(windows["lengths"])
     if n < 2:
         raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
@@ -115,6 +115,46 @@ def main(argv=None):
         train.sync()
         train.dist.destroy_process_group()
     return {"corpus": corpus, "heldout": curve}
+
+
+def read_corpus(paths):
+    """Plain UTF-8 text files, one sentence or paragraph per line, documents separated by blank
+    lines: a list of documents, each a list of lines. An empty file is refused."""
+    documents = []
+    for path in paths:
+        current, before = [], len(documents)
+        for line in data.read_text(path).splitlines() + [""]:  # a blank line closes the last document
+            if line.strip():
+                current.append(line.strip())
+            elif current:
+                documents.append(current)
+                current = []
+        if len(documents) == before:
+            raise ValueError(f"corpus {path} is empty; give UTF-8 text, a sentence or paragraph "
+                             "a line, documents apart by blank lines (tools/corpus.py writes one)")
+    return documents
+
+
+def corpus_windows(documents, tokenizer, max_len=128):
+    """Pack consecutive lines of a document into windows [CLS] text [SEP] of at most max_len tokens
+    (a longer line cut into pieces): {input_ids, token_type_ids, lengths} as data.encode_glue gives."""
+    room, windows = max_len - 2, []
+    pieces = iter(tokenizer.tokenize([line for doc in documents for line in doc]))
+    for doc in documents:
+        current = []
+        for ids in (next(pieces).ids for _ in doc):
+            for chunk in (ids[k:k + room] for k in range(0, len(ids), room)):
+                if current and len(current) + len(chunk) > room:  # no room: close the window
+                    windows.append(current)
+                    current = []
+                current += chunk
+        if current:
+            windows.append(current)
+    ids = torch.full((len(windows), max_len), tokenizer.pad_id, dtype=torch.long)
+    for i, w in enumerate(windows):  # once per corpus, before training
+        ids[i, :len(w) + 2] = torch.tensor([tokenizer.cls_id, *w, tokenizer.sep_id])
+    lengths = torch.tensor([len(w) + 2 for w in windows], dtype=torch.long)
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths}
 
 
 @torch.no_grad()
