@@ -96,7 +96,7 @@ def pipeline(args):
         record, best = fit("teacher", out["teacher"], [model.to(args.device)], teacher_loss, train,
                            args, args.teacher_epochs, args.teacher_lr, args.warmup, evaluate,
                            keep_best=True)
-        finish(out["teacher"], {"dev": best, "train": record})
+        finish(out["teacher"], {"dev": best, "train": record}, args)
     if args.stages == ["teacher"]:
         return None
     teacher = teacher or load_teacher(out["teacher"], args)  # the kept teacher, frozen
@@ -109,7 +109,7 @@ def pipeline(args):
         record, _ = fit("stage1", out["stage1"], [student, proj], loss_fn, train, args,
                         args.epochs1, args.lr1, warmup=None)
         save_model(student, out["stage1"], args, proj)
-        finish(out["stage1"], {"train": record})
+        finish(out["stage1"], {"train": record}, args)
 
     # Stage 2: the prediction layer (L_KD + L_SS + L_SC), from Stage 1's student and projections;
     # warm-up then linear decay; the checkpoint with the best dev metric is kept
@@ -120,7 +120,7 @@ def pipeline(args):
         print("[stage2] the checkpoint with the best dev metric is kept: model selection on dev")
         record, best = fit("stage2", out["stage2"], [student, proj], loss_fn, train, args,
                            args.epochs2, args.lr2, args.warmup, evaluate, keep_best=True)
-        finish(out["stage2"], {"dev": best, "train": record})
+        finish(out["stage2"], {"dev": best, "train": record}, args)
 
     # The eval stage: the teacher's and the student's dev metrics -> results.json
     if "eval" in args.stages and LEAD:
@@ -273,7 +273,8 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 save_model(model, directory, args)
         if step % args.save_steps == 0 and step < total and LEAD:
             save_checkpoint(directory, modules, optimizer, step, best)
-    return close_log(log, record, args), best
+    log.close()
+    return record, best
 
 
 def adamw(modules, lr, args):
@@ -532,24 +533,27 @@ TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D",
 
 
 def student_shape(args, teacher):
-    """The student's (layers M, width, heads, FFN width) per --student_init and the flags."""
+    """The student's (layers M, width, heads, FFN width) per --student_init and the flags, and the
+    layer count N of the model it copies layers from (None: it copies none)."""
     if args.student_init == "tinybert":  # General TinyBERT has 12 heads
-        return args.layers or 4, args.hidden or 312, args.heads or 12, None
+        return args.layers or 4, args.hidden or 312, args.heads or 12, None, None
     if args.student_init == "random":
         return (args.layers or max(1, teacher.num_hidden_layers // 2), args.hidden or
-                teacher.hidden_size, args.heads or teacher.num_attention_heads, args.ffn)
+                teacher.hidden_size, args.heads or teacher.num_attention_heads, args.ffn, None)
     source = teacher if args.student_init == "teacher-layers" else BertConfig.from_json(
         os.path.join(args.student_init, "config.json"))
-    layers = teacher.num_hidden_layers // 2 if source is teacher else source.num_hidden_layers
-    return (args.layers or layers, source.hidden_size, args.heads or source.num_attention_heads,
-            source.intermediate_size)
+    N = source.num_hidden_layers
+    return (args.layers or (N // 2 if source is teacher else N), source.hidden_size,
+            args.heads or source.num_attention_heads, source.intermediate_size, N)
 
 
 def check_shapes(args, teacher):
     """Refuse, before any training, the shapes a later stage would refuse. teacher: its config."""
     N, d_t, h_t = teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads
-    M, d_s, h_s, ffn = student_shape(args, teacher)
-    copies = args.student_init not in ("tinybert", "random")
+    M, d_s, h_s, ffn, copied = student_shape(args, teacher)
+    copies = copied is not None
+    if copies and M > copied:
+        raise ValueError(f"--layers {M}: cannot take {M} layers from a model that has {copied}")
     distils = any(s in args.stages for s in ("stage1", "general"))  # general: general_distill.py
     for flag, want, have in (("--hidden", args.hidden, d_s), ("--ffn", args.ffn, ffn)):
         if copies and want is not None and want != have:
@@ -581,7 +585,7 @@ def build_student(args, teacher):
     """The student per --student_init (see --help); its attention dropout is 0, so attn_outputs
     are the paper's O = softmax(Q K^T / sqrt(d/h)) V, not a dropped-out copy. A copied student
     takes its source's embeddings and layers g(1..M) of mlkd.layer_map (DistilBERT's init)."""
-    M, d_s, heads, ffn = student_shape(args, teacher.config)
+    M, d_s, heads, ffn, _ = student_shape(args, teacher.config)
     overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
                      num_attention_heads=heads)
     if args.student_init == "tinybert":  # check_shapes has refused a shape General TinyBERT lacks
@@ -593,10 +597,7 @@ def build_student(args, teacher):
     from_teacher = args.student_init == "teacher-layers"
     source = teacher if from_teacher else Bert.from_pretrained(args.student_init, verbose=False,
                                                                **overrides)
-    N = source.config.num_hidden_layers
-    if M > N:
-        raise ValueError(f"--layers {M}: cannot take {M} layers from a model that has {N}")
-    g = mlkd.layer_map(N, M, args.layer_map)
+    g = mlkd.layer_map(source.config.num_hidden_layers, M, args.layer_map)  # check_shapes: M <= N
     student = Bert(BertConfig(**{**vars(source.config), **overrides, "num_hidden_layers": M}))
     head = ("classifier.", "qa_outputs.") if from_teacher else ()  # the teacher's head: not copied
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(("layers.", *head))}
@@ -709,23 +710,18 @@ def same_settings(stage, directory, args, flags=FLAGS):
                          "those to resume or reuse it, or pass a new --out")
 
 
-def close_log(log, record, args):
-    """A stage's closing line and log record: samples/s and the peak memory (CUDA allocated, or on
-    a CPU the process's peak resident set). Returns the last record with the peak."""
-    cuda = args.device.startswith("cuda")
+def finish(directory, metrics, args):
+    """Mark a stage finished: say and log its peak memory (CUDA allocated, or on a CPU the
+    process's peak resident set), write metrics.json (with done), drop the checkpoint."""
+    cuda, record = args.device.startswith("cuda"), metrics["train"]
     record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     print(f"[{record['stage']}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory "
           f"{record['peak_memory_gib']:.2f} GiB ({'CUDA allocated' if cuda else 'process RSS'})")
-    done = {"stage": record["stage"], "done": True, "peak_memory_gib": record["peak_memory_gib"]}
-    print(json.dumps(done), file=log, flush=True)
-    log.close()
-    return record
-
-
-def finish(directory, metrics):
-    """Mark a stage finished: metrics.json (with done); drop the checkpoint."""
     if LEAD:
+        with open(os.path.join(directory, "log.jsonl"), "a") as log:
+            print(json.dumps({"stage": record["stage"], "done": True,
+                              "peak_memory_gib": record["peak_memory_gib"]}), file=log)
         data.atomic_write_text(os.path.join(directory, "metrics.json"),
                                json.dumps({**metrics, "done": True}, indent=2))
         if os.path.exists(os.path.join(directory, "checkpoint.pt")):

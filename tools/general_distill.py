@@ -108,7 +108,7 @@ def main(argv=None):
     train.save_model(student, directory, args, proj)
     logged = map(json.loads, open(os.path.join(directory, "log.jsonl")))
     curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]} for r in logged if "dev" in r]
-    train.finish(directory, {"train": record, "corpus": corpus, "heldout": curve})
+    train.finish(directory, {"train": record, "corpus": corpus, "heldout": curve}, args)
     print("[general] held-out losses, start -> end: " + ", ".join(
         f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
     if train.dist.is_initialized():  # the processes leave together
