@@ -302,7 +302,7 @@ def bad_files(good):
 
 
 @pytest.mark.parametrize("file", ["config.json", "model.safetensors", "pytorch_model.bin"])
-def test_every_reader_refuses_a_bad_file_in_one_line_naming_it(tmp_path, file):
+def test_every_model_file_reader_refuses_a_bad_file_in_one_line_naming_it(tmp_path, file):
     """Issue 38: each reader, fed each kind of bad file, raises one ValueError line naming the file."""
     config = model.BertConfig.preset("tiny-student")
     write_model_dir(tmp_path, config, tiny_hf_state(config), fmt="bin" if file.endswith(".bin") else "safetensors")
@@ -2733,6 +2733,8 @@ def test_every_file_keeps_its_shape():
         if not path.endswith(".svg") and os.path.basename(path) != "test_mlkd.py":  # this test names them
             text = open(path, encoding="utf-8").read()
             assert not notes.search(text), f"{os.path.relpath(path, HERE)} points to {notes.search(text).group()}"
+    names = re.findall(r"^def (test_\w+)", open(__file__, encoding="utf-8").read(), re.M)  # a second def of a
+    assert not [n for n in set(names) if names.count(n) > 1]  # name replaces the first: that test never runs
 
 
 def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):

@@ -3,9 +3,10 @@
     python experiments/bench_model.py                           # MiniLM-L6 shape, batch 32 x 128
     python experiments/bench_model.py --config bert-base-uncased --batch 16
 
-Tokens/s of forward and of forward+backward (train mode, dropout on), bf16 autocast on CUDA, fp32 on a CPU,
-in interleaved rounds (a busy moment of the machine hurts every model alike), for our Bert and HF's with
-its sdpa and eager attention when transformers is installed; then ours over the faster HF, round by round.
+Tokens/s of forward and of forward+backward (train mode, dropout on; the backward of the logits' mean
+square), bf16 autocast on CUDA, fp32 on a CPU, in interleaved rounds (a busy moment of the machine hurts every
+model alike), for our Bert and HF's with its sdpa and eager attention when transformers is installed; then
+ours over the faster HF, round by round.
 """
 import argparse
 import os
@@ -15,10 +16,29 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import PRESETS, Bert, BertConfig  # noqa: E402
+
+
+def tokens_per_s(forward, tokens, device, rounds, backward=True, warmup=2):
+    """Tokens/s of forward() -> a tensor, in bf16 autocast on CUDA (fp32 on a CPU), with the backward
+    pass of the mean square of its output when `backward` (else under no_grad): `tokens` over the
+    median time of `rounds` timed calls after `warmup` untimed ones. experiments/gpu_check.py's too."""
+    cuda, times = str(device).startswith("cuda"), []
+    for i in range(warmup + rounds):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda), torch.set_grad_enabled(backward):
+            out = forward()
+        if backward:
+            out.float().pow(2).mean().backward()
+        if cuda:
+            torch.cuda.synchronize()  # the GPU has finished this call
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return tokens / sorted(times)[len(times) // 2]
 
 
 def bench(args):
@@ -29,32 +49,6 @@ def bench(args):
     ids = torch.randint(1000, config.vocab_size, (B, L), device=device)
     mask = torch.ones(B, L, dtype=torch.long, device=device)
     mask[B // 2:, L * 3 // 4:] = 0  # half the batch padded: the mask path is exercised
-    labels = torch.randint(0, 2, (B,), device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
-
-    def timed(step):
-        for _ in range(args.warmup):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return B * L * args.iters / (time.perf_counter() - t)
-
-    def measure(forward):
-        def fwd():
-            with torch.no_grad(), autocast:
-                forward()
-
-        def fwd_bwd():
-            with autocast:
-                loss = F.cross_entropy(forward().float(), labels)
-            loss.backward()
-        return timed(fwd), timed(fwd_bwd)
-
     ours = Bert(config).to(device).train()
     models = [("mlkd Bert", lambda: ours(ids, None, mask).logits)]
     try:
@@ -71,12 +65,13 @@ def bench(args):
     runs = {name: [] for name, _ in models}
     for _ in range(args.rounds):  # interleaved rounds: a busy moment of the machine hurts every model alike
         for name, forward in models:
-            runs[name].append(measure(forward))
+            runs[name].append([tokens_per_s(forward, B * L, device, args.iters, backward, args.warmup)
+                               for backward in (False, True)])
     rows = [(name, float(np.median([r[0] for r in runs[name]])), float(np.median([r[1] for r in runs[name]])))
             for name, _ in models]
     print(f"{args.config}, batch {B} x length {L}, {device}{' bf16 autocast' if device == 'cuda' else ' fp32'}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds of {args.iters} iterations "
-          f"after {args.warmup} warm-up, train mode")
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds of the median of "
+          f"{args.iters} iterations after {args.warmup} warm-up, train mode")
     for name, f, fb in rows:
         print(f"  {name:28s} forward {f:10,.0f} tok/s   forward+backward {fb:10,.0f} tok/s")
     if len(rows) > 1:  # per round: ours against the faster HF attention of that round

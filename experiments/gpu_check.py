@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 import bench_steps  # noqa: E402
+from bench_model import tokens_per_s  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import relations  # noqa: E402
@@ -110,25 +111,6 @@ def parity_and_speed(shape, batch, length, device, peak_tflops, rounds):
         rows.append((f"fwd+bwd tokens/s, HF BertModel, {precision}", f"{hf:,.0f}",
                      f"ours / HF = {mine / hf:.2f}x"))
     return rows
-
-
-def tokens_per_s(forward, tokens, device, rounds):
-    """Forward + backward tokens/s of forward() -> a tensor of `tokens` tokens (bf16 autocast on
-    CUDA, fp32 on a CPU): the median of `rounds` timed rounds after 2 warm-up rounds."""
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
-    times = []
-    for i in range(rounds + 2):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with autocast:
-            out = forward()
-        out.float().pow(2).mean().backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= 2:  # warm-up
-            times.append(time.perf_counter() - t)
-    return tokens / sorted(times)[len(times) // 2]
 
 
 def flops_per_token(bert, length):
