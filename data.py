@@ -74,13 +74,13 @@ class Tokenizer:
 # per example in the MLKD authors' scripts; header: False where train and dev have no header line
 # (CoLA); test_cols: (a, b) in test.tsv where they differ.
 Task = namedtuple("Task", ["folder", "a", "b", "label", "labels", "metric", "sizes", "max_len",
-                           "header", "test_cols", "is_regression", "dev_splits", "test_splits"],
-                  defaults=(128, True, None, False, ("dev",), ("test",)))
+                           "header", "test_cols", "dev_splits", "test_splits"],
+                  defaults=(128, True, None, ("dev",), ("test",)))
 TASKS = {  # "ax": the diagnostic set, predicted with an MNLI model; test only
     "cola": Task("CoLA", 3, None, 1, ("0", "1"), "mcc", (8551, 1043, 1063), 64, header=False, test_cols=(1, None)),
     "sst2": Task("SST-2", 0, None, 1, ("0", "1"), "acc", (67349, 872, 1821), 64, test_cols=(1, None)),
     "mrpc": Task("MRPC", 3, 4, 0, ("0", "1"), "f1", (3668, 408, 1725)),
-    "stsb": Task("STS-B", 7, 8, -1, (), "spearman", (5749, 1500, 1379), is_regression=True),
+    "stsb": Task("STS-B", 7, 8, -1, (), "spearman", (5749, 1500, 1379)),
     "qqp": Task("QQP", 3, 4, 5, ("0", "1"), "f1", (363846, 40430, 390965), test_cols=(1, 2)),
     "mnli": Task("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"), "acc", (392702, 9815, 9832, 9796, 9847),
                  dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched")),

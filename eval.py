@@ -37,7 +37,7 @@ def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_pad
     metrics, predictions = {}, {}
     for split, ds in dev_sets.items():
         logits = model_outputs(model, ds, batch_size, device, fixed_padding)[0].numpy()  # (N, C)
-        preds = logits[:, 0] if data.TASKS[task].is_regression else logits.argmax(-1)
+        preds = logits.argmax(-1) if data.TASKS[task].labels else logits[:, 0]  # STS-B: a score
         labels = ds["labels"].numpy()
         scores = {"acc": 100 * float(np.mean(preds == labels))}
         if task == "stsb":  # Spearman: Pearson of the ranks, ties given the mean rank they span
@@ -406,16 +406,16 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
     return rows
 
 
-def report(args, teacher, dirs, evaluate):
-    """train.py's eval stage: the teacher's and the student's (dirs: teacher, Stage 1, Stage 2)
-    metrics by evaluate(model) -> <out>/results.json and a few lines printed."""
-    models = {"teacher": teacher, "student": Bert.from_pretrained(dirs[2], verbose=False)}
+def report(args, teacher, teacher_dir, student_dir, evaluate):
+    """train.py's eval stage: the teacher's and the saved student's metrics by evaluate(model) ->
+    <out>/results.json and a few lines printed."""
+    models = {"teacher": teacher, "student": Bert.from_pretrained(student_dir, verbose=False)}
     metrics = {name: evaluate(m.to(args.device)) for name, m in models.items()}
     t, s = (metrics[name][args.metric] for name in models)
     tp, sp = (m.num_parameters() for m in models.values())
     results = dict(task=args.task, metric=args.metric, split="dev", **metrics,
                    ratio=s / t if t else None, teacher_parameters=tp, student_parameters=sp,
-                   teacher_dir=dirs[0], student_dir=dirs[2])
+                   teacher_dir=teacher_dir, student_dir=student_dir)
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
     for name, params in (("teacher", tp), ("student", sp)):

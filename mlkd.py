@@ -4,8 +4,8 @@ Read this file first (then model.py's BertOutput, train.py, eval.py, data.py). S
 and Ji, "MLKD-BERT: Multi-level Knowledge Distillation for Pre-trained Language Models" (arXiv
 2407.02775), with the details the paper leaves open read from the authors' code
 (HandH1998/tmp_bert_mlkd, a fork of TinyBERT's). Imports nothing of ours: the stage objectives read
-the fields of model.py's BertOutput (hidden_states, attn_outputs, token_embeddings, logits) by
-name.
+the fields of model.py's BertOutput (hidden_states, attn_outputs, token_embeddings, logits; for
+TinyBERT's baseline attn_scores) by name.
 
     level      loss    compares (teacher T is always the target P of KL(P || Q))
     feature    L_FFN   projected student hidden states with the teacher's (MSE)             Stage 1

@@ -167,7 +167,8 @@ class Bert(nn.Module):
         x = self.emb_ln(words + self.position.weight[:L] + self.token_type(token_type_ids))
         x = self.dropout(x)
         # token_embeddings, L_EMB's E: the word pieces alone (no positions, no segments), no dropout
-        out = BertOutput([x], [], self.emb_ln(words), None, attn_scores=[] if scores else None)
+        out = BertOutput(hidden_states=[x], attn_outputs=[], token_embeddings=self.emb_ln(words),
+                         pooled=None, attn_scores=[] if scores else None)
         p = c.attention_probs_dropout_prob if self.training else 0.0
         for layer in self.layers:
             q, k, v = (layer[n](x).view(B, L, h, -1).transpose(1, 2) for n in "qkv")  # (B,h,L,d/h)

@@ -38,7 +38,7 @@ from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 
 # Per task, from the authors' scripts. WNLI is not in their table: it gets RTE's. SQuAD: batch 16.
 Recipe = collections.namedtuple("Recipe", "epochs1 epochs2 teacher_epochs teacher_lr")
-TASKS = {
+RECIPES = {
     "cola": Recipe(epochs1=50, epochs2=30, teacher_epochs=10, teacher_lr=1e-5),
     "sst2": Recipe(epochs1=15, epochs2=10, teacher_epochs=4, teacher_lr=2e-5),
     "mrpc": Recipe(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
@@ -85,7 +85,6 @@ def pipeline(args):
     source = fetch(args.teacher or args.teacher_init)
     args.vocab = os.path.join(source, "vocab.txt")
     check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
-    teacher = args.teacher and load_teacher(args.teacher, args)  # refused here when not the task's
     train, evaluate = load_task(args, data.Tokenizer(args.vocab))
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
@@ -99,7 +98,7 @@ def pipeline(args):
         finish(out["teacher"], {"dev": best, "train": record}, args)
     if args.stages == ["teacher"]:
         return None
-    teacher = teacher or load_teacher(out["teacher"], args)  # the kept teacher, frozen
+    teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
 
     # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
     if begin("stage1", out["stage1"], args):
@@ -126,8 +125,8 @@ def pipeline(args):
     if "eval" in args.stages and LEAD:
         if not is_done(out["stage2"]):
             raise ValueError(f"no finished student in {out['stage2']}: run stage2 first")
-        dirs = [args.teacher or out["teacher"], out["stage1"], out["stage2"]]
-        return evaluation.report(args, teacher, dirs, evaluate)
+        return evaluation.report(args, teacher, args.teacher or out["teacher"], out["stage2"],
+                                 evaluate)
 
 
 def task_loss(logits, labels):
@@ -377,11 +376,11 @@ def path(text):
 
 
 # The flags as --help groups them: (name, type, default, help); a bool flag is a switch, a list
-# gives the choices, None defaults come from TASKS or parse_args. A group's header names the stages
+# gives the choices, None defaults come from RECIPES or parse_args. A group's header names the stages
 # whose results its flags change: a rerun into a stage's directory with other values is refused.
 FLAGS = [
     ("task and data", "teacher stage1 stage2"),
-    ("task", list(TASKS), None, "a GLUE task or a SQuAD version (required)"),
+    ("task", list(RECIPES), None, "a GLUE task or a SQuAD version (required)"),
     ("batch_size", count, None, "default 32 (16 for SQuAD); under torchrun the global batch"),
     ("max_len", count, None, "word pieces per example (default: the task's)"),
     ("train_file", path, None, "SQuAD training JSON(s), comma-separated (default: in data_dir)"),
@@ -399,7 +398,7 @@ FLAGS = [
     ("teacher_lr", number, None, "teacher learning rate"),
     ("schedule and model selection", "teacher stage2"),
     ("warmup", number, 0.1, "warm-up fraction of the steps (teacher, Stage 2)"),
-    ("eval_steps", count, None, "evaluate on dev every N steps (default: every epoch)"),
+    ("eval_steps", count, None, "evaluate on dev every N steps too (always: each epoch's end)"),
     ("dev_file", path, None, "SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or v2.0)"),
     ("the student and Stage 1", "stage1 stage2"),
     ("student_init", str, "tinybert", "tinybert: General TinyBERT (the paper's); teacher-layers: "
@@ -470,9 +469,9 @@ def parse_args(argv=None):
     p = make_parser(FLAGS, __doc__)
     p.epilog = "per-task defaults (the authors' scripts):\n" + "\n".join(
         f"  {task}: " + ", ".join(f"{k} {v:g}" for k, v in r._asdict().items())
-        for task, r in TASKS.items())
+        for task, r in RECIPES.items())
     args = p.parse_args(argv)
-    for name, value in TASKS[args.task]._asdict().items():  # the task's defaults, where not given
+    for name, value in RECIPES[args.task]._asdict().items():  # the task's defaults, where not given
         if getattr(args, name) is None:  # as floats, as --epochs1 15 parses (args.json compares)
             setattr(args, name, float(value))
     squad = args.task.startswith("squad")
@@ -582,9 +581,10 @@ def check_shapes(args, teacher):
 
 
 def build_student(args, teacher):
-    """The student per --student_init (see --help); its attention dropout is 0, so attn_outputs
-    are the paper's O = softmax(Q K^T / sqrt(d/h)) V, not a dropped-out copy. A copied student
-    takes its source's embeddings and layers g(1..M) of mlkd.layer_map (DistilBERT's init)."""
+    """The student per --student_init (see --help); its attention dropout is 0 (in Stage 2 and the
+    saved student too), so attn_outputs are the paper's O = softmax(Q K^T / sqrt(d/h)) V, not a
+    dropped-out copy. A copied student takes its source's embeddings and layers g(1..M) of
+    mlkd.layer_map (DistilBERT's init): from the teacher, its L_EMB starts at 0."""
     M, d_s, heads, ffn, _ = student_shape(args, teacher.config)
     overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
                      num_attention_heads=heads)

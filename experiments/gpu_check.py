@@ -249,11 +249,11 @@ def mfu_rows(shape, device, peak_tflops, batch_sizes, length, rounds):
 
 
 def recipe_rows(args, out):
-    """train.py's SST-2 schedule (train.TASKS["sst2"]) at BERT-base -> 4 x 312 (tiny: PRESET_TINY ->
+    """train.py's SST-2 schedule (train.RECIPES["sst2"]) at BERT-base -> 4 x 312 (tiny: PRESET_TINY ->
     2 x 24 on at most 256 rows), every stage's epochs times --epoch_scale, one train.py call per
     stage (--stages); returns the table's rows: the stages measured and their total, then, under a
     scale below 1, the same extrapolated to the full schedule."""
-    recipe, scale, batch = train.TASKS["sst2"], args.epoch_scale, 32
+    recipe, scale, batch = train.RECIPES["sst2"], args.epoch_scale, 32
     epochs = {"teacher": recipe.teacher_epochs, "stage1": recipe.epochs1, "stage2": recipe.epochs2}
     n = len(data.read_glue("sst2", "train", args.data_dir))
     n = min(n, 256) if args.tiny else n

@@ -50,7 +50,7 @@ def main(argv=None):
         split = data.TASKS[args.task].dev_splits[0]
         examples = data.read_glue(args.task, split, args.data_dir, args.allow_partial)
         dev = data.encode_glue(args.task, examples, tok, args.max_len)
-    labelled = dev is not None and not data.TASKS[args.task].is_regression  # G sorted by label
+    labelled = dev is not None and bool(data.TASKS[args.task].labels)  # G sorted by label
     out = args.out or os.path.join(args.model, "relations.html")
     page = relation_page(model, teacher, tok, args.sentence, dev if labelled else None, splits,
                          args.device, kind)
