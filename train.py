@@ -82,6 +82,7 @@ def main(argv=None):
 def pipeline(args):
     """teacher -> stage1 -> stage2 -> eval for one task (see the module docstring)."""
     out = {s: os.path.join(args.out, s) for s in STAGES}
+    # Before any work: the teacher's vocabulary, the student's shapes checked, the task's data
     source = fetch(args.teacher or args.teacher_init)
     args.vocab = os.path.join(source, "vocab.txt")
     check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
