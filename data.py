@@ -441,6 +441,15 @@ def read_text(path, encoding="utf-8"):
                      "(binary or damaged?); re-save it as UTF-8, or delete it and run again")
 
 
+def read_json(path):
+    """A JSON file's value; a file that is no JSON is a one-line error naming it (e.g. a stage's
+    args.json or metrics.json edited by hand: this repo writes them atomically, whole)."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); repair or delete it") from None
+
+
 def atomic_write_bytes(path, blocks):
     """Write blocks of bytes (or one str, in UTF-8) to a new file beside path, fsync, then rename it
     over path: never half a file. The file gets the mode any open() gives (0666 less the umask)."""

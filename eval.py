@@ -117,7 +117,7 @@ def squad_scores(dataset, predictions, version="1.1", na_scores=None):
             exact[ex["id"]] = f1[ex["id"]] = 0.0
             continue
         exact[ex["id"]] = max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
-        f1[ex["id"]] = max(squad_f1(pred, g) for g in golds)
+        f1[ex["id"]] = max(squad_f1(pred, g, version) for g in golds)
     splits = {"": list(exact)}
     if version == "2.0":
         splits["HasAns_"] = [i for i in exact if has_answer[i]]
@@ -147,13 +147,15 @@ def normalize_answer(s):
     return " ".join(s.split())
 
 
-def squad_f1(prediction, gold):
-    """F1 of the normalised tokens of a prediction against one gold answer."""
+def squad_f1(prediction, gold, version="1.1"):
+    """F1 of the normalised tokens of a prediction against one gold answer, as the official
+    scripts: no common token scores 0 (v1.1, even when both are empty, as "the" against "a");
+    v2.0 first: both empty is a match, one empty is not."""
     p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not p or not g:  # v2.0: both empty is a match, one empty is not
+    if version == "2.0" and not (p and g):
         return float(p == g)
     common = sum(min(p.count(w), g.count(w)) for w in set(p))  # official: Counter(p) & Counter(g)
-    return 2 * common / (len(p) + len(g))  # = 2 precision recall / (precision + recall), or 0
+    return 2 * common / (len(p) + len(g)) if common else 0.0  # 2 precision recall / (p + r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +341,7 @@ def trained_settings(directory):
     """The settings eval.py and tools/relations.py reuse from the args.json train.py saved with a
     model (else {})."""
     path = os.path.join(directory, "args.json")
-    saved = json.loads(data.read_text(path)) if os.path.exists(path) else {}
+    saved = data.read_json(path) if os.path.exists(path) else {}
     keep = ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature", "data_dir")
     return {k: saved[k] for k in keep if k in saved}
 

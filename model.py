@@ -65,10 +65,16 @@ class BertConfig:
         sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "max_position_embeddings", "type_vocab_size")
         for name, value in vars(self).items():  # the *_prob fields: the two dropout rates
-            if name in sizes and not (isinstance(value, int) and value >= 1):
+            number = type(value) in (int, float)  # not a bool, not a string
+            if name in sizes and not (type(value) is int and value >= 1):
                 raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
-            if name.endswith("_prob") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            if name.endswith("_prob") and not (number and 0 <= value < 1):
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
+            if name in ("layer_norm_eps", "initializer_range") and not (number and 0 < value < 1):
+                raise ValueError(f"BertConfig.{name} must be in (0, 1), got {value!r}")
+        if not (type(self.pad_token_id) is int and 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"BertConfig.pad_token_id must be a token id below vocab_size "
+                             f"{self.vocab_size}, got {self.pad_token_id!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -328,14 +334,18 @@ def read_safetensors(path):
         if dtype is None:
             raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, not one of "
                              f"{', '.join(SAFETENSORS_DTYPES)}")
-        begin, end = info.get("data_offsets", (0, -1))
-        count = math.prod(info.get("shape", [-1]))
-        if not 0 <= begin <= end == begin + count * dtype.itemsize <= len(buf) - start:
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(type(x) is int and x >= 0 for x in shape + offsets)):
+            raise ValueError(f"{path}: corrupt safetensors entry {name!r}: shape {shape!r}, "
+                             f"data_offsets {offsets!r} (want lists of whole numbers >= 0)")
+        (begin, end), count = offsets, math.prod(shape)
+        if not begin <= end == begin + count * dtype.itemsize <= len(buf) - start:
             raise ValueError(f"{path}: corrupt safetensors entry {name!r}: bytes {begin}..{end} of "
                              f"{len(buf) - start} (a file cut short, or a wrong header)")
         flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin) if count else (
             torch.empty(0, dtype=dtype))
-        state[name] = flat.view(info["shape"])
+        state[name] = flat.view(shape)
     return state
 
 

@@ -290,14 +290,22 @@ def bad_files(good):
     kinds = {"empty": b"", "truncated": good[:len(good) // 2], "binary": bytes(range(256)) * 4}
     if good.startswith(b"{"):  # config.json
         kinds.update({"utf-16": good.decode().encode("utf-16"), "not an object": b"[1, 2]",
-                      "a bad value": b'{"hidden_size": "big"}'})
+                      "a bad value": b'{"hidden_size": "big"}', "a bool size": b'{"vocab_size": true}',
+                      "pad id past the vocabulary": b'{"vocab_size": 8, "pad_token_id": 8}',
+                      "a negative init range": b'{"initializer_range": -1}',
+                      "a string eps": b'{"layer_norm_eps": "1e-12"}'})
     elif good.startswith(b"PK"):  # pytorch_model.bin: a zip of pickles
         kinds["truncated data"] = good[:-200]
     else:  # model.safetensors
         kinds.update({"header cut": good[:20], "header not JSON": header(b"{not json}") + b"\0" * 8,
                       "header not an object": header(b"[1]"), "data cut": good[:-10],
                       "unknown dtype": header(b'{"w": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}') + b"\0",
-                      "offsets past the end": header(b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}')})
+                      "offsets past the end": header(b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'),
+                      **{f"entry {e}": header(b'{"w": {"dtype": "F32", ' + e.encode() + b'}}') + b"\0" * 16
+                         for e in ('"shape": 4, "data_offsets": [0, 16]',
+                                   '"shape": [4], "data_offsets": [0, 8, 16]',
+                                   '"shape": [-2, -2], "data_offsets": [0, 16]',
+                                   '"shape": [4], "data_offsets": null')}})
     return kinds
 
 
@@ -1033,6 +1041,10 @@ def test_squad_scores_by_hand():
           {"id": "c", "answers": []}]
     v1 = ev.squad_scores(ds[:2], {"a": "black cat"})  # b has no prediction: 0, still counted
     assert v1["exact"] == 50.0 and v1["f1"] == 50.0 and v1["total"] == 2
+    # "the" against "a": both normalise to nothing. v1.1's f1_score: no common token, 0 (its EM: 1);
+    # v2.0's compute_f1: both empty, 1
+    assert ev.squad_f1("the", "a") == 0.0 and ev.squad_f1("the", "a", "2.0") == 1.0
+    assert ev.squad_scores([{"id": "x", "answers": [{"text": "a"}]}], {"x": "the"})["f1"] == 0.0
     p = {"a": "cat sat", "b": "Paris", "c": ""}
     v2 = ev.squad_scores(ds, p, "2.0", na_scores={"a": 1.0, "b": -2.0, "c": 3.0})
     # a: F1 of "cat sat" vs "cat" = 2 * (1/2 * 1) / (1/2 + 1) = 2/3; vs "black cat": P 1/2, R 1/2 -> 1/2
@@ -1376,9 +1388,9 @@ def test_corpus_has_train_text_only_deduplicated(tmp_path):
     write_pipeline_fixture(tmp_path)
     d = tmp_path / "data"
     train_tsv, dev_tsv = d / "glue" / "SST-2" / "train.tsv", d / "glue" / "SST-2" / "dev.tsv"
-    planted = "a planted dev sentence that also sits in train"
-    dev_tsv.write_text(dev_tsv.read_text() + f"{planted}\t1\nonly in dev , never in the corpus\t0\n")
-    train_tsv.write_text(train_tsv.read_text() + f"{planted}\t1\nthe movie was good\t1\n")  # and a duplicate
+    planted, spaced = "a planted dev sentence that also sits in train", "a  spaced dev  line in train too"
+    dev_tsv.write_text(dev_tsv.read_text() + f"{planted}\t1\nonly in dev , never in the corpus\t0\n{spaced}\t1\n")
+    train_tsv.write_text(train_tsv.read_text() + f"{planted}\t1\nthe movie was good\t1\n{spaced}\t0\n")  # + a duplicate
     squad = d / "squad"
     squad.mkdir()
     (squad / "train-v1.1.json").write_text(json.dumps(SQUAD_FIXTURE))
@@ -1391,6 +1403,7 @@ def test_corpus_has_train_text_only_deduplicated(tmp_path):
     held = {e.text_a for s in ("dev", "test") for e in data.read_glue("sst2", s, str(d), allow_partial=True)}
     assert docs[0] == [SQUAD_FIXTURE["data"][0]["paragraphs"][0]["context"]]  # SQuAD train: an article per document
     assert planted not in lines and "only in dev , never in the corpus" not in lines and "A dev context." not in lines
+    assert " ".join(spaced.split()) not in lines  # held-out lines are compared with whitespace collapsed too
     assert len(lines) == len(set(lines)) == 1 + len(train_lines - held) and not set(lines) & held
     assert stats["dropped_as_dev"] == len(train_lines & held) > 1 and stats["documents"] == 2
     assert stats["word_pieces"] > stats["words"] > 0
@@ -1442,7 +1455,7 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
             "--device", "cpu", "--out", str(out)]
     for bad, msg in ((["--corpus", str(tmp_path / "none.txt")], "none.txt': no such file"),
                      (["--student_init", "tiny"], "--student_init tiny: not random"), (["--lr", "0"], "--lr must be"),
-                     (["--warmup", "1"], "--warmup must be a fraction")):
+                     (["--warmup", "1"], "--warmup must be a fraction"), (["--max_len", "2"], "a window needs")):
         with pytest.raises(SystemExit):
             general.main(argv + bad)
         assert msg in capsys.readouterr().err
@@ -1462,6 +1475,10 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     assert curve[-1]["loss"] < curve[0]["loss"] and curve[-1]["windows"] == metrics["corpus"]["heldout_windows"] >= 1
     for f in ("model.safetensors", "config.json", "vocab.txt", "projections.safetensors", "args.json"):
         assert os.path.exists(out / "general" / f), f
+    other = [*argv[:3], str(out / "general"), *argv[4:-1], str(tmp_path / "gen2"),
+             "--student_init", str(out / "general")]
+    with pytest.raises(ValueError, match="projections.safetensors: projections of another student or teacher width"):
+        general.main(other)  # going on from it under a teacher 24 wide, not the 48 its W_m project to
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import general_table  # the README's table reads these records
     table = list(general_table.rows("G", str(out / "general")))
@@ -1523,17 +1540,19 @@ def test_relation_page_draws_what_mlkd_computes(tmp_path):
     assert len(ids) == len(set(ids))
 
 
-def test_curves_of_a_single_point_keep_a_non_negative_loss_axis(tmp_path):
+def test_curves_of_a_single_point_keep_a_non_negative_loss_axis(tmp_path, capsys):
     """Issue 38: one logged point drew its loss axis from -0.47; a single value gets +-10% around it.
-    tools/pages.py draws a stage directory given alone, and refuses a folder with no log in one line."""
+    tools/pages.py draws a stage directory given alone (a last line cut short skipped, as a killed run
+    leaves it), and refuses a folder with no log in one line."""
     import xml.etree.ElementTree as ET
     records = [{"stage": "stage2", "epoch": 1, "step": 1, "total": 1, "kd": 0.03, "lr": 1e-4},
                {"stage": "stage2", "step": 1, "dev": {"acc": 50.0, "total": 32}, "eval_s": 0.1},
                {"stage": "stage2", "done": True, "peak_memory_gib": 0.1}]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"stage": "sta')  # cut
     with pytest.raises(SystemExit, match=r"nope: no log.jsonl in it nor in a folder of it"):
         tool("pages").main([str(tmp_path / "nope")])
     assert tool("pages").main([str(tmp_path)]) == [str(tmp_path / "curves.svg")]
+    assert "log.jsonl, line 4: not a whole JSON record, skipped" in capsys.readouterr().err
     svg = "{http://www.w3.org/2000/svg}"
     panels = {g.get("data-name"): g for g in ET.parse(tmp_path / "curves.svg").getroot().iter(svg + "g")}
     assert set(panels) == {"kd", "dev acc"}
@@ -2377,6 +2396,28 @@ def test_general_distillation_trains_the_encoder_and_every_projection_with_warmu
     assert logged_lrs(out / "general") == pytest.approx([2e-3 * f for f in (0.5, 1, 1, 2 / 3, 1 / 3)])
 
 
+def test_general_distillation_held_out_losses_do_not_depend_on_the_eval_batch_size():
+    """The held-out losses are means over every held-out real token (each batch weighted by its
+    tokens), not means of batch means: --eval_batch_size, a flag that changes no result, changes none."""
+    import functools
+    import train
+    torch.manual_seed(0)
+    teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher"))).eval()  # relations far from uniform
+    student = sharpened(model.Bert(model.BertConfig.preset("tiny-student", attention_probs_dropout_prob=0.0)))
+    proj = mlkd.Projections(2, 24, 48)
+    lengths = torch.tensor([3, 16, 7, 12, 5])
+    ids = torch.randint(5, 128, (5, 16)) * (torch.arange(16) < lengths[:, None])
+    heldout = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths}
+    args = train.parse_args(["--task", "sst2", "--device", "cpu", "--splits", "4"])
+    loss_fn = functools.partial(train.stage1_objective, teacher=teacher, proj=proj, lmap=[0, 2, 4], args=args)
+    general, scores = tool("general_distill"), []
+    for args.eval_batch_size in (1, 2, 5):
+        scores.append(general.heldout_losses(student, loss_fn, heldout, args))
+    for key in ("emb", "mha", "ffn", "loss"):
+        assert [s[key] for s in scores] == pytest.approx([scores[0][key]] * 3, rel=1e-5), key
+    assert scores[0]["windows"] == 5
+
+
 def write_stsb_fixture(root):
     """An STS-B-format fixture (10 columns, the score last) on the SST-2 fixture's vocabulary."""
     init = write_pipeline_fixture(root)
@@ -3054,6 +3095,19 @@ def test_a_saved_model_works_in_an_hf_pipeline_as_it_is(tmp_path):
     theirs = {s["label"]: s["score"] for s in scores}
     assert theirs["negative"] == pytest.approx(float(logits[0]), abs=1e-5)
     assert theirs["positive"] == pytest.approx(float(logits[1]), abs=1e-5)
+
+
+def test_a_hand_broken_settings_or_metrics_file_is_one_line_naming_it(tmp_path):
+    """args.json (eval.py and tools/relations.py reuse its settings; the settings guard reads it) and
+    metrics.json (is a stage finished?) that are no JSON: one line naming the file, not json's message."""
+    import eval as ev
+    import train
+    for name, read in (("args.json", lambda: ev.trained_settings(str(tmp_path))),
+                       ("metrics.json", lambda: train.is_done(str(tmp_path)))):
+        (tmp_path / name).write_text('{"max_len": 64,')
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))}: not JSON") as caught:
+            read()
+        assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize("bad", [b"", b"PK\x03\x04 cut short", bytes(range(256)) * 4])

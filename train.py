@@ -701,7 +701,7 @@ def same_settings(stage, directory, args, flags=FLAGS):
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
         return  # a stage stopped before its first checkpoint kept nothing
-    was, stages, differ = json.loads(data.read_text(path)), "", []
+    was, stages, differ = data.read_json(path), "", []
     for flag in flags:
         stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
         if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
@@ -732,7 +732,7 @@ def finish(directory, metrics, args):
 
 def is_done(directory):
     path = os.path.join(directory, "metrics.json")
-    return os.path.exists(path) and json.loads(data.read_text(path)).get("done", False)
+    return os.path.exists(path) and data.read_json(path).get("done", False)
 
 
 def resume(stage, directory, modules, optimizer, args):

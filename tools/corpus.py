@@ -34,7 +34,7 @@ def build_corpus(data_dir, out, vocab=None):
             if os.path.exists(os.path.join(data_dir, "glue", t.folder, f"{file}.tsv")):
                 examples = data.read_glue(task, split, data_dir, allow_partial=True)
                 texts.append((split != "train", [s for e in examples for s in (e.text_a, e.text_b) if s]))
-    held = {line.strip() for dev, lines in texts if dev for line in lines}
+    held = {" ".join(line.split()) for dev, lines in texts if dev for line in lines}
     documents, seen, dropped = [], set(), 0
     for lines in (lines for dev, lines in texts if not dev):
         lines = [" ".join(x.split()) for x in lines]  # one line each, whitespace collapsed

@@ -68,6 +68,8 @@ def parse_args(argv=None):
             train.refuse(f"--{name} must be positive, got 0")
     if args.warmup >= 1:
         train.refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
+    if args.max_len < 3:
+        train.refuse(f"--max_len {args.max_len}: a window needs [CLS], a word piece and [SEP]")
     return args
 
 
@@ -79,7 +81,7 @@ def main(argv=None):
     args.vocab = os.path.join(source, "vocab.txt")
     train.check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
     if not train.begin("general", directory, args, FLAGS):
-        return json.loads(data.read_text(os.path.join(directory, "metrics.json")))
+        return data.read_json(os.path.join(directory, "metrics.json"))
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
     documents = read_corpus(args.corpus.split(","))
     windows = corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
@@ -99,7 +101,11 @@ def main(argv=None):
                                 args=args)
     saved = os.path.join(args.student_init, "projections.safetensors")
     if os.path.isfile(saved):  # going on from a general student: its W_0..W_M too
-        proj.load_state_dict(read_safetensors(saved))
+        state = read_safetensors(saved)
+        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in proj.state_dict().items()}:
+            raise ValueError(f"{saved}: projections of another student or teacher width than "
+                             f"--teacher_init {args.teacher_init}'s; continue from it with its teacher")
+        proj.load_state_dict(state)
     evaluate = functools.partial(heldout_losses, loss_fn=loss_fn, heldout=heldout, args=args)
     start = evaluate(student)
     print("[general] held-out at step 0: " + evaluation.format_metrics(start, 4))
@@ -159,16 +165,20 @@ def corpus_windows(documents, tokenizer, max_len=128):
 
 @torch.no_grad()
 def heldout_losses(student, loss_fn, heldout, args):
-    """Each Stage-1 loss and their weighted sum, averaged over the held-out windows (eval mode)."""
+    """Each Stage-1 loss and their weighted sum over the held-out windows (eval mode): each batch's
+    weighted by the positions its losses average over (the real tokens; every position with
+    --paper_exact, whose batches are padded to --max_len), so --eval_batch_size changes nothing
+    (but for --recipe tinybert's attention MSE, a mean over token pairs: close, not exact)."""
     student.eval()
-    sums, n = collections.Counter(), 0
-    for b in data.batches(heldout, args.eval_batch_size):
+    sums, n, positions = collections.Counter(), 0, 0
+    for b in data.batches(heldout, args.eval_batch_size, fixed_padding=args.paper_exact):
         b = {k: v.to(args.device) for k, v in b.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
             total, parts = loss_fn(student, b)
-        sums.update({k: float(v) * len(b["index"]) for k, v in {**parts, "loss": total}.items()})
-        n += len(b["index"])
-    return {**{k: v / n for k, v in sums.items()}, "windows": n}
+        weight = b["attention_mask"].numel() if args.paper_exact else int(b["attention_mask"].sum())
+        sums.update({k: float(v) * weight for k, v in {**parts, "loss": total}.items()})
+        n, positions = n + len(b["index"]), positions + weight
+    return {**{k: v / positions for k, v in sums.items()}, "windows": n}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """tools/pages.py: the loss curves of a run, drawn from the logs train.py writes.
 
     python tools/pages.py out/sst2          # <stage>/curves.svg of each stage, and out/sst2/index.html
-    python tools/pages.py out/general       # one stage directory (tools/general_distill.py's): curves.svg
+    python tools/pages.py out/general/general   # one stage directory (general_distill.py's): curves.svg
 
 Each stage directory's log.jsonl holds a record per logged step (its losses) and per evaluation
 (its dev metrics, or held-out losses for general distillation). curves.svg draws each of those
@@ -56,7 +56,13 @@ def write_curves(directory):
     """<directory>/curves.svg from its log.jsonl: a PANEL against step for each loss (the batch's at
     each logged step) and each dev metric (held-out loss for general distillation)."""
     series, skip = {}, {"lr", "samples_per_s", "train_s", "eval_s", "peak_memory_gib"}
-    for r in map(json.loads, open(os.path.join(directory, "log.jsonl"))):
+    log = os.path.join(directory, "log.jsonl")
+    for n, line in enumerate(data.read_text(log).splitlines(), 1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short: a run killed, or still writing it
+            print(f"{log}, line {n}: not a whole JSON record, skipped", file=sys.stderr)
+            continue
         where = "held-out" if r.get("stage") == "general" else "dev"
         values = {f"{where} {k}": v for k, v in r["dev"].items()} if "dev" in r else r
         for name, v in values.items():
@@ -92,4 +98,7 @@ def write_index(out, directories):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a log that is no text, a folder that cannot be written
+        sys.exit(f"error: {data.error_line(e, 'a folder')}")
