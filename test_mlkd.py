@@ -1464,6 +1464,8 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     with pytest.raises(KeyboardInterrupt):
         general.main(argv)
     monkeypatch.setattr(data, "batches", real)
+    with open(out / "general" / "log.jsonl", "a") as log:
+        log.write('{"stage": "general", "st')  # a line cut short by the kill: resume drops it
     with pytest.raises(ValueError, match="was run with other settings: --lr 0.002 \\(now 0.001\\)"):
         general.main([*argv, "--lr", "1e-3"])  # the settings guard holds the checkpoint
     result = general.main(argv)
@@ -2550,6 +2552,7 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
         (["--splits", "5"], "--splits 5 must divide the student's width 24 and the teacher's 48"),
         (["--heads", "5"], "--heads 5 does not divide the student's width 24"),
         (["--max_len", "128"], "--max_len 128: the teacher has 64 positions"),
+        (["--student_init", "tinybert", "--ffn", "100"], "--ffn 100: General TinyBERT's FFN width is its own"),
     ):
         with pytest.raises(ValueError, match=msg):
             train.main(base + extra)
@@ -2560,11 +2563,19 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
                        (["--batch_size", "1"], "--batch_size 1: L_SS and L_SC relate the samples of a batch"),
                        (["--warmup", "1"], "--warmup must be a fraction in \\[0, 1\\), got 1.0"),
                        (["--epochs1=-1"], "--epochs1: must be a finite number >= 0, got -1"),
-                       (["--temperature", "0"], "--temperature must be positive, got 0.0$")):
+                       (["--temperature", "0"], "--temperature must be positive, got 0.0$"),
+                       (["--teacher_epochs", "0"], "--teacher_epochs must be positive"),
+                       (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "Stage 1 needs one of --w_emb"),
+                       (["--seed", str(2**64)], "--seed 18446744073709551616: use a whole number"),
+                       (["--train_file", "t.json"], "--train_file and --dev_file are SQuAD's; sst2 reads"),
+                       (["--stages", ""], "--stages : choose from")):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
         assert re.search(msg, capsys.readouterr().err.strip()), extra
     train.parse_args(base + ["--batch_size", "1", "--w_ss", "0", "--w_sc", "0"])  # no batch relation: fine
+    shutil.copytree(init, out / "teacher")  # a teacher directory that never finished: not distilled from
+    with pytest.raises(ValueError, match=f"no finished teacher in {re.escape(str(out / 'teacher'))}: run the"):
+        train.main(base + ["--stages", "stage1"])
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o500)
     try:

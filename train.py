@@ -99,6 +99,8 @@ def pipeline(args):
         finish(out["teacher"], {"dev": best, "train": record}, args)
     if args.stages == ["teacher"]:
         return None
+    if not (args.teacher or is_done(out["teacher"])):
+        raise ValueError(f"no finished teacher in {out['teacher']}: run the teacher stage first")
     teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
 
     # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
@@ -406,7 +408,7 @@ FLAGS = [
      "the teacher's embeddings and layers g(1..M) (DistilBERT's init); DIR: the same from a model "
      "directory (tools/general_distill.py makes one of any shape); random"),
     ("layers", count, None, "student layers M (default: 4 for tinybert, else DIR's or N/2)"),
-    ("hidden", count, None, "student width (default: 312 for tinybert, else the teacher's)"),
+    ("hidden", count, None, "student width (default: 312 for tinybert, else the copied model's)"),
     ("heads", count, None, "student attention heads (any divisor of the width)"),
     ("ffn", count, None, "student FFN width"),
     ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's task distillation, the "
@@ -487,7 +489,7 @@ def parse_args(argv=None):
     for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
         if os.path.exists(getattr(args, name)):
             setattr(args, name, path(getattr(args, name)))
-    args.stages = (args.stages or ",".join(STAGES)).split(",")
+    args.stages = (",".join(STAGES) if args.stages is None else args.stages).split(",")
     if args.group_by_length and args.paper_exact:
         print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
         args.group_by_length = False
@@ -498,7 +500,8 @@ def parse_args(argv=None):
 def check_flags(args):
     """Refuse, before any work, the flags that cannot work: one line naming the flag."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau"):
+    for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau",
+                 "teacher_epochs", "epochs1", "epochs2"):
         if getattr(args, name) == 0:
             refuse(f"--{name} must be positive, got {getattr(args, name)}")
     if args.warmup >= 1:
@@ -507,6 +510,13 @@ def check_flags(args):
         refuse(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
     if not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)):
         refuse("Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0")
+    if args.recipe == "mlkd" and not any((args.w_emb, args.w_mha, args.w_ffn)):
+        refuse("Stage 1 needs one of --w_emb --w_mha --w_ffn > 0")
+    if not 0 <= args.seed < 2**32:
+        refuse(f"--seed {args.seed}: use a whole number from 0 to 2**32 - 1")
+    if (args.train_file or args.dev_file) and not args.task.startswith("squad"):
+        refuse(f"--train_file and --dev_file are SQuAD's; {args.task} reads "
+               f"{args.data_dir}/glue/{data.TASKS[args.task].folder}/")
     pairs = args.task.startswith("squad") or args.task in data.TASKS and data.TASKS[args.task].b
     if not (5 if pairs else 3) <= args.max_len <= 512:  # [CLS] a [SEP] (b [SEP]) at least
         refuse(f"--max_len {args.max_len}: {args.task} needs {5 if pairs else 3} to 512 positions "
@@ -571,6 +581,9 @@ def check_shapes(args, teacher):
     if args.max_len > teacher.max_position_embeddings:
         raise ValueError(f"--max_len {args.max_len}: the teacher has "
                          f"{teacher.max_position_embeddings} positions")
+    if args.student_init == "tinybert" and args.ffn:
+        raise ValueError(f"--ffn {args.ffn}: General TinyBERT's FFN width is its own (1200 at 312 "
+                         "wide, 3072 at 768); use --student_init random for another")
     if args.student_init == "tinybert" and (M, d_s) not in TINYBERT:
         raise ValueError(f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x "
                          "312, 6 x 768); use --student_init teacher-layers, random or a directory")
@@ -757,7 +770,8 @@ def resume(stage, directory, modules, optimizer, args):
     torch.set_rng_state(state["rng"].cpu())
     print(f"[{stage}] resumed from {ckpt} at step {state['step']}")
     if LEAD:  # the log goes on from the checkpoint: no step twice
-        kept = [r for r in open(log) if json.loads(r).get("step", 0) <= state["step"]]
+        kept = [r for r in data.read_text(log).splitlines(keepends=True)  # a line cut short: dropped
+                if r.endswith("\n") and json.loads(r).get("step", 0) <= state["step"]]
         data.atomic_write_text(log, "".join(kept))
     return state["step"], state["best_metrics"]
 
@@ -798,8 +812,10 @@ def sync():
 def shard(batch, by_tokens):
     """This process's rows of a global batch and the weight of its loss: world x its share of the
     examples (of the real tokens for the Stage-1 losses, which average over tokens), so that the
-    mean of the processes' gradients is the gradient of the global batch's loss. (TinyBERT's
-    attention MSE averages over token pairs: for it the token share is close, not exact.)"""
+    mean of the processes' gradients is the gradient of the global batch's loss. Not so for L_SS
+    and L_SC, which relate the samples of a batch: each process relates its own rows, as in the
+    authors' multi-GPU runs (mlkd.py). (TinyBERT's attention MSE averages over token pairs: for it
+    the token share is close, not exact.)"""
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = torch.arange(len(batch["index"])).tensor_split(world)[rank]
     if not len(rows):  # an empty shard: one row at weight 0
