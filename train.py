@@ -115,6 +115,10 @@ def pipeline(args):
 
     # Stage 2: the prediction layer (L_KD + L_SS + L_SC), from Stage 1's student and projections;
     # warm-up then linear decay; the checkpoint with the best dev metric is kept
+    if is_done(out["stage1"]) and is_done(out["stage2"]) and not data.read_json(
+            os.path.join(out["stage2"], "metrics.json")).get("stage1", True):
+        raise ValueError(f"{out['stage2']} was trained without Stage 1 (a baseline): its student is "
+                         "not distilled from the finished stage1; pass a new --out")
     if begin("stage2", out["stage2"], args):
         student, proj = stage2_start(out["stage1"], teacher, args)
         loss_fn = functools.partial(stage2_objective, teacher=teacher, proj=proj, args=args,
@@ -122,7 +126,8 @@ def pipeline(args):
         print("[stage2] the checkpoint with the best dev metric is kept: model selection on dev")
         record, best = fit("stage2", out["stage2"], [student, proj], loss_fn, train, args,
                            args.epochs2, args.lr2, args.warmup, evaluate, keep_best=True)
-        finish(out["stage2"], {"dev": best, "train": record}, args)
+        finish(out["stage2"], {"dev": best, "train": record, "stage1": is_done(out["stage1"])},
+               args)
 
     # The eval stage: the teacher's and the student's dev metrics -> results.json
     if "eval" in args.stages and LEAD:
