@@ -82,14 +82,13 @@ def main(argv=None):
 def pipeline(args):
     """teacher -> stage1 -> stage2 -> eval for one task (see the module docstring)."""
     out = {s: os.path.join(args.out, s) for s in STAGES}
-    # Before any work: the teacher's vocabulary, the student's shapes checked, the task's data
     source = fetch(args.teacher or args.teacher_init)
     args.vocab = os.path.join(source, "vocab.txt")
     check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
     train, evaluate = load_task(args, data.Tokenizer(args.vocab))
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
-    if args.teacher and "teacher" in args.stages:
+    if args.teacher:
         print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}")
     elif begin("teacher", out["teacher"], args):
         model = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task))
@@ -99,8 +98,6 @@ def pipeline(args):
         finish(out["teacher"], {"dev": best, "train": record}, args)
     if args.stages == ["teacher"]:
         return None
-    if not (args.teacher or is_done(out["teacher"])):
-        raise ValueError(f"no finished teacher in {out['teacher']}: run the teacher stage first")
     teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
 
     # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
@@ -113,12 +110,9 @@ def pipeline(args):
         save_model(student, out["stage1"], args, proj)
         finish(out["stage1"], {"train": record}, args)
 
-    # Stage 2: the prediction layer (L_KD + L_SS + L_SC), from Stage 1's student and projections;
-    # warm-up then linear decay; the checkpoint with the best dev metric is kept
-    if is_done(out["stage1"]) and is_done(out["stage2"]) and not data.read_json(
-            os.path.join(out["stage2"], "metrics.json")).get("stage1", True):
-        raise ValueError(f"{out['stage2']} was trained without Stage 1 (a baseline): its student is "
-                         "not distilled from the finished stage1; pass a new --out")
+    # Stage 2: the prediction layer (L_KD + L_SS + L_SC) from Stage 1's student, warm-up then decay
+    if is_done(out["stage1"]) and without_stage1(out["stage2"]):
+        raise ValueError(f"{out['stage2']} was trained without Stage 1; pass a new --out")
     if begin("stage2", out["stage2"], args):
         student, proj = stage2_start(out["stage1"], teacher, args)
         loss_fn = functools.partial(stage2_objective, teacher=teacher, proj=proj, args=args,
@@ -643,7 +637,10 @@ def save_model(model, directory, args, proj=None):
 
 
 def load_teacher(directory, args):
-    """A fine-tuned teacher, frozen; its head must be the task's (a pre-trained model has none)."""
+    """A fine-tuned teacher, frozen; its head must be the task's (a pre-trained model has none).
+    Without --teacher it is the teacher stage's, which must have finished."""
+    if not args.teacher and not is_done(directory):
+        raise ValueError(f"no finished teacher in {directory}: run its stage first")
     teacher = Bert.from_pretrained(directory, verbose=False)
     why = evaluation.head_mismatch(teacher, args.task)
     if why:
@@ -751,6 +748,12 @@ def finish(directory, metrics, args):
 def is_done(directory):
     path = os.path.join(directory, "metrics.json")
     return os.path.exists(path) and data.read_json(path).get("done", False)
+
+
+def without_stage1(directory):
+    """A finished Stage 2 that did not start from Stage 1's student (a baseline run)."""
+    path = os.path.join(directory, "metrics.json")
+    return os.path.exists(path) and not data.read_json(path).get("stage1", True)
 
 
 def resume(stage, directory, modules, optimizer, args):
