@@ -117,8 +117,8 @@ MUTANTS = [
            "(1.0 - attention_mask[:, None, :, None].to(q.dtype))",
            "the attention mask applied to the queries instead of the keys"),
     Mutant("model.py",
-           "BertOutput([x], [], self.emb_ln(words), None,",
-           "BertOutput([x], [], words, None,",
+           "token_embeddings=self.emb_ln(words),",
+           "token_embeddings=words,",
            "token_embeddings are the raw word embeddings, without the embedding LayerNorm"),
     # eval.py: the head a task needs
     Mutant("eval.py",
