@@ -1199,6 +1199,8 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert "resumed from" in capsys.readouterr().out and json.load(open(out / "stage2" / "metrics.json"))["done"]
     steps = [r["step"] for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "lr" in r]
     assert steps == list(range(1, 41))  # the log goes on from the checkpoint: no step twice, the last once
+    last = json.load(open(out / "stage2" / "metrics.json"))["train"]
+    assert round(last["samples_per_s"] * last["train_s"]) == 40 * 16  # the rows before the kill count too
     assert json.loads(open(out / "stage2" / "log.jsonl").readlines()[-1]).keys() == {"stage", "done", "peak_memory_gib"}
     # a given teacher is not "finished": it is used as it is
     train.main(argv + ["--teacher", str(out / "teacher"), "--stages", "teacher"])
@@ -3040,6 +3042,24 @@ def test_each_stage_gives_the_same_weights_however_the_teacher_arrived(tmp_path,
                             ("stage2", "model.safetensors")):
             a, b = weights(whole / stage, file), weights(run / stage, file)
             assert all(torch.equal(a[k], b[k]) for k in a), (run.name, stage, file)
+
+
+def test_a_checkpoint_keeps_the_gpu_generator_and_the_training_clock(tmp_path, monkeypatch):
+    """On CUDA, dropout draws from the GPU's generator: a resumed run goes on from its state (and
+    from the seconds and rows trained before, which train_s and samples/s count)."""
+    import train
+    gpu = {"state": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: gpu.update(state=s))
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    train.save_checkpoint(str(tmp_path), [layer], optimizer, 3, None, [12.5, 96])
+    (tmp_path / "log.jsonl").write_text("")
+    gpu["state"] = torch.zeros(16, dtype=torch.uint8)  # the generator moved on, as after a reseed
+    args = argparse.Namespace(device="cpu")
+    assert train.resume("stage1", str(tmp_path), [layer], optimizer, args) == (3, None, [12.5, 96])
+    assert torch.equal(gpu["state"], torch.arange(16, dtype=torch.uint8))
 
 
 def test_ctrl_c_during_the_teacher_pass_says_what_is_kept(tmp_path, monkeypatch, capsys):

@@ -74,7 +74,7 @@ def main(argv=None):
               "rerun the same command to resume", flush=True)
         raise
     if dist.is_initialized():  # the processes leave together: one leaving early aborts the others
-        sync()
+        dist.barrier()
         dist.destroy_process_group()
     return result
 
@@ -236,12 +236,12 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     planned = max(1, math.ceil(epochs * per_epoch))
     total = min(planned, args.max_steps or planned)
     optimizer = adamw(modules, lr, args)
-    step, best = resume(stage, directory, modules, optimizer, args)
+    step, best, (trained, seen) = resume(stage, directory, modules, optimizer, args)
     print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}"
           f", {total} steps ({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)})"
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
     log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a")
-    first, t0, seen, record = step, time.time(), 0, {"stage": stage}
+    t0, record = time.time() - trained, {"stage": stage}  # t0: training time alone, across resumes
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
         for group in optimizer.param_groups:
@@ -256,7 +256,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             print(json.dumps(record), file=log, flush=True)
             print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | " + evaluation.format_metrics(
                 losses, 4) + f" | lr {lr_used:.2e} | {seen / took:.1f} samples/s | ETA "
-                f"{(total - step) * took / (step - first) / 60:.1f} min", flush=True)
+                f"{(total - step) * took / step / 60:.1f} min", flush=True)
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
                                   or args.eval_steps and step % args.eval_steps == 0):
             started = time.time()
@@ -273,7 +273,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 best = metrics
                 save_model(model, directory, args)
         if step % args.save_steps == 0 and step < total and LEAD:
-            save_checkpoint(directory, modules, optimizer, step, best)
+            save_checkpoint(directory, modules, optimizer, step, best, [time.time() - t0, seen])
     log.close()
     return record, best
 
@@ -704,7 +704,8 @@ def begin(stage, directory, args, flags=FLAGS):
         os.makedirs(directory, exist_ok=True)
         data.atomic_write_text(os.path.join(directory, "args.json"),
                                json.dumps(vars(args), indent=2, default=str))
-    sync()
+    if dist.is_initialized():  # the other processes wait for process 0's directory
+        dist.barrier()
     torch.manual_seed(zlib.crc32(f"{args.seed} {stage}".encode()))
     return True
 
@@ -742,7 +743,8 @@ def finish(directory, metrics, args):
                                json.dumps({**metrics, "done": True}, indent=2))
         if os.path.exists(os.path.join(directory, "checkpoint.pt")):
             os.remove(os.path.join(directory, "checkpoint.pt"))
-    sync()
+    if dist.is_initialized():  # no process starts the next stage before this one is marked done
+        dist.barrier()
 
 
 def is_done(directory):
@@ -758,14 +760,15 @@ def without_stage1(directory):
 
 def resume(stage, directory, modules, optimizer, args):
     """Load checkpoint.pt when there is one (weights, optimizer, step, RNG) and cut the log back to
-    it; returns (step, best dev metrics), (0, None) for a fresh start."""
+    it; returns (step, best dev metrics, [seconds trained, rows seen]), (0, None, [0, 0]) for a
+    fresh start: train_s and samples/s count the time and rows before a resume too."""
     ckpt, log = os.path.join(directory, "checkpoint.pt"), os.path.join(directory, "log.jsonl")
     if LEAD:
         data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves one behind
     if not os.path.exists(ckpt):
         if LEAD:
             open(log, "w").close()
-        return 0, None
+        return 0, None, [0.0, 0]
     try:
         state = torch.load(ckpt, map_location=args.device, weights_only=True)
     except Exception as e:  # empty, truncated or not a checkpoint at all
@@ -776,19 +779,22 @@ def resume(stage, directory, modules, optimizer, args):
         m.load_state_dict(s)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng") is not None:  # dropout on a GPU draws from the GPU's own generator
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu())
     print(f"[{stage}] resumed from {ckpt} at step {state['step']}")
     if LEAD:  # the log goes on from the checkpoint: no step twice
         kept = [r for r in data.read_text(log).splitlines(keepends=True)  # a line cut short: dropped
                 if r.endswith("\n") and json.loads(r).get("step", 0) <= state["step"]]
         data.atomic_write_text(log, "".join(kept))
-    return state["step"], state["best_metrics"]
+    return state["step"], state["best_metrics"], state.get("clock", [0.0, 0])
 
 
-def save_checkpoint(directory, modules, optimizer, step, best):
+def save_checkpoint(directory, modules, optimizer, step, best, clock):
     """checkpoint.pt, written atomically (a kill mid-write leaves the last one whole)."""
     buf = io.BytesIO()
     torch.save({"modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
-                "step": step, "best_metrics": best, "rng": torch.get_rng_state()}, buf)
+                "step": step, "best_metrics": best, "clock": clock, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}, buf)
     data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
 
 
@@ -810,11 +816,6 @@ def start_distributed(args):
     world = dist.get_world_size()
     print(f"[torchrun] {world} processes: each trains its share of every batch, --batch_size "
           f"{args.batch_size} in all ({math.ceil(args.batch_size / world)} per process)")
-
-
-def sync():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def shard(batch, by_tokens):

@@ -118,7 +118,7 @@ def main(argv=None):
     print("[general] held-out losses, start -> end: " + ", ".join(
         f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
     if train.dist.is_initialized():  # the processes leave together
-        train.sync()
+        train.dist.barrier()
         train.dist.destroy_process_group()
     return {"corpus": corpus, "heldout": curve}
 
