@@ -1,8 +1,8 @@
 """eval.py: how a saved model is scored. In reading order: its GLUE dev metrics (its outputs in
 length-sorted batches -> predictions -> the official metric: the GLUE paper's, as scikit-learn and
 scipy compute them for its leaderboard), SQuAD's EM and F1 (the official v1.1 and v2.0 scripts),
-the head a task needs, and the command (dev metrics, SQuAD, GLUE test predictions); then machinery:
-flags, typos for --noise, latency for --speed, train.py's report. A run's loss curves:
+the head a task needs, train.py's report, and the command (dev metrics, SQuAD, GLUE test
+predictions); then machinery: flags, typos for --noise, latency for --speed. A run's loss curves:
 tools/pages.py; the relation maps of a teacher and a student on one sentence: tools/relations.py.
 
     python eval.py --task sst2 --model out/sst2/stage2    # dev metrics
@@ -194,6 +194,30 @@ def head_mismatch(model, task):
 
 
 # ----------------------------------------------------------------------------------------------
+# train.py's eval stage: the teacher's and the student's dev metrics -> results.json
+
+
+def report(args, teacher, teacher_dir, student_dir, evaluate):
+    """train.py's eval stage: the teacher's and the saved student's metrics by evaluate(model) ->
+    <out>/results.json and a few lines printed."""
+    models = {"teacher": teacher, "student": Bert.from_pretrained(student_dir, verbose=False)}
+    metrics = {name: evaluate(m.to(args.device)) for name, m in models.items()}
+    t, s = (metrics[name][args.metric] for name in models)
+    tp, sp = (m.num_parameters() for m in models.values())
+    results = dict(task=args.task, metric=args.metric, split="dev", **metrics,
+                   ratio=s / t if t else None, teacher_parameters=tp, student_parameters=sp,
+                   teacher_dir=teacher_dir, student_dir=student_dir)
+    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
+    for name, params in (("teacher", tp), ("student", sp)):
+        print(f"  {name} ({params / 1e6:.1f}M parameters): " + format_metrics(metrics[name]))
+    print(f"  student/teacher on {args.metric}: {100 * s / max(t, 1e-9):.1f}%, {tp / sp:.1f}x fewer "
+          f"parameters; {os.path.join(args.out, 'results.json')}")
+    print(f"  loss curves of every stage: python tools/pages.py {args.out}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # The command: dev metrics by default; SQuAD, test predictions, speed on request
 
 
@@ -287,8 +311,7 @@ def write_test_predictions(model, tok, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed); a run's
-# report (train.py's eval stage)
+# Machinery: the flags, a model's saved settings, typos (--noise), latency (--speed)
 
 
 def check_model_flags(p, args):
@@ -406,26 +429,6 @@ def speed(model, batch, length, heads=(12, 6, 4, 3, 2, 1), iters=20, warmup=5, d
             print(f"  {h:2d} heads: {ms:9.1f} ms/batch  {1000 * batch / ms:9.1f} samples/s  "
                   f"x{rows[0]['latency_ms'] / ms:.2f} vs {rows[0]['heads']} heads")
     return rows
-
-
-def report(args, teacher, teacher_dir, student_dir, evaluate):
-    """train.py's eval stage: the teacher's and the saved student's metrics by evaluate(model) ->
-    <out>/results.json and a few lines printed."""
-    models = {"teacher": teacher, "student": Bert.from_pretrained(student_dir, verbose=False)}
-    metrics = {name: evaluate(m.to(args.device)) for name, m in models.items()}
-    t, s = (metrics[name][args.metric] for name in models)
-    tp, sp = (m.num_parameters() for m in models.values())
-    results = dict(task=args.task, metric=args.metric, split="dev", **metrics,
-                   ratio=s / t if t else None, teacher_parameters=tp, student_parameters=sp,
-                   teacher_dir=teacher_dir, student_dir=student_dir)
-    data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
-    print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
-    for name, params in (("teacher", tp), ("student", sp)):
-        print(f"  {name} ({params / 1e6:.1f}M parameters): " + format_metrics(metrics[name]))
-    print(f"  student/teacher on {args.metric}: {100 * s / max(t, 1e-9):.1f}%, {tp / sp:.1f}x fewer "
-          f"parameters; {os.path.join(args.out, 'results.json')}")
-    print(f"  loss curves of every stage: python tools/pages.py {args.out}")
-    return results
 
 
 if __name__ == "__main__":

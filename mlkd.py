@@ -8,9 +8,9 @@ the fields of model.py's BertOutput (hidden_states, attn_outputs, token_embeddin
 TinyBERT's baseline attn_scores) by name.
 
     level      loss    compares (teacher T is always the target P of KL(P || Q))
-    feature    L_FFN   projected student hidden states with the teacher's (MSE)             Stage 1
     relation   L_EMB   token-token similarity of the word-piece embeddings (KL)             Stage 1
     relation   L_MHA   token-token similarity of the attention outputs, per MHA-split (KL)  Stage 1
+    feature    L_FFN   projected student hidden states with the teacher's (MSE)             Stage 1
     feature    L_KD    soft labels, or the teacher's score for regression                   Stage 2
     relation   L_SS    sample-sample similarity of the final [CLS] states (KL)              Stage 2
     relation   L_SC    supervised contrast of student and teacher [CLS] features            Stage 2
@@ -241,7 +241,7 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_t
     parts = {}
     if w["emb"]:
         parts["emb"] = emb_loss(s.token_embeddings, t.token_embeddings, mask)
-    if w["mha"]:  # attn_outputs[m - 1] is the output of layer m
+    if w["mha"]:  # attn_outputs[m - 1]: layer m's head contexts O, the input of its attn_out
         parts["mha"] = sum(mha_loss(s.attn_outputs[m - 1], t.attn_outputs[g[m] - 1], mask, splits, mha_temperature)
                            for m in range(1, M + 1))
     if w["ffn"]:  # hidden_states[0] is the embedding output, hidden_states[m] the output of layer m
@@ -293,7 +293,7 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
         parts["kd"] = kd_loss(s.logits, t.logits, temperature)
     if w["ss"]:
         parts["ss"] = ss_loss(c_s, c_t)
-    if w["sc"]:
+    if w["sc"]:  # u = W_M c_S, the last projection (Stage 1's W_M of L_FFN at m = M)
         parts["sc"] = sc_loss(proj(len(proj.w) - 1, c_s), c_t, labels, tau, base_tau)
     total = sum(w[k] * v for k, v in parts.items())
     return total, parts
@@ -309,8 +309,8 @@ def attention_mse(a_s, a_t, mask=None):
     """TinyBERT's L_attn for one layer pair = MSE(A_S, A_T) over heads and valid (query, key) pairs,
     A = Q K^T / sqrt(d/h) the pre-softmax scores, (B, h, L, L). Head i of the student learns head i
     of the teacher, so both need the same head count (MLKD's L_MHA does not). TinyBERT's code
-    zeroes the masked scores (its "<= -100 -> 0"); here masked pairs leave the mean, as in every
-    loss of this file.
+    zeroes the masked scores (its "<= -100 -> 0"); here masked pairs leave the mean, as in this
+    file's other token-level losses.
     """
     if a_s.shape[1] != a_t.shape[1]:
         raise ValueError(f"TinyBERT's attention loss matches heads one to one: the student has {a_s.shape[1]} "

@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -52,12 +53,12 @@ def write_vocab(path, words=()):
 
 
 # ==============================================================================================
-# A local HTTP server with Range support that can cut its first response short
+# A local HTTP server with Range support that can cut its first response short, or answer slowly
 
 
 class Server:
-    def __init__(self, files, cut_first=False):
-        self.files, self.cut_first, self.requests = files, cut_first, []
+    def __init__(self, files, cut_first=False, delay=0.0):
+        self.files, self.cut_first, self.delay, self.requests = files, cut_first, delay, []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -66,6 +67,7 @@ class Server:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
+                time.sleep(server.delay)
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_response(404), self.end_headers()
@@ -1201,6 +1203,8 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     assert steps == list(range(1, 41))  # the log goes on from the checkpoint: no step twice, the last once
     last = json.load(open(out / "stage2" / "metrics.json"))["train"]
     assert round(last["samples_per_s"] * last["train_s"]) == 40 * 16  # the rows before the kill count too
+    clock = [r["train_s"] for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "lr" in r]
+    assert clock == sorted(clock)  # ... and the seconds: train_s goes on across the resume
     assert json.loads(open(out / "stage2" / "log.jsonl").readlines()[-1]).keys() == {"stage", "done", "peak_memory_gib"}
     # a given teacher is not "finished": it is used as it is
     train.main(argv + ["--teacher", str(out / "teacher"), "--stages", "teacher"])
@@ -1680,6 +1684,7 @@ DDP_HELPER = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import data, train
+data.HUB_URL = os.environ.get("HUB_URL", data.HUB_URL)
 fail, die = os.environ.get("FAIL_RANK"), int(os.environ.get("DIE_AT", 0))
 if fail == os.environ["RANK"]:
     def broken(*a, **k):
@@ -1726,8 +1731,13 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
         a, b = (model.read_safetensors(str(d / stage / file)) for d in (one, two))
         assert a.keys() == b.keys()
         return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    run = torchrun(tmp_path, base + ["--out", str(two), "--stages", "teacher"])
+    hub = {f"/org/init0/resolve/main/{f}": (init / f).read_bytes()
+           for f in ("config.json", "vocab.txt", "model.safetensors")}
+    with Server(hub, delay=0.5) as s:  # the teacher from a (slow) hub: process 0 alone downloads it
+        run = torchrun(tmp_path, base + ["--out", str(two), "--stages", "teacher", "--teacher_init",
+                                         "org/init0"], HUB_URL=s.url, MLKD_CACHE=str(tmp_path / "cache"))
     assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(path for path, _ in s.requests) == sorted(hub), s.requests  # each file once
     assert "[torchrun] 2 processes" in run.stdout and "--batch_size 16 in all (8 per process)" in run.stdout
     assert "batch 16, 4 steps" in run.stdout
     assert run.stdout.count("[teacher] done") == 1  # rank 0 prints

@@ -5,7 +5,7 @@
 Read mlkd.py first (the losses), then model.py's BertOutput (the tensors they read), then this
 file from the top: the stages in the paper's order (section 3; the settings of the authors'
 scripts, HandH1998/tmp_bert_mlkd), what each one minimises, the one training loop; below them the
-machinery (the flags and their checks, the models and the data, a stage's directory, torchrun),
+machinery (the flags and their checks, the teacher and the data, a stage's directory, torchrun),
 which a reader of the method may skip.
 --recipe tinybert runs TinyBERT's task distillation (the paper's baseline) in both stages.
 A student of another shape starts from general distillation: tools/general_distill.py.
@@ -17,6 +17,7 @@ every stage is data-parallel.
 """
 import argparse
 import collections
+import contextlib
 import datetime
 import functools
 import io
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import data
-import eval as evaluation
+import eval as evaluation  # eval.py (the name eval is Python's builtin)
 import mlkd
 from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 
@@ -82,10 +83,7 @@ def main(argv=None):
 def pipeline(args):
     """teacher -> stage1 -> stage2 -> eval for one task (see the module docstring)."""
     out = {s: os.path.join(args.out, s) for s in STAGES}
-    source = fetch(args.teacher or args.teacher_init)
-    args.vocab = os.path.join(source, "vocab.txt")
-    check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
-    train, evaluate = load_task(args, data.Tokenizer(args.vocab))
+    train, evaluate = prepare(args)
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
     if args.teacher:
@@ -100,18 +98,18 @@ def pipeline(args):
         return None
     teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
 
-    # Stage 1: embeddings and Transformer layers (L_EMB + L_MHA + L_FFN), at a constant lr
+    # Stage 1: distil the embeddings and Transformer layers (L_EMB + L_MHA + L_FFN)
     if begin("stage1", out["stage1"], args):
         student, proj, lmap = stage1_start(teacher, args)
         loss_fn = functools.partial(stage1_objective, teacher=teacher, proj=proj, lmap=lmap,
                                     args=args)
         record, _ = fit("stage1", out["stage1"], [student, proj], loss_fn, train, args,
-                        args.epochs1, args.lr1, warmup=None)
+                        args.epochs1, args.lr1, warmup=None)  # a constant lr: no warm-up, no decay
         save_model(student, out["stage1"], args, proj)
         finish(out["stage1"], {"train": record}, args)
 
-    # Stage 2: the prediction layer (L_KD + L_SS + L_SC) from Stage 1's student, warm-up then decay
-    if is_done(out["stage1"]) and without_stage1(out["stage2"]):
+    # Stage 2: distil the prediction layer (logits, [CLS]) by L_KD + L_SS + L_SC into every weight
+    if is_done(out["stage1"]) and without_stage1(out["stage2"]):  # a baseline run's Stage 2
         raise ValueError(f"{out['stage2']} was trained without Stage 1; pass a new --out")
     if begin("stage2", out["stage2"], args):
         student, proj = stage2_start(out["stage1"], teacher, args)
@@ -188,6 +186,41 @@ def stage1_start(teacher, args):
           f"{student.num_parameters() / 1e6:.1f}M parameters")
     proj = mlkd.Projections(M, d_s, teacher.config.hidden_size, args.proj_init).to(args.device)
     return student, proj, lmap
+
+
+# General TinyBERT (Jiao et al. 2020; the paper's student init) on the hub, by (layers, width)
+TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D",
+            (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
+
+
+def build_student(args, teacher):
+    """The student per --student_init (see --help); its attention dropout is 0 (in Stage 2 and the
+    saved student too), so attn_outputs are the paper's O = softmax(Q K^T / sqrt(d/h)) V, not a
+    dropped-out copy. A copied student takes its source's embeddings and layers g(1..M) of
+    mlkd.layer_map (DistilBERT's init): from the teacher, its L_EMB starts at 0."""
+    M, d_s, heads, ffn, _ = student_shape(args, teacher.config)
+    overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
+                     num_attention_heads=heads)
+    if args.student_init == "tinybert":  # check_shapes has refused a shape General TinyBERT lacks
+        return Bert.from_pretrained(TINYBERT[M, d_s], **overrides)
+    if args.student_init == "random":
+        shape = {"num_hidden_layers": M, "hidden_size": d_s,
+                 "intermediate_size": ffn or teacher.config.intermediate_size}
+        return Bert(BertConfig(**{**vars(teacher.config), **overrides, **shape}))
+    from_teacher = args.student_init == "teacher-layers"
+    source = teacher if from_teacher else Bert.from_pretrained(args.student_init, verbose=False,
+                                                               **overrides)
+    g = mlkd.layer_map(source.config.num_hidden_layers, M, args.layer_map)  # check_shapes: M <= N
+    student = Bert(BertConfig(**{**vars(source.config), **overrides, "num_hidden_layers": M}))
+    head = ("classifier.", "qa_outputs.") if from_teacher else ()  # the teacher's head: not copied
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("layers.", *head))}
+    missing = student.load_state_dict(state, strict=False).missing_keys  # embeddings, pooler
+    assert all(k.startswith(("layers.", "classifier.", "qa_outputs.")) for k in missing), missing
+    for m in range(1, M + 1):  # student layer m <- source layer g(m)
+        student.layers[m - 1].load_state_dict(source.layers[g[m] - 1].state_dict())
+    print(f"[student] layers {g[1:]} of {'the teacher' if from_teacher else args.student_init} "
+          f"(and its embeddings) -> a {M}-layer student")
+    return student
 
 
 def stage2_start(stage1_dir, teacher, args):
@@ -292,8 +325,8 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
     Under torchrun: this process's share of the batch, then the mean of the processes' gradients."""
     weight = 1.0
     if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
-        layers = stage not in ("teacher", "stage2")  # Stage 1, tools/general_distill.py's "general"
-        batch, weight = shard(batch, by_tokens=layers and not args.paper_exact)
+        token_averaged = stage not in ("teacher", "stage2")  # Stage 1, general_distill's "general"
+        batch, weight = shard(batch, by_tokens=token_averaged and not args.paper_exact)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     model.train()
     with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
@@ -343,7 +376,7 @@ def training_batches(train, args, step, per_epoch, total):
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery: the flags and their checks; the models and the task's data; a stage's directory
+# Machinery: the flags and their checks; the teacher and the task's data; a stage's directory
 # (settings, resume, the log); torchrun. (The eval stage's report: eval.py.)
 
 
@@ -537,10 +570,6 @@ def check_flags(args):
         refuse(f"--out {args.out}: {parent} is not writable; choose an --out you can write to")
 
 
-TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D",
-            (6, 768): "huawei-noah/TinyBERT_General_6L_768D"}
-
-
 def student_shape(args, teacher):
     """The student's (layers M, width, heads, FFN width) per --student_init and the flags, and the
     layer count N of the model it copies layers from (None: it copies none)."""
@@ -593,36 +622,6 @@ def check_shapes(args, teacher):
             raise ValueError(f"--layer_map: {e}") from None
 
 
-def build_student(args, teacher):
-    """The student per --student_init (see --help); its attention dropout is 0 (in Stage 2 and the
-    saved student too), so attn_outputs are the paper's O = softmax(Q K^T / sqrt(d/h)) V, not a
-    dropped-out copy. A copied student takes its source's embeddings and layers g(1..M) of
-    mlkd.layer_map (DistilBERT's init): from the teacher, its L_EMB starts at 0."""
-    M, d_s, heads, ffn, _ = student_shape(args, teacher.config)
-    overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
-                     num_attention_heads=heads)
-    if args.student_init == "tinybert":  # check_shapes has refused a shape General TinyBERT lacks
-        return Bert.from_pretrained(TINYBERT[M, d_s], **overrides)
-    if args.student_init == "random":
-        shape = {"num_hidden_layers": M, "hidden_size": d_s,
-                 "intermediate_size": ffn or teacher.config.intermediate_size}
-        return Bert(BertConfig(**{**vars(teacher.config), **overrides, **shape}))
-    from_teacher = args.student_init == "teacher-layers"
-    source = teacher if from_teacher else Bert.from_pretrained(args.student_init, verbose=False,
-                                                               **overrides)
-    g = mlkd.layer_map(source.config.num_hidden_layers, M, args.layer_map)  # check_shapes: M <= N
-    student = Bert(BertConfig(**{**vars(source.config), **overrides, "num_hidden_layers": M}))
-    head = ("classifier.", "qa_outputs.") if from_teacher else ()  # the teacher's head: not copied
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("layers.", *head))}
-    missing = student.load_state_dict(state, strict=False).missing_keys  # embeddings, pooler
-    assert all(k.startswith(("layers.", "classifier.", "qa_outputs.")) for k in missing), missing
-    for m in range(1, M + 1):  # student layer m <- source layer g(m)
-        student.layers[m - 1].load_state_dict(source.layers[g[m] - 1].state_dict())
-    print(f"[student] layers {g[1:]} of {'the teacher' if from_teacher else args.student_init} "
-          f"(and its embeddings) -> a {M}-layer student")
-    return student
-
-
 def save_model(model, directory, args, proj=None):
     """The model in HF's layout, its vocabulary, the settings it was trained with (eval.py reads
     max_len and data_dir from them) and a student's projections W_0..W_M (Stage 2 starts from them)."""
@@ -634,6 +633,20 @@ def save_model(model, directory, args, proj=None):
         model.save(directory, {"vocab.txt": data.read_text(args.vocab),
                                "tokenizer_config.json": json.dumps(tokenizer, indent=2),
                                "args.json": json.dumps(vars(args), indent=2, default=str)})
+
+
+def prepare(args):
+    """Before any stage: the teacher's files (the shapes are checked against its config), General
+    TinyBERT's for its student, and the task's data, each downloaded where missing ->
+    (tokenised training rows, evaluate(model) on dev)."""
+    with main_process_first():  # under torchrun: process 0 downloads, then the others read
+        source = fetch(args.teacher or args.teacher_init)
+        args.vocab = os.path.join(source, "vocab.txt")
+        config = BertConfig.from_json(os.path.join(source, "config.json"))
+        check_shapes(args, config)
+        if args.student_init == "tinybert" and {"stage1", "stage2"} & set(args.stages):
+            fetch(TINYBERT[student_shape(args, config)[:2]])
+        return load_task(args, data.Tokenizer(args.vocab))
 
 
 def load_teacher(directory, args):
@@ -816,6 +829,17 @@ def start_distributed(args):
     world = dist.get_world_size()
     print(f"[torchrun] {world} processes: each trains its share of every batch, --batch_size "
           f"{args.batch_size} in all ({math.ceil(args.batch_size / world)} per process)")
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Under torchrun the body runs in process 0 first, then in the others: a file the body
+    downloads has one writer, and the others find it there. (One process: just the body.)"""
+    if not LEAD:
+        dist.barrier()  # wait for process 0
+    yield
+    if LEAD and dist.is_initialized():
+        dist.barrier()  # process 0 is done: the others go on
 
 
 def shard(batch, by_tokens):

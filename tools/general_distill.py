@@ -77,9 +77,14 @@ def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: data-parallel processes
         train.start_distributed(args)
-    directory, source = os.path.join(args.out, "general"), fetch(args.teacher_init)
-    args.vocab = os.path.join(source, "vocab.txt")
-    train.check_shapes(args, BertConfig.from_json(os.path.join(source, "config.json")))
+    directory = os.path.join(args.out, "general")
+    with train.main_process_first():  # under torchrun: process 0 downloads, then the others read
+        source = fetch(args.teacher_init)
+        args.vocab = os.path.join(source, "vocab.txt")
+        config = BertConfig.from_json(os.path.join(source, "config.json"))
+        train.check_shapes(args, config)
+        if args.student_init == "tinybert":
+            fetch(train.TINYBERT[train.student_shape(args, config)[:2]])
     if not train.begin("general", directory, args, FLAGS):
         return data.read_json(os.path.join(directory, "metrics.json"))
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)

@@ -182,6 +182,19 @@ MUTANTS = [
            "student.layers[m - 1].load_state_dict(source.layers[g[m] - 1].state_dict())",
            "student.layers[m - 1].load_state_dict(source.layers[m - 1].state_dict())",
            "a copied student takes the source's first M layers, not layers g(1..M)"),
+    # train.py: a stage's directory and torchrun
+    Mutant("train.py",
+           "t0, record = time.time() - trained,",
+           "t0, record = time.time(),",
+           "train_s counts only the seconds since the last resume"),
+    Mutant("train.py",
+           '        torch.cuda.set_rng_state(state["cuda_rng"].cpu())\n',
+           "        pass\n",
+           "a run resumed on CUDA draws its dropout from a reseeded GPU generator"),
+    Mutant("train.py",
+           "    if not LEAD:\n        dist.barrier()  # wait for process 0\n    yield\n",
+           "    yield\n    if not LEAD:\n        dist.barrier()  # wait for process 0\n",
+           "under torchrun every process downloads the same missing files at once"),
 ]
 
 
