@@ -416,13 +416,25 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
 
 
 def unzip(zip_path, dest_dir):
-    """Extract a zip archive into dest_dir; a damaged archive is a one-line error."""
+    """Extract a zip archive into dest_dir: whole into a temporary folder there first, then each
+    file renamed into place, so a damaged archive or a kill leaves no file cut short (a reader
+    would trust it). A damaged archive is a one-line error."""
+    import shutil
     import zipfile
+    import zlib
+    tmp = os.path.join(dest_dir, TMP_PREFIX + os.urandom(6).hex())
     try:
         with zipfile.ZipFile(zip_path) as z:
-            z.extractall(dest_dir)
-    except zipfile.BadZipFile:
-        raise ValueError(f"{zip_path} is not a valid zip file; delete it and run again") from None
+            z.extractall(tmp)
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                final = os.path.join(dest_dir, os.path.relpath(folder, tmp), name)
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(os.path.join(folder, name), final)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # not a zip, a bad CRC, cut short
+        raise ValueError(f"{zip_path} is not a valid zip file ({e}); delete it and run again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_text(path, encoding="utf-8"):

@@ -803,6 +803,23 @@ def test_glue_download_unzips_and_mrpc_is_built_from_senteval(tmp_path, monkeypa
     assert not os.path.exists(tmp_path / "glue" / "RTE.zip")
 
 
+def test_a_damaged_glue_zip_leaves_no_file_behind(tmp_path, monkeypatch):
+    """Its files are extracted into a temporary folder first: a bad CRC (or a kill) mid-archive
+    leaves neither whole nor cut-short files where read_glue would trust them."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n")
+        z.writestr("RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tC.\tD.\tentailment\n")
+    damaged = buf.getvalue().replace(b"0\tC.\tD.", b"0\tC!\tD.")  # dev.tsv's bytes, not its CRC
+    with Server({"/glue/data/RTE.zip": damaged}) as s:
+        monkeypatch.setattr(data, "FILES_URL", s.url)
+        with pytest.raises(ValueError, match=r"RTE.zip is not a valid zip file.*delete it"):
+            data.read_glue("rte", "train", str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "glue")) == ["RTE.zip"]  # no RTE/, no temporary folder
+
+
 REAL_GLUE = {  # rows and label counts of the official files (GLUE's download script's output)
     ("sst2", "train"): (67349, {1: 37569, 0: 29780}),
     ("sst2", "dev"): (872, {1: 444, 0: 428}),

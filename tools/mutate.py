@@ -182,6 +182,11 @@ MUTANTS = [
            "student.layers[m - 1].load_state_dict(source.layers[g[m] - 1].state_dict())",
            "student.layers[m - 1].load_state_dict(source.layers[m - 1].state_dict())",
            "a copied student takes the source's first M layers, not layers g(1..M)"),
+    # data.py: downloads
+    Mutant("data.py",
+           "z.extractall(tmp)",
+           "z.extractall(dest_dir)",
+           "a damaged GLUE zip leaves its files, whole or cut short, where read_glue trusts them"),
     # train.py: a stage's directory and torchrun
     Mutant("train.py",
            "t0, record = time.time() - trained,",
