@@ -361,14 +361,18 @@ class DownloadError(RuntimeError):
         where = f"place it at {place}" if place else (
             "place it by hand: GLUE/SQuAD under --data_dir (the README's 'Data' section), weights "
             "as a model directory (config.json, vocab.txt, weights) passed by path")
-        super().__init__(f"download of {url} failed: {reason}. Offline? Fetch it where you can and {where}")
+        offline = " Offline?" if status is None else ""  # no answer, or one without the file
+        super().__init__(f"download of {url} failed: {reason}.{offline} Fetch it where you can "
+                         f"and {where}")
 
 
 def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
     """Fetch url to dest unless dest exists: streamed to dest + '.part' (a cut transfer resumes it
-    by HTTP Range), checked against md5/sha256, renamed. An unreachable host is an error at once;
-    `place`: where to put the file by hand. No directory is made before the server answers."""
+    by HTTP Range, over the file's own bytes: no gzip), checked against md5/sha256, renamed. A busy
+    server (429, 5xx) is tried again; an unreachable host is an error at once. `place`: where to
+    put the file by hand. No directory is made before the server answers."""
     import hashlib
+    import time
     import requests
     if os.path.exists(dest):
         return dest
@@ -377,10 +381,19 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
         have = os.path.getsize(part) if os.path.exists(part) else 0
         r = None  # the server's answer
         try:
-            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {},
-                              stream=True, timeout=30) as r:
-                if r.status_code == 416:  # the .part already holds every byte
-                    break
+            headers = {"Accept-Encoding": "identity"}  # no gzip: Range counts the file's bytes
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+                if r.status_code == 416:  # nothing from byte `have` on: the .part is whole if the
+                    if r.headers.get("Content-Range", "").endswith(f"/{have}"):  # file is that long
+                        break
+                    os.remove(part)  # else it is another file's, or stale: start over
+                    continue
+                if r.status_code in (429, 500, 502, 503, 504) and attempt < retries - 1:
+                    print(f"[download] {url}: HTTP {r.status_code}; trying again", file=sys.stderr)
+                    time.sleep(2 ** attempt)
+                    continue
                 if r.status_code not in (200, 206):
                     raise DownloadError(url, f"HTTP {r.status_code}", r.status_code, place)
                 have = have if r.status_code == 206 else 0  # 200: Range ignored, start over

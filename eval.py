@@ -184,9 +184,10 @@ def head_mismatch(model, task):
     head fine-tuned under another label order would be silently wrong (MNLI's three): refused too."""
     have, want = model.config, head_config(task)
     if have.head == want["head"] and have.num_labels == want.get("num_labels", have.num_labels):
-        if list(have.label_names) in ([], want["label_names"]):
-            return None
-        return f"has the labels {have.label_names}, but --task {task}'s are {want['label_names']}"
+        for key in ("label_names", "label_text"):  # the labels as the files write them; their meaning
+            if list(getattr(have, key)) not in ([], want[key]):  # []: a model saved without them
+                return f"has the labels {getattr(have, key)}, but --task {task}'s are {want[key]}"
+        return None
     labels = f" with {have.num_labels} labels" if have.head == "classification" else ""
     shown = "no task head" if have.head == "none" else f"a {have.head} head{labels}"
     labels = f" with {want['num_labels']} labels" if "num_labels" in want else ""

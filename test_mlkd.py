@@ -57,8 +57,9 @@ def write_vocab(path, words=()):
 
 
 class Server:
-    def __init__(self, files, cut_first=False, delay=0.0):
-        self.files, self.cut_first, self.delay, self.requests = files, cut_first, delay, []
+    def __init__(self, files, cut_first=False, delay=0.0, status_first=None):
+        self.files, self.cut_first, self.delay, self.status_first = files, cut_first, delay, status_first
+        self.requests, self.encodings = [], []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -67,15 +68,23 @@ class Server:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
+                server.encodings.append(self.headers.get("Accept-Encoding"))
                 time.sleep(server.delay)
                 body = server.files.get(self.path)
-                if body is None:
-                    self.send_response(404), self.end_headers()
+                if body is None or server.status_first:
+                    self.send_response(server.status_first or 404), self.end_headers()
+                    server.status_first = None
                     return
                 start = 0
                 rng = self.headers.get("Range")
                 if rng:
                     start = int(rng.split("=")[1].split("-")[0])
+                if start >= len(body):  # nothing to send from there: the file's length
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.end_headers()
+                    return
+                if rng:
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
@@ -112,6 +121,22 @@ def test_download_resumes_after_a_cut(tmp_path):
         resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))  # resumed, not restarted
         assert ranges[0] is None and 0 < resumed_at <= len(body) // 2
     assert not os.path.exists(dest + ".part")
+
+
+def test_download_keeps_a_whole_part_drops_a_longer_one_and_retries_a_busy_server(tmp_path):
+    body = os.urandom(3000)
+    with Server({"/f.bin": body}) as s:
+        (tmp_path / "whole.bin.part").write_bytes(body)  # every byte there: the server says 416
+        assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "whole.bin")), "rb").read() == body
+        (tmp_path / "stale.bin.part").write_bytes(os.urandom(4000))  # longer than the file: not it
+        assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "stale.bin")), "rb").read() == body
+        assert [r for _, r in s.requests] == ["bytes=3000-", "bytes=4000-", None]
+        s.status_first = 503  # busy once, then the file
+        assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "busy.bin")), "rb").read() == body
+        assert set(s.encodings) == {"identity"}  # no gzip: a byte range counts the file's own bytes
+    with Server({"/f.bin": body}, status_first=404) as s:  # an answer: no "Offline?"
+        with pytest.raises(data.DownloadError, match=r"HTTP 404\. Fetch it where you can"):
+            data.download(f"{s.url}/f.bin", str(tmp_path / "missing.bin"))
 
 
 def test_download_refuses_checksum_mismatch_and_leaves_no_file(tmp_path):
@@ -2717,6 +2742,8 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
             "has a span head, but --task sst2 needs a " "classification head with 2 labels",
         ),
         ("sst2", tmp_path / "swapped", "has the labels ['1', '0'], but --task sst2's are ['0', '1']"),
+        ("cola", out / "stage2",  # the same label strings, "0" and "1", that mean something else
+         "has the labels ['negative', 'positive'], but --task cola's are ['unacceptable', 'acceptable']"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"--model {directory}: {msg}")):
             ev.main(["--task", task, "--model", str(directory), *cpu, "--data_dir", str(tmp_path / "data")])

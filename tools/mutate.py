@@ -125,6 +125,10 @@ MUTANTS = [
            'if list(have.label_names) in ([], want["label_names"]):',
            "if True:",
            "a model fine-tuned under another label order is accepted (MNLI's would be silently wrong)"),
+    Mutant("eval.py",
+           'for key in ("label_names", "label_text"):',
+           'for key in ("label_names",):',
+           "an SST-2 model is scored as a CoLA model: both write their labels 0 and 1"),
     # train.py: the stages
     Mutant("train.py",
            "args.lr1, warmup=None)",
@@ -187,6 +191,10 @@ MUTANTS = [
            "z.extractall(tmp)",
            "z.extractall(dest_dir)",
            "a damaged GLUE zip leaves its files, whole or cut short, where read_glue trusts them"),
+    Mutant("data.py",
+           'if r.headers.get("Content-Range", "").endswith(f"/{have}"):',
+           "if True:",
+           "a leftover .part longer than the file is renamed into place as the download"),
     # train.py: a stage's directory and torchrun
     Mutant("train.py",
            "t0, record = time.time() - trained,",
