@@ -122,8 +122,8 @@ MUTANTS = [
            "token_embeddings are the raw word embeddings, without the embedding LayerNorm"),
     # eval.py: the head a task needs
     Mutant("eval.py",
-           'if list(have.label_names) in ([], want["label_names"]):',
-           "if True:",
+           "if list(getattr(have, key)) not in ([], want[key]):",
+           "if sorted(getattr(have, key)) not in ([], sorted(want[key])):",
            "a model fine-tuned under another label order is accepted (MNLI's would be silently wrong)"),
     Mutant("eval.py",
            'for key in ("label_names", "label_text"):',
