@@ -27,14 +27,19 @@ TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-<ran
 
 
 class Tokenizer:
-    """Uncased BERT tokenisation (clean, lower-case, strip accents, split; WordPiece) by vocab.txt."""
+    """BERT tokenisation by vocab.txt (clean; for an uncased vocabulary lower-case and strip
+    accents; split; WordPiece), as Google's tokenization.py computes it."""
 
     def __init__(self, vocab_file):
         from tokenizers import BertWordPieceTokenizer
-        if not {"[PAD]", "[UNK]", "[CLS]", "[SEP]"} <= set(read_text(vocab_file).splitlines()):
+        vocab = read_text(vocab_file).splitlines()
+        if not {"[PAD]", "[UNK]", "[CLS]", "[SEP]"} <= set(vocab):
             raise ValueError(f"{vocab_file} lacks [PAD], [UNK], [CLS] or [SEP]: empty, cut short "
                              "or not a BERT vocabulary; copy the model's vocab.txt again")
-        self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
+        # A cased vocabulary (bert-base-cased, Google's cased_* releases) has capitals: then the text
+        # keeps its case and accents (tokenization.py's do_lower_case=False)
+        self.lowercase = all(t == t.lower() for t in vocab if not t.startswith("["))
+        self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=self.lowercase)
         self.pad_id, self.cls_id, self.sep_id = map(self.wp.token_to_id, "[PAD] [CLS] [SEP]".split())
 
     def tokenize(self, texts):

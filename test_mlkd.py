@@ -665,6 +665,16 @@ def test_tokenizer_encodes_pairs_like_bert(tmp_path):
     assert words(1) == ["[CLS]", "a", "b", "c", "d", "[SEP]", "g", "h", "i", "[SEP]"]  # 4 + 3: B loses the tie
 
 
+def test_a_cased_vocabulary_keeps_case_and_accents(tmp_path):
+    """As Google's tokenization.py with do_lower_case=False (bert-base-cased, cased_L-12_H-768_A-12):
+    an uncased vocabulary lower-cases and strips accents, a cased one (it has capitals) neither."""
+    uncased = data.Tokenizer(write_vocab(tmp_path / "uncased.txt", ["paris", "cafe"]))
+    cased = data.Tokenizer(write_vocab(tmp_path / "cased.txt", ["Paris", "Café", "paris"]))
+    pieces = lambda tok: [tok.wp.id_to_token(i) for i in tok.tokenize(["Paris Café"])[0].ids]  # noqa: E731
+    assert pieces(uncased) == ["paris", "cafe"] and uncased.lowercase
+    assert pieces(cased) == ["Paris", "Café"] and not cased.lowercase
+
+
 GLUE_FIXTURES = {  # (folder, file): rows, tab-separated, in each task's official format and quirks
     ("CoLA", "train.tsv"): ["gj04\t1\t\tOur friends won't buy this analysis.", "gj04\t0\t*\tThey drank the pub \"dry."],
     ("CoLA", "test.tsv"): ["index\tsentence", "0\tBill whistled past the house."],

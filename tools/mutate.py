@@ -195,6 +195,10 @@ MUTANTS = [
            'if r.headers.get("Content-Range", "").endswith(f"/{have}"):',
            "if True:",
            "a leftover .part longer than the file is renamed into place as the download"),
+    Mutant("data.py",
+           "lowercase=self.lowercase)",
+           "lowercase=True)",
+           "a cased vocabulary's text is lower-cased: its capitalised word pieces are never used"),
     # train.py: a stage's directory and torchrun
     Mutant("train.py",
            "t0, record = time.time() - trained,",
