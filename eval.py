@@ -334,7 +334,7 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="a directory train.py wrote, or a hub name")
     p.add_argument("--data_dir", help="holds glue/, squad/ (default: the model's, $MLKD_DATA, data)")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--predict", action="store_true", help="write GLUE test predictions to --model")
     p.add_argument("--speed", action="store_true", help="latency and throughput at 12..1 heads")
     p.add_argument("--speed_batch", type=int, default=32)
@@ -350,6 +350,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
         p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
+    if args.noise and (args.predict or args.speed):  # the typos go into dev alone
+        p.error("--noise scores the dev set; run --predict or --speed without it")
     check_model_flags(p, args)
     for name in ("batch_size", "speed_batch", "speed_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -359,6 +361,17 @@ def parse_args(argv=None):
         p.error(f"--model {args.model}: not writable, and eval.py writes its results there; copy it "
                 "to a directory you can write to")
     return args
+
+
+def device(text):
+    """The type of --device (eval.py, train.py, tools/relations.py): cpu, cuda or cuda:N, a GPU
+    this torch sees."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text}: use cpu, cuda or cuda:N")
+    if text != "cpu" and int(text[5:] or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees "
+                                         f"{torch.cuda.device_count()} CUDA GPUs; use --device cpu")
+    return text
 
 
 def trained_settings(directory):

@@ -1287,7 +1287,10 @@ def test_train_rejects_bad_flags_before_work(capsys):
                       *((["--task", "sst2", f"--{f}", "0"], f"--{f}: must be a whole number >= 1, got 0")
                         for f in ("layers", "hidden", "heads", "ffn", "max_steps")),
                       (["--task", "sst2", "--heads", "-2"], "--heads: must be a whole number >= 1, got -2"),
-                      (["--task", "sst2", "--weight_decay", "-0.01"], "--weight_decay: must be a finite number >= 0")):
+                      (["--task", "sst2", "--weight_decay", "-0.01"], "--weight_decay: must be a finite number >= 0"),
+                      (["--task", "sst2", "--device", "gpu"], "--device: gpu: use cpu, cuda or cuda:N"),
+                      (["--task", "sst2", "--device", f"cuda:{torch.cuda.device_count()}"],  # one past the last
+                       "CUDA GPUs; use --device cpu")):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert msg in capsys.readouterr().err
@@ -2769,7 +2772,9 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
     rows = ev.main(["--task", "sst2", "--model", str(out / "stage2"), "--speed", "--speed_batch", "2", *cpu])
     assert "speed: batch 2 x length 32" in capsys.readouterr().out and rows[-1]["heads"] == 1
     for flags, msg in ((["--speed", "--speed_batch", "0"], "--speed_batch must be at least 1, got 0"),
-                       (["--max_len", "2"], "--max_len 2: must be in 3..512")):
+                       (["--max_len", "2"], "--max_len 2: must be in 3..512"),
+                       (["--device", "gpu"], "--device: gpu: use cpu, cuda or cuda:N"),
+                       (["--noise", "0.1", "--predict"], "--noise scores the dev set; run --predict or")):
         with pytest.raises(SystemExit):
             ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu, *flags])
         assert msg in capsys.readouterr().err

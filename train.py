@@ -469,7 +469,7 @@ FLAGS = [
     ("save_steps", count, 200, "write a resumable checkpoint every N steps"),
     ("log_steps", count, 50, "progress line every N steps"),
     ("eval_batch_size", count, 128, "batch size of evaluation and of the teacher cache"),
-    ("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N"),
+    ("device", evaluation.device, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:N"),
     ("compile", bool, False, "torch.compile the trained model; batches padded to a few widths"),
     ("no_teacher_cache", bool, False, "run the teacher on every Stage-2 step, not once per example"),
 ]

@@ -86,7 +86,8 @@ def parse_args(argv=None):
                    "model's, in its args.json; else the task's)")
     p.add_argument("--mha_temperature", type=float, help="L_MHA's temperature for the sharpness "
                    "table (default: the model's args.json, else 1, the paper's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=evaluation.device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow_partial", action="store_true", help="a dev file with fewer or more "
                    "rows than the official one (refused otherwise)")
     args = p.parse_args(argv)
