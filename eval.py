@@ -252,15 +252,17 @@ def main(argv=None):
 
 
 def score_dev(model, tok, args):
-    """The dev metrics of a GLUE model (--noise: on dev with typos, kept in noise-P.json), and how
-    often it predicts each class (a model that learnt only the class prior shows here)."""
+    """The dev metrics of a GLUE model (--noise: on dev with typos, kept in noise-P.json, or
+    noise-P-seedS.json for --noise_seed S > 0), and how often it predicts each class (a model that
+    learnt only the class prior shows here)."""
     task, directory, noise = data.TASKS[args.task], args.model, {}
+    seed = f"-seed{args.noise_seed}" if args.noise_seed else ""  # in the files' names but seed 0's
     examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial)
                 for s in task.dev_splits}
     for split in examples if args.noise else ():
         examples[split], words, changed = with_typos(examples[split], args.noise, args.noise_seed)
         rows = [f"{e.guid}\t{e.label}\t{e.text_a}\t{e.text_b or ''}\n" for e in examples[split]]
-        path = os.path.join(directory, f"noise-{args.noise:g}-{split}.tsv")
+        path = os.path.join(directory, f"noise-{args.noise:g}{seed}-{split}.tsv")
         data.atomic_write_text(path, "guid\tlabel\ttext_a\ttext_b\n" + "".join(rows))
         noise[split] = {"words": words, "changed": changed}
         print(f"{split}: a typo in {changed:,} of {words:,} words (seed {args.noise_seed}); "
@@ -272,7 +274,7 @@ def score_dev(model, tok, args):
           + format_metrics(metrics))
     if args.noise:
         record = {**metrics, "noise": args.noise, "seed": args.noise_seed, "splits": noise}
-        path = os.path.join(directory, f"noise-{args.noise:g}.json")
+        path = os.path.join(directory, f"noise-{args.noise:g}{seed}.json")
         data.atomic_write_text(path, json.dumps(record, indent=2))
     for split, p in predictions.items() if task.labels else ():
         counts = ", ".join(f"{c} {n}" for c, n in zip(task.labels, np.bincount(p, minlength=len(task.labels))))

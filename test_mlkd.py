@@ -1352,6 +1352,9 @@ def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
         x.split("\t")[1] for x in original[1:]
     ]
     assert sum(a.split("\t")[2] != b.split("\t")[0] for a, b in zip(lines[1:], original[1:])) > 5
+    ev.main(common + ["--noise", "0.5", "--noise_seed", "1"])  # another seed: its own files
+    assert json.load(open(teacher / "noise-0.5-seed1.json"))["seed"] == 1 and json.load(
+        open(teacher / "noise-0.5.json")) == record and os.path.exists(teacher / "noise-0.5-seed1-dev.tsv")
     with pytest.raises(SystemExit):
         ev.main(common + ["--noise", "0"])
     assert "--noise 0.0: a fraction of words in (0, 1]" in capsys.readouterr().err
