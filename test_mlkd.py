@@ -2021,6 +2021,8 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     elsewhere = dict(machine="NVIDIA H200 (bf16), 16 cores", commit=None)  # out/ carried from a GPU machine
     (tmp_path / compare.row_out("sst2", "S2", "gold", 1) / "ran.json").write_text(json.dumps(elsewhere))
     run(compare.row_out("sst2", "S2", "mlkd", 2), "stage2", 85.0, 84.5, stage1=10)
+    started = dict(machine="2 cores", commit="abc1234")  # the commit the run started on, not today's HEAD
+    (tmp_path / compare.row_out("sst2", "S2", "mlkd", 2) / "ran.json").write_text(json.dumps(started))
     rows = (
         [dict(loss="L_EMB", student=0, teacher=0, split=None, h_teacher=0.2, h_student=0.3, kl=0.1)]
         + [
@@ -2047,6 +2049,20 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         "train.py --task sst2 --data_dir $DATA --teacher out/compare/sst2/teacher-e1-lr5e-05/teacher"
     )
     assert compare.harvest(args, "/mini") == 0  # up to date: nothing rewritten
+    assert json.loads((tmp_path / "runs" / "sst2" / "S2" / "mlkd-s2.json").read_text())["commit"] == "abc1234"
+    import train  # out/ holding another run than the row's command (its budget changed since) is not recorded
+    gold = tmp_path / compare.row_out("sst2", "S2", "gold", 42) / "stage2"
+    cmd = next(job[1] for job in compare.all_jobs(args, "/mini") if job[0] == "S2 gold seed 42")
+    settings = vars(train.parse_args(cmd[2:]))
+    (gold / "args.json").write_text(json.dumps({**settings, "epochs2": 1.0}, default=str))
+    with pytest.raises(SystemExit, match=r"not recorded: \S+gold-s42/stage2 was run with other settings: "
+                                         r"--epochs2 1.0 \(now 3.0\); delete \S+gold-s42 to run the row"):
+        compare.harvest(args, "/mini")
+    (gold / "args.json").write_text(json.dumps(settings, default=str))
+    assert compare.harvest(args, "/mini") == 0  # the run its command describes: its record stays
+    (gold / "log.jsonl").write_text('{"step": 5, "loss": 1.0}\n')  # a damaged out/: one line, not IndexError
+    with pytest.raises(SystemExit, match=r"gold-s42 is finished but \S+log.jsonl holds no dev evaluation"):
+        compare.harvest(args, "/mini")
     args.rows = ["kd", "mlkd"]  # --rows: only those rows, seed by seed, the finished mlkd seed 2 skipped
     assert [j[0] for j in compare.row_jobs(args, "/mini")] == ["S2 kd seed 42", "S2 mlkd seed 42", "S2 kd seed 1",
                                                                  "S2 mlkd seed 1", "S2 kd seed 2"]
@@ -2060,11 +2076,16 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     }  # first wins
     assert (
         lines["| gold labels (fine-tuning)"]
-        == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 | 10.00 | 30 | 30 ± 0 |"
+        == "| gold labels (fine-tuning) | 2 of 3 | 80.00 ± 1.41 | 81.00 ± 1.41 | 70.00 (n=1) | 10.00 (n=1) | 30 | 30 ± 0 |"
     )
     assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"
+    for seed, steps in ((42, 1875), (1, 2500)):  # seeds of other budgets: each budget shown, none hidden
+        path = compare.record_path("sst2", compare.row_out("sst2", "S2", "kd", seed))
+        open(path, "w").write(json.dumps(dict(best=80.0, last=80.0, noise=None, steps=steps, minutes=1.0)))
+    kd = [line for line in compare.setting_table("sst2", "S2") if line.startswith("| logits-only KD (L_KD)")]
+    assert kd == ["| logits-only KD (L_KD) | 2 of 3 | 80.00 ± 0.00 | 80.00 ± 0.00 | - | - | 1,875 / 2,500 | 1 ± 0 |"]
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
-    assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == "| 1 epoch(s), lr 5e-05 (kept) | 88.00 | 85.50 | 2.50 | 30 | 30 |"
+    assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == "| 1 epoch(s), lr 5e-05 (kept) | 87.00 | 88.00 | 85.50 | 2.50 | 30 | 30 |"
     assert "not run yet" in lines["| 2 epoch(s), lr 2e-05"]
     # The budget curve: its own table and picture, from the records of its rows (Stage-1 steps = all minus Stage 2's).
     assert compare.curve_table("sst2", "S2") == [] and compare.curve_points("sst2", "S2") == {}

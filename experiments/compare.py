@@ -328,9 +328,11 @@ def run_numbers(out, metric):
     final = load(os.path.join(model, "metrics.json") if teacher else os.path.join(out, "results.json"))
     if final is None:
         return None
-    curve = [
-        [r["step"], r["dev"][metric]] for r in map(json.loads, open(os.path.join(model, "log.jsonl"))) if "dev" in r
-    ]
+    log = os.path.join(model, "log.jsonl")
+    curve = [[r["step"], r["dev"][metric]] for r in map(json.loads, open(log)) if "dev" in r] if os.path.exists(
+        log) else []
+    if not curve:  # finished, but its dev curve is gone: a copied or damaged out/
+        sys.exit(f"error: {out} is finished but {log} holds no dev evaluation; delete {out} to run it again")
     steps = minutes = 0
     for stage in ("teacher",) if teacher else ("stage1", "stage2"):
         m = load(os.path.join(out, stage, "metrics.json"))
@@ -339,6 +341,24 @@ def run_numbers(out, metric):
     noisy = load(os.path.join(model, f"noise-{NOISE:g}.json"))
     return dict(best=final["dev"][metric] if teacher else final["student"][metric], last=curve[-1][1], curve=curve,
                 steps=steps, minutes=round(minutes, 2), noise=noisy[metric] if noisy else None)
+
+
+def settings_differ(cmd, out):
+    """Why the run in `out` is not the one `cmd` describes: train.py's settings guard on each of its finished
+    stages (a flag that changes the stage, recorded in its args.json with another value), paths aside (out/ may
+    come from another machine); None when it is that run."""
+    import contextlib
+    import io
+    import train
+    with contextlib.redirect_stdout(io.StringIO()):  # parse_args says what it sets
+        now = train.parse_args(cmd[2:])
+    flags = [f for f in train.FLAGS if len(f) == 2 or (f[1] is not train.path and "_init" not in f[0])]
+    for stage in ("teacher", "stage1", "stage2"):
+        try:
+            train.same_settings(stage, os.path.join(out, stage), now, flags)
+        except ValueError as e:
+            return str(e).split(". Rerun")[0]
+    return None
 
 
 def commit():
@@ -366,8 +386,9 @@ def machine():
 
 def harvest(args, mini):
     """Write (or bring up to date) the record of every finished teacher and row of args.settings; returns
-    how many changed. A record keeps the date of its first writing, and the commit and the machine its run started
-    on (ran.json; this machine and commit for runs older than that file)."""
+    how many changed. A record names the commit and the machine its run started on (ran.json; for runs older than
+    that file the record's own, else this machine's and commit), and the date its numbers were first recorded. A
+    run whose settings are not its command's (ROWS or TASKS changed since) is refused, not recorded."""
     metric, changed = data.TASKS[args.task].metric, 0
     for name, cmd, _, _ in [teacher_job(args, mini, *TASKS[args.task]["teachers"][0])] + all_jobs(args, mini):
         out = out_dir(cmd)
@@ -376,12 +397,17 @@ def harvest(args, mini):
         if numbers is None and not (old and rel):
             continue
         shown = " ".join(cmd[1:]).replace(mini, "$MINILM").replace(args.data_dir, "$DATA")
-        ran = load(os.path.join(out, "ran.json")) or dict(machine=machine(), commit=commit())  # where it ran
+        ran = load(os.path.join(out, "ran.json")) or {}  # the machine and commit the run started on
         if numbers is None:  # a recorded row whose Stage 1 was run again to be shown: its numbers stay
             rec = dict(old)
         else:
-            rec = dict(run=name, **numbers, command=shown, commit=old.get("commit", ran["commit"] or commit()),
-                       date=old.get("date", time.strftime("%Y-%m-%d")), machine=ran["machine"])
+            why = settings_differ(cmd, out)
+            if why:  # out/ holds another run than the command (ROWS or TASKS changed since)
+                sys.exit(f"error: not recorded: {why}; delete {out} to run the row as it is now")
+            same = old.get("curve") == numbers["curve"]  # the recorded run, else a new one: today's date
+            rec = dict(run=name, **numbers, command=shown, commit=ran.get("commit") or old.get("commit") or commit(),
+                       date=old["date"] if same and "date" in old else time.strftime("%Y-%m-%d"),
+                       machine=ran.get("machine") or old.get("machine") or machine())
         if rel or old.get("relations"):
             rec["relations"] = rel or old["relations"]
         fields = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rec.items()]  # a field a line: readable diffs
@@ -408,14 +434,15 @@ def spread(xs, digits=2):
 
 def teacher_table(task):
     """The teacher settings tried, as markdown table lines."""
-    lines = [f"| teacher (full training set) | dev {data.TASKS[task].metric} | noise {NOISE:g} | drop | steps | min |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| teacher (full training set) | last | best | noise {NOISE:g} | drop | steps | min |",
+             "|---|---|---|---|---|---|---|"]
     for i, (epochs, lr) in enumerate(TASKS[task]["teachers"]):
         m = load(record_path(task, teacher_out(task, epochs, lr)))
         kept = " (kept)" if i == 0 else ""
         lines.append(f"| {epochs} epoch(s), lr {lr:g}{kept} | " + (
-            f"{m['best']:.2f} | {spread([m['noise']])} | {spread([m['noise'] and m['best'] - m['noise']])} | "
-            f"{m['steps']:,} | {m['minutes']:.0f} |" if m else "not run yet | | | | |"))
+            f"{m['last']:.2f} | {m['best']:.2f} | {spread([m['noise']])} | "
+            f"{spread([m['noise'] and m['best'] - m['noise']])} | {m['steps']:,} | {m['minutes']:.0f} |"
+            if m else "not run yet | | | | | |"))
     return lines
 
 
@@ -429,10 +456,13 @@ def setting_table(task, setting):
         if not got:
             lines.append(f"| {label} | 0 of {len(seeds)} | not run yet | | | | | |")
             continue
+        noisy = [g for g in got if g["noise"] is not None]
+        fewer = f" (n={len(noisy)})" if 0 < len(noisy) < len(got) else ""  # the noise of fewer seeds
+        steps = " / ".join(f"{s:,}" for s in sorted({g["steps"] for g in got}))  # seeds of other budgets: all
         lines.append(f"| {label} | {len(got)} of {len(seeds)} | {spread([g['last'] for g in got])} | "
-                     f"{spread([g['best'] for g in got])} | {spread([g['noise'] for g in got])} | "
-                     f"{spread([g['best'] - g['noise'] for g in got if g['noise'] is not None])} | "
-                     f"{got[0]['steps']:,} | {spread([g['minutes'] for g in got], 0)} |")
+                     f"{spread([g['best'] for g in got])} | {spread([g['noise'] for g in noisy])}{fewer} | "
+                     f"{spread([g['best'] - g['noise'] for g in noisy])}{fewer} | "
+                     f"{steps} | {spread([g['minutes'] for g in got], 0)} |")
     return lines
 
 
@@ -618,7 +648,9 @@ if __name__ == "__main__":
         print(f"[compare] {harvest(a, minilm())} record(s) written to {os.path.join(RUNS, a.task)}")
     path, lines = os.path.join(HERE, f"{a.task}.md"), table(a)
     data.atomic_write_text(path, "\n".join(lines) + "\n")
-    for setting in [s for s in SETTINGS if curve_points(a.task, s)]:
+    for setting in SETTINGS:  # a curve of two budgets at least (its x axis is their log steps)
+        if len({steps for points in curve_points(a.task, setting).values() for _, steps, _ in points}) < 2:
+            continue
         data.atomic_write_text(os.path.join(HERE, f"{a.task}-{setting}-budget.svg"), curve_svg(a.task, setting))
     docs = sync_docs(a)
     print("\n".join(lines) + f"\nwrote {path}" + "".join(f"\nrewrote the {a.task} tables quoted in {d}" for d in docs))
