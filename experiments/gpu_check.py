@@ -41,6 +41,7 @@ import collections
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -98,16 +99,20 @@ def parity_and_speed(shape, batch, length, device, peak_tflops, rounds):
         worst = float((a - b).abs()[mask.bool()].max())
         rows.append(("parity with HF BertModel, fp32", f"{worst:.2e}",
                      "largest difference, last hidden states"))
-    ours.train()
-    mine = tokens_per_s(lambda: ours(ids, None, mask).hidden_states[-1], batch * length, device, rounds)
+    models = {"ours": (ours, lambda: ours(ids, None, mask).hidden_states[-1])}
+    if theirs is not None:
+        models["HF"] = (theirs, lambda: theirs(input_ids=ids, attention_mask=mask).last_hidden_state)
+    speeds = {name: [] for name in models}
+    for _ in range(rounds):  # interleaved, as bench_model.py: a busy moment of the machine hurts both alike
+        for name, (m, forward) in models.items():
+            m.train()
+            speeds[name].append(tokens_per_s(forward, batch * length, device, 1))
+    mine, hf = (statistics.median(speeds[name]) if speeds.get(name) else None for name in ("ours", "HF"))
     mfu = mine * flops_per_token(ours, length) / (peak_tflops * 1e12)
     precision = "bf16" if device.startswith("cuda") else "fp32"
     rows.append((f"fwd+bwd tokens/s, ours, {precision}", f"{mine:,.0f}",
                  f"batch {batch} x {length}; MFU {100 * mfu:.1f}% of {peak_tflops:g} TFLOPS"))
     if theirs is not None:
-        theirs.train()
-        hf = tokens_per_s(lambda: theirs(input_ids=ids, attention_mask=mask).last_hidden_state,
-                          batch * length, device, rounds)
         rows.append((f"fwd+bwd tokens/s, HF BertModel, {precision}", f"{hf:,.0f}",
                      f"ours / HF = {mine / hf:.2f}x"))
     return rows
