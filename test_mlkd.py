@@ -2087,7 +2087,8 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     assert kd == ["| logits-only KD (L_KD) | 2 of 3 | 80.00 ± 0.00 | 80.00 ± 0.00 | - | - | 1,875 / 2,500 "
                   "| 1 ± 0 |"]
     assert lines["| logits-only KD (L_KD)"].startswith("| logits-only KD (L_KD) | 0 of 3 | not run yet")
-    assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == "| 1 epoch(s), lr 5e-05 (kept) | 87.00 | 88.00 | 85.50 | 2.50 | 30 | 30 |"
+    teacher = "| 1 epoch(s), lr 5e-05 (kept) | 87.00 | 88.00 | 85.50 | 2.50 | 30 | 30 |"  # last, then best
+    assert lines["| 1 epoch(s), lr 5e-05 (kept)"] == teacher
     assert "not run yet" in lines["| 2 epoch(s), lr 2e-05"]
     # The budget curve: its own table and picture, from the records of its rows (Stage-1 steps = all minus Stage 2's).
     assert compare.curve_table("sst2", "S2") == [] and compare.curve_points("sst2", "S2") == {}
