@@ -110,6 +110,8 @@ def main():
              "stage2": (functools.partial(train.stage2_objective, teacher=teacher, proj=proj, cache=cache,
                                           args=settings), [student, proj])}
     got = {(name, order): [] for name in steps for order in orders}
+    for objective, modules in steps.values():  # a warm-up step each, untimed: the first steps run cold
+        samples_per_s(objective, modules, next(iter(timed.values()))[:1], args.device)
     for _ in range(args.rounds):
         for name, (objective, modules) in steps.items():
             for order in orders:
