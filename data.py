@@ -376,7 +376,6 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
     by HTTP Range, over the file's own bytes: no gzip), checked against md5/sha256, renamed. A busy
     server (429, 5xx) is tried again; an unreachable host is an error at once. `place`: where to
     put the file by hand. No directory is made before the server answers."""
-    import hashlib
     import time
     import requests
     if os.path.exists(dest):
@@ -403,15 +402,7 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
                     raise DownloadError(url, f"HTTP {r.status_code}", r.status_code, place)
                 have = have if r.status_code == 206 else 0  # 200: Range ignored, start over
                 total = have + int(r.headers.get("Content-Length", 0)) or None
-                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-                with open(part, "ab" if have else "wb") as f:
-                    for i, block in enumerate(r.iter_content(chunk)):
-                        f.write(block)
-                        if i % 100 == 0:  # a status line every 100 blocks
-                            print(f"\r[download] {dest}: {f.tell() >> 20} MiB", end="", file=sys.stderr)
-                    done = f.tell()
-                print(f"\r[download] {dest}: {done >> 20} MiB", file=sys.stderr)
-                if total is None or done >= total:
+                if save_body(r, part, have > 0, chunk, dest) >= (total or 0):
                     break
         except requests.RequestException as e:
             if r is None and not isinstance(e, requests.ReadTimeout):  # no answer: unreachable
@@ -422,6 +413,14 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
             print(f"[download] {url}: cut ({type(e).__name__}); resuming", file=sys.stderr)
     else:
         raise DownloadError(url, f"incomplete after {retries} attempts", place=place)
+    check_digests(part, url, md5, sha256)
+    os.replace(part, dest)
+    return dest
+
+
+def check_digests(part, url, md5, sha256):
+    """Refuse, and delete, a downloaded file whose md5 or sha256 (where given) is another."""
+    import hashlib
     for algorithm, want in (("md5", md5), ("sha256", sha256)):
         with open(part, "rb") as f:
             got = hashlib.new(algorithm, f.read()).hexdigest() if want else None
@@ -429,8 +428,20 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
             os.remove(part)
             raise DownloadError(url, f"{algorithm} mismatch: expected {want}, got {got}; the "
                                 "partial file was removed")
-    os.replace(part, dest)
-    return dest
+
+
+def save_body(r, part, append, chunk, shown):
+    """Write an HTTP answer's body to `part` (after what it holds when `append`: a resumed transfer),
+    saying the MiB so far every 100 blocks; returns the size of `part` then."""
+    os.makedirs(os.path.dirname(os.path.abspath(part)), exist_ok=True)
+    with open(part, "ab" if append else "wb") as f:
+        for i, block in enumerate(r.iter_content(chunk)):
+            f.write(block)
+            if i % 100 == 0:
+                print(f"\r[download] {shown}: {f.tell() >> 20} MiB", end="", file=sys.stderr)
+        done = f.tell()
+    print(f"\r[download] {shown}: {done >> 20} MiB", file=sys.stderr)
+    return done
 
 
 def unzip(zip_path, dest_dir):
