@@ -3,7 +3,8 @@
 Read this file first (then model.py's BertOutput, train.py, eval.py, data.py). Source: Zhang, Yang
 and Ji, "MLKD-BERT: Multi-level Knowledge Distillation for Pre-trained Language Models" (arXiv
 2407.02775), with the details the paper leaves open read from the authors' code
-(HandH1998/tmp_bert_mlkd, a fork of TinyBERT's). Imports nothing of ours: the stage objectives read
+(HandH1998/tmp_bert_mlkd, a fork of TinyBERT's: branch bert_mlkd, commit 0f5fb51, task_distill.py;
+SQuAD: branch bert_mlkd_for_qa_task). Imports nothing of ours: the stage objectives read
 the fields of model.py's BertOutput (hidden_states, attn_outputs, token_embeddings, logits; for
 TinyBERT's baseline attn_scores) by name.
 
@@ -25,7 +26,7 @@ so the softmaxes and KLs after them are fp32 too; the MSEs take fp32 copies; the
 run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under
 torchrun (train.py) each process computes these on its own rows of the batch: the token-level
 losses then average exactly as on one process, while the batch relations L_SS and L_SC see only
-the local batch, as in the authors' multi-GPU runs.
+the local batch (the authors' nn.DataParallel gathered every GPU's outputs: theirs saw all of it).
 """
 import math
 from typing import NamedTuple
@@ -129,6 +130,8 @@ def kd_loss(z_s, z_t, temperature=1.0):
     classification z (B, C):  mean_b  -sum_c softmax(z_T/t)_c log_softmax(z_S/t)_c  * t^2
     span z (B, 2, L):         the same over positions, start plus end
     regression z (B, 1):      MSE(z_S, z_T), the teacher's prediction as the target
+    Summed over classes, as Hinton et al. (2015) and DistilBERT: the authors' soft_cross_entropy
+    (TinyBERT's) takes the mean over classes too, so their L_KD is ours / C against L_SS and L_SC.
     """
     z_s, z_t = z_s.float(), z_t.detach().float()
     if z_s.shape[-1] == 1:

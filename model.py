@@ -194,7 +194,8 @@ class Bert(nn.Module):
             out.attn_outputs.append(ctx)
         out.pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, d)
         if c.head in ("classification", "regression"):
-            out.logits = self.classifier(self.dropout(out.pooled))  # (B, C)
+            out.logits = self.classifier(self.dropout(out.pooled))  # (B, C); BERT's: the MLKD and
+            # TinyBERT code's student and teacher apply ReLU to `pooled` instead (not copied)
         elif c.head == "span":
             out.logits = self.qa_outputs(x).transpose(1, 2)  # (B, 2, L): start and end logits
             if attention_mask is not None:  # a pad is never an answer; finite, so 0 * it = 0 in KD

@@ -4,9 +4,9 @@
 
 Read mlkd.py first (the losses), then model.py's BertOutput (the tensors they read), then this
 file from the top: the stages in the paper's order (section 3; the settings of the authors'
-scripts, HandH1998/tmp_bert_mlkd), what each one minimises, the one training loop; below them the
-machinery (the flags and their checks, the teacher and the data, a stage's directory, torchrun),
-which a reader of the method may skip.
+scripts, HandH1998/tmp_bert_mlkd, branch bert_mlkd), what each one minimises, the one training
+loop; below them the machinery (the flags and their checks, the teacher and the data, a stage's
+directory, torchrun), which a reader of the method may skip.
 --recipe tinybert runs TinyBERT's task distillation (the paper's baseline) in both stages.
 A student of another shape starts from general distillation: tools/general_distill.py.
 
@@ -37,7 +37,9 @@ import eval as evaluation  # eval.py (the name eval is Python's builtin)
 import mlkd
 from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 
-# Per task, from the authors' scripts. WNLI is not in their table: it gets RTE's. SQuAD: batch 16.
+# Per task, from the authors' scripts (Stage 1 and 2: task_distill.py's default_params, branch
+# bert_mlkd); WNLI's teacher row is RTE's. SQuAD: batch 16. They also select on dev every eval_step
+# steps (RTE 10; CoLA, MRPC, STS-B, WNLI 20; SST-2 100; the rest 500): --eval_steps N does so.
 Recipe = collections.namedtuple("Recipe", "epochs1 epochs2 teacher_epochs teacher_lr")
 RECIPES = {
     "cola": Recipe(epochs1=50, epochs2=30, teacher_epochs=10, teacher_lr=1e-5),
@@ -195,9 +197,11 @@ TINYBERT = {(4, 312): "huawei-noah/TinyBERT_General_4L_312D",
 
 def build_student(args, teacher):
     """The student per --student_init (see --help); its attention dropout is 0 (in Stage 2 and the
-    saved student too), so attn_outputs are the paper's O = softmax(Q K^T / sqrt(d/h)) V, not a
-    dropped-out copy. A copied student takes its source's embeddings and layers g(1..M) of
-    mlkd.layer_map (DistilBERT's init): from the teacher, its L_EMB starts at 0."""
+    saved student too), so one SDPA call gives both its forward and the paper's O = softmax(Q K^T /
+    sqrt(d/h)) V that L_MHA reads. (The authors' student keeps attention dropout 0.1 and computes O
+    by a second, undropped product: it is more regularised than ours.) A copied student takes its
+    source's embeddings and layers g(1..M) of mlkd.layer_map (DistilBERT's init): from the teacher,
+    its L_EMB starts at 0."""
     M, d_s, heads, ffn, _ = student_shape(args, teacher.config)
     overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
                      num_attention_heads=heads)
@@ -313,7 +317,9 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
 
 def adamw(modules, lr, args):
     """AdamW over the trainable parameters of `modules`, with --weight_decay on the weight matrices
-    and none on the biases and LayerNorm weights (BERT's recipe)."""
+    and none on the biases and LayerNorm weights (BERT's recipe). torch's AdamW, bias-corrected, eps
+    1e-8; the authors' BertAdam (TinyBERT's) has no bias correction, eps 1e-6, and clips each tensor
+    to norm 1 where train_step clips all of them together."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -651,8 +657,10 @@ def prepare(args):
 
 
 def load_teacher(directory, args):
-    """A fine-tuned teacher, frozen; its head must be the task's (a pre-trained model has none).
-    Without --teacher it is the teacher stage's, which must have finished."""
+    """A fine-tuned teacher, frozen and in eval mode: its targets carry no dropout (the authors'
+    task_distill.py never calls teacher.eval(), so theirs did). Its head must be the task's (a
+    pre-trained model has none). Without --teacher it is the teacher stage's, which must have
+    finished."""
     if not args.teacher and not is_done(directory):
         raise ValueError(f"no finished teacher in {directory}: run its stage first")
     teacher = Bert.from_pretrained(directory, verbose=False)
@@ -847,9 +855,9 @@ def shard(batch, by_tokens):
     """This process's rows of a global batch and the weight of its loss: world x its share of the
     examples (of the real tokens for the Stage-1 losses, which average over tokens), so that the
     mean of the processes' gradients is the gradient of the global batch's loss. Not so for L_SS
-    and L_SC, which relate the samples of a batch: each process relates its own rows, as in the
-    authors' multi-GPU runs (mlkd.py). (TinyBERT's attention MSE averages over token pairs: for it
-    the token share is close, not exact.)"""
+    and L_SC, which relate the samples of a batch: each process relates its own rows (the authors'
+    nn.DataParallel related the whole batch; mlkd.py). (TinyBERT's attention MSE averages over
+    token pairs: for it the token share is close, not exact.)"""
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = torch.arange(len(batch["index"])).tensor_split(world)[rank]
     if not len(rows):  # an empty shard: one row at weight 0
