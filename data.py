@@ -36,9 +36,11 @@ class Tokenizer:
         if not {"[PAD]", "[UNK]", "[CLS]", "[SEP]"} <= set(vocab):
             raise ValueError(f"{vocab_file} lacks [PAD], [UNK], [CLS] or [SEP]: empty, cut short "
                              "or not a BERT vocabulary; copy the model's vocab.txt again")
-        # A cased vocabulary (bert-base-cased, Google's cased_* releases) has capitals: then the text
-        # keeps its case and accents (tokenization.py's do_lower_case=False)
-        self.lowercase = all(t == t.lower() for t in vocab if not t.startswith("["))
+        # A cased vocabulary (bert-base-cased, Google's cased_* releases: many word pieces with
+        # capitals; an uncased one has none, a stray few aside) keeps the text's case and accents
+        # (tokenization.py's do_lower_case=False)
+        capitals = sum(t != t.lower() for t in vocab if not t.startswith("["))
+        self.lowercase = capitals <= len(vocab) // 100
         self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=self.lowercase)
         self.pad_id, self.cls_id, self.sep_id = map(self.wp.token_to_id, "[PAD] [CLS] [SEP]".split())
 
