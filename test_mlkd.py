@@ -673,6 +673,8 @@ def test_a_cased_vocabulary_keeps_case_and_accents(tmp_path):
     pieces = lambda tok: [tok.wp.id_to_token(i) for i in tok.tokenize(["Paris Café"])[0].ids]  # noqa: E731
     assert pieces(uncased) == ["paris", "cafe"] and uncased.lowercase
     assert pieces(cased) == ["Paris", "Café"] and not cased.lowercase
+    words = [f"word{i}" for i in range(200)]  # an uncased vocabulary with a stray capitalised piece
+    assert data.Tokenizer(write_vocab(tmp_path / "stray.txt", ["paris", "cafe", "Oops", *words])).lowercase
 
 
 GLUE_FIXTURES = {  # (folder, file): rows, tab-separated, in each task's official format and quirks
