@@ -2060,6 +2060,8 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"not recorded: \S+gold-s42/stage2 was run with other settings: "
                                          r"--epochs2 1.0 \(now 3.0\); delete \S+gold-s42 to run the row"):
         compare.harvest(args, "/mini")
+    missing = cmd + ["--student_init", str(tmp_path / "not-here")]  # a directory of the command is not here:
+    assert compare.settings_differ(missing, str(gold.parent)) is None  # nothing to compare, no refusal
     (gold / "args.json").write_text(json.dumps(settings, default=str))
     assert compare.harvest(args, "/mini") == 0  # the run its command describes: its record stays
     (gold / "log.jsonl").write_text('{"step": 5, "loss": 1.0}\n')  # a damaged out/: one line, not IndexError

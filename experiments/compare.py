@@ -346,12 +346,16 @@ def run_numbers(out, metric):
 def settings_differ(cmd, out):
     """Why the run in `out` is not the one `cmd` describes: train.py's settings guard on each of its finished
     stages (a flag that changes the stage, recorded in its args.json with another value), paths aside (out/ may
-    come from another machine); None when it is that run."""
+    come from another machine); None when it is that run, or when the command does not parse here (a directory
+    it names, such as $MINILM or a General student, is not on this machine): then nothing can be compared."""
     import contextlib
     import io
     import train
-    with contextlib.redirect_stdout(io.StringIO()):  # parse_args says what it sets
-        now = train.parse_args(cmd[2:])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            now = train.parse_args(cmd[2:])  # it says what it sets, and refuses a missing directory
+    except SystemExit:
+        return None
     flags = [f for f in train.FLAGS if len(f) == 2 or (f[1] is not train.path and "_init" not in f[0])]
     for stage in ("teacher", "stage1", "stage2"):
         try:
