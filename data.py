@@ -368,9 +368,7 @@ class DownloadError(RuntimeError):
         where = f"place it at {place}" if place else (
             "place it by hand: GLUE/SQuAD under --data_dir (the README's 'Data' section), weights "
             "as a model directory (config.json, vocab.txt, weights) passed by path")
-        offline = " Offline?" if status is None else ""  # no answer, or one without the file
-        super().__init__(f"download of {url} failed: {reason}.{offline} Fetch it where you can "
-                         f"and {where}")
+        super().__init__(f"download of {url} failed: {reason}. Fetch it where you can and {where}")
 
 
 def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
@@ -408,7 +406,7 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
                     break
         except requests.RequestException as e:
             if r is None and not isinstance(e, requests.ReadTimeout):  # no answer: unreachable
-                raise DownloadError(url, f"cannot reach the server ({type(e).__name__})",
+                raise DownloadError(url, f"cannot reach the server ({type(e).__name__}; offline?)",
                                     place=place) from None
             if attempt == retries - 1:
                 raise DownloadError(url, f"{type(e).__name__}: {e}", place=place) from None

@@ -3148,18 +3148,18 @@ def test_a_checkpoint_keeps_the_gpu_generator_and_the_training_clock(tmp_path, m
     """On CUDA, dropout draws from the GPU's generator: a resumed run goes on from its state (and
     from the seconds and rows trained before, which train_s and samples/s count)."""
     import train
-    gpu = {"state": torch.arange(16, dtype=torch.uint8)}
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"].clone())
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: gpu.update(state=s))
+    gpu = {"state": torch.arange(16, dtype=torch.uint8)}  # the generator of the GPU the run uses
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu.update(got=device) or gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: gpu.update(state=s, set=device))
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
-    train.save_checkpoint(str(tmp_path), [layer], optimizer, 3, None, [12.5, 96])
+    train.save_checkpoint(str(tmp_path), [layer], optimizer, 3, None, [12.5, 96], "cuda:1")
     (tmp_path / "log.jsonl").write_text("")
     gpu["state"] = torch.zeros(16, dtype=torch.uint8)  # the generator moved on, as after a reseed
     args = argparse.Namespace(device="cpu")
     assert train.resume("stage1", str(tmp_path), [layer], optimizer, args) == (3, None, [12.5, 96])
     assert torch.equal(gpu["state"], torch.arange(16, dtype=torch.uint8))
+    assert gpu["got"] == "cuda:1" and gpu["set"] == "cpu"  # --device's GPU, not the current one
 
 
 def test_ctrl_c_during_the_teacher_pass_says_what_is_kept(tmp_path, monkeypatch, capsys):

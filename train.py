@@ -310,7 +310,8 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 best = metrics
                 save_model(model, directory, args)
         if step % args.save_steps == 0 and step < total and LEAD:
-            save_checkpoint(directory, modules, optimizer, step, best, [time.time() - t0, seen])
+            save_checkpoint(directory, modules, optimizer, step, best, [time.time() - t0, seen],
+                            args.device)
     log.close()
     return record, best
 
@@ -644,14 +645,16 @@ def save_model(model, directory, args, proj=None):
 
 def prepare(args):
     """Before any stage: the teacher's files (the shapes are checked against its config), General
-    TinyBERT's for its student, and the task's data, each downloaded where missing ->
-    (tokenised training rows, evaluate(model) on dev)."""
+    TinyBERT's for a student still to build, and the task's data, each downloaded where missing ->
+    (tokenised training rows, evaluate(model) on dev). Under torchrun the others start once process
+    0 is done (it tokenises first too: once a run, the price of one writer per file)."""
     with main_process_first():  # under torchrun: process 0 downloads, then the others read
         source = fetch(args.teacher or args.teacher_init)
         args.vocab = os.path.join(source, "vocab.txt")
         config = BertConfig.from_json(os.path.join(source, "config.json"))
         check_shapes(args, config)
-        if args.student_init == "tinybert" and {"stage1", "stage2"} & set(args.stages):
+        builds = {"stage1", "stage2"} & set(args.stages) and not is_done(os.path.join(args.out, "stage1"))
+        if args.student_init == "tinybert" and builds:  # (a finished Stage 1 is Stage 2's student)
             fetch(TINYBERT[student_shape(args, config)[:2]])
         return load_task(args, data.Tokenizer(args.vocab))
 
@@ -802,7 +805,7 @@ def resume(stage, directory, modules, optimizer, args):
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"].cpu())
     if state.get("cuda_rng") is not None:  # dropout on a GPU draws from the GPU's own generator
-        torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), args.device)
     print(f"[{stage}] resumed from {ckpt} at step {state['step']}")
     if LEAD:  # the log goes on from the checkpoint: no step twice
         kept = [r for r in data.read_text(log).splitlines(keepends=True)  # a line cut short: dropped
@@ -811,12 +814,13 @@ def resume(stage, directory, modules, optimizer, args):
     return state["step"], state["best_metrics"], state.get("clock", [0.0, 0])
 
 
-def save_checkpoint(directory, modules, optimizer, step, best, clock):
+def save_checkpoint(directory, modules, optimizer, step, best, clock, device):
     """checkpoint.pt, written atomically (a kill mid-write leaves the last one whole)."""
     buf = io.BytesIO()
     torch.save({"modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
                 "step": step, "best_metrics": best, "clock": clock, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}, buf)
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
+               buf)
     data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
 
 

@@ -355,6 +355,7 @@ def settings_differ(cmd, out):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             now = train.parse_args(cmd[2:])  # it says what it sets, and refuses a missing directory
     except SystemExit:
+        print(f"[compare] {out}: its command names a directory not on this machine; settings not compared")
         return None
     flags = [f for f in train.FLAGS if len(f) == 2 or (f[1] is not train.path and "_init" not in f[0])]
     for stage in ("teacher", "stage1", "stage2"):

@@ -205,7 +205,7 @@ MUTANTS = [
            "t0, record = time.time(),",
            "train_s counts only the seconds since the last resume"),
     Mutant("train.py",
-           '        torch.cuda.set_rng_state(state["cuda_rng"].cpu())\n',
+           '        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), args.device)\n',
            "        pass\n",
            "a run resumed on CUDA draws its dropout from a reseeded GPU generator"),
     Mutant("train.py",
