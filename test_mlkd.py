@@ -3107,7 +3107,7 @@ def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on
     for total in ("total", "total, extrapolated"):
         cells = [r for r in tables["recipe"] if r[0].endswith("extrapolated") == total.endswith("extrapolated")]
         assert abs(float(rows[total][3]) - sum(float(r[3]) for r in cells[:4])) <= 0.03  # the stages' walls
-    assert float(rows["total, extrapolated"][3]) > float(rows["total"][3])
+    assert float(rows["total, extrapolated"][3]) >= float(rows["total"][3])  # minutes to 0.01: both may be 0.01
 
 
 # ==============================================================================================
