@@ -26,6 +26,14 @@ TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-<ran
 # The tokenizer: BERT WordPiece from vocab.txt (the `tokenizers` package does the work)
 
 
+def uncased(vocab):
+    """Whether a vocabulary (its word pieces) is uncased. A cased one (bert-base-cased, Google's
+    cased_* releases) has many pieces with capitals, an uncased one none (a stray few aside): its
+    text keeps its case and accents (tokenization.py's do_lower_case=False)."""
+    capitals = sum(t != t.lower() for t in vocab if not t.startswith("["))
+    return capitals <= len(vocab) // 100
+
+
 class Tokenizer:
     """BERT tokenisation by vocab.txt (clean; for an uncased vocabulary lower-case and strip
     accents; split; WordPiece), as Google's tokenization.py computes it."""
@@ -36,11 +44,7 @@ class Tokenizer:
         if not {"[PAD]", "[UNK]", "[CLS]", "[SEP]"} <= set(vocab):
             raise ValueError(f"{vocab_file} lacks [PAD], [UNK], [CLS] or [SEP]: empty, cut short "
                              "or not a BERT vocabulary; copy the model's vocab.txt again")
-        # A cased vocabulary (bert-base-cased, Google's cased_* releases: many word pieces with
-        # capitals; an uncased one has none, a stray few aside) keeps the text's case and accents
-        # (tokenization.py's do_lower_case=False)
-        capitals = sum(t != t.lower() for t in vocab if not t.startswith("["))
-        self.lowercase = capitals <= len(vocab) // 100
+        self.lowercase = uncased(vocab)
         self.wp = BertWordPieceTokenizer(str(vocab_file), lowercase=self.lowercase)
         self.pad_id, self.cls_id, self.sep_id = map(self.wp.token_to_id, "[PAD] [CLS] [SEP]".split())
 
@@ -451,6 +455,7 @@ def unzip(zip_path, dest_dir):
     import shutil
     import zipfile
     import zlib
+    remove_stale_temporaries(dest_dir)  # a killed extraction's folder
     tmp = os.path.join(dest_dir, TMP_PREFIX + os.urandom(6).hex())
     try:
         with zipfile.ZipFile(zip_path) as z:
@@ -514,10 +519,14 @@ atomic_write_text = atomic_write_bytes  # the same writer, called with a str
 
 
 def remove_stale_temporaries(directory):
-    """Delete what a killed atomic write left behind (SIGKILL skips the cleanup above)."""
+    """Delete what a killed atomic write or unzip left behind (SIGKILL skips their cleanup)."""
     import glob
+    import shutil
     for tmp in glob.glob(os.path.join(glob.escape(directory), TMP_PREFIX + "*")):
-        os.remove(tmp)
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        else:
+            os.remove(tmp)
 
 
 def error_line(e, writable):

@@ -850,6 +850,7 @@ def test_a_damaged_glue_zip_leaves_no_file_behind(tmp_path, monkeypatch):
         z.writestr("RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n")
         z.writestr("RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tC.\tD.\tentailment\n")
     damaged = buf.getvalue().replace(b"0\tC.\tD.", b"0\tC!\tD.")  # dev.tsv's bytes, not its CRC
+    os.makedirs(tmp_path / "glue" / (data.TMP_PREFIX + "killed") / "RTE")  # an extraction killed before
     with Server({"/glue/data/RTE.zip": damaged}) as s:
         monkeypatch.setattr(data, "FILES_URL", s.url)
         with pytest.raises(ValueError, match=r"RTE.zip is not a valid zip file.*delete it"):

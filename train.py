@@ -635,10 +635,11 @@ def save_model(model, directory, args, proj=None):
     if LEAD and proj is not None:
         write_safetensors(proj.state_dict(), os.path.join(directory, "projections.safetensors"))
     if LEAD:
+        vocab = data.read_text(args.vocab)
         tokenizer = {"tokenizer_class": "BertTokenizer",  # as data.Tokenizer reads this vocabulary
-                     "do_lower_case": data.Tokenizer(args.vocab).lowercase,
+                     "do_lower_case": data.uncased(vocab.splitlines()),
                      "model_max_length": args.max_len}  # an HF pipeline then cuts where we trained
-        model.save(directory, {"vocab.txt": data.read_text(args.vocab),
+        model.save(directory, {"vocab.txt": vocab,
                                "tokenizer_config.json": json.dumps(tokenizer, indent=2),
                                "args.json": json.dumps(vars(args), indent=2, default=str)})
 
