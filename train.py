@@ -85,7 +85,9 @@ def main(argv=None):
 def pipeline(args):
     """teacher -> stage1 -> stage2 -> eval for one task (see the module docstring)."""
     out = {s: os.path.join(args.out, s) for s in STAGES}
-    train, evaluate = prepare(args)
+    with main_process_first():  # under torchrun: process 0 downloads what is missing, then the rest
+        fetch_models(args, args.teacher or args.teacher_init)
+        train, evaluate = load_task(args, data.Tokenizer(args.vocab))
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
     if args.teacher:
@@ -644,20 +646,18 @@ def save_model(model, directory, args, proj=None):
                                "args.json": json.dumps(vars(args), indent=2, default=str)})
 
 
-def prepare(args):
-    """Before any stage: the teacher's files (the shapes are checked against its config), General
-    TinyBERT's for a student still to build, and the task's data, each downloaded where missing ->
-    (tokenised training rows, evaluate(model) on dev). Under torchrun the others start once process
-    0 is done (it tokenises first too: once a run, the price of one writer per file)."""
-    with main_process_first():  # under torchrun: process 0 downloads, then the others read
-        source = fetch(args.teacher or args.teacher_init)
-        args.vocab = os.path.join(source, "vocab.txt")
-        config = BertConfig.from_json(os.path.join(source, "config.json"))
-        check_shapes(args, config)
-        builds = {"stage1", "stage2"} & set(args.stages) and not is_done(os.path.join(args.out, "stage1"))
-        if args.student_init == "tinybert" and builds:  # (a finished Stage 1 is Stage 2's student)
-            fetch(TINYBERT[student_shape(args, config)[:2]])
-        return load_task(args, data.Tokenizer(args.vocab))
+def fetch_models(args, teacher):
+    """Before any stage: the directory of the teacher (a hub name or DIR; args.vocab is its
+    vocabulary), the shapes checked against its config, and General TinyBERT's files for a student
+    still to build, each downloaded where missing. Under torchrun: in main_process_first()."""
+    source = fetch(teacher)
+    args.vocab = os.path.join(source, "vocab.txt")
+    config = BertConfig.from_json(os.path.join(source, "config.json"))
+    check_shapes(args, config)
+    builds = {"stage1", "stage2", "general"} & set(args.stages)  # general: general_distill.py's
+    if args.student_init == "tinybert" and builds and not is_done(os.path.join(args.out, "stage1")):
+        fetch(TINYBERT[student_shape(args, config)[:2]])  # (a finished Stage 1: Stage 2's student)
+    return source
 
 
 def load_teacher(directory, args):

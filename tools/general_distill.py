@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
-from model import Bert, BertConfig, fetch, read_safetensors  # noqa: E402
+from model import Bert, read_safetensors  # noqa: E402
 
 SAME = {f[0]: f for f in train.FLAGS if len(f) == 4}  # train.py's flags, where they mean the same
 FLAGS = [  # train.py's table form: a group header names the stage its flags change
@@ -79,12 +79,7 @@ def main(argv=None):
         train.start_distributed(args)
     directory = os.path.join(args.out, "general")
     with train.main_process_first():  # under torchrun: process 0 downloads, then the others read
-        source = fetch(args.teacher_init)
-        args.vocab = os.path.join(source, "vocab.txt")
-        config = BertConfig.from_json(os.path.join(source, "config.json"))
-        train.check_shapes(args, config)
-        if args.student_init == "tinybert":
-            fetch(train.TINYBERT[train.student_shape(args, config)[:2]])
+        source = train.fetch_models(args, args.teacher_init)
     if not train.begin("general", directory, args, FLAGS):
         return data.read_json(os.path.join(directory, "metrics.json"))
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
