@@ -848,7 +848,8 @@ def start_distributed(args):
 @contextlib.contextmanager
 def main_process_first():
     """Under torchrun the body runs in process 0 first, then in the others: a file the body
-    downloads has one writer, and the others find it there. (One process: just the body.)"""
+    downloads has one writer, and the others find it there (pipeline's body tokenises the data too:
+    the others start it once process 0 has, a wait once a run). One process: just the body."""
     if not LEAD:
         dist.barrier()  # wait for process 0
     yield
