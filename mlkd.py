@@ -24,9 +24,9 @@ masked loss does not depend on how much padding a batch has. mask=None is the au
 loss. The similarity matmuls of the relations and of L_SC run on fp32 copies with autocast off,
 so the softmaxes and KLs after them are fp32 too; the MSEs take fp32 copies; the projections W_m
 run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under
-torchrun (train.py) each process computes these on its own rows of the batch: the token-level
-losses then average exactly as on one process, while the batch relations L_SS and L_SC see only
-the local batch (the authors' nn.DataParallel gathered every GPU's outputs: theirs saw all of it).
+torchrun (train.py) each process computes the Stage-1 losses on its own rows of the batch (they
+average over tokens exactly as on one process); Stage 2's are computed on every process's rows,
+gathered, so L_SS and L_SC relate the whole batch, as on one GPU (and in the authors' DataParallel).
 """
 import math
 from typing import NamedTuple
@@ -254,12 +254,12 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_t
     return total, parts
 
 
-class TeacherTargets(NamedTuple):
-    """All that Stage 2 reads of the teacher: its logits and its final [CLS] state. The teacher is
-    frozen and deterministic, so these can be computed once per training example and reused every
-    epoch."""
+class LogitsAndCls(NamedTuple):
+    """All that Stage 2 reads of a model: its logits and its final [CLS] state. The teacher is
+    frozen and deterministic, so the teacher's can be computed once per training example and reused
+    every epoch (train.py's teacher cache). Under torchrun train.py gathers every process's rows."""
     logits: torch.Tensor  # (B, C) classification, (B, 1) regression, (B, 2, L) span
-    cls: torch.Tensor     # (B, d_T): hidden_states[-1][:, 0], raw
+    cls: torch.Tensor     # (B, d): hidden_states[-1][:, 0], raw
 
     @classmethod
     def of(cls, out):
@@ -267,21 +267,21 @@ class TeacherTargets(NamedTuple):
 
 
 def stage2_targets(batch, teacher, cache=None):
-    """The teacher's TeacherTargets for a batch: its rows of the cache (span logits cut to the
+    """The teacher's LogitsAndCls for a batch: its rows of the cache (span logits cut to the
     batch's width), or, without a cache, a live forward of the frozen teacher."""
     if cache is None:
         with torch.no_grad():
-            return TeacherTargets.of(teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
+            return LogitsAndCls.of(teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
     rows = batch["index"]                                               # (B,) dataset rows
     logits = cache.logits[rows]                                         # (B, C) or (B, 2, max_len)
     if logits.dim() == 3:
         logits = logits[..., :batch["input_ids"].shape[1]]              # (B, 2, width)
-    return TeacherTargets(logits, cache.cls[rows])
+    return LogitsAndCls(logits, cache.cls[rows])
 
 
 def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, base_tau=1.0):
-    """L2 = w_kd L_KD + w_ss L_SS + w_sc L_SC on the student's BertOutput and the teacher's
-    (its BertOutput, or its TeacherTargets when they were cached).
+    """L2 = w_kd L_KD + w_ss L_SS + w_sc L_SC on the student's and the teacher's logits and final
+    [CLS] states: s, t each a LogitsAndCls, or a BertOutput to read them from.
 
     The [CLS] state is hidden_states[-1][:, 0] (raw); L_SC projects the student's with the last
     projection W_M. A weight of 0 skips a loss (train.py gives SQuAD w_ss = w_sc = 0: the authors
@@ -289,8 +289,8 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
     Returns (weighted total, unweighted parts).
     """
     w = {**STAGE2_WEIGHTS, **(weights or {})}
-    t = t if isinstance(t, TeacherTargets) else TeacherTargets.of(t)
-    c_s, c_t = s.hidden_states[-1][:, 0], t.cls  # (B, d_S), (B, d_T)
+    s, t = (x if isinstance(x, LogitsAndCls) else LogitsAndCls.of(x) for x in (s, t))
+    c_s, c_t = s.cls, t.cls  # (B, d_S), (B, d_T)
     parts = {}
     if w["kd"]:
         parts["kd"] = kd_loss(s.logits, t.logits, temperature)

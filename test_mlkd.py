@@ -1782,10 +1782,12 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     config = model.BertConfig.preset("tiny-teacher", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     model.Bert(config).save(init, {"vocab.txt": open(tmp_path / "vocab.txt").read()})
+    # 64 rows in batches of 21: shards of 11 and 10 rows, and a last batch of 1 (an empty shard)
     base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--teacher_epochs", "1",
-                       "--epochs1", "1", "--save_steps", "2", "--group_by_length"]  # each rank: its rows of one batch
+                       "--epochs1", "1", "--epochs2", "1", "--batch_size", "21", "--save_steps", "2",
+                       "--group_by_length"]  # each rank: its rows of one batch
     one, two = tmp_path / "one", tmp_path / "two"
-    for stage in ("teacher", "stage1"):
+    for stage in ("teacher", "stage1", "stage2"):
         train.main(base + ["--out", str(one), "--stages", stage])
 
     def max_diff(stage, file="model.safetensors"):
@@ -1799,8 +1801,8 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
                                          "org/init0"], HUB_URL=s.url, MLKD_CACHE=str(tmp_path / "cache"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert sorted(path for path, _ in s.requests) == sorted(hub), s.requests  # each file once
-    assert "[torchrun] 2 processes" in run.stdout and "--batch_size 16 in all (8 per process)" in run.stdout
-    assert "batch 16, 4 steps" in run.stdout
+    assert "[torchrun] 2 processes" in run.stdout and "--batch_size 21 in all (11 per process)" in run.stdout
+    assert "batch 21, 4 steps" in run.stdout
     assert run.stdout.count("[teacher] done") == 1  # rank 0 prints
     assert max_diff("teacher") < 1e-5
     killed = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage1"], DIE_AT="4")  # after step 3
@@ -1808,8 +1810,12 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     resumed = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage1"])
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
     diffs = max_diff("stage1"), max_diff("stage1", "projections.safetensors")
-    print(f"torchrun 2 processes vs 1: max weight difference teacher {max_diff('teacher'):.2e}, stage1 {diffs}")
-    assert max(diffs) < 1e-5
+    # Stage 2 on the gathered rows of both processes: L_SS and L_SC relate the whole batch, as one process does
+    stage2 = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage2"])
+    assert stage2.returncode == 0, stage2.stdout + stage2.stderr
+    print(f"torchrun 2 processes vs 1: max weight difference teacher {max_diff('teacher'):.2e}, stage1 {diffs}, "
+          f"stage2 {max_diff('stage2'):.2e}")
+    assert max(diffs) < 1e-5 and max_diff("stage2") < 1e-5
     failed = torchrun(tmp_path, base + ["--out", str(tmp_path / "three"), "--stages", "teacher"], FAIL_RANK="1")
     assert failed.returncode != 0 and "rank 1 broke" in failed.stdout + failed.stderr
 
@@ -2253,7 +2259,7 @@ def test_stage_objectives_read_the_layers_of_the_paper(kind):
     labels = torch.tensor([0, 1, 0])
     w2 = {"kd": 0.7, "ss": 1.3, "sc": 2.1}
     ref = ref_stage2(S, T, proj, labels, 2.0, 0.5)
-    for teacher in (t_out, mlkd.TeacherTargets.of(t_out)):
+    for teacher in (t_out, mlkd.LogitsAndCls.of(t_out)):
         total, parts = mlkd.stage2_loss(s_out, teacher, proj, labels, w2, temperature=2.0, tau=0.5)
         assert parts.keys() == ref.keys()
         for k in ref:
@@ -2305,7 +2311,7 @@ def test_bert_outputs_are_the_tensors_the_losses_name():
         close(out.attn_outputs[i - 1], ref["O"][i])
         close(out.attn_scores[i - 1], ref["A"][i])
     close(out.pooled, torch.tanh(m.pooler(ref["H"][4][:, 0])))
-    close(mlkd.TeacherTargets.of(out).cls, ref["H"][4][:, 0])
+    close(mlkd.LogitsAndCls.of(out).cls, ref["H"][4][:, 0])
 
 
 def sharpened(m, std=0.3):

@@ -169,13 +169,16 @@ def stage2_objective(model, batch, teacher, proj, cache, args):
     of the batch, or a live forward), plus --w_ce x the gold-label loss (0 in MLKD)."""
     out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
+    student, labels = mlkd.LogitsAndCls.of(out), batch["labels"]
+    targets = mlkd.stage2_targets(batch, teacher, cache) if any(weights.values()) else None
+    if dist.is_initialized():  # every process's rows: L_SS and L_SC relate the whole batch
+        student, labels, targets = gather_rows(batch["rows_per_process"], student, labels, targets)
     total, parts = 0.0, {}
-    if any(weights.values()):
-        targets = mlkd.stage2_targets(batch, teacher, cache)
-        total, parts = mlkd.stage2_loss(out, targets, proj, batch["labels"], weights,
-                                        args.temperature, args.tau)
+    if targets is not None:
+        total, parts = mlkd.stage2_loss(student, targets, proj, labels, weights, args.temperature,
+                                        args.tau)
     if args.w_ce:
-        parts["ce"] = task_loss(out.logits, batch["labels"])
+        parts["ce"] = task_loss(student.logits, labels)
         total = total + args.w_ce * parts["ce"]
     return total, parts
 
@@ -259,7 +262,7 @@ def teacher_cache(teacher, train, args):
     t0 = time.time()
     logits, cls = evaluation.model_outputs(teacher, train, args.eval_batch_size, args.device)
     print(f"[stage2] teacher outputs of {n} examples computed once in {time.time() - t0:.0f} s")
-    return mlkd.TeacherTargets(logits.to(args.device), cls.to(args.device))
+    return mlkd.LogitsAndCls(logits.to(args.device), cls.to(args.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,8 +337,8 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
     Under torchrun: this process's share of the batch, then the mean of the processes' gradients."""
     weight = 1.0
     if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
-        token_averaged = stage not in ("teacher", "stage2")  # Stage 1, general_distill's "general"
-        batch, weight = shard(batch, by_tokens=token_averaged and not args.paper_exact)
+        token_averaged = "rows" if args.paper_exact else "tokens"  # Stage 1, general_distill.py's
+        batch, weight = shard(batch, {"teacher": "rows", "stage2": "all"}.get(stage, token_averaged))
     batch = {k: v.to(args.device) for k, v in batch.items()}
     model.train()
     with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
@@ -540,7 +543,6 @@ def parse_args(argv=None):
 
 def check_flags(args):
     """Refuse, before any work, the flags that cannot work: one line naming the flag."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau",
                  "teacher_epochs", "epochs1", "epochs2"):
         if getattr(args, name) == 0:
@@ -568,10 +570,9 @@ def check_flags(args):
             and not os.path.isdir(args.student_init):
         refuse(f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a "
                "directory")
-    if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2 * world:
-        refuse(f"--batch_size {args.batch_size}: L_SS and L_SC relate the samples of a batch and "
-               f"are 0 with one sample per process; use --batch_size {2 * world} or more, or "
-               "--w_ss 0 --w_sc 0")
+    if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2:
+        refuse("--batch_size 1: L_SS and L_SC relate the samples of a batch and are 0 with one "
+               "sample; use --batch_size 2 or more, or --w_ss 0 --w_sc 0")
     parent = args.out  # the existing folder --out will be made in
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -857,21 +858,47 @@ def main_process_first():
         dist.barrier()  # process 0 is done: the others go on
 
 
-def shard(batch, by_tokens):
-    """This process's rows of a global batch and the weight of its loss: world x its share of the
-    examples (of the real tokens for the Stage-1 losses, which average over tokens), so that the
-    mean of the processes' gradients is the gradient of the global batch's loss. Not so for L_SS
-    and L_SC, which relate the samples of a batch: each process relates its own rows (the authors'
-    nn.DataParallel related the whole batch; mlkd.py). (TinyBERT's attention MSE averages over
-    token pairs: for it the token share is close, not exact.)"""
+def shard(batch, share):
+    """This process's rows of a global batch (with every process's row count: rows_per_process)
+    and the weight of its loss, world x its share, so that the mean of the processes' gradients is
+    the gradient of the global batch's loss. The share: of the examples ("rows": a mean over
+    examples), of the real tokens ("tokens": the Stage-1 losses average over tokens; TinyBERT's
+    attention MSE over token pairs, for which it is close, not exact), or weight 1 ("all": Stage 2's
+    losses are the whole batch's in every process, gather_rows)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = torch.arange(len(batch["index"])).tensor_split(world)[rank]
-    if not len(rows):  # an empty shard: one row at weight 0
-        return {k: v[:1] for k, v in batch.items()}, 0.0
+    split = torch.arange(len(batch["index"])).tensor_split(world)
+    rows = split[rank] if len(split[rank]) else torch.arange(1)  # an empty shard: a stand-in row
     local = {k: v[rows] for k, v in batch.items()}
-    if by_tokens:
+    local["rows_per_process"] = torch.tensor([len(r) for r in split])
+    if share == "all":
+        return local, 1.0
+    if not len(split[rank]):  # the stand-in row counts for nothing
+        return local, 0.0
+    if share == "tokens":
         return local, world * float(local["attention_mask"].sum() / batch["attention_mask"].sum())
     return local, world * len(rows) / len(batch["index"])
+
+
+def gather_rows(rows_per_process, *values):
+    """Each value (a tensor of this process's rows, a LogitsAndCls of them, or None) with every
+    process's rows in rank order: the whole batch, as one process sees it (a stand-in row left
+    out). Every process then computes the whole batch's loss. Its own rows keep their gradient, the
+    others' are copies; the world processes' losses all read these rows, so their gradient is world
+    times one loss's, and train_step's mean over the processes makes it exact."""
+    rank, counts, gathered = dist.get_rank(), rows_per_process.tolist(), []
+    for x in values:
+        if x is None or isinstance(x, tuple):  # nothing, or each tensor of a LogitsAndCls
+            gathered.append(None if x is None else type(x)(*gather_rows(rows_per_process, *x)))
+            continue
+        mine = x[:counts[rank]]
+        sent = torch.cat([mine.detach(), mine.new_zeros((max(counts) - len(mine), *x.shape[1:]))])
+        parts = [torch.empty_like(sent) for _ in counts]
+        dist.all_gather(parts, sent)
+        if mine.requires_grad:  # world times: see above
+            mine.register_hook(lambda grad: grad * len(counts))
+        parts[rank] = mine
+        gathered.append(torch.cat([p[:n] for p, n in zip(parts, counts)]))
+    return gathered
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main():
     used = torch.cat([b["index"] for batches in timed.values() for b in batches]).unique()  # the cache's rows we read
     logits, cls = evaluation.model_outputs(teacher, {k: v[used] for k, v in rows.items()}, 256, args.device)
     n = len(rows["lengths"])
-    cache = mlkd.TeacherTargets(torch.zeros(n, 2).index_copy(0, used, logits.cpu()).to(args.device),
+    cache = mlkd.LogitsAndCls(torch.zeros(n, 2).index_copy(0, used, logits.cpu()).to(args.device),
                                 torch.zeros(n, 384).index_copy(0, used, cls.cpu()).to(args.device))
     steps = {"teacher": (train.teacher_loss, [fine_tuned]),
              "stage1": (functools.partial(train.stage1_objective, teacher=teacher, proj=proj,

@@ -58,7 +58,7 @@ def build(shape, batch, length, device):
     rows = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths,
             "labels": torch.randint(0, 2, (batch,))}
     b = {k: v.to(device) for k, v in next(data.batches(rows, batch)).items()}
-    cache = mlkd.TeacherTargets(*(t.to(device) for t in evaluation.model_outputs(teacher, rows, batch, device)))
+    cache = mlkd.LogitsAndCls(*(t.to(device) for t in evaluation.model_outputs(teacher, rows, batch, device)))
     params = [*student.parameters(), *proj.parameters()]
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.01},  # as train.fit groups them
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

@@ -159,8 +159,8 @@ MUTANTS = [
            "                best = metrics\n            save_model(model, directory, args)",
            "every dev evaluation saves the model, so the last is kept, not the best"),
     Mutant("train.py",
-           "args.temperature, args.tau)",
-           "1.0, args.tau)",
+           "labels, weights, args.temperature,",
+           "labels, weights, 1.0,",
            "--temperature is ignored in Stage 2 (L_KD always at t = 1)"),
     Mutant("train.py",
            '"mha": args.w_mha, "ffn": args.w_ffn}',
@@ -212,6 +212,14 @@ MUTANTS = [
            "    if not LEAD:\n        dist.barrier()  # wait for process 0\n    yield\n",
            "    yield\n    if not LEAD:\n        dist.barrier()  # wait for process 0\n",
            "under torchrun every process downloads the same missing files at once"),
+    Mutant("train.py",
+           '        student, labels, targets = gather_rows(batch["rows_per_process"], student, labels, targets)\n',
+           "        pass\n",
+           "under torchrun L_SS and L_SC relate each process's own rows, not the whole batch"),
+    Mutant("train.py",
+           "            mine.register_hook(lambda grad: grad * len(counts))",
+           "            pass",
+           "under torchrun Stage 2's gathered gradients are averaged as if each process had its share"),
 ]
 
 
