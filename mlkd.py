@@ -25,8 +25,9 @@ loss. The similarity matmuls of the relations and of L_SC run on fp32 copies wit
 so the softmaxes and KLs after them are fp32 too; the MSEs take fp32 copies; the projections W_m
 run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under
 torchrun (train.py) each process computes the Stage-1 losses on its own rows of the batch (they
-average over tokens exactly as on one process); Stage 2's are computed on every process's rows,
-gathered, so L_SS and L_SC relate the whole batch, as on one GPU (and in the authors' DataParallel).
+average over tokens exactly as on one process; TinyBERT's attention MSE closely); Stage 2's are
+computed on every process's rows, gathered, so L_SS and L_SC relate the whole batch, as on one GPU
+(and in the authors' DataParallel).
 """
 import math
 from typing import NamedTuple

@@ -1765,11 +1765,11 @@ train.main(sys.argv[1:])
 """
 
 
-def torchrun(tmp_path, argv, **env):
+def torchrun(tmp_path, argv, helper_text=DDP_HELPER, **env):
     import subprocess
     import sys
     helper = tmp_path / "ddp_helper.py"
-    helper.write_text(DDP_HELPER.format(repo=HERE))
+    helper.write_text(helper_text.format(repo=HERE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper), *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
@@ -1818,6 +1818,84 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     assert max(diffs) < 1e-5 and max_diff("stage2") < 1e-5
     failed = torchrun(tmp_path, base + ["--out", str(tmp_path / "three"), "--stages", "teacher"], FAIL_RANK="1")
     assert failed.returncode != 0 and "rank 1 broke" in failed.stdout + failed.stderr
+
+
+class RecordingOptimizer:
+    """Stands in for AdamW in train.train_step: keeps the gradients it is handed (averaged over the
+    processes, clipped) and changes no weight."""
+
+    def __init__(self, modules):
+        self.param_groups = [{"params": [p for m in modules for p in m.parameters()]}]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+    def step(self):
+        self.grads = [p.grad for p in self.param_groups[0]["params"]]
+
+
+# (head, batch rows, loss weights, teacher cache); 3 rows: shards of 2 and 1; 1 row: process 1 has a
+# stand-in row. Weights small enough that clipping (to norm 1) never hides a wrong scale.
+STAGE2_CASES = [("classification", 3, dict(w_kd=0.01, w_ss=0.1, w_sc=0.01, w_ce=0.0), True),
+                ("classification", 3, dict(w_kd=0.0, w_ss=0.0, w_sc=0.0, w_ce=0.01), True),  # gold labels
+                ("classification", 1, dict(w_kd=0.01, w_ss=0.1, w_sc=0.01, w_ce=0.01), False),  # live teacher
+                ("regression", 3, dict(w_kd=0.01, w_ss=0.1, w_sc=0.01, w_ce=0.01), False),
+                ("span", 3, dict(w_kd=0.01, w_ss=0.0, w_sc=0.0, w_ce=0.01), True)]
+
+
+def stage2_gradients():
+    """train_step's Stage-2 gradients (the student's, then the projections') of each of STAGE2_CASES,
+    in one process or in each of torchrun's."""
+    import types
+    import eval as ev
+    import train
+    grads = []
+    for head, rows, weights, cached in STAGE2_CASES:
+        torch.manual_seed(0)
+        labels = {"classification": dict(num_labels=3), "regression": dict(num_labels=1), "span": {}}[head]
+        student, teacher = (model.Bert(model.BertConfig.preset(
+            f"tiny-{who}", head=head, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **labels))
+            for who in ("student", "teacher"))
+        proj = mlkd.Projections(2, 24, 48)
+        lengths = torch.tensor([12, 7, 9][:rows])
+        ids = torch.randint(5, 128, (rows, 12)) * (torch.arange(12) < lengths[:, None])
+        ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths,
+              "labels": {"classification": torch.tensor([0, 2, 0]), "regression": torch.tensor([1.0, 2.0, 1.0]),
+                         "span": torch.tensor([[1, 3], [2, 2], [0, 0]])}[head][:rows]}
+        cache = mlkd.LogitsAndCls(*ev.model_outputs(teacher, ds)) if cached else None
+        args = types.SimpleNamespace(paper_exact=False, device="cpu", temperature=2.0, tau=0.5, **weights)
+        objective = functools.partial(train.stage2_objective, teacher=teacher.eval(), proj=proj, cache=cache,
+                                      args=args)
+        optimizer = RecordingOptimizer([student, proj])
+        train.train_step(student, next(data.batches(ds, rows)), objective, optimizer, "stage2", 0, args)
+        grads.append(optimizer.grads)
+    return grads
+
+
+GRADS_HELPER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import test_mlkd
+dist.init_process_group("gloo")
+grads = test_mlkd.stage2_gradients()
+if dist.get_rank() == 0:
+    torch.save(grads, sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_stage2_gradients_are_the_one_process_gradients(tmp_path):
+    """gather_rows: with each Stage-2 loss, gold labels alone, a live teacher, regression and span logits, uneven
+    and empty shards, the mean of 2 processes' gradients is one process's (the student's and W_M's)."""
+    run = torchrun(tmp_path, [str(tmp_path / "grads.pt")], helper_text=GRADS_HELPER)
+    assert run.returncode == 0, run.stdout + run.stderr
+    two = torch.load(tmp_path / "grads.pt", weights_only=True)
+    for case, one, gathered in zip(STAGE2_CASES, stage2_gradients(), two, strict=True):
+        assert [g is None for g in one] == [g is None for g in gathered], case  # W_0..W_M-1 unused
+        a, b = (torch.cat([g.flatten() for g in grads if g is not None]) for grads in (one, gathered))
+        assert 0 < a.norm() < 0.99, case  # not clipped
+        assert (a - b).norm() / a.norm() < 1e-5, (case, float((a - b).norm() / a.norm()))
 
 
 # ==============================================================================================

@@ -172,7 +172,11 @@ def stage2_objective(model, batch, teacher, proj, cache, args):
     student, labels = mlkd.LogitsAndCls.of(out), batch["labels"]
     targets = mlkd.stage2_targets(batch, teacher, cache) if any(weights.values()) else None
     if dist.is_initialized():  # every process's rows: L_SS and L_SC relate the whole batch
-        student, labels, targets = gather_rows(batch["rows_per_process"], student, labels, targets)
+        counts = batch["rows_per_process"].tolist()
+        student = mlkd.LogitsAndCls(*(gather_rows(x, counts) for x in student))
+        labels = gather_rows(labels, counts)
+        if targets is not None:
+            targets = mlkd.LogitsAndCls(*(gather_rows(x, counts) for x in targets))
     total, parts = 0.0, {}
     if targets is not None:
         total, parts = mlkd.stage2_loss(student, targets, proj, labels, weights, args.temperature,
@@ -337,8 +341,9 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
     Under torchrun: this process's share of the batch, then the mean of the processes' gradients."""
     weight = 1.0
     if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
-        token_averaged = "rows" if args.paper_exact else "tokens"  # Stage 1, general_distill.py's
-        batch, weight = shard(batch, {"teacher": "rows", "stage2": "all"}.get(stage, token_averaged))
+        # Stage 1 and general_distill.py's "general" average over tokens (--paper_exact: over rows)
+        share = {"teacher": "rows", "stage2": "all"}.get(stage, "rows" if args.paper_exact else "tokens")
+        batch, weight = shard(batch, share)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     model.train()
     with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
@@ -346,7 +351,8 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
     losses = {k: float(v.detach()) for k, v in parts.items()}
     if not torch.isfinite(loss):
         raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
-                                 f"batch rows {batch['index'].tolist()}")
+                                 f"batch rows {batch['index'].tolist()}"
+                                 + " (this process's)" * dist.is_initialized())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
@@ -867,38 +873,35 @@ def shard(batch, share):
     losses are the whole batch's in every process, gather_rows)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     split = torch.arange(len(batch["index"])).tensor_split(world)
-    rows = split[rank] if len(split[rank]) else torch.arange(1)  # an empty shard: a stand-in row
-    local = {k: v[rows] for k, v in batch.items()}
-    local["rows_per_process"] = torch.tensor([len(r) for r in split])
+    mine = split[rank]
+    local = {k: v[mine if len(mine) else [0]] for k, v in batch.items()}  # empty: a stand-in row
+    local["rows_per_process"] = torch.tensor([len(rows) for rows in split])
     if share == "all":
         return local, 1.0
-    if not len(split[rank]):  # the stand-in row counts for nothing
+    if not len(mine):  # the stand-in row counts for nothing
         return local, 0.0
     if share == "tokens":
         return local, world * float(local["attention_mask"].sum() / batch["attention_mask"].sum())
-    return local, world * len(rows) / len(batch["index"])
+    return local, world * len(mine) / len(batch["index"])
 
 
-def gather_rows(rows_per_process, *values):
-    """Each value (a tensor of this process's rows, a LogitsAndCls of them, or None) with every
-    process's rows in rank order: the whole batch, as one process sees it (a stand-in row left
-    out). Every process then computes the whole batch's loss. Its own rows keep their gradient, the
-    others' are copies; the world processes' losses all read these rows, so their gradient is world
-    times one loss's, and train_step's mean over the processes makes it exact."""
-    rank, counts, gathered = dist.get_rank(), rows_per_process.tolist(), []
-    for x in values:
-        if x is None or isinstance(x, tuple):  # nothing, or each tensor of a LogitsAndCls
-            gathered.append(None if x is None else type(x)(*gather_rows(rows_per_process, *x)))
-            continue
-        mine = x[:counts[rank]]
-        sent = torch.cat([mine.detach(), mine.new_zeros((max(counts) - len(mine), *x.shape[1:]))])
-        parts = [torch.empty_like(sent) for _ in counts]
-        dist.all_gather(parts, sent)
-        if mine.requires_grad:  # world times: see above
-            mine.register_hook(lambda grad: grad * len(counts))
-        parts[rank] = mine
-        gathered.append(torch.cat([p[:n] for p, n in zip(parts, counts)]))
-    return gathered
+def gather_rows(x, counts):
+    """x: this process's rows (beyond counts[rank]: a stand-in row, dropped) -> the whole batch's
+    rows, every process's in rank order (counts: each process's row count). Every process then
+    computes the whole batch's loss, but backpropagates into its own rows alone (the others' are
+    copies): the processes' gradients of the rows add up to the loss's, so the hook multiplies by
+    world what train_step's mean divides by world. The weights that read the gathered rows (L_SC's
+    projection W_M) get the whole gradient in every process, and the mean keeps it."""
+    rank, world = dist.get_rank(), len(counts)
+    mine = x[:counts[rank]]
+    sent = x.new_zeros((max(counts), *x.shape[1:]))  # the same shape in every process
+    sent[:len(mine)] = mine.detach()
+    parts = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(parts, sent)
+    if mine.requires_grad:
+        mine.register_hook(lambda grad: grad * world)
+    parts[rank] = mine
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def main():
     logits, cls = evaluation.model_outputs(teacher, {k: v[used] for k, v in rows.items()}, 256, args.device)
     n = len(rows["lengths"])
     cache = mlkd.LogitsAndCls(torch.zeros(n, 2).index_copy(0, used, logits.cpu()).to(args.device),
-                                torch.zeros(n, 384).index_copy(0, used, cls.cpu()).to(args.device))
+                              torch.zeros(n, 384).index_copy(0, used, cls.cpu()).to(args.device))
     steps = {"teacher": (train.teacher_loss, [fine_tuned]),
              "stage1": (functools.partial(train.stage1_objective, teacher=teacher, proj=proj,
                                           lmap=mlkd.layer_map(6, 3), args=settings), [student, proj]),

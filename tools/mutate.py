@@ -213,12 +213,13 @@ MUTANTS = [
            "    yield\n    if not LEAD:\n        dist.barrier()  # wait for process 0\n",
            "under torchrun every process downloads the same missing files at once"),
     Mutant("train.py",
-           '        student, labels, targets = gather_rows(batch["rows_per_process"], student, labels, targets)\n',
-           "        pass\n",
+           "        labels = gather_rows(labels, counts)\n        if targets is not None:\n"
+           "            targets = mlkd.LogitsAndCls(*(gather_rows(x, counts) for x in targets))\n",
+           "        student = mlkd.LogitsAndCls.of(out)\n",
            "under torchrun L_SS and L_SC relate each process's own rows, not the whole batch"),
     Mutant("train.py",
-           "            mine.register_hook(lambda grad: grad * len(counts))",
-           "            pass",
+           "        mine.register_hook(lambda grad: grad * world)",
+           "        pass",
            "under torchrun Stage 2's gathered gradients are averaged as if each process had its share"),
 ]
 
