@@ -211,6 +211,25 @@ def test_parity_with_hf_transformers_golden_outputs():
     print(f"max abs error vs HF BertModel: {worst:.2e}")
 
 
+def test_parity_with_hf_transformers_on_a_tiny_random_bert(tmp_path):
+    """On any clone: a random 2 x 32 BertModel, its HF config.json and HF's outputs on a padded pair batch
+    (testdata/make_golden.py); our Bert loads the same files and gives the same states."""
+    golden = np.load(os.path.join(HERE, "testdata", "tiny_golden.npz"), allow_pickle=False)
+    (tmp_path / "config.json").write_text(str(golden["config"]))
+    model.write_safetensors({k.removeprefix("weights/"): torch.from_numpy(golden[k]) for k in golden.files
+                             if k.startswith("weights/")}, str(tmp_path / "model.safetensors"))
+    bert = model.Bert.from_pretrained(str(tmp_path)).eval()
+    ids, types, mask = (torch.from_numpy(golden[k]) for k in ("input_ids", "token_type_ids", "attention_mask"))
+    valid = golden["attention_mask"][..., None].astype(bool)  # HF's states at pads are no output
+    with torch.no_grad():
+        out, unmasked = bert(ids, types, mask), bert(ids, types)
+    errors = (np.abs(np.where(valid, out.hidden_states[-1].numpy() - golden["last_hidden_state"], 0)).max(),
+              np.abs(out.pooled.numpy() - golden["pooled"]).max())
+    assert max(errors) < 1e-5, errors
+    # the golden can fail: attending to the pads moves the real tokens' states far beyond the tolerance
+    assert np.abs(np.where(valid, unmasked.hidden_states[-1].numpy() - golden["last_hidden_state"], 0)).max() > 0.01
+
+
 def tiny_hf_state(config, seed=0):
     """A random model's weights under Google/HF checkpoint names: bert. prefix, gamma/beta, cls.* heads."""
     torch.manual_seed(seed)
@@ -1363,6 +1382,41 @@ def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
     assert "--noise 0.0: a fraction of words in (0, 1]" in capsys.readouterr().err
 
 
+def saved_sharp_model(tmp_path):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    torch.manual_seed(0)
+    m = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2,
+                                                     label_names=["0", "1"], label_text=["negative", "positive"])))
+    args = train.parse_args(["--task", "sst2", "--data_dir", str(tmp_path / "data")])
+    args.vocab = str(init / "vocab.txt")
+    train.save_model(m, str(tmp_path / "m"), args)
+    return m, data.Tokenizer(str(init / "vocab.txt")), args.max_len
+
+
+def test_predict_writes_the_models_argmax_per_test_row(tmp_path):
+    import eval as ev
+    m, tok, max_len = saved_sharp_model(tmp_path)
+    ev.main(["--task", "sst2", "--model", str(tmp_path / "m"), "--allow_partial", "--predict", "--device", "cpu"])
+    lines = (tmp_path / "m" / "SST-2.tsv").read_text().splitlines()[1:]
+    test = data.read_glue("sst2", "test", str(tmp_path / "data"), allow_partial=True)
+    want = ev.model_outputs(m, data.encode_glue("sst2", test, tok, max_len))[0].argmax(-1).tolist()
+    assert len(set(want)) == 2  # both classes predicted: a constant prediction cannot pass
+    assert lines == [f"{e.guid}\t{p}" for e, p in zip(test, want)]
+
+
+def test_noise_scores_the_noisy_rows_it_writes(tmp_path, monkeypatch):
+    import eval as ev
+    m, tok, max_len = saved_sharp_model(tmp_path)
+    scored, real = [], ev.evaluate_glue
+    monkeypatch.setattr(ev, "evaluate_glue", lambda model, task, dev_sets, *a, **k: scored.append(
+        dev_sets["dev"]["input_ids"]) or real(model, task, dev_sets, *a, **k))
+    ev.main(["--task", "sst2", "--model", str(tmp_path / "m"), "--allow_partial", "--noise", "0.5", "--device", "cpu"])
+    rows = [x.split("\t") for x in (tmp_path / "m" / "noise-0.5-dev.tsv").read_text().splitlines()[1:]]
+    noisy = [data.Example(g, a, None, int(y)) for g, y, a, _ in rows]
+    assert torch.equal(scored[0], data.encode_glue("sst2", noisy, tok, max_len)["input_ids"])
+
+
 def test_squad_pipeline_end_to_end(tmp_path, capsys):
     import train
     import eval as ev
@@ -1701,7 +1755,7 @@ def test_atomic_writes_take_the_umask_mode(tmp_path):
     assert {oct(os.stat(tmp_path / f).st_mode & 0o777) for f in ("a.json", "w.safetensors")} == {"0o644"}
 
 
-def test_eval_encodes_at_the_trained_max_len(tmp_path, capsys):
+def test_eval_encodes_at_the_trained_max_len(tmp_path, capsys, monkeypatch):
     import eval as ev
     import train
     init = write_pipeline_fixture(tmp_path)
@@ -1714,9 +1768,13 @@ def test_eval_encodes_at_the_trained_max_len(tmp_path, capsys):
     dev = data.read_glue("sst2", "dev", str(tmp_path / "data"), allow_partial=True)
     want = {n: ev.evaluate_glue(m, "sst2", {"dev": data.encode_glue("sst2", dev, tok, n)}) for n in (6, 64)}
     d = ["--task", "sst2", "--model", str(tmp_path / "m"), "--data_dir", str(tmp_path / "data"), "--allow_partial"]
+    widths, real = [], ev.evaluate_glue  # the longest encoded dev row eval.py scores
+    monkeypatch.setattr(ev, "evaluate_glue", lambda model, task, dev_sets, *a, **k: widths.append(
+        int(dev_sets["dev"]["lengths"].max())) or real(model, task, dev_sets, *a, **k))
     assert ev.main(d) == pytest.approx(want[6])
     assert f"max_len 6 (from {tmp_path / 'm' / 'args.json'})" in capsys.readouterr().out
     assert ev.main(d + ["--max_len", "64"]) == pytest.approx(want[64])  # the flag overrides
+    assert widths == [6, 8]  # cut at 6; at 64 the longest dev row (8 pieces) whole
 
 
 def test_offline_errors_name_the_local_path_and_create_nothing(tmp_path, monkeypatch):
@@ -1781,7 +1839,7 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     init = tmp_path / "init0"  # no dropout: one process and two then see exactly the same computation
     config = model.BertConfig.preset("tiny-teacher", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    model.Bert(config).save(init, {"vocab.txt": open(tmp_path / "vocab.txt").read()})
+    sharpened(model.Bert(config), 0.3).save(init, {"vocab.txt": open(tmp_path / "vocab.txt").read()})
     # 64 rows in batches of 21: shards of 11 and 10 rows, and a last batch of 1 (an empty shard)
     base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--teacher_epochs", "1",
                        "--epochs1", "1", "--epochs2", "1", "--batch_size", "21", "--save_steps", "2",
@@ -1790,10 +1848,15 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     for stage in ("teacher", "stage1", "stage2"):
         train.main(base + ["--out", str(one), "--stages", stage])
 
+    ss = [r["ss"] for r in map(json.loads, open(one / "stage2" / "log.jsonl")) if "ss" in r]
+    assert max(ss) > 1e-3  # L_SS alive (a sharpened teacher): else a wrong gathering could pass unseen
+
     def max_diff(stage, file="model.safetensors"):
         a, b = (model.read_safetensors(str(d / stage / file)) for d in (one, two))
         assert a.keys() == b.keys()
-        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        # a key bias adds q.b to every key of a query: the softmax ignores it, its gradient is 0 up to float
+        # noise, which Adam turns into steps of +-lr (1 and 2 processes: different noise)
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if not k.endswith("key.bias"))
     hub = {f"/org/init0/resolve/main/{f}": (init / f).read_bytes()
            for f in ("config.json", "vocab.txt", "model.safetensors")}
     with Server(hub, delay=0.5) as s:  # the teacher from a (slow) hub: process 0 alone downloads it
@@ -2838,6 +2901,78 @@ def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
     assert (
         train.train_subset(4, examples) == train.train_subset(4, examples) and len(train.train_subset(4, examples)) == 4
     )
+
+
+def test_training_batches_follow_seed_group_by_length_and_paper_exact():
+    import train
+    g = torch.Generator().manual_seed(0)
+    n, full = 40, 20
+    lengths = torch.randint(3, full, (n,), generator=g)
+    ds = {"input_ids": torch.randint(5, 100, (n, full), generator=g) * (torch.arange(full) < lengths[:, None]),
+          "token_type_ids": torch.zeros(n, full, dtype=torch.long), "lengths": lengths}
+
+    def order(*flags):
+        args = train.parse_args(["--task", "sst2", "--batch_size", "4", *flags])
+        return [(b["index"].tolist(), b["input_ids"].shape[1]) for _, b in train.training_batches(ds, args, 0, 10, 10)]
+
+    def want(seed, **kw):
+        return [(b["index"].tolist(), b["input_ids"].shape[1])
+                for b in data.batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(seed), **kw)]
+    assert order() == want(42) and order("--seed", "7") == want(7) != want(42)
+    assert order("--group_by_length") == want(42, group_by_length=100) != want(42)
+    assert order("--paper_exact") == want(42, fixed_padding=True) and {w for _, w in order("--paper_exact")} == {full}
+
+
+def test_train_subset_reaches_the_training_rows_the_same_for_every_seed(tmp_path):
+    import train
+    init = write_pipeline_fixture(tmp_path)
+    tok = data.Tokenizer(str(init / "vocab.txt"))
+    rows = []
+    for seed in ("1", "2"):
+        args = train.parse_args(["--task", "sst2", "--data_dir", str(tmp_path / "data"), "--allow_partial",
+                                 "--train_subset", "10", "--seed", seed])
+        rows.append(train.load_task(args, tok)[0]["input_ids"])
+    assert len(rows[0]) == 10 and torch.equal(rows[0], rows[1])
+
+
+def test_weight_decay_shrinks_the_matrices_alone():
+    import train
+    m = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2))
+    before = {k: v.detach().clone() for k, v in m.named_parameters()}
+    args = train.parse_args(["--task", "sst2", "--weight_decay", "0.5"])
+    opt = train.adamw([m], 0.1, args)
+    (0 * sum(p.sum() for p in m.parameters())).backward()  # zero gradients: AdamW's decay alone moves
+    opt.step()
+    for k, p in m.named_parameters():
+        factor = 1 - 0.1 * 0.5 if p.dim() > 1 else 1.0
+        assert torch.allclose(p.detach(), before[k] * factor), k
+
+
+def test_proj_init_identity_and_teacher_layers_reach_stage1(tmp_path):
+    import train
+    torch.manual_seed(0)
+    teacher = sharpened(model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2)))
+    args = train.parse_args(["--task", "sst2", "--student_init", "teacher-layers", "--layers", "2",
+                             "--proj_init", "identity", "--splits", "4", "--device", "cpu"])
+    student, proj, g = train.stage1_start(teacher, args)
+    assert g == [0, 2, 4]
+    assert all(torch.equal(w.weight, torch.eye(48)) and not w.bias.any() for w in proj.w)
+    for m in (1, 2):
+        s, t = student.layers[m - 1].state_dict(), teacher.layers[g[m] - 1].state_dict()
+        assert all(torch.equal(s[k], t[k]) for k in s)
+    assert torch.equal(student.word.weight, teacher.word.weight)
+    assert not torch.equal(student.classifier.weight, teacher.classifier.weight)  # the teacher's head: not copied
+
+
+def test_an_unwritable_out_is_refused_even_as_root(tmp_path, monkeypatch, capsys):
+    import train
+    ro, real = tmp_path / "ro", os.access
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(ro) and mode & os.W_OK
+                        else real(p, mode, *a, **k))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task", "sst2", "--out", str(ro / "run")])
+    assert "is not writable; choose an --out you can write to" in capsys.readouterr().err
 
 
 def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path, capsys):
