@@ -474,8 +474,9 @@ def test_kd_loss_is_soft_cross_entropy_by_hand():
         assert abs(mlkd.kd_loss(z_s, z_t, t).item() - ref / 2 * t * t) < 1e-5
     # span logits (B, 2, L): start plus end; regression (B, 1): MSE to the teacher
     span_s, span_t = torch.randn(2, 2, 7), torch.randn(2, 2, 7)
-    parts = sum(mlkd.kd_loss(span_s[:, k], span_t[:, k]) for k in range(2))
-    assert torch.allclose(mlkd.kd_loss(span_s, span_t), parts)
+    for t in (1.0, 2.0):  # the per-position kd_loss of the (B, C) case, checked by hand above
+        parts = sum(mlkd.kd_loss(span_s[:, k], span_t[:, k], t) for k in range(2))
+        assert torch.allclose(mlkd.kd_loss(span_s, span_t, t), parts)
     assert torch.allclose(mlkd.kd_loss(torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [4.0]])), torch.tensor(2.5))
 
 
@@ -1486,8 +1487,8 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
     labels = {"classification": torch.randint(0, 3, (N,)), "regression": torch.rand(N),
               "span": torch.stack([torch.zeros(N, dtype=torch.long), lengths - 1], 1)}[head]
     ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths, "labels": labels}
-    args = train.parse_args(["--task", "sst2", "--device", "cpu", "--eval_batch_size", "3"])
-    cache = train.teacher_cache(teacher, ds, args)
+    args_argv = ["--task", "sst2", "--device", "cpu", "--eval_batch_size", "3"]
+    cache = train.teacher_cache(teacher, ds, train.parse_args(args_argv))
     proj = mlkd.Projections(2, 24, 48)
     # SQuAD: L_KD only (the paper's section 4.1 runs SQuAD without the sample relations)
     w = {"kd": 1.0, "ss": 1.0, "sc": 1.0} if head != "span" else {"kd": 1.0, "ss": 0.0, "sc": 0.0}
@@ -1503,6 +1504,9 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
             compared += 1
     assert compared == 6
     assert "computed once" in capsys.readouterr().out
+    gold_labels = ["--w_kd", "0", "--w_ss", "0", "--w_sc", "0", "--w_ce", "1"]
+    for off in (["--no_teacher_cache"], ["--max_steps", "2", "--batch_size", "4"], gold_labels):  # 8 < 11 rows
+        assert train.teacher_cache(teacher, ds, train.parse_args(args_argv + off)) is None, off
 
 
 def test_corpus_has_train_text_only_deduplicated(tmp_path):
@@ -2722,6 +2726,7 @@ def test_eval_scores_the_checkpoint_train_says_it_kept(tmp_path, capsys):
         ("stage2", results["student"]),
     ):
         dev = [r for r in map(json.loads, open(out / stage / "log.jsonl")) if "dev" in r]
+        assert [r["step"] for r in dev] == list(range(1, 13))  # --eval_steps 1: every step (4 an epoch)
         best = max(dev, key=lambda r: r["dev"]["spearman"])  # the first of the best
         assert best["step"] != dev[-1]["step"]  # else keeping the last would pass too
         saved = [int(s) for s in re.findall(rf"\[{stage}\] dev at step (\d+) .*best so far: saved", said)]
