@@ -2926,6 +2926,7 @@ def test_training_batches_follow_seed_group_by_length_and_paper_exact():
     assert order() == want(42) and order("--seed", "7") == want(7) != want(42)
     assert order("--group_by_length") == want(42, group_by_length=100) != want(42)
     assert order("--paper_exact") == want(42, fixed_padding=True) and {w for _, w in order("--paper_exact")} == {full}
+    assert order("--compile") == want(42, buckets=True) != want(42)  # widths rounded up to a power of two
 
 
 def test_train_subset_reaches_the_training_rows_the_same_for_every_seed(tmp_path):
