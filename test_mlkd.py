@@ -1580,7 +1580,9 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
             "--device", "cpu", "--out", str(out)]
     for bad, msg in ((["--corpus", str(tmp_path / "none.txt")], "none.txt': no such file"),
                      (["--student_init", "tiny"], "--student_init tiny: not random"), (["--lr", "0"], "--lr must be"),
-                     (["--warmup", "1"], "--warmup must be a fraction"), (["--max_len", "2"], "a window needs")):
+                     (["--warmup", "1"], "--warmup must be a fraction"), (["--max_len", "2"], "a window needs"),
+                     (["--epochs", "0"], "--epochs must be positive"), (["--seed", "-5"], "--seed -5: use"),
+                     (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "needs one of --w_emb")):
         with pytest.raises(SystemExit):
             general.main(argv + bad)
         assert msg in capsys.readouterr().err
@@ -1602,6 +1604,12 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     assert curve[-1]["loss"] < curve[0]["loss"] and curve[-1]["windows"] == metrics["corpus"]["heldout_windows"] >= 1
     for f in ("model.safetensors", "config.json", "vocab.txt", "projections.safetensors", "args.json"):
         assert os.path.exists(out / "general" / f), f
+    logged = [json.loads(x) for x in open(out / "general" / "log.jsonl")]  # tools/pages.py's curve: from step 0
+    assert [r["step"] for r in logged if "dev" in r] == [c["step"] for c in curve] == [0, 3, 6, 9, 12, 15, 18]
+    with open(tmp_path / "corpus.txt", "a") as f:
+        f.write("\nthe film was new text at the same path\n")  # tools/corpus.py rewrites its --out
+    with pytest.raises(ValueError, match="was trained on other text than --corpus"):
+        general.main(argv)
     other = [*argv[:3], str(out / "general"), *argv[4:-1], str(tmp_path / "gen2"),
              "--student_init", str(out / "general")]
     with pytest.raises(ValueError, match="projections.safetensors: projections of another student or teacher width"):
@@ -1737,6 +1745,17 @@ def tiny_fit_args(tmp_path, *extra):
     ds = {"input_ids": torch.randint(5, 100, (6, 4)), "token_type_ids": torch.zeros(6, 4, dtype=torch.long),
           "lengths": torch.full((6,), 4), "labels": torch.zeros(6, dtype=torch.long)}
     return args, m, ds
+
+
+def test_a_checkpoint_past_the_runs_end_is_refused(tmp_path):
+    """Fewer training rows under the same settings (a data file rewritten): the checkpoint's step 5 is past
+    this run's 3 steps; fit must not write a finished stage that trained nothing."""
+    import train
+    args, m, ds = tiny_fit_args(tmp_path)
+    train.save_checkpoint(str(tmp_path), [m], train.adamw([m], 1e-3, args), 5, None, [1.0, 10], "cpu")
+    (tmp_path / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="checkpoint.pt is at step 5, but this run has 3 steps"):
+        train.fit("stage1", str(tmp_path), [m], train.teacher_loss, ds, args, 1, 1e-3, None)
 
 
 def test_fit_cleans_stale_temporaries_and_states_capped_epochs(tmp_path, capsys):

@@ -283,6 +283,9 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     total = min(planned, args.max_steps or planned)
     optimizer = adamw(modules, lr, args)
     step, best, (trained, seen) = resume(stage, directory, modules, optimizer, args)
+    if step >= total:  # a checkpoint past the end of this run's plan: not the same data
+        raise ValueError(f"{directory}/checkpoint.pt is at step {step}, but this run has {total} "
+                         "steps: its training data changed? Delete the checkpoint or pass a new --out")
     print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}"
           f", {total} steps ({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)})"
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))

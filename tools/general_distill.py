@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import sys
+import zlib
 
 import torch
 
@@ -34,18 +35,27 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     ("teacher_init", str, "google-bert/bert-base-uncased", "the pre-trained teacher: hub name or DIR"),
     ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
      "general student to go on from: its projections too)"),
-    *(SAME[name] for name in "layers hidden heads ffn recipe layer_map splits proj_init".split()),
-    *(SAME[name] for name in "w_emb w_mha w_ffn mha_temperature seed weight_decay".split()),
+    *(SAME[name] for name in "layers heads ffn layer_map splits proj_init".split()),
+    ("hidden", train.count, None, "student width (default: 312 for tinybert, else the copied "
+     "model's; random: the teacher's)"),
+    ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's general distillation losses "
+     "(MSE of attention scores and hidden states, not weighted by --w_emb/--w_mha/--w_ffn)"),
+    *(SAME[name] for name in "w_emb w_mha w_ffn mha_temperature weight_decay".split()),
+    ("seed", int, 42, "seeds the student's init, dropout, batch order and the held-out windows"),
     ("max_len", train.count, 128, "word pieces per window of text"),
     ("batch_size", train.count, 32, "windows per batch; under torchrun the global batch"),
     ("epochs", train.number, 3.0, "epochs over the corpus"),
     ("lr", train.number, 5e-5, "learning rate"),
     ("warmup", train.number, 0.1, "warm-up fraction of the steps"),
-    *(SAME[name] for name in "max_steps paper_exact group_by_length".split()),
+    ("max_steps", train.count, None, "cap the steps (quick runs)"),
+    SAME["paper_exact"],
+    ("group_by_length", bool, False, "batches of similar lengths (runs of 100 sorted): less "
+     "padding, the same masked losses"),
     ("running (changes no result)", ""),
     ("out", train.path, train.path(os.path.join("out", "general")), "writes OUT/general"),
     ("eval_steps", train.count, None, "held-out losses every N steps too (default: every epoch)"),
-    *(SAME[name] for name in "save_steps log_steps eval_batch_size device compile".split()),
+    *(SAME[name] for name in "save_steps log_steps device compile".split()),
+    ("eval_batch_size", train.count, 128, "batch size of the held-out losses"),
 ]
 
 
@@ -59,13 +69,21 @@ def parse_args(argv=None):
     for f in (args.corpus or "").split(","):
         if not os.path.isfile(f):
             train.refuse(f"--corpus {f!r}: no such file (tools/corpus.py writes one)")
+    args.corpus_crc32 = corpus_crc32(args.corpus.split(","))  # in args.json: a rewritten corpus
     if args.student_init not in ("random", "tinybert", "teacher-layers") \
             and not os.path.isdir(args.student_init):
         train.refuse(f"--student_init {args.student_init}: not random/tinybert/teacher-layers nor "
                      "a directory")
-    for name in ("lr", "mha_temperature"):
+    for name in ("lr", "mha_temperature", "epochs"):
         if getattr(args, name) == 0:
             train.refuse(f"--{name} must be positive, got 0")
+    if args.recipe == "mlkd" and not any((args.w_emb, args.w_mha, args.w_ffn)):
+        train.refuse("general distillation needs one of --w_emb --w_mha --w_ffn > 0")
+    if not 0 <= args.seed < 2**32:
+        train.refuse(f"--seed {args.seed}: use a whole number from 0 to 2**32 - 1")
+    if args.group_by_length and args.paper_exact:
+        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
+        args.group_by_length = False
     if args.warmup >= 1:
         train.refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
     if args.max_len < 3:
@@ -78,6 +96,12 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: data-parallel processes
         train.start_distributed(args)
     directory = os.path.join(args.out, "general")
+    was = os.path.join(directory, "args.json")  # tools/corpus.py may have rewritten the same files
+    worked = any(os.path.exists(os.path.join(directory, f)) for f in ("metrics.json", "checkpoint.pt"))
+    if worked and os.path.exists(was) and data.read_json(was).get("corpus_crc32") not in (
+            None, args.corpus_crc32):
+        raise ValueError(f"{directory} was trained on other text than --corpus {args.corpus} holds "
+                         "now (its CRC-32 differs); pass a new --out, or the corpus it was made from")
     with train.main_process_first():  # under torchrun: process 0 downloads, then the others read
         source = train.fetch_models(args, args.teacher_init)
     if not train.begin("general", directory, args, FLAGS):
@@ -112,8 +136,12 @@ def main(argv=None):
     record, _ = train.fit("general", directory, [student, proj], loss_fn, rows, args, args.epochs,
                           args.lr, args.warmup, evaluate)
     train.save_model(student, directory, args, proj)
-    logged = map(json.loads, open(os.path.join(directory, "log.jsonl")))
-    curve = [{"step": 0, **start}] + [{"step": r["step"], **r["dev"]} for r in logged if "dev" in r]
+    log = os.path.join(directory, "log.jsonl")  # step 0 first: tools/pages.py draws the whole curve
+    lines = [json.dumps({"stage": "general", "step": 0, "dev": start})] + [
+        line for line in data.read_text(log).splitlines() if json.loads(line).get("step") != 0]
+    curve = [{"step": r["step"], **r["dev"]} for r in map(json.loads, lines) if "dev" in r]
+    if train.LEAD:
+        data.atomic_write_text(log, "\n".join(lines) + "\n")
     train.finish(directory, {"train": record, "corpus": corpus, "heldout": curve}, args)
     print("[general] held-out losses, start -> end: " + ", ".join(
         f"{key} {curve[0][key]:.4f} -> {curve[-1][key]:.4f}" for key in start if key != "windows"))
@@ -121,6 +149,16 @@ def main(argv=None):
         train.dist.barrier()
         train.dist.destroy_process_group()
     return {"corpus": corpus, "heldout": curve}
+
+
+def corpus_crc32(paths):
+    """The CRC-32 of the corpus files' bytes, as 8 hex digits."""
+    crc = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(functools.partial(f.read, 1 << 20), b""):
+                crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def read_corpus(paths):
