@@ -1509,7 +1509,7 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
         assert train.teacher_cache(teacher, ds, train.parse_args(args_argv + off)) is None, off
 
 
-def test_corpus_has_train_text_only_deduplicated(tmp_path):
+def test_corpus_has_train_text_only_deduplicated(tmp_path, capsys):
     write_pipeline_fixture(tmp_path)
     d = tmp_path / "data"
     train_tsv, dev_tsv = d / "glue" / "SST-2" / "train.tsv", d / "glue" / "SST-2" / "dev.tsv"
@@ -1532,6 +1532,13 @@ def test_corpus_has_train_text_only_deduplicated(tmp_path):
     assert len(lines) == len(set(lines)) == 1 + len(train_lines - held) and not set(lines) & held
     assert stats["dropped_as_dev"] == len(train_lines & held) > 1 and stats["documents"] == 2
     assert stats["word_pieces"] > stats["words"] > 0
+    before = (tmp_path / "corpus.txt").read_text()
+    for bad, msg in ((["--vocab", str(tmp_path / "no-vocab.txt")], "--vocab"), (["--out", str(tmp_path)], "--out")):
+        argv = ["--data_dir", str(d), "--out", str(tmp_path / "corpus.txt"), *bad]
+        with pytest.raises(SystemExit, match="2"):  # argparse's error: before the corpus is built
+            tool("corpus").main(argv)
+        assert f"error: {msg} " in capsys.readouterr().err
+    assert (tmp_path / "corpus.txt").read_text() == before  # the old corpus is left as it was
 
 
 def test_corpus_windows_pack_lines_of_one_document(tmp_path):
@@ -1671,6 +1678,10 @@ def test_relation_page_draws_what_mlkd_computes(tmp_path):
         order = np.argsort(values, kind="stable")
         assert all(np.diff(np.array(light)[order]) <= 0)
     assert len(cells(svgs[-1])[0]) == 32 * 32  # G of the 32 dev rows
+    sharp = relations.relation_page(student, teacher, tok, "the movie was good", dev, splits=4, temperature=0.2)
+    sharp_svgs = [ET.fromstring(s) for s in re.findall(r"<svg.*?</svg>", sharp, re.S)]
+    for svg, w in ((sharp_svgs[0], want[0]), (sharp_svgs[2], mlkd.relation_logprobs(o_t, None, 0.2).exp()[0, 0])):
+        assert np.abs(cells(svg)[0] - w.detach().flatten().numpy()).max() < 1e-6  # L_MHA's temperature, not L_EMB's
     ids = re.findall(r'\bid="([^"]*)"', page)  # issue 38: the page repeated id="g" 13 times
     assert len(ids) == len(set(ids))
 

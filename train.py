@@ -188,7 +188,8 @@ def stage2_objective(model, batch, teacher, proj, cache, args):
 
 
 def stage1_start(teacher, args):
-    """Stage 1's student (--student_init), its projections W_0..W_M into the teacher's width, and
+    """Stage 1's student (--student_init), its projections W_0..W_M into the teacher's width (new
+    ones, for a General student too: its projections.safetensors are general_distill.py's), and
     the layer map g: student layer m learns teacher layer g(m)."""
     student = build_student(args, teacher).to(args.device)
     M, d_s = student.config.num_hidden_layers, student.config.hidden_size

@@ -283,7 +283,10 @@ def convert(source, out_dir):
         state = hf_state(read_tf_checkpoint(prefix))
         write_safetensors(state, os.path.join(raw, "model.safetensors"))
         bert = Bert.from_pretrained(raw, verbose=False)
-        bert.save(out_dir, {"vocab.txt": data.read_text(vocab)})
+        bert.save(os.path.join(scratch, "out"), {"vocab.txt": data.read_text(vocab)})
+        os.makedirs(out_dir, exist_ok=True)
+        for name in ("vocab.txt", "config.json", "model.safetensors"):  # the weights last: a model
+            os.replace(os.path.join(scratch, "out", name), os.path.join(out_dir, name))  # is whole
     return bert
 
 

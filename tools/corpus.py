@@ -62,6 +62,13 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the corpus file to write")
     p.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
     a = p.parse_args(argv)
+    if a.vocab and not os.path.isfile(a.vocab):  # checked before the corpus is built
+        p.error(f"--vocab {a.vocab}: no such file (the teacher's vocab.txt)")
+    parent = os.path.dirname(os.path.abspath(a.out))  # the existing folder it will be made in
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.isdir(a.out) or not os.access(parent, os.W_OK):
+        p.error(f"--out {a.out}: a directory, or in a folder you cannot write to; give a file path")
     try:
         return build_corpus(a.data_dir, a.out, a.vocab)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -5,8 +5,8 @@
 
 The page (relations.html, or --out FILE) holds, teacher beside student, L_EMB's token-token
 relation of the word-piece embeddings, L_MHA's relation of each MHA-split of every mapped layer pair
-m -> g(m) with the KL of each query row, and, for a GLUE task, L_SS's sample-sample relation of 32
-dev rows.
+m -> g(m) with the KL of each query row, and, for a labelled GLUE task, L_SS's sample-sample
+relation of 32 dev rows.
 On those 32 dev rows it then prints how sharp every relation is (its normalised entropy H/log n:
 1 = uniform, 0 = one-hot, and the KL the loss averages) and keeps that in relations.json beside the
 page. The layer map, the splits and L_MHA's temperature are the model's own (its args.json).
@@ -44,7 +44,8 @@ def main(argv=None):
     teacher = Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device)
     tok = data.Tokenizer(os.path.join(args.model, "vocab.txt"))
     kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
-    temperature = args.mha_temperature or trained.get("mha_temperature", 1.0)
+    temperature = trained.get("mha_temperature", 1.0) if args.mha_temperature is None \
+        else args.mha_temperature
     dev = None
     if args.task in data.TASKS:
         split = data.TASKS[args.task].dev_splits[0]
@@ -53,7 +54,7 @@ def main(argv=None):
     labelled = dev is not None and bool(data.TASKS[args.task].labels)  # G sorted by label
     out = args.out or os.path.join(args.model, "relations.html")
     page = relation_page(model, teacher, tok, args.sentence, dev if labelled else None, splits,
-                         args.device, kind)
+                         args.device, kind, temperature)
     data.atomic_write_text(out, page)
     print(f"wrote {out}")
     if dev is None:
@@ -84,8 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", help="holds glue/ (default: the model's, $MLKD_DATA, data)")
     p.add_argument("--max_len", type=int, help="encoding length of the dev rows (default: the "
                    "model's, in its args.json; else the task's)")
-    p.add_argument("--mha_temperature", type=float, help="L_MHA's temperature for the sharpness "
-                   "table (default: the model's args.json, else 1, the paper's)")
+    p.add_argument("--mha_temperature", type=float, help="L_MHA's temperature, of the page and "
+                   "the sharpness table (default: the model's args.json, else 1, the paper's)")
     p.add_argument("--device", type=evaluation.device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow_partial", action="store_true", help="a dev file with fewer or more "
@@ -93,6 +94,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.sentence.strip():
         p.error("give a sentence to draw (it is empty)")
+    if args.mha_temperature is not None and not 0 < args.mha_temperature < float("inf"):
+        p.error(f"--mha_temperature {args.mha_temperature}: must be a positive number")
     evaluation.check_model_flags(p, args)
     if not args.out and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
         p.error(f"--model {args.model}: not writable, and relations.py writes its page there; "
@@ -101,9 +104,10 @@ def parse_args(argv=None):
 
 
 def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu",
-                  kind="uniform"):
-    """HTML: the relations of relation_pairs on one sentence, teacher beside student (L_MHA: with
-    the KL of each query row) and, with dev (encoded, labelled), the L_SS relation of 32 dev rows.
+                  kind="uniform", temperature=1.0):
+    """HTML: the relations of relation_pairs on one sentence, teacher beside student (L_MHA: at its
+    temperature, with the KL of each query row) and, with dev (encoded, labelled), the L_SS relation
+    of 32 dev rows.
     Every number drawn comes from mlkd.relation_logprobs or relation_kl_rows."""
     room = min(64, student.config.max_position_embeddings)
     ids, types, lengths = tok.encode([sentence], max_length=room)
@@ -116,7 +120,8 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
     batch = {k: v.to(device) for k, v in batch.items()}
     parts = []
     for loss, m, g_m, x_s, x_t, _, _ in relation_pairs(student, teacher, batch, lmap, splits)[:-1]:
-        r_t, r_s = (mlkd.relation_logprobs(x).exp()[0].cpu().numpy() for x in (x_t, x_s))  # (A,L,L)
+        t = 1.0 if loss == "L_EMB" else temperature
+        r_t, r_s = (mlkd.relation_logprobs(x, None, t).exp()[0].cpu().numpy() for x in (x_t, x_s))
         vmax = max(r_t.max(), r_s.max())
         if loss == "L_EMB":
             parts.append("<h2>L_EMB: token-token relation of the word-piece embeddings</h2>")
@@ -125,11 +130,11 @@ def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="
                       for who, r in (("teacher", r_t), ("student", r_s))]
             continue
         parts.append(f"<h2>L_MHA: student layer {m} against teacher layer {g_m}, {splits} "
-                     f"MHA-splits (dark blue: {vmax:.3g})</h2>")
+                     f"MHA-splits, temperature {t:g} (dark blue: {vmax:.3g})</h2>")
         for who, r in (("teacher", r_t), ("student", r_s)):
             maps = "".join(heatmap_svg(r[a], f"split {a + 1}", vmax, cell=6) for a in range(splits))
             parts.append(f"<div><b>{who}</b><br>{maps}</div>")
-        kl = mlkd.relation_kl_rows(x_s, x_t)[0].cpu().numpy()  # (A, L)
+        kl = mlkd.relation_kl_rows(x_s, x_t, None, t)[0].cpu().numpy()  # (A, L)
         title = f"KL(teacher || student) of each query row, dark blue {kl.max():.3g}"
         split_names = [f"split {a + 1}" for a in range(splits)]
         parts.append(heatmap_svg(kl, title, kl.max(), split_names, pieces))
