@@ -2665,11 +2665,20 @@ def test_general_distillation_trains_the_encoder_and_every_projection_with_warmu
     init = write_pipeline_fixture(tmp_path)
     tool("corpus").build_corpus(str(tmp_path / "data"), str(tmp_path / "corpus.txt"))
     seen, teachers = spy_on_stages(monkeypatch, train)
+    general, spied_fit, trained, held = tool("general_distill"), train.fit, [], []
+    monkeypatch.setattr(train, "fit", lambda stage, d, modules, loss_fn, rows, *a, **k: trained.append(rows)
+                        or spied_fit(stage, d, modules, loss_fn, rows, *a, **k))
+    real_heldout = general.heldout_losses
+    monkeypatch.setattr(general, "heldout_losses", lambda student, loss_fn, heldout, args: held.append(heldout)
+                        or real_heldout(student, loss_fn, heldout, args))
     out = tmp_path / "gen"
-    tool("general_distill").main([
+    result = general.main([
         "--corpus", str(tmp_path / "corpus.txt"), "--teacher_init", str(init), "--layers", "2", "--hidden", "24",
         "--heads", "2", "--ffn", "48", "--splits", "4", "--max_len", "16", "--batch_size", "8", "--lr", "2e-3",
         "--max_steps", "5", "--warmup", "0.4", "--log_steps", "1", "--device", "cpu", "--out", str(out)])
+    windows = [set(map(tuple, d["input_ids"].tolist())) for d in (trained[0], held[0])]
+    assert len(trained[0]["input_ids"]) + len(held[0]["input_ids"]) == result["corpus"]["windows"]
+    assert windows[1] and not windows[0] & windows[1]  # the held-out windows are never trained on
     before, after = seen["general"]
     assert changed(before[0], after[0]) == {k for k in before[0] if not k.startswith("pooler.")}
     assert changed(before[1], after[1]) == set(before[1])
