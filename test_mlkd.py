@@ -3422,7 +3422,7 @@ def test_a_checkpoint_keeps_the_gpu_generator_and_the_training_clock(tmp_path, m
     (tmp_path / "log.jsonl").write_text("")
     gpu["state"] = torch.zeros(16, dtype=torch.uint8)  # the generator moved on, as after a reseed
     args = argparse.Namespace(device="cpu")
-    assert train.resume("stage1", str(tmp_path), [layer], optimizer, args) == (3, None, [12.5, 96])
+    assert train.resume("stage1", str(tmp_path), [layer], optimizer, 10, args) == (3, None, [12.5, 96])
     assert torch.equal(gpu["state"], torch.arange(16, dtype=torch.uint8))
     assert gpu["got"] == "cuda:1" and gpu["set"] == "cpu"  # --device's GPU, not the current one
 

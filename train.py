@@ -283,10 +283,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     planned = max(1, math.ceil(epochs * per_epoch))
     total = min(planned, args.max_steps or planned)
     optimizer = adamw(modules, lr, args)
-    step, best, (trained, seen) = resume(stage, directory, modules, optimizer, args)
-    if step >= total:  # a checkpoint past the end of this run's plan: not the same data
-        raise ValueError(f"{directory}/checkpoint.pt is at step {step}, but this run has {total} "
-                         "steps: its training data changed? Delete the checkpoint or pass a new --out")
+    step, best, (trained, seen) = resume(stage, directory, modules, optimizer, total, args)
     print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}"
           f", {total} steps ({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)})"
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
@@ -795,10 +792,11 @@ def without_stage1(directory):
     return os.path.exists(path) and not data.read_json(path).get("stage1", True)
 
 
-def resume(stage, directory, modules, optimizer, args):
+def resume(stage, directory, modules, optimizer, total, args):
     """Load checkpoint.pt when there is one (weights, optimizer, step, RNG) and cut the log back to
     it; returns (step, best dev metrics, [seconds trained, rows seen]), (0, None, [0, 0]) for a
-    fresh start: train_s and samples/s count the time and rows before a resume too."""
+    fresh start: train_s and samples/s count the time and rows before a resume too. A checkpoint
+    at or past `total`, the run's last step, is refused."""
     ckpt, log = os.path.join(directory, "checkpoint.pt"), os.path.join(directory, "log.jsonl")
     if LEAD:
         data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves one behind
@@ -812,6 +810,9 @@ def resume(stage, directory, modules, optimizer, args):
         why = (str(e) or type(e).__name__).splitlines()[0][:80]
         raise ValueError(f"{ckpt}: not a readable checkpoint ({why}); delete it to start {stage} "
                          "over") from None
+    if state["step"] >= total:  # past the end of this run's plan: not the same training data
+        raise ValueError(f"{ckpt} is at step {state['step']}, but this run has {total} steps: its "
+                         "training data changed? Delete the checkpoint or pass a new --out")
     for m, s in zip(modules, state["modules"]):
         m.load_state_dict(s)
     optimizer.load_state_dict(state["optimizer"])

@@ -222,8 +222,8 @@ MUTANTS = [
            "        pass",
            "under torchrun Stage 2's gathered gradients are averaged as if each process had its share"),
     Mutant("train.py",
-           "    if step >= total:  # a checkpoint past",
-           "    if step > 10 * total:  # a checkpoint past",
+           'if state["step"] >= total:  # past the end',
+           'if state["step"] > 10 * total:  # past the end',
            "a checkpoint past the end of a shorter run ends it as finished, having trained nothing"),
     # tools/general_distill.py
     Mutant("tools/general_distill.py",
