@@ -35,11 +35,14 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     ("teacher_init", str, "google-bert/bert-base-uncased", "the pre-trained teacher: hub name or DIR"),
     ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
      "general student to go on from: its projections too)"),
-    *(SAME[name] for name in "layers heads ffn layer_map splits proj_init".split()),
+    SAME["layers"],
     ("hidden", train.count, None, "student width (default: 312 for tinybert, else the copied "
      "model's; random: the teacher's)"),
+    SAME["heads"],
+    SAME["ffn"],
     ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's general distillation losses "
      "(MSE of attention scores and hidden states, not weighted by --w_emb/--w_mha/--w_ffn)"),
+    *(SAME[name] for name in "layer_map splits proj_init".split()),
     *(SAME[name] for name in "w_emb w_mha w_ffn mha_temperature weight_decay".split()),
     ("seed", int, 42, "seeds the student's init, dropout, batch order and the held-out windows"),
     ("max_len", train.count, 128, "word pieces per window of text"),
