@@ -2266,6 +2266,12 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         "| 30 ± 0 |"
     )
     assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"
+    assert compare.mixed_commits("sst2", "S2") == []  # gold's two seeds ran at this commit
+    path = compare.record_path("sst2", compare.row_out("sst2", "S2", "gold", 2))
+    open(path, "w").write(json.dumps(dict(best=80.0, last=80.0, noise=None, steps=30, minutes=1.0, commit="0ld0ne")))
+    assert compare.mixed_commits("sst2", "S2") == ["gold labels (fine-tuning) (2)"]
+    assert "Rows whose seeds ran at different commits" in "\n".join(compare.table(args))
+    os.remove(path)
     for seed, steps in ((42, 1875), (1, 2500)):  # seeds of other budgets: each budget shown, none hidden
         path = compare.record_path("sst2", compare.row_out("sst2", "S2", "kd", seed))
         open(path, "w").write(json.dumps(dict(best=80.0, last=80.0, noise=None, steps=steps, minutes=1.0)))

@@ -471,6 +471,17 @@ def setting_table(task, setting):
     return lines
 
 
+def mixed_commits(task, setting):
+    """The rows of a setting whose seeds ran at more than one commit, as 'label (n commits)'."""
+    mixed = []
+    for row, (label, _, seeds, _) in ROWS.items():
+        records = [load(record_path(task, row_out(task, setting, row, s))) for s in seeds]
+        commits = {r.get("commit") for r in records if r}
+        if len(commits) > 1 and row not in CURVE:
+            mixed.append(f"{label} ({len(commits)})")
+    return mixed
+
+
 def relations_table(task, setting):
     """The sharpness of the relations after Stage 1 (tools/relations.py on 32 dev rows), for every row recorded with
     them: H/log n of the teacher's and the student's rows (1 = uniform) and the KL, L_MHA's averaged over its
@@ -578,6 +589,10 @@ def table(args):
             for s in v[2]
         ):
             lines += setting_table(args.task, setting)
+            if mixed_commits(args.task, setting):
+                lines += ["", "Rows whose seeds ran at different commits (how many; each record names its "
+                          "own, and `git log A..B` what changed between): " + ", ".join(
+                              mixed_commits(args.task, setting)) + "."]
             if relations_table(args.task, setting):
                 lines += [
                     "",
