@@ -1619,7 +1619,8 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
         general.main(argv)
     other = [*argv[:3], str(out / "general"), *argv[4:-1], str(tmp_path / "gen2"),
              "--student_init", str(out / "general")]
-    with pytest.raises(ValueError, match="projections.safetensors: projections of another student or teacher width"):
+    with pytest.raises(ValueError, match=r"projections.safetensors: its projections W_m \(d_T, d_S\) are 3 of "
+                                         r"\(48, 24\), this student and --teacher_init need 3 of \(24, 24\)"):
         general.main(other)  # going on from it under a teacher 24 wide, not the 48 its W_m project to
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import general_table  # the README's table reads these records
@@ -3013,6 +3014,13 @@ def test_proj_init_identity_and_teacher_layers_reach_stage1(tmp_path):
         assert all(torch.equal(s[k], t[k]) for k in s)
     assert torch.equal(student.word.weight, teacher.word.weight)
     assert not torch.equal(student.classifier.weight, teacher.classifier.weight)  # the teacher's head: not copied
+    mnli = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=3))
+    mnli.save(tmp_path / "mnli-student")  # a student of another task (3 labels) starts an SST-2 student
+    args = train.parse_args(["--task", "sst2", "--student_init", str(tmp_path / "mnli-student"), "--splits", "4",
+                             "--device", "cpu"])
+    student, _, g = train.stage1_start(teacher, args)
+    assert g == [0, 2, 4] and student.classifier.out_features == 2  # its own layers 1, 2; a new head of 2 labels
+    assert all(torch.equal(a, b) for a, b in zip(student.layers.state_dict().values(), mnli.layers.state_dict().values()))
 
 
 def test_an_unwritable_out_is_refused_even_as_root(tmp_path, monkeypatch, capsys):

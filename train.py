@@ -222,11 +222,10 @@ def build_student(args, teacher):
                  "intermediate_size": ffn or teacher.config.intermediate_size}
         return Bert(BertConfig(**{**vars(teacher.config), **overrides, **shape}))
     from_teacher = args.student_init == "teacher-layers"
-    source = teacher if from_teacher else Bert.from_pretrained(args.student_init, verbose=False,
-                                                               **overrides)
+    source = teacher if from_teacher else Bert.from_pretrained(args.student_init, verbose=False)
     g = mlkd.layer_map(source.config.num_hidden_layers, M, args.layer_map)  # check_shapes: M <= N
     student = Bert(BertConfig(**{**vars(source.config), **overrides, "num_hidden_layers": M}))
-    head = ("classifier.", "qa_outputs.") if from_teacher else ()  # the teacher's head: not copied
+    head = ("classifier.", "qa_outputs.")  # the source's head, of whatever task: not copied
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(("layers.", *head))}
     missing = student.load_state_dict(state, strict=False).missing_keys  # embeddings, pooler
     assert all(k.startswith(("layers.", "classifier.", "qa_outputs.")) for k in missing), missing

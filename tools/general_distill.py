@@ -130,8 +130,11 @@ def main(argv=None):
     if os.path.isfile(saved):  # going on from a general student: its W_0..W_M too
         state = read_safetensors(saved)
         if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in proj.state_dict().items()}:
-            raise ValueError(f"{saved}: projections of another student or teacher width than "
-                             f"--teacher_init {args.teacher_init}'s; continue from it with its teacher")
+            have, want = (f"{len(p) // 2} of {tuple(p['w.0.weight'].shape)}"
+                          for p in (state, proj.state_dict()))
+            raise ValueError(f"{saved}: its projections W_m (d_T, d_S) are {have}, this student and "
+                             f"--teacher_init need {want}; go on with its --layers and teacher, or "
+                             "copy it without projections.safetensors to start new ones")
         proj.load_state_dict(state)
     evaluate = functools.partial(heldout_losses, loss_fn=loss_fn, heldout=heldout, args=args)
     start = evaluate(student)
