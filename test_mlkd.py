@@ -3020,7 +3020,8 @@ def test_proj_init_identity_and_teacher_layers_reach_stage1(tmp_path):
                              "--device", "cpu"])
     student, _, g = train.stage1_start(teacher, args)
     assert g == [0, 2, 4] and student.classifier.out_features == 2  # its own layers 1, 2; a new head of 2 labels
-    assert all(torch.equal(a, b) for a, b in zip(student.layers.state_dict().values(), mnli.layers.state_dict().values()))
+    copied, source = (m.layers.state_dict() for m in (student, mnli))
+    assert copied.keys() == source.keys() and all(torch.equal(copied[k], source[k]) for k in copied)
 
 
 def test_an_unwritable_out_is_refused_even_as_root(tmp_path, monkeypatch, capsys):
