@@ -200,8 +200,9 @@ def layer_map(n_teacher, n_student, kind="uniform"):
 
 
 class Projections(nn.Module):
-    """W_0..W_M: Linear(d_S -> d_T) with bias, one per student hidden state. Trained with the
-    student (put them in the optimizer), used by L_FFN and L_SC, discarded at inference.
+    """W_0..W_M: Linear(d_S -> d_T) with bias, one per student hidden state: W_m is proj.w[m].
+    Trained with the student (put them in the optimizer), used by L_FFN and L_SC, discarded at
+    inference.
 
     init "normal": N(0, 0.02) as BERT initialises a new Linear (the authors' fit_dense);
     "identity": W = I, b = 0 (only when d_S = d_T), so a student that already matches starts at
@@ -222,16 +223,9 @@ class Projections(nn.Module):
             else:
                 nn.init.normal_(lin.weight, std=0.02)
 
-    def forward(self, m, h):
-        return self.w[m](h)
-
 
 # ----------------------------------------------------------------------------------------------
 # The two stage objectives
-
-STAGE1_WEIGHTS = {"emb": 1.0, "mha": 1.0, "ffn": 1.0}
-STAGE2_WEIGHTS = {"kd": 1.0, "ss": 1.0, "sc": 1.0}
-
 
 def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_temperature=1.0):
     """L1 = w_emb L_EMB + w_mha sum_m L_MHA(m, g(m)) + w_ffn sum_{m=0..M} L_FFN(m, g(m)).
@@ -239,7 +233,7 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_t
     s, t: student and teacher BertOutput; proj: Projections; lmap: layer_map(N, M).
     Returns (weighted total, {name: unweighted value}); a weight of 0 skips that loss.
     """
-    w = {**STAGE1_WEIGHTS, **(weights or {})}
+    w = {"emb": 1.0, "mha": 1.0, "ffn": 1.0, **(weights or {})}  # not given: 1
     M = len(s.attn_outputs)
     g = lmap or layer_map(len(t.attn_outputs), M)
     parts = {}
@@ -249,10 +243,9 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_t
         parts["mha"] = sum(mha_loss(s.attn_outputs[m - 1], t.attn_outputs[g[m] - 1], mask, splits, mha_temperature)
                            for m in range(1, M + 1))
     if w["ffn"]:  # hidden_states[0] is the embedding output, hidden_states[m] the output of layer m
-        parts["ffn"] = sum(ffn_loss(proj(m, s.hidden_states[m]), t.hidden_states[g[m]], mask)
+        parts["ffn"] = sum(ffn_loss(proj.w[m](s.hidden_states[m]), t.hidden_states[g[m]], mask)
                            for m in range(M + 1))
-    total = sum(w[k] * v for k, v in parts.items())
-    return total, parts
+    return sum(w[k] * v for k, v in parts.items()), parts  # the weighted total, the parts
 
 
 class LogitsAndCls(NamedTuple):
@@ -289,18 +282,16 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
     distil its span logits alone).
     Returns (weighted total, unweighted parts).
     """
-    w = {**STAGE2_WEIGHTS, **(weights or {})}
+    w = {"kd": 1.0, "ss": 1.0, "sc": 1.0, **(weights or {})}  # not given: 1
     s, t = (x if isinstance(x, LogitsAndCls) else LogitsAndCls.of(x) for x in (s, t))
-    c_s, c_t = s.cls, t.cls  # (B, d_S), (B, d_T)
     parts = {}
     if w["kd"]:
         parts["kd"] = kd_loss(s.logits, t.logits, temperature)
     if w["ss"]:
-        parts["ss"] = ss_loss(c_s, c_t)
+        parts["ss"] = ss_loss(s.cls, t.cls)  # (B, d_S), (B, d_T)
     if w["sc"]:  # u = W_M c_S, the last projection (Stage 1's W_M of L_FFN at m = M)
-        parts["sc"] = sc_loss(proj(len(proj.w) - 1, c_s), c_t, labels, tau, base_tau)
-    total = sum(w[k] * v for k, v in parts.items())
-    return total, parts
+        parts["sc"] = sc_loss(proj.w[-1](s.cls), t.cls, labels, tau, base_tau)
+    return sum(w[k] * v for k, v in parts.items()), parts  # the weighted total, the parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,5 +328,6 @@ def tinybert_stage1_loss(s, t, proj, mask=None, lmap=None):
     M = len(s.attn_scores)
     g = lmap or layer_map(len(t.attn_scores), M)
     parts = {"att": sum(attention_mse(s.attn_scores[m - 1], t.attn_scores[g[m] - 1], mask) for m in range(1, M + 1)),
-             "hid": sum(ffn_loss(proj(m, s.hidden_states[m]), t.hidden_states[g[m]], mask) for m in range(M + 1))}
+             "hid": sum(ffn_loss(proj.w[m](s.hidden_states[m]),
+                                 t.hidden_states[g[m]], mask) for m in range(M + 1))}
     return parts["att"] + parts["hid"], parts

@@ -612,7 +612,7 @@ def test_tinybert_losses_match_slow_reference():
     proj, g = mlkd.Projections(2, 24, 48), mlkd.layer_map(4, 2)
     loss, parts = mlkd.tinybert_stage1_loss(so, to, proj, mask, g)
     att = sum(mlkd.attention_mse(so.attn_scores[m - 1], to.attn_scores[g[m] - 1], mask) for m in (1, 2))
-    hid = sum(mlkd.ffn_loss(proj(m, so.hidden_states[m]), to.hidden_states[g[m]], mask) for m in (0, 1, 2))
+    hid = sum(mlkd.ffn_loss(proj.w[m](so.hidden_states[m]), to.hidden_states[g[m]], mask) for m in (0, 1, 2))
     assert set(parts) == {"att", "hid"} and torch.allclose(parts["att"], att) and torch.allclose(parts["hid"], hid)
     loss.backward()
     assert all(p.grad is not None for p in proj.parameters()) and s.layers[0].q.weight.grad is not None
@@ -622,8 +622,8 @@ def test_tinybert_losses_match_slow_reference():
 def test_identity_projections_make_an_equal_student_lossless():
     x, _, mask = random_batch(d_s=12)
     proj = mlkd.Projections(1, 12, 12, init="identity")
-    assert mlkd.ffn_loss(proj(0, x), x, mask).item() == 0.0
-    assert mlkd.ffn_loss(mlkd.Projections(1, 12, 12)(0, x), x, mask).item() > 0.5
+    assert mlkd.ffn_loss(proj.w[0](x), x, mask).item() == 0.0
+    assert mlkd.ffn_loss(mlkd.Projections(1, 12, 12).w[0](x), x, mask).item() > 0.5
     with pytest.raises(ValueError, match="equal widths"):
         mlkd.Projections(1, 8, 12, init="identity")
 
@@ -1304,8 +1304,8 @@ def test_help_lists_every_flag_what_it_changes_and_the_task_defaults(capsys):
 def test_train_rejects_bad_flags_before_work(capsys):
     import train
     for argv, msg in ((["--task", "sst3"], "invalid choice"), (["--task", "sst2", "--stages", "stage3"], "--stages"),
-                      (["--task", "sst2", "--lr1", "0"], "--lr1 must be positive"),
-                      (["--task", "sst2", "--lr1=-5e-5"], "--lr1: must be a finite number >= 0"),
+                      (["--task", "sst2", "--lr1", "0"], "--lr1: must be a finite number > 0, got 0"),
+                      (["--task", "sst2", "--lr1=-5e-5"], "--lr1: must be a finite number > 0"),
                       (["--task", "sst2", "--teacher", "/nonexistent"], "no such directory"),
                       *((["--task", "sst2", f"--{f}", "0"], f"--{f}: must be a whole number >= 1, got 0")
                         for f in ("layers", "hidden", "heads", "ffn", "max_steps")),
@@ -1586,9 +1586,9 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
             "--lr", "2e-3", "--epochs", "6", "--warmup", "0", "--save_steps", "3", "--log_steps", "1",
             "--device", "cpu", "--out", str(out)]
     for bad, msg in ((["--corpus", str(tmp_path / "none.txt")], "none.txt': no such file"),
-                     (["--student_init", "tiny"], "--student_init tiny: not random"), (["--lr", "0"], "--lr must be"),
+                     (["--student_init", "tiny"], "--student_init tiny: not random"), (["--lr", "0"], "--lr: must be"),
                      (["--warmup", "1"], "--warmup must be a fraction"), (["--max_len", "2"], "a window needs"),
-                     (["--epochs", "0"], "--epochs must be positive"), (["--seed", "-5"], "--seed -5: use"),
+                     (["--epochs", "0"], "--epochs: must be a finite number > 0"), (["--seed", "-5"], "--seed -5: use"),
                      (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "needs one of --w_emb")):
         with pytest.raises(SystemExit):
             general.main(argv + bad)
@@ -2859,9 +2859,9 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
                        (["--max_len", "4", "--task", "rte"], "--max_len 4: rte needs 5 to 512 positions"),
                        (["--batch_size", "1"], "--batch_size 1: L_SS and L_SC relate the samples of a batch"),
                        (["--warmup", "1"], "--warmup must be a fraction in \\[0, 1\\), got 1.0"),
-                       (["--epochs1=-1"], "--epochs1: must be a finite number >= 0, got -1"),
-                       (["--temperature", "0"], "--temperature must be positive, got 0.0$"),
-                       (["--teacher_epochs", "0"], "--teacher_epochs must be positive"),
+                       (["--epochs1=-1"], "--epochs1: must be a finite number > 0, got -1"),
+                       (["--temperature", "0"], "--temperature: must be a finite number > 0, got 0$"),
+                       (["--teacher_epochs", "0"], "--teacher_epochs: must be a finite number > 0"),
                        (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "Stage 1 needs one of --w_emb"),
                        (["--seed", str(2**64)], "--seed 18446744073709551616: use a whole number"),
                        (["--train_file", "t.json"], "--train_file and --dev_file are SQuAD's; sst2 reads"),
@@ -3180,7 +3180,7 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
     init = write_pipeline_fixture(tmp_path)
     argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "o")]
     for bad, msg in ((["--heads", "5"], "error: --heads 5 does not divide"),
-                     (["--lr1", "0"], "--lr1 must be positive")):
+                     (["--lr1", "0"], "--lr1: must be a finite number > 0")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(HERE, "train.py"), *argv, *bad]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -3481,7 +3481,8 @@ def test_paths_are_absolute_and_float_flags_finite(tmp_path, monkeypatch, capsys
             with pytest.raises(SystemExit):
                 train.parse_args(["--task", "sst2", flag, value])
             err = capsys.readouterr().err
-            assert err == f"error: argument {flag}: must be a finite number >= 0, got {value}\n", err
+            least = "> 0" if flag in ("--lr1", "--temperature") else ">= 0"
+            assert err == f"error: argument {flag}: must be a finite number {least}, got {value}\n", err
 
 
 def test_a_rerun_refusal_prints_each_value_as_typed(tmp_path):

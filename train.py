@@ -399,9 +399,16 @@ def training_batches(train, args, step, per_epoch, total):
 
 
 def number(text):
-    """The type of the float flags: a finite number >= 0 (naming the flag otherwise)."""
+    """The type of the float flags that may be 0 (weights, warm-up): a finite number >= 0."""
     if not 0 <= float(text) < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return float(text)
+
+
+def positive(text):
+    """The type of the learning rates, epoch counts and temperatures: a finite number > 0."""
+    if not 0 < float(text) < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return float(text)
 
 
@@ -447,8 +454,8 @@ FLAGS = [
     ("the teacher", "teacher stage1 stage2"),
     ("teacher", path, None, "directory of a fine-tuned teacher: skips the teacher stage"),
     ("teacher_init", str, "google-bert/bert-base-uncased", "pre-trained: hub name or DIR"),
-    ("teacher_epochs", number, None, "teacher epochs"),
-    ("teacher_lr", number, None, "teacher learning rate"),
+    ("teacher_epochs", positive, None, "teacher epochs"),
+    ("teacher_lr", positive, None, "teacher learning rate"),
     ("schedule and model selection", "teacher stage2"),
     ("warmup", number, 0.1, "warm-up fraction of the steps (teacher, Stage 2)"),
     ("eval_steps", count, None, "evaluate on dev every N steps too (always: each epoch's end)"),
@@ -468,16 +475,17 @@ FLAGS = [
     ("splits", count, 12, "MHA-splits A for L_MHA (must divide both widths)"),
     ("proj_init", ["normal", "identity"], "normal", "W_m init: N(0, 0.02) (the authors') or identity"),
     *((f"w_{w}", number, 1.0, f"weight of L_{w.upper()} (0 switches it off)") for w in ("emb", "mha", "ffn")),
-    ("mha_temperature", number, 1.0, "L_MHA relation temperature; not 1 is NOT the paper's method"),
-    ("epochs1", number, None, "Stage-1 epochs"),
-    ("lr1", number, 5e-5, "Stage-1 learning rate"),
+    ("mha_temperature", positive, 1.0, "L_MHA relation temperature; not 1 is NOT the paper's "
+     "method"),
+    ("epochs1", positive, None, "Stage-1 epochs"),
+    ("lr1", positive, 5e-5, "Stage-1 learning rate"),
     ("Stage 2", "stage2"),
     *((f"w_{w}", number, 1.0, f"weight of L_{w.upper()} (0 switches it off)") for w in ("kd", "ss", "sc")),
     ("w_ce", number, 0.0, "weight of the gold-label loss in Stage 2 (0 in MLKD; a baseline's)"),
-    ("temperature", number, 1.0, "L_KD temperature"),
-    ("tau", number, 0.07, "L_SC temperature"),
-    ("epochs2", number, None, "Stage-2 epochs"),
-    ("lr2", number, 5e-5, "Stage-2 learning rate"),
+    ("temperature", positive, 1.0, "L_KD temperature"),
+    ("tau", positive, 0.07, "L_SC temperature"),
+    ("epochs2", positive, None, "Stage-2 epochs"),
+    ("lr2", positive, 5e-5, "Stage-2 learning rate"),
     ("running (changes no result)", ""),
     ("data_dir", path, os.environ.get("MLKD_DATA", "data"),
      "holds glue/<TASK>/*.tsv and squad/*.json; missing files are downloaded there"),
@@ -549,10 +557,6 @@ def parse_args(argv=None):
 
 def check_flags(args):
     """Refuse, before any work, the flags that cannot work: one line naming the flag."""
-    for name in ("lr1", "lr2", "teacher_lr", "temperature", "mha_temperature", "tau",
-                 "teacher_epochs", "epochs1", "epochs2"):
-        if getattr(args, name) == 0:
-            refuse(f"--{name} must be positive, got {getattr(args, name)}")
     if args.warmup >= 1:
         refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
     if set(args.stages) - set(STAGES) or not all(args.stages):
@@ -604,13 +608,12 @@ def student_shape(args, teacher):
 def check_shapes(args, teacher):
     """Refuse, before any training, the shapes a later stage would refuse. teacher: its config."""
     N, d_t, h_t = teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads
-    M, d_s, h_s, ffn, copied = student_shape(args, teacher)
-    copies = copied is not None
-    if copies and M > copied:
+    M, d_s, h_s, ffn, copied = student_shape(args, teacher)  # copied: None, or its source's N
+    if copied and M > copied:
         raise ValueError(f"--layers {M}: cannot take {M} layers from a model that has {copied}")
     distils = any(s in args.stages for s in ("stage1", "general"))  # general: general_distill.py
     for flag, want, have in (("--hidden", args.hidden, d_s), ("--ffn", args.ffn, ffn)):
-        if copies and want is not None and want != have:
+        if copied and want is not None and want != have:
             raise ValueError(f"{flag} {want}: --student_init {args.student_init} copies weights "
                              f"{have} wide; use --student_init random for another width")
     if d_s % h_s:
@@ -733,8 +736,7 @@ def begin(stage, directory, args, flags=FLAGS):
     if is_done(directory):
         print(f"[{stage}] {directory} is finished: skipped")
         return False
-    if LEAD:
-        os.makedirs(directory, exist_ok=True)
+    if LEAD:  # the atomic write makes the directory
         data.atomic_write_text(os.path.join(directory, "args.json"),
                                json.dumps(vars(args), indent=2, default=str))
     if dist.is_initialized():  # the other processes wait for process 0's directory

@@ -47,8 +47,8 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     ("seed", int, 42, "seeds the student's init, dropout, batch order and the held-out windows"),
     ("max_len", train.count, 128, "word pieces per window of text"),
     ("batch_size", train.count, 32, "windows per batch; under torchrun the global batch"),
-    ("epochs", train.number, 3.0, "epochs over the corpus"),
-    ("lr", train.number, 5e-5, "learning rate"),
+    ("epochs", train.positive, 3.0, "epochs over the corpus"),
+    ("lr", train.positive, 5e-5, "learning rate"),
     ("warmup", train.number, 0.1, "warm-up fraction of the steps"),
     ("max_steps", train.count, None, "cap the steps (quick runs)"),
     SAME["paper_exact"],
@@ -77,9 +77,6 @@ def parse_args(argv=None):
             and not os.path.isdir(args.student_init):
         train.refuse(f"--student_init {args.student_init}: not random/tinybert/teacher-layers nor "
                      "a directory")
-    for name in ("lr", "mha_temperature", "epochs"):
-        if getattr(args, name) == 0:
-            train.refuse(f"--{name} must be positive, got 0")
     if args.recipe == "mlkd" and not any((args.w_emb, args.w_mha, args.w_ffn)):
         train.refuse("general distillation needs one of --w_emb --w_mha --w_ffn > 0")
     if not 0 <= args.seed < 2**32:
