@@ -501,10 +501,19 @@ FLAGS = [
 ]
 
 
+def say_error(message):
+    """`error: message` on stderr, once: under torchrun every process meets the same error, and
+    process 0 says it. The others wait before they leave: torchrun stops every process once one has
+    left, and process 0 might not have printed yet."""
+    if LEAD:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(5)
+
+
 def refuse(message):
     """A flag error: one line on stderr (argparse's usage block is in --help), exit status 2."""
-    if LEAD:  # under torchrun every process parses the same flags: one of them says why
-        print(f"error: {message}", file=sys.stderr)
+    say_error(message)
     sys.exit(2)
 
 
@@ -914,8 +923,7 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError, OSError) as e:
-        if LEAD:  # once, not once per torchrun process
-            print(f"error: {data.error_line(e, 'an --out')}", file=sys.stderr)
+        say_error(data.error_line(e, "an --out"))
         sys.exit(1)
     except KeyboardInterrupt:  # main has said what is kept
         sys.exit(130)

@@ -226,8 +226,7 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError, OSError) as e:
-        if train.LEAD:  # once, not once per torchrun process
-            print(f"error: {data.error_line(e, 'an --out')}", file=sys.stderr)
+        train.say_error(data.error_line(e, "an --out"))
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the checkpoint", file=sys.stderr)
