@@ -3186,6 +3186,12 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode != 0 and (run.stdout + run.stderr).count(msg) == 1, run.stdout + run.stderr
+    alone = tmp_path / "alone.py"  # an error of process 1 alone: it says it after its wait
+    alone.write_text(f"import os, sys, time\nsys.path.insert(0, {HERE!r})\nimport train\n"
+                     "if os.environ['RANK'] == '1':\n    train.say_error('process 1 alone broke')\n    sys.exit(1)\n"
+                     "time.sleep(120)\n")
+    run = subprocess.run([*cmd[:6], str(alone)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0 and (run.stdout + run.stderr).count("error: process 1 alone broke") == 1
 
 
 # ==============================================================================================

@@ -502,13 +502,13 @@ FLAGS = [
 
 
 def say_error(message):
-    """`error: message` on stderr, once: under torchrun every process meets the same error, and
-    process 0 says it. The others wait before they leave: torchrun stops every process once one has
-    left, and process 0 might not have printed yet."""
-    if LEAD:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
+    """`error: message` on stderr, once. Under torchrun every process meets the same error as a
+    rule, and process 0 says it; the others wait first: torchrun stops every process once one has
+    left (it would stop process 0 before it printed), and so a process still here after the wait
+    met an error of its own, and says it."""
+    if not LEAD:
         time.sleep(5)
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def refuse(message):
