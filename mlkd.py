@@ -265,7 +265,8 @@ def stage2_targets(batch, teacher, cache=None):
     batch's width), or, without a cache, a live forward of the frozen teacher."""
     if cache is None:
         with torch.no_grad():
-            return LogitsAndCls.of(teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
+            out = teacher(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        return LogitsAndCls.of(out)
     rows = batch["index"]                                               # (B,) dataset rows
     logits = cache.logits[rows]                                         # (B, C) or (B, 2, max_len)
     if logits.dim() == 3:

@@ -342,7 +342,8 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
     weight = 1.0
     if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
         # Stage 1 and general_distill.py's "general" average over tokens (--paper_exact: over rows)
-        share = {"teacher": "rows", "stage2": "all"}.get(stage, "rows" if args.paper_exact else "tokens")
+        stage1_share = "rows" if args.paper_exact else "tokens"
+        share = {"teacher": "rows", "stage2": "all"}.get(stage, stage1_share)
         batch, weight = shard(batch, share)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     model.train()

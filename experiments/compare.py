@@ -589,10 +589,10 @@ def table(args):
             for s in v[2]
         ):
             lines += setting_table(args.task, setting)
-            if mixed_commits(args.task, setting):
+            mixed = mixed_commits(args.task, setting)
+            if mixed:
                 lines += ["", "Rows whose seeds ran at different commits (how many; each record names its "
-                          "own, and `git log A..B` what changed between): " + ", ".join(
-                              mixed_commits(args.task, setting)) + "."]
+                          "own, and `git log A..B` what changed between): " + ", ".join(mixed) + "."]
             if relations_table(args.task, setting):
                 lines += [
                     "",

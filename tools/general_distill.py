@@ -29,6 +29,13 @@ import train  # noqa: E402
 from model import Bert, read_safetensors  # noqa: E402
 
 SAME = {f[0]: f for f in train.FLAGS if len(f) == 4}  # train.py's flags, where they mean the same
+
+
+def same(name, text):
+    """train.py's flag `name` (its type and default) with a help text of its own."""
+    return (*SAME[name][:3], text)
+
+
 FLAGS = [  # train.py's table form: a group header names the stage its flags change
     ("general distillation", "general"),
     ("corpus", train.path, None, "unlabeled text files, comma-separated (tools/corpus.py)"),
@@ -36,29 +43,29 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
      "general student to go on from: its projections too)"),
     SAME["layers"],
-    ("hidden", train.count, None, "student width (default: 312 for tinybert, else the copied "
-     "model's; random: the teacher's)"),
+    same("hidden", "student width (default: 312 for tinybert, else the copied model's; random: "
+         "the teacher's)"),
     SAME["heads"],
     SAME["ffn"],
-    ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's general distillation losses "
-     "(MSE of attention scores and hidden states, not weighted by --w_emb/--w_mha/--w_ffn)"),
+    same("recipe", "tinybert: TinyBERT's general distillation losses (MSE of attention scores "
+         "and hidden states, not weighted by --w_emb/--w_mha/--w_ffn)"),
     *(SAME[name] for name in "layer_map splits proj_init".split()),
     *(SAME[name] for name in "w_emb w_mha w_ffn mha_temperature weight_decay".split()),
-    ("seed", int, 42, "seeds the student's init, dropout, batch order and the held-out windows"),
+    same("seed", "seeds the student's init, dropout, batch order and the held-out windows"),
     ("max_len", train.count, 128, "word pieces per window of text"),
     ("batch_size", train.count, 32, "windows per batch; under torchrun the global batch"),
     ("epochs", train.positive, 3.0, "epochs over the corpus"),
     ("lr", train.positive, 5e-5, "learning rate"),
     ("warmup", train.number, 0.1, "warm-up fraction of the steps"),
-    ("max_steps", train.count, None, "cap the steps (quick runs)"),
+    same("max_steps", "cap the steps (quick runs)"),
     SAME["paper_exact"],
-    ("group_by_length", bool, False, "batches of similar lengths (runs of 100 sorted): less "
-     "padding, the same masked losses"),
+    same("group_by_length", "batches of similar lengths (runs of 100 sorted): less padding, "
+         "the same masked losses"),
     ("running (changes no result)", ""),
     ("out", train.path, train.path(os.path.join("out", "general")), "writes OUT/general"),
     ("eval_steps", train.count, None, "held-out losses every N steps too (default: every epoch)"),
     *(SAME[name] for name in "save_steps log_steps device compile".split()),
-    ("eval_batch_size", train.count, 128, "batch size of the held-out losses"),
+    same("eval_batch_size", "batch size of the held-out losses"),
 ]
 
 
