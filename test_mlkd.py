@@ -1971,25 +1971,64 @@ def stage2_gradients():
     return grads
 
 
+# (stage, --paper_exact, Stage-1 loss weights): the teacher's loss is a mean over rows; Stage 1's a mean over
+# real tokens, or with --paper_exact (no mask) over every position of every row, as over rows
+STAGE1_CASES = [("teacher", False, {}), ("stage1", False, dict(w_emb=0.01, w_mha=0.1, w_ffn=0.01)),
+                ("stage1", True, dict(w_emb=0.01, w_mha=0.1, w_ffn=0.01))]
+
+
+def stage1_gradients():
+    """train_step's gradients of the teacher stage and Stage 1 (the student's, then the projections') on
+    3 rows of 3 lengths, for each of STAGE1_CASES, in one process or in each of torchrun's (2 rows and 1)."""
+    import types
+    import train
+    grads = []
+    for stage, exact, weights in STAGE1_CASES:
+        torch.manual_seed(0)
+        student, teacher = (model.Bert(model.BertConfig.preset(
+            f"tiny-{who}", head="classification", num_labels=3, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+            for who in ("student", "teacher"))
+        proj = mlkd.Projections(2, 24, 48)
+        lengths = torch.tensor([12, 4, 9])
+        ids = torch.randint(5, 128, (3, 12)) * (torch.arange(12) < lengths[:, None])
+        ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths,
+              "labels": torch.tensor([0, 2, 1])}
+        args = types.SimpleNamespace(paper_exact=exact, device="cpu", recipe="mlkd", splits=4,
+                                     mha_temperature=1.0, **weights)
+        if stage == "teacher":
+            modules, objective = [student], train.teacher_loss
+        else:
+            modules, objective = [student, proj], functools.partial(
+                train.stage1_objective, teacher=sharpened(teacher), proj=proj, lmap=[0, 2, 4], args=args)
+        optimizer = RecordingOptimizer(modules)
+        batch = next(data.batches(ds, 3, fixed_padding=exact))
+        train.train_step(student, batch, objective, optimizer, stage, 0, args)
+        grads.append(optimizer.grads)
+    return grads
+
+
 GRADS_HELPER = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import test_mlkd
 dist.init_process_group("gloo")
-grads = test_mlkd.stage2_gradients()
+grads = test_mlkd.stage2_gradients() + test_mlkd.stage1_gradients()
 if dist.get_rank() == 0:
     torch.save(grads, sys.argv[1])
 dist.destroy_process_group()
 """
 
 
-def test_torchrun_stage2_gradients_are_the_one_process_gradients(tmp_path):
-    """gather_rows: with each Stage-2 loss, gold labels alone, a live teacher, regression and span logits, uneven
-    and empty shards, the mean of 2 processes' gradients is one process's (the student's and W_M's)."""
+def test_torchrun_gradients_are_the_one_process_gradients(tmp_path):
+    """The mean of 2 processes' gradients is one process's (the student's and the projections'). Stage 2
+    (gather_rows): with each loss, gold labels alone, a live teacher, regression and span logits, uneven and
+    empty shards. The teacher stage and Stage 1 (shard's weights): masked and with --paper_exact."""
     run = torchrun(tmp_path, [str(tmp_path / "grads.pt")], helper_text=GRADS_HELPER)
     assert run.returncode == 0, run.stdout + run.stderr
     two = torch.load(tmp_path / "grads.pt", weights_only=True)
-    for case, one, gathered in zip(STAGE2_CASES, stage2_gradients(), two, strict=True):
+    one = stage2_gradients() + stage1_gradients()
+    for case, one, gathered in zip(STAGE2_CASES + STAGE1_CASES, one, two, strict=True):
         assert [g is None for g in one] == [g is None for g in gathered], case  # W_0..W_M-1 unused
         a, b = (torch.cat([g.flatten() for g in grads if g is not None]) for grads in (one, gathered))
         assert 0 < a.norm() < 0.99, case  # not clipped

@@ -234,6 +234,11 @@ MUTANTS = [
            '    args.corpus_crc32 = corpus_crc32(args.corpus.split(","))',
            "    args.corpus_crc32 = None",
            "a corpus rewritten at the same path resumes a run made on other text"),
+    # train.py, added later (numbers stay stable)
+    Mutant("train.py",
+           'stage1_share = "rows" if args.paper_exact else "tokens"',
+           'stage1_share = "tokens"',
+           "under torchrun with --paper_exact Stage 1's unmasked losses are shared by real tokens"),
 ]
 
 
