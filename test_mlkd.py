@@ -1615,7 +1615,7 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     assert [r["step"] for r in logged if "dev" in r] == [c["step"] for c in curve] == [0, 3, 6, 9, 12, 15, 18]
     with open(tmp_path / "corpus.txt", "a") as f:
         f.write("\nthe film was new text at the same path\n")  # tools/corpus.py rewrites its --out
-    with pytest.raises(ValueError, match="was trained on other text than --corpus"):
+    with pytest.raises(ValueError, match=r"other settings: training data of CRC-32 \w{8} \(now \w{8}: its files"):
         general.main(argv)
     other = [*argv[:3], str(out / "general"), *argv[4:-1], str(tmp_path / "gen2"),
              "--student_init", str(out / "general")]
@@ -2945,6 +2945,14 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     capsys.readouterr()
     train.main(argv + ["--eval_batch_size", "64", "--log_steps", "2"])  # what does not change a stage does not block it
     assert capsys.readouterr().out.count("is finished: skipped") == 3
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the same files elsewhere: the same training data
+    train.main(argv + ["--data_dir", str(tmp_path / "moved")])
+    assert capsys.readouterr().out.count("is finished: skipped") == 3
+    tsv = tmp_path / "moved" / "glue" / "SST-2" / "train.tsv"  # a training file rewritten: not the same data
+    tsv.write_text(tsv.read_text().replace("the movie was", "the film was", 1))
+    with pytest.raises(ValueError, match=r"teacher was run with other settings: training data of CRC-32 \w{8} "
+                                         r"\(now \w{8}: its files changed\)"):
+        train.main(argv + ["--data_dir", str(tmp_path / "moved")])
     # an interrupted Stage 1 resumes only with its own settings
     shutil.rmtree(out / "stage1")
     shutil.rmtree(out / "stage2")
@@ -3433,6 +3441,23 @@ def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on
         cells = [r for r in tables["recipe"] if r[0].endswith("extrapolated") == total.endswith("extrapolated")]
         assert abs(float(rows[total][3]) - sum(float(r[3]) for r in cells[:4])) <= 0.03  # the stages' walls
     assert float(rows["total, extrapolated"][3]) >= float(rows["total"][3])  # minutes to 0.01: both may be 0.01
+
+
+def test_gpu_check_extrapolates_a_stage_by_its_seconds_per_step_on_a_hand_worked_log(tmp_path):
+    """A stage of 4 steps (epochs 2 x 0.5, 64 rows, batch 32) logged at steps 2 and 4, evaluated twice, to the
+    full 4 epochs: 8 steps. The time per step after the first log line: (3 - 1) / (4 - 2) = 1 s, so training
+    takes 1 + 1 x (8 - 2) = 7 s; 4 evaluations of 0.5 s, 2 s; the wall: 10 s - 3 s trained - 1 s evaluated
+    (loading, saving) + 7 + 2 = 15 s."""
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "experiments", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    log = [{"step": 2, "train_s": 1.0}, {"step": 2, "eval_s": 0.5}, {"step": 4, "train_s": 3.0},
+           {"step": 4, "eval_s": 0.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (tmp_path / "metrics.json").write_text(json.dumps({"train": {"samples_per_s": 42.0, "peak_memory_gib": 1.5}}))
+    measured, full = gpu_check.stage_rows("stage1", str(tmp_path), 10.0, 4, 0.5, 64, 32)
+    assert measured == ("stage1", 2.0, 4, 10 / 60, 3 / 60, 1 / 60, 42.0, 1.5)
+    assert full == ("stage1, extrapolated", 4, 8, 15 / 60, 7 / 60, 2 / 60, 4 * 64 / 7, 1.5)
 
 
 # ==============================================================================================

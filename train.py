@@ -88,6 +88,7 @@ def pipeline(args):
     with main_process_first():  # under torchrun: process 0 downloads what is missing, then the rest
         fetch_models(args, args.teacher or args.teacher_init)
         train, evaluate = load_task(args, data.Tokenizer(args.vocab))
+    args.data_crc32 = crc32(train)  # in each stage's args.json: same_settings compares it
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
     if args.teacher:
@@ -717,6 +718,15 @@ def load_task(args, tok):
         device=args.device, fixed_padding=args.paper_exact)
 
 
+def crc32(rows):
+    """The CRC-32 of the training rows' tensors, as 8 hex digits: a training file rewritten under the
+    same flags (a fixed or augmented train.tsv) changes it."""
+    crc = 0
+    for k in sorted(rows):
+        crc = zlib.crc32(rows[k].numpy().tobytes(), crc)
+    return f"{crc:08x}"
+
+
 def squad_dev(model, examples, features, version, args):
     """SQuAD dev metrics (EM, F1) of a model."""
     return evaluation.evaluate_squad(model, examples, features, version, args.eval_batch_size,
@@ -757,7 +767,8 @@ def begin(stage, directory, args, flags=FLAGS):
 
 def same_settings(stage, directory, args, flags=FLAGS):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
-    values of the flags that change the stage: those under the groups of `flags` that name it."""
+    values of the flags that change the stage (those under the groups of `flags` that name it) or
+    on other training data (data_crc32)."""
     path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
@@ -767,6 +778,9 @@ def same_settings(stage, directory, args, flags=FLAGS):
         stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
         if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
+    if was.get("data_crc32", now.get("data_crc32")) != now.get("data_crc32"):
+        differ.append(f"training data of CRC-32 {was['data_crc32']} (now {now['data_crc32']}: "
+                      "its files changed)")
     if differ:
         raise ValueError(f"{directory} was run with other settings: {', '.join(differ)}. Rerun with "
                          "those to resume or reuse it, or pass a new --out")

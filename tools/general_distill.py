@@ -79,7 +79,7 @@ def parse_args(argv=None):
     for f in (args.corpus or "").split(","):
         if not os.path.isfile(f):
             train.refuse(f"--corpus {f!r}: no such file (tools/corpus.py writes one)")
-    args.corpus_crc32 = corpus_crc32(args.corpus.split(","))  # in args.json: a rewritten corpus
+    args.data_crc32 = corpus_crc32(args.corpus.split(","))  # train.same_settings: a rewritten corpus
     if args.student_init not in ("random", "tinybert", "teacher-layers") \
             and not os.path.isdir(args.student_init):
         train.refuse(f"--student_init {args.student_init}: not random/tinybert/teacher-layers nor "
@@ -103,12 +103,6 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: data-parallel processes
         train.start_distributed(args)
     directory = os.path.join(args.out, "general")
-    was = os.path.join(directory, "args.json")  # tools/corpus.py may have rewritten the same files
-    worked = any(os.path.exists(os.path.join(directory, f)) for f in ("metrics.json", "checkpoint.pt"))
-    if worked and os.path.exists(was) and data.read_json(was).get("corpus_crc32") not in (
-            None, args.corpus_crc32):
-        raise ValueError(f"{directory} was trained on other text than --corpus {args.corpus} holds "
-                         "now (its CRC-32 differs); pass a new --out, or the corpus it was made from")
     with train.main_process_first():  # under torchrun: process 0 downloads, then the others read
         source = train.fetch_models(args, args.teacher_init)
     if not train.begin("general", directory, args, FLAGS):

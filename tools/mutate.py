@@ -231,14 +231,18 @@ MUTANTS = [
            "for i in (order[:k], order))",
            "general distillation trains on its held-out windows too"),
     Mutant("tools/general_distill.py",
-           '    args.corpus_crc32 = corpus_crc32(args.corpus.split(","))',
-           "    args.corpus_crc32 = None",
+           '    args.data_crc32 = corpus_crc32(args.corpus.split(","))',
+           "    args.data_crc32 = None",
            "a corpus rewritten at the same path resumes a run made on other text"),
     # train.py, added later (numbers stay stable)
     Mutant("train.py",
            'stage1_share = "rows" if args.paper_exact else "tokens"',
            'stage1_share = "tokens"',
            "under torchrun with --paper_exact Stage 1's unmasked losses are shared by real tokens"),
+    Mutant("train.py",
+           "    args.data_crc32 = crc32(train)",
+           "    args.data_crc32 = None",
+           "a training file rewritten under the same flags reuses the stages trained on the old one"),
 ]
 
 
