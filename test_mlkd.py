@@ -3004,20 +3004,23 @@ def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
 def test_training_batches_follow_seed_group_by_length_and_paper_exact():
     import train
     g = torch.Generator().manual_seed(0)
-    n, full = 40, 20
+    n, full = 800, 20  # 200 batches of 4
     lengths = torch.randint(3, full, (n,), generator=g)
     ds = {"input_ids": torch.randint(5, 100, (n, full), generator=g) * (torch.arange(full) < lengths[:, None]),
           "token_type_ids": torch.zeros(n, full, dtype=torch.long), "lengths": lengths}
 
     def order(*flags):
         args = train.parse_args(["--task", "sst2", "--batch_size", "4", *flags])
-        return [(b["index"].tolist(), b["input_ids"].shape[1]) for _, b in train.training_batches(ds, args, 0, 10, 10)]
+        return [(b["index"].tolist(), b["input_ids"].shape[1]) for _, b in train.training_batches(ds, args, 0, 200, 200)]
 
     def want(seed, **kw):
         return [(b["index"].tolist(), b["input_ids"].shape[1])
                 for b in data.batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(seed), **kw)]
     assert order() == want(42) and order("--seed", "7") == want(7) != want(42)
     assert order("--group_by_length") == want(42, group_by_length=100) != want(42)
+    for run in (order("--group_by_length")[:100], order("--group_by_length")[100:]):  # runs of 100 batches
+        spans = sorted((int(lengths[i].min()), int(lengths[i].max())) for i, _ in run)  # (not HF's 50)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # each sorted by length
     assert order("--paper_exact") == want(42, fixed_padding=True) and {w for _, w in order("--paper_exact")} == {full}
     assert order("--compile") == want(42, buckets=True) != want(42)  # widths rounded up to a power of two
 

@@ -243,6 +243,10 @@ MUTANTS = [
            "    args.data_crc32 = crc32(train)",
            "    args.data_crc32 = None",
            "a training file rewritten under the same flags reuses the stages trained on the old one"),
+    Mutant("train.py",
+           "group_by_length=100 * args.group_by_length",
+           "group_by_length=50 * args.group_by_length",
+           "--group_by_length sorts runs of 50 batches (HF's), not the documented 100"),
 ]
 
 
