@@ -18,7 +18,8 @@ TinyBERT's baseline attn_scores) by name.
 And, at the end, the baseline the paper compares with: TinyBERT's task distillation (attention
 scores and hidden states by MSE in Stage 1, L_KD alone in Stage 2; train.py --recipe tinybert).
 
-Notation: B batch, L length, d width, A MHA-splits, M student layers, N teacher layers.
+Notation: B batch, L length (the batch's longest row), d width, A MHA-splits, M student layers,
+N teacher layers.
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
 masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked
 loss. The similarity matmuls of the relations and of L_SC run on fp32 copies with autocast off,
@@ -131,11 +132,11 @@ def kd_loss(z_s, z_t, temperature=1.0):
     classification z (B, C):  mean_b  -sum_c softmax(z_T/t)_c log_softmax(z_S/t)_c  * t^2
     span z (B, 2, L):         the same over positions, start plus end
     regression z (B, 1):      MSE(z_S, z_T), the teacher's prediction as the target
-    Summed over classes, as Hinton et al. (2015) and DistilBERT: the authors' soft_cross_entropy
-    (TinyBERT's) takes the mean over classes too, so their L_KD is ours / C against L_SS and L_SC.
+    Summed over classes, as Hinton et al. (2015) and DistilBERT; the authors' soft_cross_entropy
+    (TinyBERT's) takes the mean over batch and classes: theirs is ours / C, beside L_SS and L_SC.
     """
     z_s, z_t = z_s.float(), z_t.detach().float()
-    if z_s.shape[-1] == 1:
+    if z_s.dim() == 2 and z_s.shape[1] == 1:  # regression
         return F.mse_loss(z_s, z_t)
     t = temperature
     ce = -(F.softmax(z_t / t, dim=-1) * F.log_softmax(z_s / t, dim=-1)).sum(-1)  # (B,) or (B, 2)
@@ -159,6 +160,7 @@ def sc_loss(u, v, labels, tau=0.07, base_tau=1.0):
         L_SC = mean_i l_i
     u (B, d_T): projected student [CLS]; v (B, d_T): teacher [CLS]; labels (B,), int or float
     (regression: exactly equal scores only). Gradients flow through every term containing a u.
+    base_tau = 1 as in the authors' code (SupCon's own code has 0.07), so L_SC carries a factor tau.
     """
     f = F.normalize(torch.cat([u.float(), v.detach().float()]), dim=-1)    # (2B, d)
     y = torch.cat([labels, labels])                                        # (2B,)
@@ -255,9 +257,9 @@ class LogitsAndCls(NamedTuple):
     logits: torch.Tensor  # (B, C) classification, (B, 1) regression, (B, 2, L) span
     cls: torch.Tensor     # (B, d): hidden_states[-1][:, 0], raw
 
-    @classmethod
-    def of(cls, out):
-        return cls(out.logits, out.hidden_states[-1][:, 0])
+    @staticmethod
+    def of(out):
+        return LogitsAndCls(out.logits, out.hidden_states[-1][:, 0])
 
 
 def stage2_targets(batch, teacher, cache=None):

@@ -3,10 +3,11 @@
 It follows the original BERT (Devlin et al., 2019) as Google and HF transformers compute it, to
 fp32 parity (test_mlkd.py proves it against golden outputs of HF `BertModel`):
 
-    embeddings  E = LayerNorm(word[ids] + position[0..L-1] + token_type[segments]),  eps 1e-12
-    layer l     A = LayerNorm(x + Dense(MultiHeadAttention(x)))                       (post-LN)
-                H = LayerNorm(A + Dense(gelu_erf(Dense(A))))
-    pooler      tanh(Dense(H_last[:, 0]))
+    embeddings  H_0 = LayerNorm(word[ids] + position[0..L-1] + token_type[segments]),  eps 1e-12
+    layer l     O = MultiHeadAttention(H_l-1): the heads' contexts, concatenated     (L_MHA's O)
+                H' = LayerNorm(H_l-1 + Dense(O))                                      (post-LN)
+                H_l = LayerNorm(H' + Dense(gelu_erf(Dense(H'))))
+    pooler      tanh(Dense(H_N[:, 0]))
 
 One forward returns a `BertOutput` that carries everything the MLKD losses need: every hidden
 state, every layer's attention context before its output projection, and the LayerNorm'd
@@ -122,10 +123,10 @@ PRESETS = {"bert-base-uncased": {}, "tinybert-6l-768d": dict(num_hidden_layers=6
 
 @dataclass
 class BertOutput:
-    hidden_states: list  # num_layers + 1 tensors (B, L, d): embedding output, then layer 1..N's
-    attn_outputs: list   # num_layers tensors (B, L, d): concatenated head contexts, before attn_out
+    hidden_states: list  # num_layers + 1 (B, L, d): H_0 (after dropout), H_1..H_N
+    attn_outputs: list   # num_layers (B, L, d): layer l's O (the input of attn_out) at index l - 1
     token_embeddings: torch.Tensor  # (B, L, d): LayerNorm_emb(word_embeddings[ids]), L_EMB's E
-    pooled: torch.Tensor  # (B, d): tanh(Dense(h_last[:, 0]))
+    pooled: torch.Tensor  # (B, d): tanh(Dense(H_N[:, 0]))
     logits: torch.Tensor = None  # (B, C) classification, (B, 1) regression, (B, 2, L) span, or None
     attn_scores: list = None  # scores=True: num_layers tensors (B, h, L, L), QK^T/sqrt(d/h), unmasked
 
@@ -195,7 +196,7 @@ class Bert(nn.Module):
         out.pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, d)
         if c.head in ("classification", "regression"):
             out.logits = self.classifier(self.dropout(out.pooled))  # (B, C); BERT's: the MLKD and
-            # TinyBERT code's student and teacher apply ReLU to `pooled` instead (not copied)
+            # TinyBERT code apply ReLU to `pooled` in place of this dropout (not copied)
         elif c.head == "span":
             out.logits = self.qa_outputs(x).transpose(1, 2)  # (B, 2, L): start and end logits
             if attention_mask is not None:  # a pad is never an answer; finite, so 0 * it = 0 in KD

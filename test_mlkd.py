@@ -3011,7 +3011,8 @@ def test_training_batches_follow_seed_group_by_length_and_paper_exact():
 
     def order(*flags):
         args = train.parse_args(["--task", "sst2", "--batch_size", "4", *flags])
-        return [(b["index"].tolist(), b["input_ids"].shape[1]) for _, b in train.training_batches(ds, args, 0, 200, 200)]
+        batches = train.training_batches(ds, args, 0, 200, 200)
+        return [(b["index"].tolist(), b["input_ids"].shape[1]) for _, b in batches]
 
     def want(seed, **kw):
         return [(b["index"].tolist(), b["input_ids"].shape[1])

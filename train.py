@@ -6,7 +6,8 @@ Read mlkd.py first (the losses), then model.py's BertOutput (the tensors they re
 file from the top: the stages in the paper's order (section 3; the settings of the authors'
 scripts, HandH1998/tmp_bert_mlkd, branch bert_mlkd), what each one minimises, the one training
 loop; below them the machinery (the flags and their checks, the teacher and the data, a stage's
-directory, torchrun), which a reader of the method may skip.
+directory, torchrun), which a reader of the method may skip but for two lines: load_teacher freezes
+the teacher, and parse_args sets --w_ss = --w_sc = 0 for SQuAD and for --recipe tinybert.
 --recipe tinybert runs TinyBERT's task distillation (the paper's baseline) in both stages.
 A student of another shape starts from general distillation: tools/general_distill.py.
 
@@ -380,9 +381,10 @@ def lr_factor(step, warmup, total):
 
 def training_batches(train, args, step, per_epoch, total):
     """(epoch, batch) from step `step` until `total`: each epoch shuffled by a seed of its own,
-    so a resumed run sees the same batches in the same order (length-grouped ones too). Padded to
-    max_len with --paper_exact, to a few widths with --compile; --group_by_length sorts runs of 100
-    batches by length."""
+    so a resumed run sees the same batches in the same order (length-grouped ones too). A batch:
+    input_ids, token_type_ids, attention_mask (B, L), L its longest row (--paper_exact: max_len;
+    --compile: one of a few widths); labels (B,) (SQuAD: (B, 2), start and end); index (B,), its
+    rows of `train` (the teacher cache's). --group_by_length sorts runs of 100 batches by length."""
     while step < total:
         epoch = step // per_epoch
         for batch in data.batches(train, args.batch_size, shuffle=True, start=step % per_epoch,
