@@ -3229,6 +3229,16 @@ def test_every_file_keeps_its_shape():
     assert not [n for n in set(names) if names.count(n) > 1]  # name replaces the first: that test never runs
 
 
+def test_every_miswiring_of_tools_mutate_still_applies():
+    """tools/mutate.py names each miswiring by the text it changes: code that moves must take its
+    mutants along (rewritten against the new code), or the script refuses to run; this says so at once."""
+    spec = importlib.util.spec_from_file_location("mutate", os.path.join(HERE, "tools", "mutate.py"))
+    mutate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutate)
+    for mutant in mutate.MUTANTS:
+        assert mutate.mutated_text(mutant) != open(os.path.join(HERE, mutant.file)).read(), mutant
+
+
 def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
     import subprocess
     init = write_pipeline_fixture(tmp_path)
