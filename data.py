@@ -27,16 +27,17 @@ TMP_PREFIX = ".tmp-"  # atomic writes stage their bytes in <directory>/.tmp-<ran
 
 
 def uncased(vocab):
-    """Whether a vocabulary (its word pieces) is uncased. A cased one (bert-base-cased, Google's
-    cased_* releases) has many pieces with capitals, an uncased one none (a stray few aside): its
-    text keeps its case and accents (tokenization.py's do_lower_case=False)."""
+    """Whether a vocabulary (its word pieces) is uncased: an uncased one has no pieces with capitals
+    (a stray few aside). A cased one (bert-base-cased, Google's cased_* releases) has many, and text
+    for it keeps its case and accents (tokenization.py's do_lower_case=False)."""
     capitals = sum(t != t.lower() for t in vocab if not t.startswith("["))
     return capitals <= len(vocab) // 100
 
 
 class Tokenizer:
     """BERT tokenisation by vocab.txt (clean; for an uncased vocabulary lower-case and strip
-    accents; split; WordPiece), as Google's tokenization.py computes it."""
+    accents; split; WordPiece), as Google's tokenization.py computes it, but for private-use
+    characters (U+E000...): `tokenizers` drops them; Google's keeps them, and the word is [UNK]."""
 
     def __init__(self, vocab_file):
         from tokenizers import BertWordPieceTokenizer
@@ -64,7 +65,9 @@ class Tokenizer:
         types, lengths = np.zeros_like(ids), np.zeros(len(a), dtype=np.int64)
         for i in range(len(a)):  # once per data set, before training
             x, y = a[i].ids, b[i].ids if pair else []
-            ka = min(len(x), max((budget + 1) // 2, budget - len(y)))  # all of a when it fits
+            # Google's _truncate_seq_pair (cut the longer text, b on a tie) in closed form: a keeps
+            # all it can beside all of b, and at least half the budget, rounded up
+            ka = min(len(x), max((budget + 1) // 2, budget - len(y)))
             kb = min(len(y), budget - ka)
             seq = [self.cls_id, *x[:ka], self.sep_id] + ([*y[:kb], self.sep_id] if pair else [])
             ids[i, :len(seq)] = seq
@@ -129,7 +132,7 @@ def read_glue(task, split, data_dir, allow_partial=False):
         raise ValueError(f"{path} is empty or has too few columns for {t.folder}; {REFETCH}")
     examples = []
     for i, row in enumerate(rows[header:]):
-        if len(row) != width:  # QQP has a few malformed rows; the official processors drop them
+        if len(row) != width:  # QQP has a few malformed rows: rows of another width are dropped
             continue
         try:  # a label's index, or a score where there are no labels (regression: STS-B)
             label = None if test else t.labels.index(row[t.label]) if t.labels else float(row[t.label])
@@ -263,8 +266,8 @@ def split_squad(path, first, head_path, tail_path=None):
 def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, train=True):
     """Cut every (question, context) into windows [CLS] question [SEP] window [SEP]; `stride` is
     the STEP between window starts as in Google's run_squad.py (doc_stride), not an overlap as in
-    `tokenizers`. Target: the first answer's token span if wholly in the window, else (0, 0).
-    Returns tensors, a row per window, with its example and each token's char span (-1: none)."""
+    `tokenizers`. Target (train; else (0, 0)): the first answer's token span if wholly in the
+    window, else (0, 0). Returns tensors, a row per window, with its example and each token's char span (-1: none)."""
     questions = tokenizer.tokenize(e["question"] for e in examples)
     contexts = tokenizer.tokenize(e["context"] for e in examples)
     rows = []  # one per window: input_ids, token_type_ids, lengths, labels, example, offsets
@@ -282,8 +285,8 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
             e = s + len(ex["answers"][0]["text"])
             inside = np.nonzero((offsets[:, 1] > s) & (offsets[:, 0] < e))[0]  # answer tokens
             span = (inside[0], inside[-1]) if len(inside) else None
-        step = min(room, stride)  # windows start every `step` tokens until one reaches the end
-        for start in range(0, max(len(c.ids) - room + step, 1), step):
+        step = min(room, stride)  # windows start every `step` tokens until one reaches the end:
+        for start in range(0, max(len(c.ids) - room + step, 1), step):  # run_squad.py's while loop
             n = min(room, len(c.ids) - start)
             ids = [tokenizer.cls_id, *q_ids, tokenizer.sep_id, *c.ids[start:start + n], tokenizer.sep_id]
             pad = max_len - len(ids)
@@ -301,7 +304,9 @@ def squad_predictions(examples, features, start_logits, end_logits, n_best=20, m
                       version="1.1", null_threshold=0.0):
     """Per-window start/end logits (numpy (F, L)) -> {question_id: answer}: the best start + end
     over windows, of the top n_best starts x n_best ends in context, start <= end, <= max_answer
-    tokens. v2.0: null = least start[0] + end[0] over windows; "" when null - best > null_threshold.
+    tokens, in any window that holds them (HF's run_qa.py; Google's run_squad.py also asks that the
+    start's window be its max-context one). v2.0: null = least start[0] + end[0] over windows; ""
+    when null - best > null_threshold.
     Returns (predictions, null_minus_best {id: float}, for eval.py's threshold search)."""
     best, null = {}, {}  # example index -> (score, text); example index -> min null score
     offsets = features["offsets"].numpy()

@@ -31,7 +31,7 @@ from model import Bert, fetch
 
 def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False, with_predictions=False):
     """{metric: value, "total": rows} on a GLUE task's encoded dev split(s) {split: dataset}, by the
-    official metric(s) (the GLUE paper, Table 1; scikit-learn's and scipy's, as its leaderboard);
+    official metric(s) (the GLUE paper, Table 1), equal to scikit-learn's and scipy's (not called);
     MNLI's get the suffixes _m and _mm. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1
     as positive. with_predictions: (metrics, {split: class indices, or scores for STS-B})."""
     metrics, predictions = {}, {}
@@ -105,14 +105,17 @@ def evaluate_squad(model, examples, features, version, batch_size=128, device="c
 
 def squad_scores(dataset, predictions, version="1.1", na_scores=None):
     """EM and F1 in percent, each the max over the gold answers of read_squad's examples; a question
-    without a prediction scores 0 (v1.1's rule). v2.0: an unanswerable question's gold is "", and the
-    HasAns/NoAns splits and, with na_scores {id: null - best span score}, the best threshold."""
+    without a prediction scores 0 (v1.1's rule; squad_predictions answers every one). v2.0: golds
+    that normalise to "" are dropped ("" if none is left); the HasAns/NoAns splits (by the answer
+    list as read) and, with na_scores {id: null - best span score}, the best threshold: the headline
+    EM/F1 are the official script's without --na-prob-file, the best_* its figures with one."""
     exact, f1, has_answer = {}, {}, {}
     for ex in dataset:
         golds = [a["text"] for a in ex["answers"]]
-        if version == "2.0":  # golds that normalise to "" are dropped
+        has_answer[ex["id"]] = bool(golds)  # the official: answerable by its list, not by its text
+        if version == "2.0":
             golds = [g for g in golds if normalize_answer(g)] or [""]
-        has_answer[ex["id"]], pred = golds != [""], predictions.get(ex["id"])
+        pred = predictions.get(ex["id"])
         if pred is None:
             exact[ex["id"]] = f1[ex["id"]] = 0.0
             continue
@@ -129,11 +132,12 @@ def squad_scores(dataset, predictions, version="1.1", na_scores=None):
         out[prefix + "total"] = len(ids)
     for name, scores in (("exact", exact), ("f1", f1)) if na_scores is not None else ():
         # the official find_best_thresh: from "" for every question, admit the answers in order of
-        # increasing na score (each replacing the empty answer's score), keeping the best total
+        # increasing na score (each replacing the empty answer's score: 1 if unanswerable, else 0),
+        # keeping the best total. An unanswerable question loses its 1 to any non-empty answer
         current = best = sum(not has for has in has_answer.values())
         threshold = 0.0
         for i in sorted(scores, key=lambda i: na_scores[i]):
-            current += scores[i] - (not has_answer[i])
+            current += scores[i] if has_answer[i] else -float(bool(predictions[i]))
             if current > best:
                 best, threshold = current, float(na_scores[i])
         out[f"best_{name}"], out[f"best_{name}_thresh"] = 100.0 * best / len(scores), threshold
@@ -142,7 +146,7 @@ def squad_scores(dataset, predictions, version="1.1", na_scores=None):
 
 def normalize_answer(s):
     """Lower case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = "".join(ch for ch in s.lower() if ch not in string.punctuation)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
@@ -155,7 +159,7 @@ def squad_f1(prediction, gold, version="1.1"):
     if version == "2.0" and not (p and g):
         return float(p == g)
     common = sum(min(p.count(w), g.count(w)) for w in set(p))  # official: Counter(p) & Counter(g)
-    return 2 * common / (len(p) + len(g)) if common else 0.0  # 2 precision recall / (p + r)
+    return 2 * common / (len(p) + len(g)) if common else 0.0  # 2PR / (P + R), P = common / |p|
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1130,6 +1130,14 @@ def test_squad_scores_by_hand():
     # threshold sweep: all-empty gives 1/3 (only c); admitting b (na -2) gives 2/3; admitting a adds 0 exact
     assert v2["best_exact"] == pytest.approx(200 / 3) and v2["best_exact_thresh"] == -2.0
     assert v2["best_f1"] == pytest.approx(100 * (2 / 3 + 2) / 3) and v2["best_f1_thresh"] == 1.0
+    # The official script's has-answer is the answer list as read: d's only gold "The" normalises to "",
+    # so its gold is "" and its "" scores 1, yet d is answerable. e is unanswerable, answered "the": its
+    # exact is 1 ("the" normalises to ""), but the sweep counts any non-empty answer to it as -1.
+    # The sweep: 1 (e's "") -> admit e (na -1): 0 -> admit d (na 5): 1; best 1 of 2 at threshold 0.
+    ds = [{"id": "d", "answers": [{"text": "The"}]}, {"id": "e", "answers": []}]
+    v2 = ev.squad_scores(ds, {"d": "", "e": "the"}, "2.0", na_scores={"d": 5.0, "e": -1.0})
+    assert v2["HasAns_total"] == v2["NoAns_total"] == 1 and v2["exact"] == 100.0
+    assert v2["best_exact"] == 50.0 and v2["best_exact_thresh"] == 0.0
 
 
 # ==============================================================================================
