@@ -247,6 +247,10 @@ MUTANTS = [
            "group_by_length=100 * args.group_by_length",
            "group_by_length=50 * args.group_by_length",
            "--group_by_length sorts runs of 50 batches (HF's), not the documented 100"),
+    Mutant("eval.py",
+           "current += scores[i] if has_answer[i] else -float(bool(predictions[i]))",
+           "current += scores[i] - (not has_answer[i])",
+           "SQuAD v2.0's threshold sweep counts an unanswerable question's answer 'the' as empty"),
 ]
 
 
