@@ -493,12 +493,15 @@ def read_text(path, encoding="utf-8"):
 
 
 def read_json(path):
-    """A JSON file's value; a file that is no JSON is a one-line error naming it (e.g. a stage's
-    args.json or metrics.json edited by hand: this repo writes them atomically, whole)."""
+    """A JSON file's object; a file that is no JSON object is a one-line error naming it (e.g. a
+    stage's args.json or metrics.json edited by hand: this repo writes them atomically, whole)."""
     try:
-        return json.loads(read_text(path))
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e}); repair or delete it") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object ({type(value).__name__}); repair or delete it")
+    return value
 
 
 def atomic_write_bytes(path, blocks):

@@ -56,7 +56,8 @@ RECIPES = {
     "squad2": Recipe(epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
 }
 STAGES = ("teacher", "stage1", "stage2", "eval")
-LEAD = int(os.environ.get("RANK", 0)) == 0  # under torchrun, process 0 alone writes and evaluates
+RANK = int(os.environ.get("RANK", 0))  # under torchrun, this process's number
+LEAD = RANK == 0  # under torchrun, process 0 alone writes and evaluates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,9 +101,8 @@ def pipeline(args):
                            args, args.teacher_epochs, args.teacher_lr, args.warmup, evaluate,
                            keep_best=True)
         finish(out["teacher"], {"dev": best, "train": record}, args)
-    if args.stages == ["teacher"]:
-        return None
     teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
+    args.teacher_crc32 = crc32(teacher.state_dict())  # Stage 1 and 2 record what they distil
 
     # Stage 1: distil the embeddings and Transformer layers (L_EMB + L_MHA + L_FFN)
     if begin("stage1", out["stage1"], args):
@@ -321,8 +321,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
                 best = metrics
                 save_model(model, directory, args)
         if step % args.save_steps == 0 and step < total and LEAD:
-            save_checkpoint(directory, modules, optimizer, step, best, [time.time() - t0, seen],
-                            args.device)
+            save_checkpoint(directory, modules, optimizer, step, best, [time.time() - t0, seen])
     log.close()
     return record, best
 
@@ -348,7 +347,8 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
         share = {"teacher": "rows", "stage2": "all"}.get(stage, stage1_share)
         batch, weight = shard(batch, share)
     batch = {k: v.to(args.device) for k, v in batch.items()}
-    model.train()
+    model.train()  # dropout: this step's own seed, so a resumed run (any process) draws the same
+    torch.manual_seed(zlib.crc32(f"{args.seed} {stage} {step} {RANK}".encode()))
     with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
         loss, parts = loss_fn(model, batch)
     losses = {k: float(v.detach()) for k, v in parts.items()}
@@ -720,12 +720,13 @@ def load_task(args, tok):
         device=args.device, fixed_padding=args.paper_exact)
 
 
-def crc32(rows):
-    """The CRC-32 of the training rows' tensors, as 8 hex digits: a training file rewritten under the
-    same flags (a fixed or augmented train.tsv) changes it."""
+def crc32(tensors):
+    """The CRC-32 of a dict of tensors (training rows, a state dict), as 8 hex digits: a training
+    file rewritten under the same flags (a fixed or augmented train.tsv) changes it, and so does
+    a teacher fine-tuned anew."""
     crc = 0
-    for k in sorted(rows):
-        crc = zlib.crc32(rows[k].contiguous().numpy(), crc)  # its bytes, read in place
+    for k in sorted(tensors):
+        crc = zlib.crc32(tensors[k].cpu().contiguous().numpy(), crc)  # its bytes, read in place
     return f"{crc:08x}"
 
 
@@ -749,9 +750,9 @@ def train_subset(n, examples):
 
 def begin(stage, directory, args, flags=FLAGS):
     """True when `stage` runs now: it is in --stages and not finished. Its directory then holds the
-    settings it runs with (args.json), and the stage draws its randomness (initialisation, dropout)
-    from the generator seeded by --seed and its name: the same command gives the same weights
-    whether the stages before it ran in this process or an earlier one."""
+    settings it runs with (args.json), and the stage draws its initialisation from the generator
+    seeded by --seed and its name (its dropout: train_step): the same command gives the same
+    weights whether the stages before it ran in this process or an earlier one."""
     if stage not in args.stages:
         return False
     same_settings(stage, directory, args, flags)
@@ -769,8 +770,8 @@ def begin(stage, directory, args, flags=FLAGS):
 
 def same_settings(stage, directory, args, flags=FLAGS):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
-    values of the flags that change the stage (those under the groups of `flags` that name it) or
-    on other training data (data_crc32)."""
+    values of the flags that change the stage (those under the groups of `flags` that name it), on
+    other training data (data_crc32) or, for Stage 1 and 2, from another teacher (teacher_crc32)."""
     path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
@@ -780,9 +781,9 @@ def same_settings(stage, directory, args, flags=FLAGS):
         stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
         if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
-    if was.get("data_crc32", now.get("data_crc32")) != now.get("data_crc32"):
-        differ.append(f"training data of CRC-32 {was['data_crc32']} (now {now['data_crc32']}: "
-                      "its files changed)")
+    for key, what in (("data_crc32", "training data"), ("teacher_crc32", "a teacher")):
+        if was.get(key, now.get(key)) != now.get(key):  # (the teacher's own stage has none)
+            differ.append(f"{what} of CRC-32 {was[key]} (now {now.get(key)})")
     if differ:
         raise ValueError(f"{directory} was run with other settings: {', '.join(differ)}. Rerun with "
                          "those to resume or reuse it, or pass a new --out")
@@ -820,7 +821,7 @@ def without_stage1(directory):
 
 
 def resume(stage, directory, modules, optimizer, total, args):
-    """Load checkpoint.pt when there is one (weights, optimizer, step, RNG) and cut the log back to
+    """Load checkpoint.pt when there is one (weights, optimizer, step) and cut the log back to
     it; returns (step, best dev metrics, [seconds trained, rows seen]), (0, None, [0, 0]) for a
     fresh start: train_s and samples/s count the time and rows before a resume too. A checkpoint
     at or past `total`, the run's last step, is refused."""
@@ -843,24 +844,19 @@ def resume(stage, directory, modules, optimizer, total, args):
     for m, s in zip(modules, state["modules"]):
         m.load_state_dict(s)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"].cpu())
-    if state.get("cuda_rng") is not None:  # dropout on a GPU draws from the GPU's own generator
-        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), args.device)
     print(f"[{stage}] resumed from {ckpt} at step {state['step']}")
     if LEAD:  # the log goes on from the checkpoint: no step twice
         kept = [r for r in data.read_text(log).splitlines(keepends=True)  # a line cut short: dropped
-                if r.endswith("\n") and json.loads(r).get("step", 0) <= state["step"]]
+                if r.endswith("\n") and json.loads(r).get("step", math.inf) <= state["step"]]
         data.atomic_write_text(log, "".join(kept))
     return state["step"], state["best_metrics"], state.get("clock", [0.0, 0])
 
 
-def save_checkpoint(directory, modules, optimizer, step, best, clock, device):
+def save_checkpoint(directory, modules, optimizer, step, best, clock):
     """checkpoint.pt, written atomically (a kill mid-write leaves the last one whole)."""
     buf = io.BytesIO()
     torch.save({"modules": [m.state_dict() for m in modules], "optimizer": optimizer.state_dict(),
-                "step": step, "best_metrics": best, "clock": clock, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
-               buf)
+                "step": step, "best_metrics": best, "clock": clock}, buf)
     data.atomic_write_bytes(os.path.join(directory, "checkpoint.pt"), [buf.getvalue()])
 
 
