@@ -1627,7 +1627,7 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     assert [r["step"] for r in logged if "dev" in r] == [c["step"] for c in curve] == [0, 3, 6, 9, 12, 15, 18]
     with open(tmp_path / "corpus.txt", "a") as f:
         f.write("\nthe film was new text at the same path\n")  # tools/corpus.py rewrites its --out
-    with pytest.raises(ValueError, match=r"other settings: training data of CRC-32 \w{8} \(now \w{8}\)"):
+    with pytest.raises(ValueError, match=r"other settings: training data CRC-32 \w{8} \(now \w{8}\)"):
         general.main(argv)
     other = [*argv[:3], str(out / "general"), *argv[4:-1], str(tmp_path / "gen2"),
              "--student_init", str(out / "general")]
@@ -2895,7 +2895,7 @@ def test_relation_sharpness_is_the_entropy_and_kl_of_each_mapped_relation():
 # reuses a result made with other settings; errors are one line naming the flag or the file
 
 
-def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
+def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, monkeypatch):
     import train
     init = write_pipeline_fixture(tmp_path)
     out = tmp_path / "out"
@@ -2932,8 +2932,16 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys):
         train.main(base + ["--stages", "stage1"])
     shutil.rmtree(out / "teacher")
     train.main(base + ["--stages", "teacher,stage2"])  # a baseline: Stage 2 from --student_init
-    with pytest.raises(ValueError, match="stage2 was trained without Stage 1; pass a new --out"):
+    with pytest.raises(ValueError, match=r"stage2 was run with other settings: from Stage 1 False \(now True\)"):
         train.main(base)  # Stage 1 runs now; the finished Stage 2 is not its student
+    for stage in ("stage1", "stage2"):
+        shutil.rmtree(out / stage)
+    real = kill_at_training_batch(monkeypatch, 5)  # a baseline's Stage 2 killed after its checkpoint at step 3
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base + ["--stages", "teacher,stage2"])
+    monkeypatch.setattr(data, "batches", real)
+    with pytest.raises(ValueError, match=r"stage2 was run with other settings: from Stage 1 False \(now True\)"):
+        train.main(base)  # not resumed on top of Stage 1's student
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o500)
     try:
@@ -2968,11 +2976,11 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     assert capsys.readouterr().out.count("is finished: skipped") == 3
     tsv = tmp_path / "moved" / "glue" / "SST-2" / "train.tsv"  # a training file rewritten: not the same data
     tsv.write_text(tsv.read_text().replace("the movie was", "the film was", 1))
-    with pytest.raises(ValueError, match=r"teacher was run with other settings: training data of CRC-32 \w{8} "
+    with pytest.raises(ValueError, match=r"teacher was run with other settings: training data CRC-32 \w{8} "
                                          r"\(now \w{8}\)"):
         train.main(argv + ["--data_dir", str(tmp_path / "moved")])
     shutil.rmtree(out / "teacher")  # fine-tuned anew with another warm-up: Stage 1 distilled another teacher
-    with pytest.raises(ValueError, match=r"stage1 was run with other settings: a teacher of CRC-32 \w{8} "
+    with pytest.raises(ValueError, match=r"stage1 was run with other settings: teacher CRC-32 \w{8} "
                                          r"\(now \w{8}\)"):
         train.main(argv + ["--warmup", "0.5"])
     # an interrupted Stage 1 resumes only with its own settings

@@ -115,8 +115,7 @@ def pipeline(args):
         finish(out["stage1"], {"train": record}, args)
 
     # Stage 2: distil the prediction layer (logits, [CLS]) by L_KD + L_SS + L_SC into every weight
-    if is_done(out["stage1"]) and without_stage1(out["stage2"]):  # a baseline run's Stage 2
-        raise ValueError(f"{out['stage2']} was trained without Stage 1; pass a new --out")
+    args.from_stage1 = is_done(out["stage1"])  # else a baseline: Stage 2 from --student_init
     if begin("stage2", out["stage2"], args):
         student, proj = stage2_start(out["stage1"], teacher, args)
         loss_fn = functools.partial(stage2_objective, teacher=teacher, proj=proj, args=args,
@@ -124,8 +123,7 @@ def pipeline(args):
         print("[stage2] the checkpoint with the best dev metric is kept: model selection on dev")
         record, best = fit("stage2", out["stage2"], [student, proj], loss_fn, train, args,
                            args.epochs2, args.lr2, args.warmup, evaluate, keep_best=True)
-        finish(out["stage2"], {"dev": best, "train": record, "stage1": is_done(out["stage1"])},
-               args)
+        finish(out["stage2"], {"dev": best, "train": record, "stage1": args.from_stage1}, args)
 
     # The eval stage: the teacher's and the student's dev metrics -> results.json
     if "eval" in args.stages and LEAD:
@@ -771,7 +769,8 @@ def begin(stage, directory, args, flags=FLAGS):
 def same_settings(stage, directory, args, flags=FLAGS):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
     values of the flags that change the stage (those under the groups of `flags` that name it), on
-    other training data (data_crc32) or, for Stage 1 and 2, from another teacher (teacher_crc32)."""
+    other training data, from another teacher (Stage 1 and 2) or another start (Stage 2: Stage 1's
+    student, or a baseline's --student_init)."""
     path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
@@ -781,9 +780,10 @@ def same_settings(stage, directory, args, flags=FLAGS):
         stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
         if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
-    for key, what in (("data_crc32", "training data"), ("teacher_crc32", "a teacher")):
-        if was.get(key, now.get(key)) != now.get(key):  # (the teacher's own stage has none)
-            differ.append(f"{what} of CRC-32 {was[key]} (now {now.get(key)})")
+    for key, what in (("data_crc32", "training data CRC-32"), ("teacher_crc32", "teacher CRC-32"),
+                      ("from_stage1", "from Stage 1")):  # set by pipeline (not for every stage)
+        if was.get(key, now.get(key)) != now.get(key):
+            differ.append(f"{what} {was[key]} (now {now.get(key)})")
     if differ:
         raise ValueError(f"{directory} was run with other settings: {', '.join(differ)}. Rerun with "
                          "those to resume or reuse it, or pass a new --out")
@@ -812,12 +812,6 @@ def finish(directory, metrics, args):
 def is_done(directory):
     path = os.path.join(directory, "metrics.json")
     return os.path.exists(path) and data.read_json(path).get("done", False)
-
-
-def without_stage1(directory):
-    """A finished Stage 2 that did not start from Stage 1's student (a baseline run)."""
-    path = os.path.join(directory, "metrics.json")
-    return os.path.exists(path) and not data.read_json(path).get("stage1", True)
 
 
 def resume(stage, directory, modules, optimizer, total, args):

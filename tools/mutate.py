@@ -251,6 +251,10 @@ MUTANTS = [
            "current += scores[i] if has_answer[i] else -float(bool(predictions[i]))",
            "current += scores[i] - (not has_answer[i])",
            "SQuAD v2.0's threshold sweep counts an unanswerable question's answer 'the' as empty"),
+    Mutant("train.py",
+           '                      ("from_stage1", "from Stage 1")):',
+           "                      ):",
+           "a baseline's Stage 2 (finished or checkpointed) is reused or resumed after Stage 1 ran"),
 ]
 
 
