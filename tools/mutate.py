@@ -324,7 +324,10 @@ def run_suite(mutant=None, timeout=1800):
         if mutant is not None:
             with open(os.path.join(copy, mutant.file), "w", encoding="utf-8") as f:
                 f.write(mutated_text(mutant))
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        # test_every_miswiring_... fails in every mutated copy (the mutant's old text is gone there):
+        # no catch of a miswiring, so it is left out
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--deselect",
+                   "test_mlkd.py::test_every_miswiring_of_tools_mutate_still_applies"]
         try:
             done = subprocess.run(command, cwd=copy, env=test_environment(), timeout=timeout,
                                   capture_output=True, text=True)
