@@ -2922,7 +2922,8 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
                        (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "Stage 1 needs one of --w_emb"),
                        (["--seed", str(2**64)], "--seed 18446744073709551616: use a whole number"),
                        (["--train_file", "t.json"], "--train_file and --dev_file are SQuAD's; sst2 reads"),
-                       (["--stages", ""], "--stages : choose from")):
+                       (["--stages", ""], "--stages : choose from"),
+                       (["--out", ""], "--out: must name files or folders, got ''$")):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
         assert re.search(msg, capsys.readouterr().err.strip()), extra

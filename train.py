@@ -434,6 +434,8 @@ def layer_spec(text):
 
 def path(text):
     """The type of the file flags: absolute (args.json then holds from any folder); FILE,FILE..."""
+    if not all(text.split(",")):  # "" would be the working directory
+        raise argparse.ArgumentTypeError(f"must name files or folders, got {text!r}")
     return ",".join(os.path.abspath(f) for f in text.split(","))
 
 
