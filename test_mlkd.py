@@ -3566,6 +3566,10 @@ def test_each_step_draws_its_dropout_from_a_seed_of_its_own_and_a_checkpoint_kee
     args = argparse.Namespace(device="cpu")
     assert train.resume("stage1", str(tmp_path), [layer], optimizer, 10, args) == (3, None, [12.5, 96])
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 2}\n{"step": 3}\n'
+    for bad in ("{not json}\n", "[]\n"):  # a line edited by hand: one line naming the file
+        (tmp_path / "log.jsonl").write_text('{"step": 2}\n' + bad + '{"step": 3}\n')
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'log.jsonl'))}: a line is no JSON"):
+            train.resume("stage1", str(tmp_path), [layer], optimizer, 10, args)
 
 
 def test_ctrl_c_during_the_teacher_pass_says_what_is_kept(tmp_path, monkeypatch, capsys):

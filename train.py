@@ -842,8 +842,11 @@ def resume(stage, directory, modules, optimizer, total, args):
     optimizer.load_state_dict(state["optimizer"])
     print(f"[{stage}] resumed from {ckpt} at step {state['step']}")
     if LEAD:  # the log goes on from the checkpoint: no step twice
-        kept = [r for r in data.read_text(log).splitlines(keepends=True)  # a line cut short: dropped
-                if r.endswith("\n") and json.loads(r).get("step", math.inf) <= state["step"]]
+        try:  # a line cut short (a kill mid-write) is dropped
+            kept = [r for r in data.read_text(log).splitlines(keepends=True)
+                    if r.endswith("\n") and json.loads(r).get("step", math.inf) <= state["step"]]
+        except (json.JSONDecodeError, AttributeError):  # edited by hand: not JSON, or no object
+            raise ValueError(f"{log}: a line is no JSON object; repair or delete it") from None
         data.atomic_write_text(log, "".join(kept))
     return state["step"], state["best_metrics"], state.get("clock", [0.0, 0])
 
