@@ -266,8 +266,9 @@ def split_squad(path, first, head_path, tail_path=None):
 def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, train=True):
     """Cut every (question, context) into windows [CLS] question [SEP] window [SEP]; `stride` is
     the STEP between window starts as in Google's run_squad.py (doc_stride), not an overlap as in
-    `tokenizers`. Target (train; else (0, 0)): the first answer's token span if wholly in the
-    window, else (0, 0). Returns tensors, a row per window, with its example and each token's char span (-1: none)."""
+    `tokenizers`. Target (train=True): the first answer's token span if wholly in the window, else
+    (0, 0), as for every window of dev. Returns tensors, a row per window, with its example and each
+    token's char span (-1: none)."""
     questions = tokenizer.tokenize(e["question"] for e in examples)
     contexts = tokenizer.tokenize(e["context"] for e in examples)
     rows = []  # one per window: input_ids, token_type_ids, lengths, labels, example, offsets

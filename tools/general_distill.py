@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import sys
-import zlib
 
 import torch
 
@@ -79,7 +78,6 @@ def parse_args(argv=None):
     for f in (args.corpus or "").split(","):
         if not os.path.isfile(f):
             train.refuse(f"--corpus {f!r}: no such file (tools/corpus.py writes one)")
-    args.data_crc32 = corpus_crc32(args.corpus.split(","))  # train.same_settings: a rewritten corpus
     if args.student_init not in ("random", "tinybert", "teacher-layers") \
             and not os.path.isdir(args.student_init):
         train.refuse(f"--student_init {args.student_init}: not random/tinybert/teacher-layers nor "
@@ -105,11 +103,12 @@ def main(argv=None):
     directory = os.path.join(args.out, "general")
     with train.main_process_first():  # under torchrun: process 0 downloads, then the others read
         source = train.fetch_models(args, args.teacher_init)
+    documents = read_corpus(args.corpus.split(","))
+    windows = corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
+    args.data_crc32 = train.crc32(windows)  # train.same_settings refuses a rewritten corpus
     if not train.begin("general", directory, args, FLAGS):
         return data.read_json(os.path.join(directory, "metrics.json"))
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
-    documents = read_corpus(args.corpus.split(","))
-    windows = corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
     n = len(windows["lengths"])
     if n < 2:
         raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
@@ -153,16 +152,6 @@ def main(argv=None):
         train.dist.barrier()
         train.dist.destroy_process_group()
     return {"corpus": corpus, "heldout": curve}
-
-
-def corpus_crc32(paths):
-    """The CRC-32 of the corpus files' bytes, as 8 hex digits."""
-    crc = 0
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(functools.partial(f.read, 1 << 20), b""):
-                crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
 
 
 def read_corpus(paths):

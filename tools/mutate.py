@@ -231,7 +231,7 @@ MUTANTS = [
            "for i in (order[:k], order))",
            "general distillation trains on its held-out windows too"),
     Mutant("tools/general_distill.py",
-           '    args.data_crc32 = corpus_crc32(args.corpus.split(","))',
+           "    args.data_crc32 = train.crc32(windows)",
            "    args.data_crc32 = None",
            "a corpus rewritten at the same path resumes a run made on other text"),
     # train.py, added later (numbers stay stable)
@@ -255,6 +255,10 @@ MUTANTS = [
            '                      ("from_stage1", "from Stage 1")):',
            "                      ):",
            "a baseline's Stage 2 (finished or checkpointed) is reused or resumed after Stage 1 ran"),
+    Mutant("train.py",
+           "    args.teacher_crc32 = crc32(teacher.state_dict())",
+           "    args.teacher_crc32 = None",
+           "a Stage 1 distilled from a teacher since fine-tuned anew is reused"),
 ]
 
 
