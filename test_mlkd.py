@@ -2237,6 +2237,12 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         if row in compare.CURVE:
             assert job[1][len(job[1]) - job[1][::-1].index("--epochs1")] == row[-1], job[1]
     assert {j[0].split()[1] for j in compare.all_jobs(three, "/mini") if j[0].startswith("S2-3h")} == {"mlkd"}
+    jobs = {job[0]: job[1] for job in compare.all_jobs(args, "/mini")}
+    for short in ("gold", "kd"):  # an equal-steps row: its short row's, Stage 2 as long as Stage 1 + Stage 2
+        cmd, equal = jobs[f"S2 {short} seed 1"], jobs[f"S2 {short}-equal seed 1"]
+        at = cmd.index("--epochs2") + 1
+        assert (cmd[at], equal[at]) == ("3", "4")
+        assert cmd[:at] + cmd[at + 1:] == [x.replace(f"{short}-equal", short) for x in equal[:at] + equal[at + 1:]]
     run(compare.teacher_out("sst2", 1, 5e-5), "teacher", 88.0, 87.0, noise=85.5)
     assert names(compare.first_jobs(args, "/mini")) == [["corpus", "General student"]]  # the teacher is done
     os.makedirs("out/general-4x192/general")

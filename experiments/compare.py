@@ -13,8 +13,8 @@ set, once; every row distils from it. Student settings, each the same at the sta
     S2  4 x 192 General student made by general distillation (README "General distillation"); the
         setting closest to the paper: narrow, its projections d_S -> d_T must be learnt
     S2-3h  S2 at 3 heads from a General student of its own; MLKD rows only (--settings S2-3h)
-Rows (train.py flags in ROWS): gold labels; logits-only KD; KD with as many steps as the two-stage rows;
-feature level only (L_FFN, then L_KD); full MLKD; MLKD without L_SS and L_SC; TinyBERT's task
+Rows (train.py flags in ROWS): gold labels and logits-only KD, each also with as many steps as the
+two-stage rows; feature level only (L_FFN, then L_KD); full MLKD; MLKD without L_SS and L_SC; TinyBERT's task
 distillation (--recipe tinybert); MLKD at 6 and 3 heads; beyond the paper, L_MHA temperatures and
 length-grouped batches; the budget curve (MLKD and TinyBERT with Stage 1 at 1, 3 and 9 epochs, a table and
 experiments/<task>-<setting>-budget.svg of its own). Every row sees the same seeded training subset
@@ -68,9 +68,11 @@ SETTINGS = {
     ),
 }
 KD = ["--w_ss", "0", "--w_sc", "0"]
+GOLD = ["--w_kd", "0", *KD, "--w_ce", "1"]
 # name: (label, train.py flags, seeds, stages). Order = priority.
 ROWS = {
-    "gold": ("gold labels (fine-tuning)", ["--w_kd", "0", *KD, "--w_ce", "1"], SEEDS, "stage2"),
+    "gold": ("gold labels (fine-tuning)", GOLD, SEEDS, "stage2"),
+    "gold-equal": ("gold labels, equal total steps", GOLD, SEEDS, "stage2+"),
     "kd": ("logits-only KD (L_KD)", KD, SEEDS, "stage2"),
     "kd-equal": ("logits-only KD, equal total steps", KD, SEEDS, "stage2+"),
     "mlkd": ("MLKD (all six losses)", [], SEEDS, "stage1"),
@@ -100,7 +102,7 @@ ROWS = {
 }
 CURVE = ("mlkd-e1", "mlkd-e3", "mlkd-e9", "tinybert-e1", "tinybert-e3", "tinybert-e9")  # their own table
 NOISE = 0.1  # fraction of dev words given a character-level typo (eval.py --noise)
-NOISE_ROWS = ("gold", "kd", "kd-equal", "mlkd", "tinybert")
+NOISE_ROWS = ("gold", "gold-equal", "kd", "kd-equal", "mlkd", "tinybert")
 
 
 def minilm():
@@ -582,7 +584,7 @@ def table(args):
     for setting in SETTINGS:  # every setting, whichever --settings ran
         lines += ["", f"## {setting}: {SETTINGS[setting]['what']}", "",
                   f"Students train on {subset}; Stage 1 {spec['epochs1']} epoch(s), Stage 2 {spec['epochs2']} epochs "
-                  f"(the equal-steps KD row: {spec['epochs1'] + spec['epochs2']}).", ""]
+                  f"(the equal-steps rows: {spec['epochs1'] + spec['epochs2']}).", ""]
         if any(
             os.path.exists(record_path(args.task, row_out(args.task, setting, r, s)))
             for r, v in ROWS.items()
