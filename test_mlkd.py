@@ -1890,7 +1890,7 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     # 64 rows in batches of 21: shards of 11 and 10 rows, and a last batch of 1 (an empty shard)
     base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--teacher_epochs", "1",
                        "--epochs1", "1", "--epochs2", "1", "--batch_size", "21", "--save_steps", "2",
-                       "--group_by_length"]  # each rank: its rows of one batch
+                       "--group_by_length", "--log_steps", "1"]  # each rank: its rows of one batch
     one, two = tmp_path / "one", tmp_path / "two"
     for stage in ("teacher", "stage1", "stage2"):
         train.main(base + ["--out", str(one), "--stages", stage])
@@ -1926,6 +1926,12 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     print(f"torchrun 2 processes vs 1: max weight difference teacher {max_diff('teacher'):.2e}, stage1 {diffs}, "
           f"stage2 {max_diff('stage2'):.2e}")
     assert max(diffs) < 1e-5 and max_diff("stage2") < 1e-5
+    for stage in ("teacher", "stage1", "stage2"):  # the logged losses: the global batch's, not process 0's share
+        logged = [[r for r in map(json.loads, open(d / stage / "log.jsonl")) if "lr" in r] for d in (one, two)]
+        assert [r["step"] for r in logged[1]] == [1, 2, 3, 4], logged[1]
+        for a, b in zip(*logged):
+            parts = [k for k in a if k not in ("stage", "epoch", "step", "total", "lr", "samples_per_s", "train_s")]
+            assert parts and all(abs(a[k] - b[k]) <= 1e-5 * max(1, abs(a[k])) for k in parts), (stage, a, b)
     failed = torchrun(tmp_path, base + ["--out", str(tmp_path / "three"), "--stages", "teacher"], FAIL_RANK="1")
     assert failed.returncode != 0 and "rank 1 broke" in failed.stdout + failed.stderr
 

@@ -350,6 +350,11 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
     with torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda")):
         loss, parts = loss_fn(model, batch)
     losses = {k: float(v.detach()) for k, v in parts.items()}
+    if dist.is_initialized():  # the global batch's losses: the sum of the processes' shares
+        shares = torch.tensor([v * weight / dist.get_world_size() for v in losses.values()],
+                              device=args.device)
+        dist.all_reduce(shares)
+        losses = dict(zip(losses, shares.tolist()))
     if not torch.isfinite(loss):
         raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
                                  f"batch rows {batch['index'].tolist()}"
