@@ -259,6 +259,10 @@ MUTANTS = [
            "    args.teacher_crc32 = crc32(teacher.state_dict())",
            "    args.teacher_crc32 = None",
            "a Stage 1 distilled from a teacher since fine-tuned anew is reused"),
+    Mutant("train.py",
+           "        dist.all_reduce(shares)\n",
+           "",
+           "under torchrun the logged losses are process 0's share of the batch, not the batch's"),
 ]
 
 
