@@ -1,7 +1,8 @@
 """model.py: BERT written from scratch in plain PyTorch, its config, and its weights on disk.
 
-It follows the original BERT (Devlin et al., 2019) as Google and HF transformers compute it, to
-fp32 parity (test_mlkd.py proves it against golden outputs of HF `BertModel`):
+It follows the original BERT (Devlin et al., 2019) as HF transformers computes it, to fp32 parity
+(test_mlkd.py proves it against golden outputs of HF `BertModel`); Google's modeling.py differs in
+its gelu alone (the tanh approximation, up to 5e-4 from the exact one):
 
     embeddings  H_0 = LayerNorm(word[ids] + position[0..L-1] + token_type[segments]),  eps 1e-12
     layer l     O = MultiHeadAttention(H_l-1): the heads' contexts, concatenated     (L_MHA's O)
@@ -134,8 +135,8 @@ class BertOutput:
 class Bert(nn.Module):
     def __init__(self, config: BertConfig):
         """Embeddings, num_hidden_layers post-LN encoder layers, the pooler and the task head, drawn
-        as Google's modeling.py draws them: N(0, initializer_range) weights, zero biases, LayerNorm
-        (1, 0)."""
+        as HF transformers draws them: N(0, initializer_range) weights (Google's modeling.py cuts
+        the normal at 2 std), zero biases, LayerNorm (1, 0)."""
         super().__init__()
         c = self.config = config
         d, f, eps = c.hidden_size, c.intermediate_size, c.layer_norm_eps
@@ -211,7 +212,8 @@ class Bert(nn.Module):
     def from_pretrained(cls, name_or_dir, cache_dir=None, verbose=True, **config_overrides):
         """A Bert built from the config.json of a directory or hub name (see fetch) with
         config_overrides (e.g. head="classification", num_labels=2, hidden_dropout_prob=0.0), its
-        weights loaded strictly: each must fit, only a head the checkpoint lacks is new (and said)."""
+        weights loaded strictly: each must fit; only a head or a pooler the checkpoint lacks is new
+        (and said)."""
         directory = fetch(name_or_dir, cache_dir)
         model = cls(BertConfig.from_json(os.path.join(directory, "config.json"), **config_overrides))
         path = os.path.join(directory, "model.safetensors")
@@ -224,8 +226,9 @@ class Bert(nn.Module):
         plain = {k.removeprefix("bert.").replace(".gamma", ".weight").replace(".beta", ".bias"): t
                  for k, t in state.items() if not re.search(r"^cls\.|fit_dense|position_ids$", k)}
         renamed = {our_name.get(k, k): t for k, t in plain.items()}
-        new = [k for k in ours if k not in renamed]  # only a head may be new
-        bad = [f"missing:     {k}" for k in new if not k.startswith(("classifier.", "qa_outputs."))]
+        new = [k for k in ours if k not in renamed]  # a head, or a pooler (HF's QA models lack one)
+        bad = [f"missing:     {k}" for k in new if not k.startswith(("classifier.", "qa_outputs.",
+                                                                     "pooler."))]
         bad += [f"unexpected:  {k}" for k in renamed if k not in ours]
         bad += [f"wrong shape: {k}: checkpoint {tuple(t.shape)} vs model {tuple(ours[k].shape)}"
                 for k, t in renamed.items() if k in ours and t.shape != ours[k].shape]
@@ -327,9 +330,10 @@ def read_safetensors(path):
     except ValueError as e:  # json's errors, a UnicodeDecodeError too
         raise ValueError(f"{path}: not a safetensors file, or its header is cut short or corrupt "
                          f"({len(buf)} bytes; {e})") from None
+    if isinstance(header, dict):
+        header.pop("__metadata__", None)  # {"format": "pt"}, or null: nothing we read
     if not isinstance(header, dict) or not all(isinstance(i, dict) for i in header.values()):
         raise ValueError(f"{path}: corrupt safetensors header: not a JSON object of tensor entries")
-    header.pop("__metadata__", None)
     state = {}
     for name, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
@@ -352,8 +356,9 @@ def read_safetensors(path):
 
 
 def write_safetensors(tensors, path):
-    """Write {name: tensor} as a safetensors file (atomically), its header padded to 8 bytes."""
-    header, body = {}, bytearray()
+    """Write {name: tensor} as a safetensors file (atomically), its header padded to 8 bytes. Its
+    metadata says format "pt" (HF transformers before 4.48 fails on a file without metadata)."""
+    header, body = {"__metadata__": {"format": "pt"}}, bytearray()
     code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     for name, t in tensors.items():
         begin = len(body)

@@ -276,16 +276,43 @@ def test_loader_round_trip_is_bit_exact(tmp_path, fmt):
 def test_loader_lists_every_offending_key(tmp_path):
     config = model.BertConfig.preset("tiny-teacher")
     state = tiny_hf_state(config)
-    del state["bert.pooler.dense.bias"]
+    del state["bert.encoder.layer.0.output.dense.bias"]
     state["bert.encoder.layer.0.attention.self.extra.weight"] = torch.zeros(2)
     state["bert.embeddings.word_embeddings.weight"] = torch.zeros(7, config.hidden_size)
     write_model_dir(tmp_path, config, state)
     with pytest.raises(ValueError) as e:
         model.Bert.from_pretrained(str(tmp_path))
     msg = str(e.value)
-    assert "missing:     pooler.bias" in msg
+    assert "missing:     layers.0.ffn_out.bias" in msg
     assert "unexpected:  encoder.layer.0.attention.self.extra.weight" in msg
     assert "wrong shape: word.weight: checkpoint (7, 48) vs model (128, 48)" in msg
+
+
+def test_a_checkpoint_without_a_pooler_loads_with_a_new_one(tmp_path, capsys):
+    """HF's BertForQuestionAnswering (and BertForMaskedLM) has no pooler: it loads, as in HF, the pooler
+    newly initialised and said, as a head is."""
+    config = model.BertConfig.preset("tiny-teacher")
+    write_model_dir(tmp_path, config, {k: v for k, v in tiny_hf_state(config).items() if ".pooler." not in k})
+    model.Bert.from_pretrained(str(tmp_path), head="span")
+    assert "newly initialised" in capsys.readouterr().err.split("pooler.weight, pooler.bias, qa_outputs.")[0]
+
+
+def test_safetensors_metadata_is_written_and_read(tmp_path):
+    """We write {"format": "pt"} (transformers before 4.48 fails without it); a file whose metadata is
+    null, as some writers leave it, reads."""
+    config = model.BertConfig.preset("tiny-student")
+    m = model.Bert(config)
+    m.save(tmp_path / "saved")
+    raw = (tmp_path / "saved" / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert header["__metadata__"] == {"format": "pt"}
+    header["__metadata__"] = None
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    body = raw[8 + int.from_bytes(raw[:8], "little"):]
+    (tmp_path / "saved" / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + body)
+    again = model.Bert.from_pretrained(str(tmp_path / "saved"), verbose=False)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in m.state_dict().items())
 
 
 def test_corrupt_safetensors_is_a_clear_error(tmp_path):
@@ -2171,6 +2198,9 @@ def test_corrupt_tf_checkpoint_is_caught(tmp_path, capsys):
 
 def test_converter_errors_are_one_line(tmp_path):
     convert = tool("convert_tf_checkpoint")
+    for head in ("cls/squad/output_weights", "output_weights"):  # run_squad.py's, run_classifier.py's
+        with pytest.raises(ValueError, match=f"^{head}: a checkpoint fine-tuned by Google's run_squad.py"):
+            convert.hf_state({"bert/pooler/dense/bias": torch.zeros(2), head: torch.zeros(2, 2)})
     (tmp_path / "empty").mkdir()
     shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "novocab")
     (tmp_path / "bad.zip").write_bytes(b"not a zip")

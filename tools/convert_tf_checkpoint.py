@@ -216,15 +216,20 @@ def masked_crc32c(buf):
 # Google's names -> HF's, the source's files, the conversion
 
 SKIPPED = r"^cls/|/adam_[mv]$|^global_step$"  # pre-training heads, Adam's slots, the step counter
+FINE_TUNED = r"^cls/squad/|^output_(weights|bias)$"  # Google's run_squad.py's, run_classifier.py's
 
 
 def hf_state(tf_state):
     """The BERT weights of a Google checkpoint under HF's names:
     bert/encoder/layer_3/attention/self/query/kernel -> bert.encoder.layer.3.attention.self.query
     .weight, transposed (TF's dense kernels are (in, out)); LayerNorm gamma, beta -> weight, bias.
-    What SKIPPED matches is left out."""
+    What SKIPPED matches is left out; a fine-tuned head is refused (its labels are not ours to guess).
+    """
     state = {}
     for name, tensor in tf_state.items():
+        if re.search(FINE_TUNED, name):
+            raise ValueError(f"{name}: a checkpoint fine-tuned by Google's run_squad.py or "
+                             "run_classifier.py; convert the pre-trained release and fine-tune it here")
         if re.search(SKIPPED, name):
             continue
         key = re.sub(r"layer_(\d+)", r"layer.\1", name.replace("/", "."))
