@@ -202,10 +202,11 @@ def batches(dataset, batch_size, shuffle=False, generator=None, fixed_padding=Fa
 # SQuAD v1.1 / v2.0
 
 
-def read_squad(path, allow_partial=False):
+def read_squad(path, allow_partial=False, version=None):
     """The official JSON, flattened: [{id, title, question, context, answers: [{text,
     answer_start}]}] (no answers: unanswerable, v2.0). An official file is downloaded when missing;
-    an official dev file without the official count of questions is refused unless allow_partial."""
+    an official dev file without the official count of questions is refused unless allow_partial,
+    and so is a file with unanswerable questions for version "1.1" (whose score needs answers)."""
     official = {"train-v1.1.json": 87599, "dev-v1.1.json": 10570,  # questions (the SQuAD papers)
                 "train-v2.0.json": 130319, "dev-v2.0.json": 11873}
     name = os.path.basename(path)
@@ -235,6 +236,10 @@ def read_squad(path, allow_partial=False):
                                      context=context, answers=answers))
     if not examples:
         raise ValueError(f"{path} holds no questions; {REFETCH}")
+    unanswerable = sum(not e["answers"] for e in examples)
+    if version == "1.1" and unanswerable:
+        raise ValueError(f"{path}: {unanswerable} unanswerable questions, a SQuAD v2.0 file: use "
+                         "--task squad2")
     if name in official and len(examples) != official[name]:
         count_differs(path, len(examples), official[name], name.startswith("dev") and not allow_partial)
     return examples

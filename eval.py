@@ -210,14 +210,15 @@ def report(args, teacher, teacher_dir, student_dir, evaluate):
     t, s = (metrics[name][args.metric] for name in models)
     tp, sp = (m.num_parameters() for m in models.values())
     results = dict(task=args.task, metric=args.metric, split="dev", **metrics,
-                   ratio=s / t if t else None, teacher_parameters=tp, student_parameters=sp,
+                   ratio=s / t if t > 0 else None, teacher_parameters=tp, student_parameters=sp,
                    teacher_dir=teacher_dir, student_dir=student_dir)
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
     for name, params in (("teacher", tp), ("student", sp)):
         print(f"  {name} ({params / 1e6:.1f}M parameters): " + format_metrics(metrics[name]))
-    print(f"  student/teacher on {args.metric}: {100 * s / max(t, 1e-9):.1f}%, {tp / sp:.1f}x fewer "
-          f"parameters; {os.path.join(args.out, 'results.json')}")
+    ratio = f"{100 * s / t:.1f}%" if t > 0 else f"none (the teacher's is {t:.2f})"  # MCC may be <= 0
+    print(f"  student/teacher on {args.metric}: {ratio}, {tp / sp:.1f}x fewer parameters; "
+          f"{os.path.join(args.out, 'results.json')}")
     print(f"  loss curves of every stage: python tools/pages.py {args.out}")
     return results
 
@@ -290,7 +291,7 @@ def score_squad(model, tok, args):
     """EM/F1 on the SQuAD dev file, and the predictions in <model>/predictions.json."""
     version = squad_version(args.task)
     path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
-    examples = data.read_squad(path, args.allow_partial)
+    examples = data.read_squad(path, args.allow_partial, version)
     features = data.squad_features(examples, tok, max_len=args.max_len, train=False)
     scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
     out = os.path.join(args.model, "predictions.json")
@@ -356,6 +357,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
         p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")
+    if args.noise_seed < 0:  # numpy's generator takes none
+        p.error(f"--noise_seed {args.noise_seed}: a whole number >= 0")
     if args.noise and (args.predict or args.speed):  # the typos go into dev alone
         p.error("--noise scores the dev set; run --predict or --speed without it")
     check_model_flags(p, args)
@@ -416,6 +419,7 @@ def with_typos(examples, p, seed=0):
         else:  # substitute one (also for a word too short for the drawn typo)
             while new.lower() == word[at].lower():
                 new = string.ascii_lowercase[rng.integers(26)]
+                new = new.upper() if word[at].isupper() else new
             word = word[:at] + new + word[at + 1:]
         texts[i][f][w] = word
     noisy = [dataclasses.replace(e, text_a=" ".join(a), text_b=None if b is None else " ".join(b))

@@ -1138,6 +1138,41 @@ def test_glue_metrics_by_hand():
         100 * 3 / math.sqrt(15))
 
 
+def test_squad1_refuses_a_file_with_unanswerable_questions(tmp_path):
+    """v1.1's score is the max over a question's answers: a v2.0 file is refused when read, not after a
+    pass over dev (or a training run) ends in max() of nothing."""
+    qas = [{"id": "a", "question": "?", "answers": [{"text": "c", "answer_start": 0}]},
+           {"id": "b", "question": "?", "answers": [], "is_impossible": True}]
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": qas}]}]}))
+    assert len(data.read_squad(str(path), version="2.0")) == 2
+    with pytest.raises(ValueError, match=r"dev.json: 1 unanswerable questions, a SQuAD v2.0 file: use --task squad2"):
+        data.read_squad(str(path), version="1.1")
+    import train  # train.py reads its training and dev files so, before any training
+    clean = tmp_path / "train.json"
+    clean.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": qas[:1]}]}]}))
+    write_vocab(tmp_path / "vocab.txt")
+    for train_file, dev_file in ((path, clean), (clean, path)):
+        args = train.parse_args(["--task", "squad1", "--train_file", str(train_file), "--dev_file", str(dev_file)])
+        with pytest.raises(ValueError, match="1 unanswerable questions"):
+            train.load_task(args, data.Tokenizer(str(tmp_path / "vocab.txt")))
+
+
+def test_eval_report_gives_a_ratio_only_over_a_positive_teacher(tmp_path, capsys):
+    """CoLA's MCC is 0 for a model that predicts one class, and may be negative: no ratio then."""
+    import eval as ev
+    student = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2))
+    student.save(tmp_path / "student")
+    teacher = model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2))
+    args = argparse.Namespace(task="cola", metric="mcc", out=str(tmp_path), device="cpu")
+    for t, shown, ratio in ((-2.0, "none (the teacher's is -2.00)", None), (0.0, "none (the teacher's is 0.00)",
+                                                                              None), (41.0, "30.0%", 0.3)):
+        results = ev.report(args, teacher, "T", str(tmp_path / "student"),
+                            lambda m: {"mcc": t if m is teacher else 12.3})
+        assert f"student/teacher on mcc: {shown}," in capsys.readouterr().out
+        assert results["ratio"] == pytest.approx(ratio) if ratio else results["ratio"] is None
+
+
 def test_squad_scores_by_hand():
     import eval as ev
     assert ev.normalize_answer("The  Big, red-door!") == "big reddoor"
@@ -1381,6 +1416,8 @@ def test_typos_change_exactly_the_drawn_words_by_one_edit():
                 assert wa == wb or one_edit(wa, wb), (wa, wb)
                 edits += wa != wb
     assert edits == changed
+    shouted = [data.Example(f"dev-{i}", "THE FILM WAS A MESS OF IDEAS", None, 0) for i in range(50)]
+    assert all(w.isupper() for e in ev.with_typos(shouted, 1.0, seed=0)[0] for w in e.text_a.split(" ") if w)
 
 
 def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
@@ -1417,6 +1454,9 @@ def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(common + ["--noise", "0"])
     assert "--noise 0.0: a fraction of words in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(common + ["--noise", "0.5", "--noise_seed", "-1"])
+    assert "--noise_seed -1: a whole number >= 0" in capsys.readouterr().err
 
 
 def saved_sharp_model(tmp_path):

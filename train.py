@@ -709,10 +709,12 @@ def load_task(args, tok):
         version = evaluation.squad_version(args.task)
         default = os.path.join(args.data_dir, "squad", "{}-v" + version + ".json")
         files = (args.train_file or default.format("train")).split(",")
-        examples = train_subset(args.train_subset, [e for f in files for e in data.read_squad(f)])
+        examples = [e for f in files for e in data.read_squad(f, version=version)]
+        examples = train_subset(args.train_subset, examples)
         rows = data.squad_features(examples, tok, max_len=args.max_len)
         train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
-        dev_examples = data.read_squad(args.dev_file or default.format("dev"), args.allow_partial)
+        dev_examples = data.read_squad(args.dev_file or default.format("dev"), args.allow_partial,
+                                       version)
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
         return train, functools.partial(squad_dev, examples=dev_examples, features=dev,
                                         version=version, args=args)
