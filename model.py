@@ -286,12 +286,15 @@ def fetch(name_or_dir, cache_dir=None):
     checkpoints), with the command that converts it."""
     path = os.path.expanduser(name_or_dir)
     files = os.listdir(path) if os.path.isdir(path) else []
-    if os.path.isdir(path) and ({*WEIGHT_FILES} & {*files} or not any(f.endswith(".index") for f in files)):
+    if "config.json" in files and {*WEIGHT_FILES} & {*files}:
         return path
-    if path.endswith(".zip") or files:  # Google's release: its zip, or a directory of a TF checkpoint
+    if path.endswith(".zip") or any(f.endswith(".index") for f in files):  # Google's release
         out = os.path.basename(path.rstrip("/")).removesuffix(".zip") + "-hf"
         raise ValueError(f"{name_or_dir}: a TensorFlow checkpoint (Google's release); convert it "
                          f"once: python tools/convert_tf_checkpoint.py {name_or_dir} {out}")
+    if os.path.isdir(path):
+        raise ValueError(f"{name_or_dir}: not a model directory: it needs config.json and "
+                         "model.safetensors or pytorch_model.bin")
     if path.count("/") != 1 or path.startswith((".", "/")) or os.path.exists(path.split("/")[0]):
         raise FileNotFoundError(f"model {name_or_dir}: no such directory (nor a hub name like "
                                 "google-bert/bert-base-uncased)")

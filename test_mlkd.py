@@ -2371,7 +2371,8 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     import train  # out/ holding another run than the row's command (its budget changed since) is not recorded
     gold = tmp_path / compare.row_out("sst2", "S2", "gold", 42) / "stage2"
     cmd = next(job[1] for job in compare.all_jobs(args, "/mini") if job[0] == "S2 gold seed 42")
-    settings = vars(train.parse_args(cmd[2:]))
+    settings = {**vars(train.parse_args(cmd[2:])), "data_crc32": "0123abcd", "teacher_crc32": "4567cdef",
+                "from_stage1": False}  # as pipeline records them: a command alone does not say them
     (gold / "args.json").write_text(json.dumps({**settings, "epochs2": 1.0}, default=str))
     with pytest.raises(SystemExit, match=r"not recorded: \S+gold-s42/stage2 was run with other settings: "
                                          r"--epochs2 1.0 \(now 3.0\); delete \S+gold-s42 to run the row"):
@@ -2982,6 +2983,12 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
     init = write_pipeline_fixture(tmp_path)
     out = tmp_path / "out"
     base = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(out)]
+    shape = dict(hidden_size=24, intermediate_size=48, num_attention_heads=2, num_hidden_layers=2)
+    vocab = (init / "vocab.txt").read_text()  # students of PIPELINE's shape: with 32 positions, another vocabulary
+    model.Bert(model.BertConfig.preset("tiny-teacher", **shape, max_position_embeddings=32)).save(
+        tmp_path / "short", {"vocab.txt": vocab})
+    model.Bert(model.BertConfig.preset("tiny-teacher", **shape)).save(
+        tmp_path / "other", {"vocab.txt": vocab.replace("movie", "cinema")})
     for extra, msg in (
         (["--layer_map", "4,1,2"], "--layer_map: layer map \\[4, 1, 2\\]: need 2 teacher layers in 1..4"),
         (["--layer_map", "2,9"], "--layer_map: .*in 1..4"),
@@ -2989,6 +2996,12 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
         (["--heads", "5"], "--heads 5 does not divide the student's width 24"),
         (["--max_len", "128"], "--max_len 128: the teacher has 64 positions"),
         (["--student_init", "tinybert", "--ffn", "100"], "--ffn 100: General TinyBERT's FFN width is its own"),
+        (["--proj_init", "identity"], r"--proj_init identity needs the student as wide as the teacher \(24 vs 48\)"),
+        (["--layer_map", "2,9", "--stages", "teacher,stage2"], "--layer_map: .*in 1..4"),  # a baseline's student
+        (["--stages", "teacher,eval"], f"no finished student in {re.escape(str(out / 'stage2'))}: run stage2"),
+        (["--student_init", str(tmp_path / "short"), "--max_len", "40"], "--max_len 40: --student_init .*short has 32"),
+        (["--student_init", str(tmp_path / "other")], "--student_init .*other: its vocabulary is not the teacher's"),
+        (["--student_init", str(tmp_path / "data")], "data: not a model directory: it needs config.json and "),
     ):
         with pytest.raises(ValueError, match=msg):
             train.main(base + extra)
@@ -3005,20 +3018,22 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
                        (["--seed", str(2**64)], "--seed 18446744073709551616: use a whole number"),
                        (["--train_file", "t.json"], "--train_file and --dev_file are SQuAD's; sst2 reads"),
                        (["--stages", ""], "--stages : choose from"),
-                       (["--out", ""], "--out: must name files or folders, got ''$")):
+                       (["--out", ""], "--out: must name a file or folder, got ''$"),
+                       (["--out", str(tmp_path / "vocab.txt")], "vocab.txt: a file, not a folder$")):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
         assert re.search(msg, capsys.readouterr().err.strip()), extra
     train.parse_args(base + ["--batch_size", "1", "--w_ss", "0", "--w_sc", "0"])  # no batch relation: fine
+    assert train.parse_args(base + ["--out", "runs/lr=1e-3,bs=16"]).out == os.path.abspath("runs/lr=1e-3,bs=16")
     shutil.copytree(init, out / "teacher")  # a teacher directory that never finished: not distilled from
     with pytest.raises(ValueError, match=f"no finished teacher in {re.escape(str(out / 'teacher'))}: run its"):
         train.main(base + ["--stages", "stage1"])
     shutil.rmtree(out / "teacher")
     train.main(base + ["--stages", "teacher,stage2"])  # a baseline: Stage 2 from --student_init
     with pytest.raises(ValueError, match=r"stage2 was run with other settings: from Stage 1 False \(now True\)"):
-        train.main(base)  # Stage 1 runs now; the finished Stage 2 is not its student
-    for stage in ("stage1", "stage2"):
-        shutil.rmtree(out / stage)
+        train.main(base)  # Stage 1 would run now; the finished Stage 2 is not its student
+    assert not os.path.exists(out / "stage1")  # refused before Stage 1 trained
+    shutil.rmtree(out / "stage2")
     real = kill_at_training_batch(monkeypatch, 5)  # a baseline's Stage 2 killed after its checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
         train.main(base + ["--stages", "teacher,stage2"])
@@ -3049,6 +3064,8 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
         r"\(now 0.0001\)\. Rerun with those to resume or reuse it, or pass a new --out",
     ):
         train.main(argv + ["--w_ss", "0", "--lr2", "1e-4"])
+    with pytest.raises(ValueError, match=r"stage2 was run with other settings: --lr2 0.001 \(now 0.0001\)"):
+        train.main(argv + ["--stages", "eval", "--lr2", "1e-4"])  # the eval stage reads Stage 2's student
     with pytest.raises(ValueError, match=r"teacher was run with other settings: --seed 42 \(now 7\)"):
         train.main(argv + ["--seed", "7"])
     capsys.readouterr()
@@ -3063,9 +3080,12 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
                                          r"\(now \w{8}\)"):
         train.main(argv + ["--data_dir", str(tmp_path / "moved")])
     shutil.rmtree(out / "teacher")  # fine-tuned anew with another warm-up: Stage 1 distilled another teacher
+    with pytest.raises(ValueError, match=r"stage2 was run with other settings: --warmup 0.1 \(now 0.5\)"):
+        train.main(argv + ["--warmup", "0.5"])  # Stage 2's warm-up too: refused before the teacher trains
+    assert not os.path.exists(out / "teacher")
     with pytest.raises(ValueError, match=r"stage1 was run with other settings: teacher CRC-32 \w{8} "
                                          r"\(now \w{8}\)"):
-        train.main(argv + ["--warmup", "0.5"])
+        train.main(argv + ["--warmup", "0.5", "--stages", "teacher,stage1"])
     # an interrupted Stage 1 resumes only with its own settings
     for stage in ("teacher", "stage1", "stage2"):
         shutil.rmtree(out / stage)
@@ -3081,6 +3101,11 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
             train.main(argv + extra)
     train.main(argv)
     assert "[stage1] resumed from" in capsys.readouterr().out and train.is_done(out / "stage1")
+    other = tmp_path / "other"  # Stage 1 from a --teacher, then the command without it: refused before
+    train.main(argv + ["--out", str(other), "--teacher", str(out / "teacher"), "--stages", "stage1"])
+    with pytest.raises(ValueError, match=r"stage1 was run with other settings: --teacher \S+ \(now None\)"):
+        train.main(argv + ["--out", str(other)])
+    assert not os.path.exists(other / "teacher")  # a teacher is trained
 
 
 def test_a_stage_that_kept_nothing_does_not_hold_a_rerun_to_its_settings(tmp_path, monkeypatch):

@@ -91,6 +91,7 @@ def pipeline(args):
         fetch_models(args, args.teacher or args.teacher_init)
         train, evaluate = load_task(args, data.Tokenizer(args.vocab))
     args.data_crc32 = crc32(train)  # in each stage's args.json: same_settings compares it
+    check_directories(out, args)  # a stage's directory run otherwise: refused before any training
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
     if args.teacher:
@@ -127,8 +128,6 @@ def pipeline(args):
 
     # The eval stage: the teacher's and the student's dev metrics -> results.json
     if "eval" in args.stages and LEAD:
-        if not is_done(out["stage2"]):
-            raise ValueError(f"no finished student in {out['stage2']}: run stage2 first")
         return evaluation.report(args, teacher, args.teacher or out["teacher"], out["stage2"],
                                  evaluate)
 
@@ -438,10 +437,15 @@ def layer_spec(text):
 
 
 def path(text):
-    """The type of the file flags: absolute (args.json then holds from any folder); FILE,FILE..."""
-    if not all(text.split(",")):  # "" would be the working directory
-        raise argparse.ArgumentTypeError(f"must name files or folders, got {text!r}")
-    return ",".join(os.path.abspath(f) for f in text.split(","))
+    """The type of the file flags: absolute (args.json then holds from any folder)."""
+    if not text:  # "" would be the working directory
+        raise argparse.ArgumentTypeError("must name a file or folder, got ''")
+    return os.path.abspath(text)
+
+
+def paths(text):
+    """The type of --train_file: FILE,FILE..."""
+    return ",".join(path(f) for f in text.split(","))
 
 
 # The flags as --help groups them: (name, type, default, help); a bool flag is a switch, a list
@@ -452,7 +456,7 @@ FLAGS = [
     ("task", list(RECIPES), None, "a GLUE task or a SQuAD version (required)"),
     ("batch_size", count, None, "default 32 (16 for SQuAD); under torchrun the global batch"),
     ("max_len", count, None, "word pieces per example (default: the task's)"),
-    ("train_file", path, None, "SQuAD training JSON(s), comma-separated (default: in data_dir)"),
+    ("train_file", paths, None, "SQuAD training JSON(s), comma-separated (default: in data_dir)"),
     ("train_subset", count, None, "train on this many examples, the same for every --seed"),
     ("max_steps", count, None, "cap the steps of every stage (quick runs)"),
     ("seed", int, 42, "seeds each stage's init and dropout (with its name) and batch order"),
@@ -601,6 +605,8 @@ def check_flags(args):
     if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2:
         refuse("--batch_size 1: L_SS and L_SC relate the samples of a batch and are 0 with one "
                "sample; use --batch_size 2 or more, or --w_ss 0 --w_sc 0")
+    if os.path.isfile(args.out):
+        refuse(f"--out {args.out}: a file, not a folder")
     parent = args.out  # the existing folder --out will be made in
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -652,11 +658,13 @@ def check_shapes(args, teacher):
     if args.student_init == "tinybert" and (M, d_s) not in TINYBERT:
         raise ValueError(f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x "
                          "312, 6 x 768); use --student_init teacher-layers, random or a directory")
-    if distils:
-        try:
-            mlkd.layer_map(N, M, args.layer_map)
-        except ValueError as e:
-            raise ValueError(f"--layer_map: {e}") from None
+    if distils and args.proj_init == "identity" and d_s != d_t:
+        raise ValueError(f"--proj_init identity needs the student as wide as the teacher ({d_s} vs "
+                         f"{d_t}); use --proj_init normal")
+    try:  # Stage 1's map, and a baseline's student is built by it too
+        mlkd.layer_map(N, M, args.layer_map)
+    except ValueError as e:
+        raise ValueError(f"--layer_map: {e}") from None
 
 
 def save_model(model, directory, args, proj=None):
@@ -681,6 +689,16 @@ def fetch_models(args, teacher):
     source = fetch(teacher)
     args.vocab = os.path.join(source, "vocab.txt")
     config = BertConfig.from_json(os.path.join(source, "config.json"))
+    if os.path.isdir(args.student_init):  # its files: there, the teacher's word pieces, positions
+        student = BertConfig.from_json(os.path.join(fetch(args.student_init), "config.json"))
+        vocab = os.path.join(args.student_init, "vocab.txt")
+        if student.vocab_size != config.vocab_size or os.path.exists(vocab) and \
+                data.read_text(vocab) != data.read_text(args.vocab):
+            raise ValueError(f"--student_init {args.student_init}: its vocabulary is not the "
+                             f"teacher's ({args.vocab}), whose word pieces it would read")
+        if args.max_len > student.max_position_embeddings:
+            raise ValueError(f"--max_len {args.max_len}: --student_init {args.student_init} has "
+                             f"{student.max_position_embeddings} positions")
     check_shapes(args, config)
     builds = {"stage1", "stage2", "general"} & set(args.stages)  # general: general_distill.py's
     if args.student_init == "tinybert" and builds and not is_done(os.path.join(args.out, "stage1")):
@@ -775,6 +793,20 @@ def begin(stage, directory, args, flags=FLAGS):
     return True
 
 
+def check_directories(out, args):
+    """Refuse now what would be refused later, once other stages have trained: a stage directory
+    that a stage of --stages runs or reads, run with other settings (the teacher's CRC-32 is
+    compared when a stage begins), and the eval stage without a finished student."""
+    now = argparse.Namespace(**vars(args), from_stage1="stage1" in args.stages or is_done(
+        out["stage1"]))  # where Stage 2 will start
+    for stage, used_by in (("teacher", "" if args.teacher else "teacher"),
+                           ("stage1", "stage1 stage2"), ("stage2", "stage2 eval")):
+        if set(used_by.split()) & set(args.stages):
+            same_settings(stage, out[stage], now)
+    if "eval" in args.stages and "stage2" not in args.stages and not is_done(out["stage2"]):
+        raise ValueError(f"no finished student in {out['stage2']}: run stage2 first")
+
+
 def same_settings(stage, directory, args, flags=FLAGS):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
     values of the flags that change the stage (those under the groups of `flags` that name it), on
@@ -791,8 +823,8 @@ def same_settings(stage, directory, args, flags=FLAGS):
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
     for key, what in (("data_crc32", "training data CRC-32"), ("teacher_crc32", "teacher CRC-32"),
                       ("from_stage1", "from Stage 1")):  # set by pipeline (not for every stage)
-        if was.get(key, now.get(key)) != now.get(key):
-            differ.append(f"{what} {was[key]} (now {now.get(key)})")
+        if key in now and was.get(key, now[key]) != now[key]:
+            differ.append(f"{what} {was[key]} (now {now[key]})")
     if differ:
         raise ValueError(f"{directory} was run with other settings: {', '.join(differ)}. Rerun with "
                          "those to resume or reuse it, or pass a new --out")

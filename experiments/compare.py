@@ -359,7 +359,7 @@ def settings_differ(cmd, out):
     except SystemExit:
         print(f"[compare] {out}: its command names a directory not on this machine; settings not compared")
         return None
-    flags = [f for f in train.FLAGS if len(f) == 2 or (f[1] is not train.path and "_init" not in f[0])]
+    flags = [f for f in train.FLAGS if len(f) == 2 or (f[1] not in (train.path, train.paths) and "_init" not in f[0])]
     for stage in ("teacher", "stage1", "stage2"):
         try:
             train.same_settings(stage, os.path.join(out, stage), now, flags)

@@ -37,7 +37,7 @@ def same(name, text):
 
 FLAGS = [  # train.py's table form: a group header names the stage its flags change
     ("general distillation", "general"),
-    ("corpus", train.path, None, "unlabeled text files, comma-separated (tools/corpus.py)"),
+    ("corpus", train.paths, None, "unlabeled text files, comma-separated (tools/corpus.py)"),
     ("teacher_init", str, "google-bert/bert-base-uncased", "the pre-trained teacher: hub name or DIR"),
     ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
      "general student to go on from: its projections too)"),
