@@ -263,6 +263,10 @@ MUTANTS = [
            "        dist.all_reduce(shares)\n",
            "",
            "under torchrun the logged losses are process 0's share of the batch, not the batch's"),
+    Mutant("train.py",
+           "    check_directories(out, args)  #",
+           "    pass  #",
+           "a stage directory run with other settings is refused only after the stages before it trained"),
 ]
 
 
