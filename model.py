@@ -279,11 +279,11 @@ def to_hf_name(key):
 
 
 def fetch(name_or_dir, cache_dir=None):
-    """The directory of a model: a local directory as it is, or a hub repository's config.json,
-    vocab.txt and weights downloaded into the cache ($MLKD_CACHE, else ~/.cache/mlkd). A name that
-    looks local (./, ../, /, ~, not one slash, or a first part that exists here) but is no directory
-    is an error; so is Google's TensorFlow release (a .zip, or a directory of only *.index
-    checkpoints), with the command that converts it."""
+    """The directory of a model: a local directory (config.json and weights) as it is, or a hub
+    repository's config.json, vocab.txt and weights downloaded into the cache ($MLKD_CACHE, else
+    ~/.cache/mlkd). A name that looks local (./, ../, /, ~, not one slash, or a first part that
+    exists here) but is no model directory is an error; so is Google's TensorFlow release (a .zip,
+    or a directory of *.index checkpoints), with the command that converts it."""
     path = os.path.expanduser(name_or_dir)
     files = os.listdir(path) if os.path.isdir(path) else []
     if "config.json" in files and {*WEIGHT_FILES} & {*files}:

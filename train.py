@@ -797,8 +797,8 @@ def check_directories(out, args):
     """Refuse now what would be refused later, once other stages have trained: a stage directory
     that a stage of --stages runs or reads, run with other settings (the teacher's CRC-32 is
     compared when a stage begins), and the eval stage without a finished student."""
-    now = argparse.Namespace(**vars(args), from_stage1="stage1" in args.stages or is_done(
-        out["stage1"]))  # where Stage 2 will start
+    from_stage1 = "stage1" in args.stages or is_done(out["stage1"])  # where Stage 2 will start
+    now = argparse.Namespace(**vars(args), from_stage1=from_stage1)
     for stage, used_by in (("teacher", "" if args.teacher else "teacher"),
                            ("stage1", "stage1 stage2"), ("stage2", "stage2 eval")):
         if set(used_by.split()) & set(args.stages):
