@@ -444,7 +444,7 @@ def path(text):
 
 
 def paths(text):
-    """The type of --train_file: FILE,FILE..."""
+    """The type of the list flags (--train_file; general_distill.py's --corpus): FILE,FILE..."""
     return ",".join(path(f) for f in text.split(","))
 
 
