@@ -1827,6 +1827,12 @@ def test_teacher_without_the_task_head_is_refused_before_work(tmp_path):
         with pytest.raises(ValueError, match=rf"--teacher {teacher}: {shown}, but --task sst2 needs a classification "
                                              rf"head with 2 labels.*pass --teacher_init {teacher}"):
             train.main(base + ["--teacher", str(teacher)])
+    stage1 = tmp_path / "stage1"  # a Stage-1 student: the task's head, never trained
+    student = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2))
+    student.save(stage1, {"vocab.txt": open(init / "vocab.txt").read()})
+    model.write_safetensors(mlkd.Projections(2, 16, 32).state_dict(), str(stage1 / "projections.safetensors"))
+    with pytest.raises(ValueError, match=rf"--teacher {stage1}: a distilled student .*, not a teacher"):
+        train.main(base + ["--teacher", str(stage1)])
     assert not os.path.exists(tmp_path / "out" / "stage1")
 
 

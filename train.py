@@ -709,10 +709,13 @@ def fetch_models(args, teacher):
 def load_teacher(directory, args):
     """A fine-tuned teacher, frozen and in eval mode: its targets carry no dropout (the authors'
     task_distill.py never calls teacher.eval(), so theirs did). Its head must be the task's (a
-    pre-trained model has none). Without --teacher it is the teacher stage's, which must have
-    finished."""
+    pre-trained model has none) and a student's (Stage 1's is untrained). Without --teacher it is
+    the teacher stage's, which must have finished."""
     if not args.teacher and not is_done(directory):
         raise ValueError(f"no finished teacher in {directory}: run its stage first")
+    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # save_model's
+        raise ValueError(f"--teacher {directory}: a distilled student (it has projections W_m), "
+                         "not a teacher; pass a fine-tuned one, such as <out>/teacher")
     teacher = Bert.from_pretrained(directory, verbose=False)
     why = evaluation.head_mismatch(teacher, args.task)
     if why:
