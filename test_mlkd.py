@@ -1669,7 +1669,8 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
                      (["--student_init", "tiny"], "--student_init tiny: not random"), (["--lr", "0"], "--lr: must be"),
                      (["--warmup", "1"], "--warmup must be a fraction"), (["--max_len", "2"], "a window needs"),
                      (["--epochs", "0"], "--epochs: must be a finite number > 0"), (["--seed", "-5"], "--seed -5: use"),
-                     (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "needs one of --w_emb")):
+                     (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "needs one of --w_emb"),
+                     (["--recipe", "tinybert"], "--splits and --mha_temperature shape MLKD's L_MHA")):  # --splits 4
         with pytest.raises(SystemExit):
             general.main(argv + bad)
         assert msg in capsys.readouterr().err
@@ -3022,6 +3023,8 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
                        (["--temperature", "0"], "--temperature: must be a finite number > 0, got 0$"),
                        (["--teacher_epochs", "0"], "--teacher_epochs: must be a finite number > 0"),
                        (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "Stage 1 needs one of --w_emb"),
+                       (["--recipe", "tinybert", "--splits", "6"], "--splits and --mha_temperature shape "),
+                       (["--recipe", "tinybert", "--mha_temperature", "2"], "which --recipe tinybert has not$"),
                        (["--seed", str(2**64)], "--seed 18446744073709551616: use a whole number"),
                        (["--train_file", "t.json"], "--train_file and --dev_file are SQuAD's; sst2 reads"),
                        (["--stages", ""], "--stages : choose from"),

@@ -587,6 +587,8 @@ def check_flags(args):
         refuse("Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0")
     if args.recipe == "mlkd" and not any((args.w_emb, args.w_mha, args.w_ffn)):
         refuse("Stage 1 needs one of --w_emb --w_mha --w_ffn > 0")
+    if args.recipe == "tinybert" and (args.splits, args.mha_temperature) != (12, 1.0):
+        refuse("--splits and --mha_temperature shape MLKD's L_MHA, which --recipe tinybert has not")
     if not 0 <= args.seed < 2**32:
         refuse(f"--seed {args.seed}: use a whole number from 0 to 2**32 - 1")
     if (args.train_file or args.dev_file) and not args.task.startswith("squad"):

@@ -84,6 +84,8 @@ def parse_args(argv=None):
                      "a directory")
     if args.recipe == "mlkd" and not any((args.w_emb, args.w_mha, args.w_ffn)):
         train.refuse("general distillation needs one of --w_emb --w_mha --w_ffn > 0")
+    if args.recipe == "tinybert" and (args.splits, args.mha_temperature) != (12, 1.0):
+        train.refuse("--splits and --mha_temperature shape MLKD's L_MHA, which --recipe tinybert has not")
     if not 0 <= args.seed < 2**32:
         train.refuse(f"--seed {args.seed}: use a whole number from 0 to 2**32 - 1")
     if args.group_by_length and args.paper_exact:
