@@ -667,6 +667,14 @@ def check_shapes(args, teacher):
         mlkd.layer_map(N, M, args.layer_map)
     except ValueError as e:
         raise ValueError(f"--layer_map: {e}") from None
+    if copied and copied != N and isinstance(args.layer_map, list):  # build_student copies g(1..M)
+        raise ValueError(f"--layer_map: its layers are the teacher's {N}, but --student_init "
+                         f"{args.student_init} has {copied}, of which it picks the copied; use "
+                         "uniform or last")
+    if copied and copied != N and isinstance(args.layer_map, list):  # build_student copies g(1..M)
+        raise ValueError(f"--layer_map: its layers are the teacher's {N}, but --student_init "
+                         f"{args.student_init} has {copied}, of which it picks the copied; use "
+                         "uniform or last")
 
 
 def save_model(model, directory, args, proj=None):
