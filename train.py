@@ -920,6 +920,10 @@ def start_distributed(args):
     GPU, and let process 0 alone print. Every process loads the teacher and the data and computes
     the teacher cache; process 0 alone evaluates (the others wait: hence the long timeout)."""
     cuda = args.device.startswith("cuda")
+    # Imported before the group exists, not after (AdamW imports it, through torch._dynamo): its
+    # functions' default group=group.WORLD would keep the group past destroy_process_group, its
+    # gloo threads alive into Python's exit, which aborted 1 run in 20 (SIGABRT; torch 2.13).
+    import torch.distributed.nn
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     if cuda:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
