@@ -267,6 +267,14 @@ MUTANTS = [
            "    check_directories(out, args)  #",
            "    pass  #",
            "a stage directory run with other settings is refused only after the stages before it trained"),
+    Mutant("train.py",
+           "    import torch.distributed.nn\n",
+           "",
+           "under torchrun the process group outlives destroy_process_group; a gloo thread can abort the exit"),
+    Mutant("train.py",
+           '    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # save_model\'s',
+           "    if False:",
+           "a Stage-1 student, whose head never trained, is accepted as --teacher"),
 ]
 
 
