@@ -1694,6 +1694,12 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
         assert os.path.exists(out / "general" / f), f
     logged = [json.loads(x) for x in open(out / "general" / "log.jsonl")]  # tools/pages.py's curve: from step 0
     assert [r["step"] for r in logged if "dev" in r] == [c["step"] for c in curve] == [0, 3, 6, 9, 12, 15, 18]
+    weights = init / "model.safetensors"  # another teacher at the same path: not the finished run's
+    kept, state = weights.read_bytes(), model.read_safetensors(str(weights))
+    model.write_safetensors({k: v + 0.01 for k, v in state.items()}, str(weights))
+    with pytest.raises(ValueError, match=r"other settings: teacher CRC-32 \w{8} \(now \w{8}\)"):
+        general.main(argv)
+    weights.write_bytes(kept)
     with open(tmp_path / "corpus.txt", "a") as f:
         f.write("\nthe film was new text at the same path\n")  # tools/corpus.py rewrites its --out
     with pytest.raises(ValueError, match=r"other settings: training data CRC-32 \w{8} \(now \w{8}\)"):

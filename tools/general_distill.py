@@ -108,9 +108,10 @@ def main(argv=None):
     documents = read_corpus(args.corpus.split(","))
     windows = corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
     args.data_crc32 = train.crc32(windows)  # train.same_settings refuses a rewritten corpus
+    teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
+    args.teacher_crc32 = train.crc32(teacher.state_dict())  # and another teacher in the same place
     if not train.begin("general", directory, args, FLAGS):
         return data.read_json(os.path.join(directory, "metrics.json"))
-    teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
     n = len(windows["lengths"])
     if n < 2:
         raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
