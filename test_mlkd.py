@@ -2266,11 +2266,26 @@ def test_converter_errors_are_one_line(tmp_path):
              (tmp_path / "empty", "holds 0 TensorFlow checkpoints"),
              (tmp_path / "novocab", "no vocab.txt next to the checkpoint"),
              (tmp_path / "bad.zip", "is not a valid zip file")]
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "long")
+    write_vocab(tmp_path / "long" / "vocab.txt")
+    with open(tmp_path / "long" / "vocab.txt", "a") as f:  # more word pieces than the embeddings have rows
+        f.write("".join(f"extra{i}\n" for i in range(200)))
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "deep")
+    write_vocab(tmp_path / "deep" / "vocab.txt")
+    config = json.loads((tmp_path / "deep" / "bert_config.json").read_text())
+    (tmp_path / "deep" / "bert_config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    cases += [(tmp_path / "long", "word pieces, more than the vocab_size"),
+              (tmp_path / "deep" / "bert_model.ckpt", "the checkpoint does not fit the model missing:"),
+              (tmp_path / "deep" / "bert_model.ckpt.index", "the checkpoint does not fit")]  # named, not a copy
     for source, why in cases:
         with pytest.raises(SystemExit) as e:
             convert.main([str(source), str(tmp_path / "out")])
-        assert str(e.value).startswith(f"error: {source}") and why in str(e.value) and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"error: {str(source).removesuffix('.index')}"), str(e.value)
+        assert why in str(e.value) and "\n" not in str(e.value) and ".tmp-convert" not in str(e.value)
     assert not os.path.exists(tmp_path / "out")
+    for out in ("", str(tmp_path / "bad.zip")):
+        with pytest.raises(SystemExit, match="^error: OUT_DIR .*: name a folder to write"):
+            convert.main([str(tmp_path / "long"), out])
 
 
 @pytest.mark.skipif(not os.environ.get("MLKD_TF_MINILM") or minilm_dir() is None,

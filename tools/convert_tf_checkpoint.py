@@ -258,6 +258,7 @@ def source_files(source, scratch):
             raise ValueError(f"{source}: holds {len(found)} folders of TensorFlow checkpoints "
                              "(*.index), not one")
         source = found.pop()
+    source = source.removesuffix(".index")  # the prefix's index file, named: its prefix
     if os.path.isdir(source):
         index = sorted(f for f in os.listdir(source) if f.endswith(".index"))
         if len(index) != 1:
@@ -287,7 +288,15 @@ def convert(source, out_dir):
         shutil.copy(config, os.path.join(raw, "config.json"))
         state = hf_state(read_tf_checkpoint(prefix))
         write_safetensors(state, os.path.join(raw, "model.safetensors"))
-        bert = Bert.from_pretrained(raw, verbose=False)
+        try:
+            bert = Bert.from_pretrained(raw, verbose=False)
+        except ValueError as e:  # said of SOURCE's files, not of their copies in scratch
+            why = str(e).replace(os.path.join(raw, "config.json"), config).replace(raw, prefix)
+            raise ValueError(why) from None
+        pieces = len(data.read_text(vocab).splitlines())
+        if pieces > bert.config.vocab_size:  # a word piece past it would index no embedding
+            raise ValueError(f"{vocab}: {pieces} word pieces, more than the vocab_size "
+                             f"{bert.config.vocab_size} of {config}: not this checkpoint's vocabulary")
         bert.save(os.path.join(scratch, "out"), {"vocab.txt": data.read_text(vocab)})
         os.makedirs(out_dir, exist_ok=True)
         for name in ("vocab.txt", "config.json", "model.safetensors"):  # the weights last: a model
@@ -305,6 +314,8 @@ def main(argv=None):
                         "URL)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write")
     args = p.parse_args(argv)
+    if not args.out_dir or os.path.isfile(args.out_dir):
+        sys.exit(f"error: OUT_DIR {args.out_dir!r}: name a folder to write (it is made if missing)")
     if os.path.exists(os.path.join(args.out_dir, "model.safetensors")):
         sys.exit(f"error: {args.out_dir} already holds a model.safetensors; choose another OUT_DIR")
     try:
