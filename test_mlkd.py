@@ -3022,6 +3022,8 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
         tmp_path / "short", {"vocab.txt": vocab})
     model.Bert(model.BertConfig.preset("tiny-teacher", **shape)).save(
         tmp_path / "other", {"vocab.txt": vocab.replace("movie", "cinema")})
+    model.Bert(model.BertConfig.preset("tiny-teacher")).save(  # a vocabulary its embeddings cannot read
+        tmp_path / "long", {"vocab.txt": vocab + "".join(f"extra{i}\n" for i in range(200))})
     for extra, msg in (
         (["--layer_map", "4,1,2"], "--layer_map: layer map \\[4, 1, 2\\]: need 2 teacher layers in 1..4"),
         (["--layer_map", "2,9"], "--layer_map: .*in 1..4"),
@@ -3037,6 +3039,7 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
         (["--student_init", str(tmp_path / "short"), "--max_len", "40"], "--max_len 40: --student_init .*short has 32"),
         (["--student_init", str(tmp_path / "other")], "--student_init .*other: its vocabulary is not the teacher's"),
         (["--student_init", str(tmp_path / "data")], "data: not a model directory: it needs config.json and "),
+        (["--teacher_init", str(tmp_path / "long")], "long/vocab.txt: more word pieces than the vocab_size 128 "),
     ):
         with pytest.raises(ValueError, match=msg):
             train.main(base + extra)

@@ -699,6 +699,9 @@ def fetch_models(args, teacher):
     source = fetch(teacher)
     args.vocab = os.path.join(source, "vocab.txt")
     config = BertConfig.from_json(os.path.join(source, "config.json"))
+    if len(data.read_text(args.vocab).splitlines()) > config.vocab_size:  # ids past its embeddings
+        raise ValueError(f"{args.vocab}: more word pieces than the vocab_size {config.vocab_size} "
+                         f"of {source}/config.json: not the model's vocabulary")
     if os.path.isdir(args.student_init):  # its files: there, the teacher's word pieces, positions
         student = BertConfig.from_json(os.path.join(fetch(args.student_init), "config.json"))
         vocab = os.path.join(args.student_init, "vocab.txt")
