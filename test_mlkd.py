@@ -1670,10 +1670,14 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
                      (["--warmup", "1"], "--warmup must be a fraction"), (["--max_len", "2"], "a window needs"),
                      (["--epochs", "0"], "--epochs: must be a finite number > 0"), (["--seed", "-5"], "--seed -5: use"),
                      (["--w_emb", "0", "--w_mha", "0", "--w_ffn", "0"], "needs one of --w_emb"),
-                     (["--recipe", "tinybert"], "--splits and --mha_temperature shape MLKD's L_MHA")):  # --splits 4
+                     (["--recipe", "tinybert"], "--splits and --mha_temperature shape MLKD's L_MHA"),  # --splits 4
+                     (["--out", str(tmp_path / "corpus.txt")], "corpus.txt: a file, not a folder")):
         with pytest.raises(SystemExit):
             general.main(argv + bad)
         assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        general.main(argv[2:])  # no --corpus
+    assert "--corpus is required: the text files" in capsys.readouterr().err
     assert not os.path.exists(out)  # refused before any work
     real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):

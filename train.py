@@ -607,13 +607,18 @@ def check_flags(args):
     if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2:
         refuse("--batch_size 1: L_SS and L_SC relate the samples of a batch and are 0 with one "
                "sample; use --batch_size 2 or more, or --w_ss 0 --w_sc 0")
-    if os.path.isfile(args.out):
-        refuse(f"--out {args.out}: a file, not a folder")
-    parent = args.out  # the existing folder --out will be made in
+    check_out(args.out)
+
+
+def check_out(out):
+    """Refuse an --out that is a file, or that would be made in a folder we may not write."""
+    if os.path.isfile(out):
+        refuse(f"--out {out}: a file, not a folder")
+    parent = out  # the existing folder --out will be made in
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK):
-        refuse(f"--out {args.out}: {parent} is not writable; choose an --out you can write to")
+        refuse(f"--out {out}: {parent} is not writable; choose an --out you can write to")
 
 
 def student_shape(args, teacher):

@@ -37,7 +37,8 @@ def same(name, text):
 
 FLAGS = [  # train.py's table form: a group header names the stage its flags change
     ("general distillation", "general"),
-    ("corpus", train.paths, None, "unlabeled text files, comma-separated (tools/corpus.py)"),
+    ("corpus", train.paths, None, "unlabeled text files, comma-separated (tools/corpus.py; "
+     "required)"),
     ("teacher_init", str, "google-bert/bert-base-uncased", "the pre-trained teacher: hub name or DIR"),
     ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
      "general student to go on from: its projections too)"),
@@ -51,7 +52,7 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     *(SAME[name] for name in "layer_map splits proj_init".split()),
     *(SAME[name] for name in "w_emb w_mha w_ffn mha_temperature weight_decay".split()),
     same("seed", "seeds the student's init, dropout, batch order and the held-out windows"),
-    ("max_len", train.count, 128, "word pieces per window of text"),
+    ("max_len", train.count, 128, "tokens per window of text, [CLS] and [SEP] included"),
     ("batch_size", train.count, 32, "windows per batch; under torchrun the global batch"),
     ("epochs", train.positive, 3.0, "epochs over the corpus"),
     ("lr", train.positive, 5e-5, "learning rate"),
@@ -75,7 +76,10 @@ def parse_args(argv=None):
     for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
         if os.path.exists(getattr(args, name)):
             setattr(args, name, train.path(getattr(args, name)))
-    for f in (args.corpus or "").split(","):
+    if not args.corpus:
+        train.refuse("--corpus is required: the text files to distil on (tools/corpus.py writes one)")
+    train.check_out(args.out)
+    for f in args.corpus.split(","):
         if not os.path.isfile(f):
             train.refuse(f"--corpus {f!r}: no such file (tools/corpus.py writes one)")
     if args.student_init not in ("random", "tinybert", "teacher-layers") \
