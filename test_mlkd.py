@@ -1246,6 +1246,13 @@ def kill_at_training_batch(monkeypatch, n):
     return real
 
 
+def tinybert_argv(argv):
+    """argv without the flags that shape MLKD's L_MHA (--splits, --mha_temperature): --recipe tinybert
+    refuses them."""
+    mha = ("--splits", "--mha_temperature")
+    return [a for i, a in enumerate(argv) if a not in mha and (i == 0 or argv[i - 1] not in mha)]
+
+
 PIPELINE = ["--task", "sst2", "--student_init", "random", "--layers", "2", "--hidden", "24", "--heads", "2",
             "--ffn", "48", "--splits", "4", "--teacher_epochs", "20", "--epochs1", "3", "--epochs2", "10",
             "--batch_size", "16", "--teacher_lr", "3e-3", "--lr1", "1e-3", "--lr2", "1e-3", "--log_steps", "1",
@@ -1525,8 +1532,8 @@ def test_squad_pipeline_end_to_end(tmp_path, capsys):
 def test_tinybert_recipe_runs_both_stages_and_needs_equal_heads(tmp_path, capsys):
     import train
     init = write_pipeline_fixture(tmp_path)
-    argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--recipe", "tinybert",
-                       "--teacher_epochs", "2", "--epochs1", "2", "--epochs2", "1"]
+    argv = tinybert_argv(PIPELINE) + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init),
+                                      "--recipe", "tinybert", "--teacher_epochs", "2", "--epochs1", "2", "--epochs2", "1"]
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="--recipe tinybert matches heads one to one: give the student --heads 4"):
         train.main(argv + ["--out", str(out)])
@@ -2706,7 +2713,7 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
         _, parts = train.stage1_objective(student, batch, teacher, proj, g, exact)
     unmasked = ref_stage1(S, T, proj, g, None, 4, mha_temperature=0.5)
     assert all(parts[k].item() == pytest.approx(unmasked[k], rel=1e-4) for k in ref)
-    tiny = train.parse_args(flags + ["--recipe", "tinybert"])
+    tiny = train.parse_args(tinybert_argv(flags) + ["--recipe", "tinybert"])
     student4 = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2,
                                                             num_attention_heads=4)))
     with torch.no_grad():
@@ -2815,8 +2822,8 @@ def test_each_stage_trains_its_modules_on_its_schedule(tmp_path, monkeypatch, ca
     # TinyBERT's recipe trains the same modules in Stage 1; its Stage 2 (L_KD alone) no projection
     seen.clear()
     tiny = tmp_path / "tiny"
-    train.main(argv + ["--out", str(tiny), "--teacher", str(out / "teacher"), "--recipe", "tinybert", "--heads", "4",
-                       "--stages", "stage1,stage2"])
+    train.main(tinybert_argv(argv) + ["--out", str(tiny), "--teacher", str(out / "teacher"), "--recipe", "tinybert",
+                                      "--heads", "4", "--stages", "stage1,stage2"])
     (s1_0, s1_1), (s2_0, s2_1) = seen["stage1"], seen["stage2"]
     assert changed(s1_0[0], s1_1[0]) == {k for k in tensors(s1_0[0]) if not k.startswith(head)}
     assert changed(s1_0[1], s1_1[1]) == tensors(s1_0[1]) and not changed(s2_0[1], s2_1[1])
