@@ -1792,12 +1792,18 @@ def test_curves_of_a_single_point_keep_a_non_negative_loss_axis(tmp_path, capsys
     import xml.etree.ElementTree as ET
     records = [{"stage": "stage2", "epoch": 1, "step": 1, "total": 1, "kd": 0.03, "lr": 1e-4},
                {"stage": "stage2", "step": 1, "dev": {"acc": 50.0, "total": 32}, "eval_s": 0.1},
+               {"stage": "stage2", "step": 1, "dev": {"pearson": float("nan")}},  # constant predictions
+               [1, 2], {"stage": "stage2", "kd": 1.0},  # a hand-edited log: no step's records
                {"stage": "stage2", "done": True, "peak_memory_gib": 0.1}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"stage": "sta')  # cut
     with pytest.raises(SystemExit, match=r"nope: no log.jsonl in it nor in a folder of it"):
         tool("pages").main([str(tmp_path / "nope")])
     assert tool("pages").main([str(tmp_path)]) == [str(tmp_path / "curves.svg")]
-    assert "log.jsonl, line 4: not a whole JSON record, skipped" in capsys.readouterr().err
+    said = capsys.readouterr().err.splitlines()
+    assert [line.split("log.jsonl", 1)[1] for line in said] == [
+        ", line 4: not a step's record, skipped", ", line 5: not a step's record, skipped",
+        ", line 7: not a whole JSON record, skipped", ": dev pearson: 1 non-finite values not drawn"], said
+    assert tool("pages").main(["--help"]) == [] and "tools/pages.py: the loss curves" in capsys.readouterr().out
     svg = "{http://www.w3.org/2000/svg}"
     panels = {g.get("data-name"): g for g in ET.parse(tmp_path / "curves.svg").getroot().iter(svg + "g")}
     assert set(panels) == {"kd", "dev acc"}

@@ -10,6 +10,7 @@ the other. Plain SVG and HTML: any browser opens them, nothing to install.
 """
 import html
 import json
+import math
 import os
 import sys
 
@@ -35,6 +36,9 @@ ORDER = {"teacher": 0, "stage1": 1, "stage2": 2}  # a run's stages in the pipeli
 def main(argv=None):
     """Draw the curves of each directory given: a stage's, or a run's (its stages and index.html)."""
     directories, written = sys.argv[1:] if argv is None else argv, []
+    if directories[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return written
     if not directories or directories[0].startswith("-"):
         sys.exit(__doc__)
     for directory in directories:
@@ -63,11 +67,21 @@ def write_curves(directory):
         except json.JSONDecodeError:  # a line cut short: a run killed, or still writing it
             print(f"{log}, line {n}: not a whole JSON record, skipped", file=sys.stderr)
             continue
+        if not isinstance(r, dict) or "step" not in r:
+            if not (isinstance(r, dict) and r.get("done")):  # the stage's last record has no step
+                print(f"{log}, line {n}: not a step's record, skipped", file=sys.stderr)
+            continue
         where = "held-out" if r.get("stage") == "general" else "dev"
         values = {f"{where} {k}": v for k, v in r["dev"].items()} if "dev" in r else r
         for name, v in values.items():
             if isinstance(v, float) and name not in skip:  # counts (step, total) are ints
                 series.setdefault(name, []).append((r["step"], v))
+    for name, pts in list(series.items()):
+        finite = [(s, v) for s, v in pts if math.isfinite(v)]
+        if len(finite) < len(pts):  # a NaN dev metric, e.g. the correlation of constant predictions
+            print(f"{log}: {name}: {len(pts) - len(finite)} non-finite values not drawn", file=sys.stderr)
+        series[name] = finite
+    series = {name: pts for name, pts in series.items() if pts}
     last = max([s for pts in series.values() for s, _ in pts] + [1])
     panels = ""
     for i, (name, pts) in enumerate(series.items()):
@@ -88,7 +102,8 @@ def write_curves(directory):
 
 def write_index(out, directories):
     """<out>/index.html: the loss curves of each stage of a run, one below the other."""
-    page = f'<!doctype html>\n<meta charset="utf-8">\n<title>{out}</title>\n<h1>{out}</h1>\n'
+    name = html.escape(out)
+    page = f'<!doctype html>\n<meta charset="utf-8">\n<title>{name}</title>\n<h1>{name}</h1>\n'
     for d in directories:
         page += (f'<h2>{os.path.basename(d)}</h2>\n'
                  f'<img src="{os.path.relpath(d, out)}/curves.svg" alt="loss curves of {d}">\n')
