@@ -388,7 +388,8 @@ def trained_settings(directory):
     model (else {})."""
     path = os.path.join(directory, "args.json")
     saved = data.read_json(path) if os.path.exists(path) else {}
-    keep = ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature", "data_dir")
+    keep = ("max_len", "paper_exact", "layer_map", "splits", "mha_temperature", "data_dir", "task",
+            "teacher_crc32")  # the last two: relations.py checks its --task and --teacher
     return {k: saved[k] for k in keep if k in saved}
 
 

@@ -3352,6 +3352,17 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
         "the sentence is longer than 64 positions; the page draws its first 62 word pieces"
         in capsys.readouterr().out
     )
+    student = ["--task", "sst2", "--model", str(out / "stage2"), *cpu]
+    with pytest.raises(ValueError, match=r"--teacher .*stage1: not the teacher .*stage2 learnt from \(teacher CRC"):
+        relations.main(student + ["--teacher", str(out / "stage1"), "good"])
+    with pytest.raises(ValueError, match=r"--task rte: .*stage2 learnt sst2 \(.*args.json\)"):
+        relations.main(student + ["--teacher", str(out / "teacher"), "--task", "rte", "good"])
+    with pytest.raises(SystemExit):
+        relations.main(student + ["--teacher", str(out / "teacher"), "--out", str(out), "good"])
+    assert f"--out {out}: name the page's file, in a folder" in capsys.readouterr().err
+    relations.main(student + ["--teacher", str(out / "teacher"), "--out", str(tmp_path / "pages" / "good.html"), "good"])
+    shown = json.load(open(tmp_path / "pages" / "good.json"))  # named after its page, saying what it shows
+    assert (shown["model"], shown["teacher"], shown["task"]) == (str(out / "stage2"), str(out / "teacher"), "sst2")
 
 
 def test_a_full_disk_is_said_in_words_and_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ relation of the word-piece embeddings, L_MHA's relation of each MHA-split of eve
 m -> g(m) with the KL of each query row, and, for a labelled GLUE task, L_SS's sample-sample
 relation of 32 dev rows.
 On those 32 dev rows it then prints how sharp every relation is (its normalised entropy H/log n:
-1 = uniform, 0 = one-hot, and the KL the loss averages) and keeps that in relations.json beside the
-page. The layer map, the splits and L_MHA's temperature are the model's own (its args.json).
+1 = uniform, 0 = one-hot, and the KL the loss averages) and keeps that beside the page, named after
+it (relations.json), with the model, teacher and task it is of. The layer map, the splits and
+L_MHA's temperature are the model's own (its args.json), and so must its task and teacher be.
 Every number drawn comes from mlkd.py's relation_logprobs and relation_kl_rows.
 """
 import argparse
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import mlkd  # noqa: E402
+import train  # noqa: E402  (crc32: the teacher a student's args.json names)
 from model import Bert, fetch  # noqa: E402
 
 
@@ -40,8 +42,14 @@ def main(argv=None):
             setattr(args, name, trained.get(name) or default)
             print(f"{name} {getattr(args, name)} "
                   f"({'from ' + saved if trained.get(name) else 'default'})")
+    if trained.get("task", args.task) not in (args.task, "general"):  # general_distill.py's: any
+        raise ValueError(f"--task {args.task}: {args.model} learnt {trained['task']} ({saved})")
     model = Bert.from_pretrained(args.model).to(args.device)
     teacher = Bert.from_pretrained(fetch(args.teacher), verbose=False).to(args.device)
+    crc = train.crc32(teacher.state_dict())  # what train.py recorded of the teacher it distilled
+    if trained.get("teacher_crc32", crc) != crc:
+        raise ValueError(f"--teacher {args.teacher}: not the teacher {args.model} learnt from "
+                         f"(teacher CRC-32 {crc}, {saved}: {trained['teacher_crc32']})")
     tok = data.Tokenizer(os.path.join(args.model, "vocab.txt"))
     kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)
     temperature = trained.get("mha_temperature", 1.0) if args.mha_temperature is None \
@@ -57,7 +65,10 @@ def main(argv=None):
                          args.device, kind, temperature)
     data.atomic_write_text(out, page)
     print(f"wrote {out}")
+    path = os.path.splitext(out)[0] + ".json"  # the page's numbers, named after it
     if dev is None:
+        if os.path.exists(path):  # an earlier page's, by this name: not this page's
+            os.remove(path)
         return out
     batch = next(data.batches({k: v[:32] for k, v in dev.items()}, 32))
     batch = {k: v.to(args.device) for k, v in batch.items()}
@@ -66,8 +77,9 @@ def main(argv=None):
     print(f"relation sharpness on the first {len(batch['index'])} dev rows (L_MHA temperature "
           f"{temperature:g}; H/log n: 1 = uniform, 0 = one-hot)")
     print("\n".join(sharpness_table(rows)))
-    path = os.path.join(os.path.dirname(out), "relations.json")
-    data.atomic_write_text(path, json.dumps({"temperature": temperature, "rows": rows}, indent=1))
+    shown = {"model": args.model, "teacher": args.teacher, "task": args.task}
+    data.atomic_write_text(path, json.dumps({**shown, "temperature": temperature, "rows": rows},
+                                            indent=1))
     print(f"wrote {path}")
     return out
 
@@ -97,6 +109,11 @@ def parse_args(argv=None):
     if args.mha_temperature is not None and not 0 < args.mha_temperature < float("inf"):
         p.error(f"--mha_temperature {args.mha_temperature}: must be a positive number")
     evaluation.check_model_flags(p, args)
+    parent = os.path.dirname(os.path.abspath(args.out or "."))  # the existing folder it goes in
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(parent)):
+        p.error(f"--out {args.out}: name the page's file, in a folder")
     if not args.out and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
         p.error(f"--model {args.model}: not writable, and relations.py writes its page there; "
                 "copy it to a directory you can write to or give --out FILE")
