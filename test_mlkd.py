@@ -1620,7 +1620,8 @@ def test_corpus_has_train_text_only_deduplicated(tmp_path, capsys):
     assert stats["dropped_as_dev"] == len(train_lines & held) > 1 and stats["documents"] == 2
     assert stats["word_pieces"] > stats["words"] > 0
     before = (tmp_path / "corpus.txt").read_text()
-    for bad, msg in ((["--vocab", str(tmp_path / "no-vocab.txt")], "--vocab"), (["--out", str(tmp_path)], "--out")):
+    for bad, msg in ((["--vocab", str(tmp_path / "no-vocab.txt")], "--vocab"), (["--out", str(tmp_path)], "--out"),
+                     (["--out", ""], "--out"), (["--out", str(tmp_path / "corpus.txt" / "c.txt")], "--out")):
         argv = ["--data_dir", str(d), "--out", str(tmp_path / "corpus.txt"), *bad]
         with pytest.raises(SystemExit, match="2"):  # argparse's error: before the corpus is built
             tool("corpus").main(argv)

@@ -57,7 +57,7 @@ def build_corpus(data_dir, out, vocab=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=build_corpus.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True, help="holds glue/*/train.tsv, squad/train-*.json")
     p.add_argument("--out", required=True, help="the corpus file to write")
     p.add_argument("--vocab", help="vocab.txt of the teacher, to count word pieces")
@@ -67,8 +67,8 @@ def main(argv=None):
     parent = os.path.dirname(os.path.abspath(a.out))  # the existing folder it will be made in
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if os.path.isdir(a.out) or not os.access(parent, os.W_OK):
-        p.error(f"--out {a.out}: a directory, or in a folder you cannot write to; give a file path")
+    if not a.out or os.path.isdir(a.out) or not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        p.error(f"--out {a.out!r}: not a file path in a folder you can write to")
     try:
         return build_corpus(a.data_dir, a.out, a.vocab)
     except (ValueError, FileNotFoundError, OSError) as e:
