@@ -1686,6 +1686,9 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     with pytest.raises(SystemExit):
         general.main(argv[2:])  # no --corpus
     assert "--corpus is required: the text files" in capsys.readouterr().err
+    (tmp_path / "one.txt").write_text("the movie\n")
+    with pytest.raises(ValueError, match="one.txt: 1 window of text; general distillation needs 2"):
+        general.main(argv + ["--corpus", str(tmp_path / "one.txt")])
     assert not os.path.exists(out)  # refused before any work
     real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):

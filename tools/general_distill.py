@@ -112,13 +112,13 @@ def main(argv=None):
     documents = read_corpus(args.corpus.split(","))
     windows = corpus_windows(documents, data.Tokenizer(args.vocab), args.max_len)
     args.data_crc32 = train.crc32(windows)  # train.same_settings refuses a rewritten corpus
+    n = len(windows["lengths"])
+    if n < 2:
+        raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
     args.teacher_crc32 = train.crc32(teacher.state_dict())  # and another teacher in the same place
     if not train.begin("general", directory, args, FLAGS):
         return data.read_json(os.path.join(directory, "metrics.json"))
-    n = len(windows["lengths"])
-    if n < 2:
-        raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
     k = min(1000, max(1, n // 100))  # held out: 1% of the windows, at most 1000
     heldout, rows = ({key: v[i] for key, v in windows.items()} for i in (order[:k], order[k:]))
