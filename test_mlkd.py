@@ -3056,7 +3056,8 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
         (["--layer_map", "4,1,2"], "--layer_map: layer map \\[4, 1, 2\\]: need 2 teacher layers in 1..4"),
         (["--layer_map", "2,9"], "--layer_map: .*in 1..4"),
         (["--student_init", str(tmp_path / "short"), "--layer_map", "2,4", "--max_len", "32"],
-         "--layer_map: its layers are the teacher's 4, but --student_init .*short has 2, of which it picks"),
+         r"--layer_map: a list of teacher layers \(of 4\) also picks the layers copied from --student_init .*short, "
+         "which has 2; use uniform or last"),
         (["--splits", "5"], "--splits 5 must divide the student's width 24 and the teacher's 48"),
         (["--heads", "5"], "--heads 5 does not divide the student's width 24"),
         (["--max_len", "128"], "--max_len 128: the teacher has 64 positions"),

@@ -673,13 +673,9 @@ def check_shapes(args, teacher):
     except ValueError as e:
         raise ValueError(f"--layer_map: {e}") from None
     if copied and copied != N and isinstance(args.layer_map, list):  # build_student copies g(1..M)
-        raise ValueError(f"--layer_map: its layers are the teacher's {N}, but --student_init "
-                         f"{args.student_init} has {copied}, of which it picks the copied; use "
-                         "uniform or last")
-    if copied and copied != N and isinstance(args.layer_map, list):  # build_student copies g(1..M)
-        raise ValueError(f"--layer_map: its layers are the teacher's {N}, but --student_init "
-                         f"{args.student_init} has {copied}, of which it picks the copied; use "
-                         "uniform or last")
+        raise ValueError(f"--layer_map: a list of teacher layers (of {N}) also picks the layers "
+                         f"copied from --student_init {args.student_init}, which has {copied}; "
+                         "use uniform or last")
 
 
 def save_model(model, directory, args, proj=None):
@@ -930,7 +926,7 @@ def start_distributed(args):
     cuda = args.device.startswith("cuda")
     # Imported before the group exists, not after (AdamW imports it, through torch._dynamo): its
     # functions' default group=group.WORLD would keep the group past destroy_process_group, its
-    # gloo threads alive into Python's exit, which aborted 1 run in 20 (SIGABRT; torch 2.13).
+    # gloo threads alive into Python's exit, which aborted 1 run in 25 (SIGABRT; torch 2.13).
     import torch.distributed.nn
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     if cuda:
