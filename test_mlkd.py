@@ -1540,7 +1540,8 @@ def test_tinybert_recipe_runs_both_stages_and_needs_equal_heads(tmp_path, capsys
     import train
     init = write_pipeline_fixture(tmp_path)
     argv = tinybert_argv(PIPELINE) + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init),
-                                      "--recipe", "tinybert", "--teacher_epochs", "2", "--epochs1", "2", "--epochs2", "1"]
+                                      "--recipe", "tinybert", "--teacher_epochs", "2", "--epochs1", "2",
+                                      "--epochs2", "1"]
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="--recipe tinybert matches heads one to one: give the student --heads 4"):
         train.main(argv + ["--out", str(out)])
