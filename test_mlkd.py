@@ -3373,7 +3373,8 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
     with pytest.raises(SystemExit):
         relations.main(student + ["--teacher", str(out / "teacher"), "--out", str(out), "good"])
     assert f"--out {out}: name the page's file, in a folder" in capsys.readouterr().err
-    relations.main(student + ["--teacher", str(out / "teacher"), "--out", str(tmp_path / "pages" / "good.html"), "good"])
+    page = str(tmp_path / "pages" / "good.html")
+    relations.main(student + ["--teacher", str(out / "teacher"), "--out", page, "good"])
     shown = json.load(open(tmp_path / "pages" / "good.json"))  # named after its page, saying what it shows
     assert (shown["model"], shown["teacher"], shown["task"]) == (str(out / "stage2"), str(out / "teacher"), "sst2")
 
