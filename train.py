@@ -17,7 +17,6 @@ resumes an interrupted one from its checkpoint.pt. Under `torchrun --nproc_per_n
 every stage is data-parallel.
 """
 import argparse
-import collections
 import contextlib
 import datetime
 import functools
@@ -41,19 +40,18 @@ from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 # Per task, from the authors' scripts (Stage 1 and 2: task_distill.py's default_params, branch
 # bert_mlkd); WNLI's teacher row is RTE's. SQuAD: batch 16. They also select on dev every eval_step
 # steps (RTE 10; CoLA, MRPC, STS-B, WNLI 20; SST-2 100; the rest 500): --eval_steps N does so.
-Recipe = collections.namedtuple("Recipe", "epochs1 epochs2 teacher_epochs teacher_lr")
 RECIPES = {
-    "cola": Recipe(epochs1=50, epochs2=30, teacher_epochs=10, teacher_lr=1e-5),
-    "sst2": Recipe(epochs1=15, epochs2=10, teacher_epochs=4, teacher_lr=2e-5),
-    "mrpc": Recipe(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
-    "stsb": Recipe(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=3e-5),
-    "rte": Recipe(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
-    "qnli": Recipe(epochs1=10, epochs2=10, teacher_epochs=10, teacher_lr=2e-5),
-    "mnli": Recipe(epochs1=6, epochs2=6, teacher_epochs=4, teacher_lr=3e-5),
-    "qqp": Recipe(epochs1=6, epochs2=6, teacher_epochs=5, teacher_lr=2e-5),
-    "wnli": Recipe(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
-    "squad1": Recipe(epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
-    "squad2": Recipe(epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
+    "cola": dict(epochs1=50, epochs2=30, teacher_epochs=10, teacher_lr=1e-5),
+    "sst2": dict(epochs1=15, epochs2=10, teacher_epochs=4, teacher_lr=2e-5),
+    "mrpc": dict(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
+    "stsb": dict(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=3e-5),
+    "rte": dict(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
+    "qnli": dict(epochs1=10, epochs2=10, teacher_epochs=10, teacher_lr=2e-5),
+    "mnli": dict(epochs1=6, epochs2=6, teacher_epochs=4, teacher_lr=3e-5),
+    "qqp": dict(epochs1=6, epochs2=6, teacher_epochs=5, teacher_lr=2e-5),
+    "wnli": dict(epochs1=20, epochs2=15, teacher_epochs=10, teacher_lr=2e-5),
+    "squad1": dict(epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
+    "squad2": dict(epochs1=4, epochs2=3, teacher_epochs=4, teacher_lr=3e-5),
 }
 STAGES = ("teacher", "stage1", "stage2", "eval")
 RANK = int(os.environ.get("RANK", 0))  # under torchrun, this process's number
@@ -152,11 +150,10 @@ def stage1_objective(model, batch, teacher, proj, lmap, args):
     """Stage 1 (and general distillation) -> (loss, parts): mlkd.stage1_loss against the frozen
     teacher (--recipe tinybert: TinyBERT's attention-score and hidden-state MSE)."""
     inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    tiny = args.recipe == "tinybert"
     with torch.no_grad():
-        t = teacher(*inputs, scores=tiny)
+        t = teacher(*inputs, scores=args.recipe == "tinybert")
     mask = None if args.paper_exact else batch["attention_mask"]  # the authors' are unmasked
-    if tiny:
+    if args.recipe == "tinybert":
         return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, mask, lmap)
     weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
     return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits,
@@ -285,7 +282,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}"
           f", {total} steps ({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)})"
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
-    log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a")
+    log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a" if step else "w")
     t0, record = time.time() - trained, {"stage": stage}  # t0: training time alone, across resumes
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
@@ -443,6 +440,12 @@ def path(text):
     return os.path.abspath(text)
 
 
+def hub_or_dir(text):
+    """The type of --teacher_init and --student_init: a directory, made absolute (as path); else
+    the name as given (a hub name; tinybert, teacher-layers, random)."""
+    return path(text) if os.path.exists(text) else text
+
+
 def paths(text):
     """The type of the list flags (--train_file; general_distill.py's --corpus): FILE,FILE..."""
     return ",".join(path(f) for f in text.split(","))
@@ -466,7 +469,7 @@ FLAGS = [
      "padding, the same masked losses; L_SS and L_SC then relate samples of similar length"),
     ("the teacher", "teacher stage1 stage2"),
     ("teacher", path, None, "directory of a fine-tuned teacher: skips the teacher stage"),
-    ("teacher_init", str, "google-bert/bert-base-uncased", "pre-trained: hub name or DIR"),
+    ("teacher_init", hub_or_dir, "google-bert/bert-base-uncased", "pre-trained: hub name or DIR"),
     ("teacher_epochs", positive, None, "teacher epochs"),
     ("teacher_lr", positive, None, "teacher learning rate"),
     ("schedule and model selection", "teacher stage2"),
@@ -474,9 +477,9 @@ FLAGS = [
     ("eval_steps", count, None, "evaluate on dev every N steps too (always: each epoch's end)"),
     ("dev_file", path, None, "SQuAD dev JSON (default: <data_dir>/squad/dev-v1.1.json or v2.0)"),
     ("the student and Stage 1", "stage1 stage2"),
-    ("student_init", str, "tinybert", "tinybert: General TinyBERT (the paper's); teacher-layers: "
-     "the teacher's embeddings and layers g(1..M) (DistilBERT's init); DIR: the same from a model "
-     "directory (tools/general_distill.py makes one of any shape); random"),
+    ("student_init", hub_or_dir, "tinybert", "tinybert: General TinyBERT (the paper's); "
+     "teacher-layers: the teacher's embeddings and layers g(1..M) (DistilBERT's init); DIR: the "
+     "same from a model directory (tools/general_distill.py makes one of any shape); random"),
     ("layers", count, None, "student layers M (default: 4 for tinybert, else DIR's or N/2)"),
     ("hidden", count, None, "student width (default: 312 for tinybert, else the copied model's)"),
     ("heads", count, None, "student attention heads (any divisor of the width)"),
@@ -551,10 +554,10 @@ def make_parser(flags, description):
 def parse_args(argv=None):
     p = make_parser(FLAGS, __doc__)
     p.epilog = "per-task defaults (the authors' scripts):\n" + "\n".join(
-        f"  {task}: " + ", ".join(f"{k} {v:g}" for k, v in r._asdict().items())
+        f"  {task}: " + ", ".join(f"{k} {v:g}" for k, v in r.items())
         for task, r in RECIPES.items())
     args = p.parse_args(argv)
-    for name, value in RECIPES[args.task]._asdict().items():  # the task's defaults, where not given
+    for name, value in RECIPES[args.task].items():  # the task's defaults, where not given
         if getattr(args, name) is None:  # as floats, as --epochs1 15 parses (args.json compares)
             setattr(args, name, float(value))
     squad = args.task.startswith("squad")
@@ -566,9 +569,6 @@ def parse_args(argv=None):
     args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     args.batch_size = args.batch_size or (16 if squad else 32)
     args.out = args.out or path(os.path.join("out", args.task))
-    for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
-        if os.path.exists(getattr(args, name)):
-            setattr(args, name, path(getattr(args, name)))
     args.stages = (",".join(STAGES) if args.stages is None else args.stages).split(",")
     if args.group_by_length and args.paper_exact:
         print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
@@ -880,9 +880,7 @@ def resume(stage, directory, modules, optimizer, total, args):
     ckpt, log = os.path.join(directory, "checkpoint.pt"), os.path.join(directory, "log.jsonl")
     if LEAD:
         data.remove_stale_temporaries(directory)  # a write killed by SIGKILL leaves one behind
-    if not os.path.exists(ckpt):
-        if LEAD:
-            open(log, "w").close()
+    if not os.path.exists(ckpt):  # a fresh start: fit writes log.jsonl anew
         return 0, None, [0.0, 0]
     try:
         state = torch.load(ckpt, map_location=args.device, weights_only=True)

@@ -259,7 +259,8 @@ def recipe_rows(args, out):
     stage (--stages); returns the table's rows: the stages measured and their total, then, under a
     scale below 1, the same extrapolated to the full schedule."""
     recipe, scale, batch = train.RECIPES["sst2"], args.epoch_scale, 32
-    epochs = {"teacher": recipe.teacher_epochs, "stage1": recipe.epochs1, "stage2": recipe.epochs2}
+    epochs = {"teacher": recipe["teacher_epochs"], "stage1": recipe["epochs1"],
+              "stage2": recipe["epochs2"]}
     n = len(data.read_glue("sst2", "train", args.data_dir))
     n = min(n, 256) if args.tiny else n
     run, init = os.path.join(out, "run"), random_teacher(args.data_dir, out, args.tiny)

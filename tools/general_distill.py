@@ -39,9 +39,10 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     ("general distillation", "general"),
     ("corpus", train.paths, None, "unlabeled text files, comma-separated (tools/corpus.py; "
      "required)"),
-    ("teacher_init", str, "google-bert/bert-base-uncased", "the pre-trained teacher: hub name or DIR"),
-    ("student_init", str, "random", "random, or as train.py's: tinybert, teacher-layers, DIR (a "
-     "general student to go on from: its projections too)"),
+    ("teacher_init", train.hub_or_dir, "google-bert/bert-base-uncased",
+     "the pre-trained teacher: hub name or DIR"),
+    ("student_init", train.hub_or_dir, "random", "random, or as train.py's: tinybert, "
+     "teacher-layers, DIR (a general student to go on from: its projections too)"),
     SAME["layers"],
     same("hidden", "student width (default: 312 for tinybert, else the copied model's; random: "
          "the teacher's)"),
@@ -73,9 +74,6 @@ def parse_args(argv=None):
     """The flags, checked before any work (one line naming the flag, as train.py refuses)."""
     args = train.make_parser(FLAGS, __doc__).parse_args(argv)
     args.task, args.stages, args.metric = "general", ["general"], "loss"  # as train.py's functions read
-    for name in ("teacher_init", "student_init"):  # a directory, kept absolute; else a hub name
-        if os.path.exists(getattr(args, name)):
-            setattr(args, name, train.path(getattr(args, name)))
     if not args.corpus:
         train.refuse("--corpus is required: the text files to distil on (tools/corpus.py writes one)")
     train.check_out(args.out)
