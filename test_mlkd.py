@@ -1978,7 +1978,8 @@ if die:  # both ranks stop at the same training batch, as a kill would stop the 
     data.batches = dying
 train.main(sys.argv[1:])
 tasks = "/proc/self/task"  # Linux: this process's threads (a gloo thread left running can abort the exit)
-print("threads left:", sorted(open(f"{{tasks}}/{{t}}/comm").read().strip() for t in os.listdir(tasks)), file=sys.stderr)
+left = sorted(open(f"{{tasks}}/{{t}}/comm").read().strip() for t in os.listdir(tasks))
+os.write(2, f"threads left: {{left}}\\n".encode())  # one write: the two processes' lines do not interleave
 """
 
 
@@ -2035,8 +2036,8 @@ def test_torchrun_two_processes_train_as_one_resume_and_fail_cleanly(tmp_path):
     # Stage 2 on the gathered rows of both processes: L_SS and L_SC relate the whole batch, as one process does
     stage2 = torchrun(tmp_path, base + ["--out", str(two), "--stages", "stage2"])
     assert stage2.returncode == 0, stage2.stdout + stage2.stderr
-    left = [line for line in stage2.stderr.splitlines() if line.startswith("threads left:")]
-    assert len(left) == 2 and not any("gloo" in line for line in left), left  # the group is gone
+    left = re.findall(r"threads left: (\[.*?\])", stage2.stderr)
+    assert len(left) == 2 and not any("gloo" in names for names in left), left  # the group is gone
     print(f"torchrun 2 processes vs 1: max weight difference teacher {max_diff('teacher'):.2e}, stage1 {diffs}, "
           f"stage2 {max_diff('stage2'):.2e}")
     assert max(diffs) < 1e-5 and max_diff("stage2") < 1e-5
