@@ -3371,9 +3371,10 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
         relations.main(student + ["--teacher", str(out / "stage1"), "good"])
     with pytest.raises(ValueError, match=r"--task rte: .*stage2 learnt sst2 \(.*args.json\)"):
         relations.main(student + ["--teacher", str(out / "teacher"), "--task", "rte", "good"])
-    with pytest.raises(SystemExit):
-        relations.main(student + ["--teacher", str(out / "teacher"), "--out", str(out), "good"])
-    assert f"--out {out}: name the page's file, in a folder" in capsys.readouterr().err
+    for page in (str(out), str(out / "page.json")):  # a folder; the name of the numbers beside a page
+        with pytest.raises(SystemExit):
+            relations.main(student + ["--teacher", str(out / "teacher"), "--out", page, "good"])
+        assert f"--out {page}: name the page's .html file, in a folder" in capsys.readouterr().err
     page = str(tmp_path / "pages" / "good.html")
     relations.main(student + ["--teacher", str(out / "teacher"), "--out", page, "good"])
     shown = json.load(open(tmp_path / "pages" / "good.json"))  # named after its page, saying what it shows

@@ -112,8 +112,9 @@ def parse_args(argv=None):
     parent = os.path.dirname(os.path.abspath(args.out or "."))  # the existing folder it goes in
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if args.out and (os.path.isdir(args.out) or not os.path.isdir(parent)):
-        p.error(f"--out {args.out}: name the page's file, in a folder")
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(parent)
+                     or args.out.endswith(".json")):  # <page>.json: the numbers beside it
+        p.error(f"--out {args.out}: name the page's .html file, in a folder")
     if not args.out and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
         p.error(f"--model {args.model}: not writable, and relations.py writes its page there; "
                 "copy it to a directory you can write to or give --out FILE")
