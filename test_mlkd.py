@@ -1755,6 +1755,10 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     results = train.main(task)
     assert f"of {out / 'general'} (and its embeddings) -> a 2-layer student" in capsys.readouterr().out
     assert results["student_parameters"] < results["teacher_parameters"]
+    weights = out / "general" / "model.safetensors"  # another student at the same --student_init path
+    model.write_safetensors({k: v + 0.01 for k, v in model.read_safetensors(str(weights)).items()}, str(weights))
+    with pytest.raises(ValueError, match=r"stage1 was run with other settings: --student_init CRC-32 \w{8} \(now"):
+        train.main(task)
 
 
 def test_relation_page_draws_what_mlkd_computes(tmp_path):

@@ -102,6 +102,9 @@ def pipeline(args):
         finish(out["teacher"], {"dev": best, "train": record}, args)
     teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
     args.teacher_crc32 = crc32(teacher.state_dict())  # Stage 1 and 2 record what they distil
+    if os.path.isdir(args.student_init):  # and the student they start from, a directory's
+        start = Bert.from_pretrained(args.student_init, verbose=False)
+        args.student_crc32 = crc32(start.state_dict())
 
     # Stage 1: distil the embeddings and Transformer layers (L_EMB + L_MHA + L_FFN)
     if begin("stage1", out["stage1"], args):
@@ -839,6 +842,7 @@ def same_settings(stage, directory, args, flags=FLAGS):
         if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
     for key, what in (("data_crc32", "training data CRC-32"), ("teacher_crc32", "teacher CRC-32"),
+                      ("student_crc32", "--student_init CRC-32"),
                       ("from_stage1", "from Stage 1")):  # set by pipeline (not for every stage)
         if key in now and was.get(key, now[key]) != now[key]:
             differ.append(f"{what} {was[key]} (now {now[key]})")

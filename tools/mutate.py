@@ -275,6 +275,10 @@ MUTANTS = [
            '    if os.path.exists(os.path.join(directory, "projections.safetensors")):  # save_model\'s',
            "    if False:",
            "a Stage-1 student, whose head never trained, is accepted as --teacher"),
+    Mutant("train.py",
+           '                      ("student_crc32", "--student_init CRC-32"),\n',
+           "",
+           "another model copied to the same --student_init DIR reuses the Stage 1 of the old one"),
 ]
 
 
