@@ -1904,6 +1904,8 @@ def test_fit_cleans_stale_temporaries_and_states_capped_epochs(tmp_path, capsys)
     train.fit("stage1", str(tmp_path), [m], train.teacher_loss, ds, args, 4, 1e-3, None)
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "notes.txt"]
     assert "1 steps (0.333 epochs, capped by --max_steps)" in capsys.readouterr().out
+    train.fit("stage1", str(tmp_path), [m], train.teacher_loss, ds, args, 4, 1e-3, None)  # no checkpoint
+    assert [json.loads(r)["step"] for r in open(tmp_path / "log.jsonl")] == [1]  # a fresh start: a fresh log
 
 
 def test_atomic_writes_take_the_umask_mode(tmp_path):
