@@ -2470,11 +2470,20 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         "| 30 ± 0 |"
     )
     assert lines["| MLKD (all six losses)"] == "| MLKD (all six losses) | 1 of 3 | 84.50 | 85.00 | - | - | 40 | 40 |"
-    assert compare.mixed_commits("sst2", "S2") == []  # gold's two seeds ran at this commit
+    assert compare.mixed_runs("sst2", "S2") == ["gold labels (fine-tuning) (1 commit, 2 processors)"]  # seed 1: H200
+    seed42 = json.load(open(compare.record_path("sst2", compare.row_out("sst2", "S2", "gold", 42))))
+    path = compare.record_path("sst2", compare.row_out("sst2", "S2", "gold", 1))
+    seed1 = {**json.load(open(path)), "machine": seed42["machine"]}
+    open(path, "w").write(json.dumps(seed1))
+    assert compare.mixed_runs("sst2", "S2") == []  # gold's two seeds: this commit, this machine
     path = compare.record_path("sst2", compare.row_out("sst2", "S2", "gold", 2))
-    open(path, "w").write(json.dumps(dict(best=80.0, last=80.0, noise=None, steps=30, minutes=1.0, commit="0ld0ne")))
-    assert compare.mixed_commits("sst2", "S2") == ["gold labels (fine-tuning) (2)"]
-    assert "Rows whose seeds ran at different commits" in "\n".join(compare.table(args))
+    for commit, machine, says in (("0ld0ne", seed42["machine"], "2 commits, 1 processor"),
+                                  (seed42["commit"], "2 cores, Other CPU, AVX-512", "1 commit, 2 processors"),
+                                  (seed42["commit"], "NVIDIA H200 (bf16), 16 cores", "1 commit, 2 processors")):
+        open(path, "w").write(json.dumps(dict(best=80.0, last=80.0, noise=None, steps=30, minutes=1.0, commit=commit,
+                                              machine=machine)))
+        assert compare.mixed_runs("sst2", "S2") == [f"gold labels (fine-tuning) ({says})"]
+    assert "Rows whose seeds ran at different commits or on different processors" in "\n".join(compare.table(args))
     os.remove(path)
     for seed, steps in ((42, 1875), (1, 2500)):  # seeds of other budgets: each budget shown, none hidden
         path = compare.record_path("sst2", compare.row_out("sst2", "S2", "kd", seed))

@@ -473,14 +473,32 @@ def setting_table(task, setting):
     return lines
 
 
-def mixed_commits(task, setting):
-    """The rows of a setting whose seeds ran at more than one commit, as 'label (n commits)'."""
+def processor(machine):
+    """The processor a record's numbers came from: its GPU's name, else its CPU's model ("AMD EPYC"). The float
+    arithmetic differs between them: the SST-2 teacher's command gave 88.88 on an AMD EPYC, 89.45 on an Intel Xeon."""
+    if not machine:
+        return None
+    if " (bf16)" in machine:
+        return machine.split(" (bf16)")[0]
+    return (machine.split(", ") + [""])[1] or machine  # "2 cores, AMD EPYC, ..." -> AMD EPYC
+
+
+def mixed_runs(task, setting):
+    """The rows of a setting whose seeds ran at more than one commit or on more than one processor, as
+    'label (n commits, m processors, k of r with no machine recorded)': older records name none."""
     mixed = []
     for row, (label, _, seeds, _) in ROWS.items():
-        records = [load(record_path(task, row_out(task, setting, row, s))) for s in seeds]
-        commits = {r.get("commit") for r in records if r}
-        if len(commits) > 1 and row not in CURVE:
-            mixed.append(f"{label} ({len(commits)})")
+        records = [r for r in (load(record_path(task, row_out(task, setting, row, s))) for s in seeds) if r]
+        commits = len({r.get("commit") for r in records})
+        processors = len({processor(r.get("machine")) for r in records} - {None})
+        unnamed = sum(not r.get("machine") for r in records)
+        if (commits > 1 or processors > 1) and row not in CURVE:
+            said = [f"{commits} commit{'s' * (commits > 1)}"]
+            if processors:
+                said.append(f"{processors} processor{'s' * (processors > 1)}")
+            if unnamed:
+                said.append(f"{unnamed} of {len(records)} with no machine recorded")
+            mixed.append(f"{label} ({', '.join(said)})")
     return mixed
 
 
@@ -591,10 +609,11 @@ def table(args):
             for s in v[2]
         ):
             lines += setting_table(args.task, setting)
-            mixed = mixed_commits(args.task, setting)
+            mixed = mixed_runs(args.task, setting)
             if mixed:
-                lines += ["", "Rows whose seeds ran at different commits (how many; each record names its "
-                          "own, and `git log A..B` what changed between): " + ", ".join(mixed) + "."]
+                lines += ["", "Rows whose seeds ran at different commits or on different processors (each record "
+                          "names its own; `git log A..B` says what changed between commits, and one command can "
+                          "differ by a few tenths between processors): " + ", ".join(mixed) + "."]
             if relations_table(args.task, setting):
                 lines += [
                     "",
