@@ -303,12 +303,12 @@ def stage2_loss(s, t, proj, labels, weights=None, temperature=1.0, tau=0.07, bas
 # relations; its Stage 2 is L_KD alone (soft cross-entropy at t = 1): kd_loss serves it unchanged.
 
 
-def attention_mse(a_s, a_t, mask=None):
+def attention_mse(a_s, a_t, mask=None, paper_exact=False):
     """TinyBERT's L_attn for one layer pair = MSE(A_S, A_T) over heads and valid (query, key) pairs,
     A = Q K^T / sqrt(d/h) the pre-softmax scores, (B, h, L, L). Head i of the student learns head i
-    of the teacher, so both need the same head count (MLKD's L_MHA does not). TinyBERT's code
-    zeroes the masked scores (its "<= -100 -> 0"); here masked pairs leave the mean, as in this
-    file's other token-level losses.
+    of the teacher, so both need the same head count (MLKD's L_MHA does not). Here masked pairs
+    leave the mean, as in this file's other token-level losses; paper_exact as TinyBERT's code:
+    the scores of padded keys set to 0 (its "<= -100 -> 0"), the mean over every pair.
     """
     if a_s.shape[1] != a_t.shape[1]:
         raise ValueError(f"TinyBERT's attention loss matches heads one to one: the student has {a_s.shape[1]} "
@@ -316,21 +316,25 @@ def attention_mse(a_s, a_t, mask=None):
     sq = (a_s.float() - a_t.detach().float()) ** 2                     # (B, h, L, L)
     if mask is None:
         return sq.mean()
+    if paper_exact:  # both scores 0 at a padded key: its squared difference 0, counted in the mean
+        return (sq * mask[:, None, None, :].to(sq.dtype)).mean()
     pairs = (mask[:, :, None] * mask[:, None, :])[:, None].to(sq.dtype)  # (B, 1, L, L): real query x real key
     return (sq * pairs).sum() / (pairs.sum() * sq.shape[1])
 
 
-def tinybert_stage1_loss(s, t, proj, mask=None, lmap=None):
+def tinybert_stage1_loss(s, t, proj, mask=None, lmap=None, paper_exact=False):
     """TinyBERT's intermediate-layer distillation, with MLKD's layer map and projections:
         L = sum_{m=1..M} MSE(A_S^m, A_T^g(m))  +  sum_{m=0..M} MSE(W_m h_S^m, h_T^g(m))
     att (attention scores) and hid (m = 0: the embedding layer's output, TinyBERT's L_embd; m >= 1:
     the layers' outputs, L_hidn). s, t: BertOutputs computed with scores=True. TinyBERT shares one W
     between the layers; a W_m per layer (TextBrewer's choice) lets the same Projections serve both.
+    paper_exact: as TinyBERT's code (attention_mse's; the hidden states' MSE unmasked).
     Returns (total, {name: value}).
     """
     M = len(s.attn_scores)
     g = lmap or layer_map(len(t.attn_scores), M)
-    parts = {"att": sum(attention_mse(s.attn_scores[m - 1], t.attn_scores[g[m] - 1], mask) for m in range(1, M + 1)),
-             "hid": sum(ffn_loss(proj.w[m](s.hidden_states[m]),
-                                 t.hidden_states[g[m]], mask) for m in range(M + 1))}
+    parts = {"att": sum(attention_mse(s.attn_scores[m - 1], t.attn_scores[g[m] - 1], mask, paper_exact)
+                        for m in range(1, M + 1)),
+             "hid": sum(ffn_loss(proj.w[m](s.hidden_states[m]), t.hidden_states[g[m]],
+                                 None if paper_exact else mask) for m in range(M + 1))}
     return parts["att"] + parts["hid"], parts

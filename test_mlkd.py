@@ -639,6 +639,12 @@ def test_tinybert_losses_match_slow_reference():
                     count += 1
     assert abs(mlkd.attention_mse(a_s, a_t, mask).item() - total / count) < 1e-5
     assert abs(mlkd.attention_mse(a_s, a_t).item() - ((a_s - a_t) ** 2).mean().item()) < 1e-6
+
+    def as_tinybert(a):  # TinyBERT's task_distill.py: the scores with BERT's additive mask, then "<= -100 -> 0"
+        a = a + (1.0 - mask[:, None, None, :]) * -10000.0
+        return torch.where(a <= -1e2, torch.zeros_like(a), a)
+    exact = torch.nn.functional.mse_loss(as_tinybert(a_s), as_tinybert(a_t))  # the mean over every pair
+    assert abs(mlkd.attention_mse(a_s, a_t, mask, paper_exact=True).item() - exact.item()) < 1e-5
     with pytest.raises(ValueError, match="--heads 2"):
         mlkd.attention_mse(a_s[:, :1], a_t, mask)
     s, t = tiny_pair(student_heads=4)
@@ -650,6 +656,10 @@ def test_tinybert_losses_match_slow_reference():
     att = sum(mlkd.attention_mse(so.attn_scores[m - 1], to.attn_scores[g[m] - 1], mask) for m in (1, 2))
     hid = sum(mlkd.ffn_loss(proj.w[m](so.hidden_states[m]), to.hidden_states[g[m]], mask) for m in (0, 1, 2))
     assert set(parts) == {"att", "hid"} and torch.allclose(parts["att"], att) and torch.allclose(parts["hid"], hid)
+    _, exact = mlkd.tinybert_stage1_loss(so, to, proj, mask, g, paper_exact=True)  # hidden states: unmasked
+    hid = sum(mlkd.ffn_loss(proj.w[m](so.hidden_states[m]), to.hidden_states[g[m]]) for m in (0, 1, 2))
+    att = sum(mlkd.attention_mse(so.attn_scores[m - 1], to.attn_scores[g[m] - 1], mask, True) for m in (1, 2))
+    assert torch.allclose(exact["att"], att) and torch.allclose(exact["hid"], hid) and exact["att"] != parts["att"]
     loss.backward()
     assert all(p.grad is not None for p in proj.parameters()) and s.layers[0].q.weight.grad is not None
     assert all(p.grad is None for p in t.parameters())
@@ -2748,6 +2758,7 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
     unmasked = ref_stage1(S, T, proj, g, None, 4, mha_temperature=0.5)
     assert all(parts[k].item() == pytest.approx(unmasked[k], rel=1e-4) for k in ref)
     tiny = train.parse_args(tinybert_argv(flags) + ["--recipe", "tinybert"])
+    tiny_exact = train.parse_args(tinybert_argv(flags) + ["--recipe", "tinybert", "--paper_exact"])
     student4 = sharpened(model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=2,
                                                             num_attention_heads=4)))
     with torch.no_grad():
@@ -2756,6 +2767,12 @@ def test_train_objectives_give_the_stage_losses_the_batch_and_the_flags(tmp_path
     att = sum(ref_pair_mse(S4["A"][m], T["A"][g[m]], mask.tolist()) for m in (1, 2))
     assert parts["att"].item() == pytest.approx(att, rel=1e-4)
     assert parts["hid"].item() == pytest.approx(ref_stage1(S4, T, proj, g, mask.tolist(), 4)["ffn"], rel=1e-4)
+    with torch.no_grad():  # as TinyBERT's code: a padded key's scores 0 in both, every pair in the mean, H unmasked
+        _, parts = train.stage1_objective(student4, batch, teacher, proj, g, tiny_exact)
+    keys = mask[:, None, None, :]
+    att = sum(float((((S4["A"][m] - T["A"][g[m]]) * keys) ** 2).mean()) for m in (1, 2))
+    assert parts["att"].item() == pytest.approx(att, rel=1e-4)
+    assert parts["hid"].item() == pytest.approx(ref_stage1(S4, T, proj, g, None, 4)["ffn"], rel=1e-4)
     # Stage 2: the live teacher, and the cache's rows of the batch's examples (index), give the same terms
     S["logits"], T["logits"] = S["logits"].detach(), T["logits"].detach()
     ref = ref_stage2(S, T, proj, batch["labels"], 2.0, 0.5)

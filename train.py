@@ -155,9 +155,10 @@ def stage1_objective(model, batch, teacher, proj, lmap, args):
     inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     with torch.no_grad():
         t = teacher(*inputs, scores=args.recipe == "tinybert")
-    mask = None if args.paper_exact else batch["attention_mask"]  # the authors' are unmasked
     if args.recipe == "tinybert":
-        return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, mask, lmap)
+        return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, inputs[2], lmap,
+                                         args.paper_exact)
+    mask = None if args.paper_exact else batch["attention_mask"]  # the authors' are unmasked
     weights = {"emb": args.w_emb, "mha": args.w_mha, "ffn": args.w_ffn}
     return mlkd.stage1_loss(model(*inputs), t, proj, mask, lmap, weights, args.splits,
                             args.mha_temperature)

@@ -279,6 +279,15 @@ MUTANTS = [
            '                      ("student_crc32", "--student_init CRC-32"),\n',
            "",
            "another model copied to the same --student_init DIR reuses the Stage 1 of the old one"),
+    Mutant("mlkd.py",
+           "                                 None if paper_exact else mask) for m in range(M + 1))}",
+           "                                 mask) for m in range(M + 1))}",
+           "--recipe tinybert --paper_exact masks the hidden-state MSE that TinyBERT's code does not"),
+    Mutant("train.py",
+           "        return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, inputs[2], lmap,\n"
+           "                                         args.paper_exact)",
+           "        return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, inputs[2], lmap)",
+           "--recipe tinybert ignores --paper_exact (padded keys' scores leave the mean, not zeroed)"),
 ]
 
 
