@@ -1769,6 +1769,11 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     model.write_safetensors({k: v + 0.01 for k, v in model.read_safetensors(str(weights)).items()}, str(weights))
     with pytest.raises(ValueError, match=r"stage1 was run with other settings: --student_init CRC-32 \w{8} \(now"):
         train.main(task)
+    again = [*argv[:-1], str(tmp_path / "gen3"), "--student_init", str(out / "general"), "--max_steps", "2"]
+    general.main(again)  # going on from the General student, then another one at its path: refused
+    model.write_safetensors({k: v + 0.01 for k, v in model.read_safetensors(str(weights)).items()}, str(weights))
+    with pytest.raises(ValueError, match=r"general was run with other settings: --student_init CRC-32 \w{8} \(now"):
+        general.main(again)
 
 
 def test_relation_page_draws_what_mlkd_computes(tmp_path):

@@ -115,6 +115,9 @@ def main(argv=None):
         raise ValueError(f"--corpus {args.corpus}: {n} window of text; general distillation needs 2")
     teacher = Bert.from_pretrained(source, verbose=False).to(args.device).eval().requires_grad_(False)
     args.teacher_crc32 = train.crc32(teacher.state_dict())  # and another teacher in the same place
+    if os.path.isdir(args.student_init):  # and another general student to go on from
+        start = Bert.from_pretrained(args.student_init, verbose=False)
+        args.student_crc32 = train.crc32(start.state_dict())
     if not train.begin("general", directory, args, FLAGS):
         return data.read_json(os.path.join(directory, "metrics.json"))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))

@@ -288,6 +288,10 @@ MUTANTS = [
            "                                         args.paper_exact)",
            "        return mlkd.tinybert_stage1_loss(model(*inputs, scores=True), t, proj, inputs[2], lmap)",
            "--recipe tinybert ignores --paper_exact (padded keys' scores leave the mean, not zeroed)"),
+    Mutant("tools/general_distill.py",
+           "        args.student_crc32 = train.crc32(start.state_dict())\n",
+           "",
+           "general_distill.py reuses a run after another general student took its --student_init DIR"),
 ]
 
 
