@@ -227,13 +227,18 @@ class Bert(nn.Module):
                  for k, t in state.items() if not re.search(r"^cls\.|fit_dense|position_ids$", k)}
         renamed = {our_name.get(k, k): t for k, t in plain.items()}
         new = [k for k in ours if k not in renamed]  # a head, or a pooler (HF's QA models lack one)
-        bad = [f"missing:     {k}" for k in new if not k.startswith(("classifier.", "qa_outputs.",
-                                                                     "pooler."))]
-        bad += [f"unexpected:  {k}" for k in renamed if k not in ours]
-        bad += [f"wrong shape: {k}: checkpoint {tuple(t.shape)} vs model {tuple(ours[k].shape)}"
-                for k, t in renamed.items() if k in ours and t.shape != ours[k].shape]
-        if bad:
-            raise ValueError("\n  ".join([f"{directory}: the checkpoint does not fit the model", *bad]))
+        head = ("classifier.", "qa_outputs.")
+        shapes = [f"{k} {tuple(t.shape)} vs {tuple(ours[k].shape)}" for k, t in renamed.items()
+                  if k in ours and t.shape != ours[k].shape]
+        bad = {"missing": [k for k in new if not k.startswith((*head, "pooler."))],
+               "unexpected": [k for k in renamed if k not in ours],
+               "of another shape (file vs model)": shapes}
+        if any(bad.values()):  # one line: the first three of each kind
+            said = "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' * (len(keys) > 3)}"
+                             for kind, keys in bad.items() if keys)
+            if all(k.startswith(head) for k in sum(bad.values(), [])):
+                said += " (a task head: start from the pre-trained model, which has none)"
+            raise ValueError(f"{directory}: the checkpoint does not fit the model: {said}")
         model.load_state_dict({**ours, **renamed}, strict=True)
         if verbose and new:
             print(f"[model] newly initialised (not in {directory}): {', '.join(new)}", file=sys.stderr)

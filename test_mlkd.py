@@ -280,19 +280,25 @@ def test_loader_round_trip_is_bit_exact(tmp_path, fmt):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.items())
 
 
-def test_loader_lists_every_offending_key(tmp_path):
+def test_loader_names_the_offending_keys_in_one_line(tmp_path):
     config = model.BertConfig.preset("tiny-teacher")
     state = tiny_hf_state(config)
-    del state["bert.encoder.layer.0.output.dense.bias"]
+    for name in ("output.dense.bias", "output.dense.weight", "intermediate.dense.bias", "attention.self.key.bias"):
+        del state[f"bert.encoder.layer.0.{name}"]
     state["bert.encoder.layer.0.attention.self.extra.weight"] = torch.zeros(2)
     state["bert.embeddings.word_embeddings.weight"] = torch.zeros(7, config.hidden_size)
     write_model_dir(tmp_path, config, state)
     with pytest.raises(ValueError) as e:
         model.Bert.from_pretrained(str(tmp_path))
-    msg = str(e.value)
-    assert "missing:     layers.0.ffn_out.bias" in msg
-    assert "unexpected:  encoder.layer.0.attention.self.extra.weight" in msg
-    assert "wrong shape: word.weight: checkpoint (7, 48) vs model (128, 48)" in msg
+    assert str(e.value) == (f"{tmp_path}: the checkpoint does not fit the model: 4 missing: layers.0.k.bias, "
+                            "layers.0.ffn_in.bias, layers.0.ffn_out.weight, ...; 1 unexpected: "
+                            "encoder.layer.0.attention.self.extra.weight; 1 of another shape (file vs model): "
+                            "word.weight (7, 48) vs (128, 48)")
+    head = model.Bert(model.BertConfig.preset("tiny-teacher", head="regression"))  # another task's head
+    head.save(tmp_path / "stsb")
+    with pytest.raises(ValueError, match=r"classifier.weight \(1, 48\) vs \(2, 48\), classifier.bias \(1,\) vs "
+                                         r"\(2,\) \(a task head: start from the pre-trained model, which has none\)$"):
+        model.Bert.from_pretrained(str(tmp_path / "stsb"), head="classification", num_labels=2)
 
 
 def test_a_checkpoint_without_a_pooler_loads_with_a_new_one(tmp_path, capsys):
@@ -2326,7 +2332,7 @@ def test_converter_errors_are_one_line(tmp_path):
     config = json.loads((tmp_path / "deep" / "bert_config.json").read_text())
     (tmp_path / "deep" / "bert_config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     cases += [(tmp_path / "long", "word pieces, more than the vocab_size"),
-              (tmp_path / "deep" / "bert_model.ckpt", "the checkpoint does not fit the model missing:"),
+              (tmp_path / "deep" / "bert_model.ckpt", "the checkpoint does not fit the model: 16 missing:"),
               (tmp_path / "deep" / "bert_model.ckpt.index", "the checkpoint does not fit")]  # named, not a copy
     for source, why in cases:
         with pytest.raises(SystemExit) as e:
