@@ -1396,11 +1396,14 @@ def test_help_lists_every_flag_what_it_changes_and_the_task_defaults(capsys):
     assert all(f"--{flag[0]}" in said for flag in train.FLAGS if len(flag) == 4)
     assert "changes: stage1 stage2" in said and "changes: nothing" in said
     assert "  sst2: epochs1 15, epochs2 10, teacher_epochs 4, teacher_lr 2e-05" in said  # the authors' table
+    said = " ".join(said.split())  # argparse wraps lines
+    assert "and batch order (default: 42)" in said and "Stage-1 learning rate (default: 5e-05)" in said
     general = tool("general_distill")
     with pytest.raises(SystemExit):
         general.main(["--help"])
     said = capsys.readouterr().out
     assert all(f"--{flag[0]}" in said for flag in general.FLAGS if len(flag) == 4) and "--corpus" in said
+    assert "writes OUT/general (default: out/general)" in " ".join(said.split())
 
 
 def test_train_rejects_bad_flags_before_work(capsys):

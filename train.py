@@ -550,6 +550,7 @@ def make_parser(flags, description):
         else:
             name, kind, default, text = flag
             choices = kind if isinstance(kind, list) else None
+            text += f" (default: {default})" * (default is not None)  # None: said in the text
             group.add_argument(f"--{name}", type=str if choices else kind, default=default,
                                choices=choices, help=text, required=name == "task")
     return p

@@ -63,7 +63,7 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     same("group_by_length", "batches of similar lengths (runs of 100 sorted): less padding, "
          "the same masked losses"),
     ("running (changes no result)", ""),
-    ("out", train.path, train.path(os.path.join("out", "general")), "writes OUT/general"),
+    ("out", train.path, os.path.join("out", "general"), "writes OUT/general"),
     ("eval_steps", train.count, None, "held-out losses every N steps too (default: every epoch)"),
     *(SAME[name] for name in "save_steps log_steps device compile".split()),
     same("eval_batch_size", "batch size of the held-out losses"),
