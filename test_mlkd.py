@@ -2647,6 +2647,27 @@ def random_projections(M, d_s, d_t, seed=1):
     return proj
 
 
+def test_the_gold_label_loss_is_logged_by_the_name_of_what_it_computes():
+    """CE for classes, MSE for a regression's score (STS-B): the teacher's loss and Stage 2's --w_ce term."""
+    import types
+
+    import train
+    torch.manual_seed(0)
+    ids, mask = torch.randint(5, 128, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+    only_gold = types.SimpleNamespace(w_kd=0.0, w_ss=0.0, w_sc=0.0, w_ce=1.0)
+    for head, labels, name in (("regression", torch.tensor([0.5, 2.0, 4.5]), "mse"),
+                               ("classification", torch.tensor([0, 1, 1]), "ce")):
+        m = model.Bert(model.BertConfig.preset("tiny-teacher", head=head, num_labels=1 + (name == "ce"))).eval()
+        logits = m(ids, None, mask).logits
+        want = (torch.nn.functional.mse_loss(logits[:, 0], labels) if name == "mse"
+                else torch.nn.functional.cross_entropy(logits, labels))
+        loss, parts = train.teacher_loss(m, {**batch, "labels": labels})
+        assert list(parts) == [name] and torch.allclose(loss, want) and parts[name] is loss
+        total, parts = train.stage2_objective(m, {**batch, "labels": labels}, None, None, None, only_gold)
+        assert list(parts) == [name] and torch.allclose(total, want)
+
+
 @pytest.mark.parametrize("kind", ["uniform", [4, 1, 6, 3]])
 def test_stage_objectives_read_the_layers_of_the_paper(kind):
     M, N, splits = 4, 6, 4

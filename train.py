@@ -143,10 +143,10 @@ def task_loss(logits, labels):
 
 
 def teacher_loss(model, batch):
-    """The teacher's fine-tuning loss on the gold labels -> (loss, parts)."""
+    """The teacher's fine-tuning loss on the gold labels -> (loss, {"ce" or "mse" (regression)})."""
     out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    ce = task_loss(out.logits, batch["labels"])
-    return ce, {"ce": ce}
+    loss = task_loss(out.logits, batch["labels"])
+    return loss, {"mse" if out.logits.shape[-1] == 1 else "ce": loss}
 
 
 def stage1_objective(model, batch, teacher, proj, lmap, args):
@@ -181,9 +181,10 @@ def stage2_objective(model, batch, teacher, proj, cache, args):
     if targets is not None:
         total, parts = mlkd.stage2_loss(student, targets, proj, labels, weights, args.temperature,
                                         args.tau)
-    if args.w_ce:
-        parts["ce"] = task_loss(student.logits, labels)
-        total = total + args.w_ce * parts["ce"]
+    if args.w_ce:  # logged as "ce", or "mse" for regression
+        gold = "mse" if student.logits.shape[-1] == 1 else "ce"
+        parts[gold] = task_loss(student.logits, labels)
+        total = total + args.w_ce * parts[gold]
     return total, parts
 
 
