@@ -1220,11 +1220,12 @@ def test_squad_scores_by_hand():
     # The official script's has-answer is the answer list as read: d's only gold "The" normalises to "",
     # so its gold is "" and its "" scores 1, yet d is answerable. e is unanswerable, answered "the": its
     # exact is 1 ("the" normalises to ""), but the sweep counts any non-empty answer to it as -1.
-    # The sweep: 1 (e's "") -> admit e (na -1): 0 -> admit d (na 5): 1; best 1 of 2 at threshold 0.
+    # The sweep: 1 (e's "") -> admit e (na -1): 0 -> admit d (na 5): 1; best 1 of 2 with no question
+    # answered, at a threshold below every na score (-1 - 1: at the official's 0.0, e would be answered).
     ds = [{"id": "d", "answers": [{"text": "The"}]}, {"id": "e", "answers": []}]
     v2 = ev.squad_scores(ds, {"d": "", "e": "the"}, "2.0", na_scores={"d": 5.0, "e": -1.0})
     assert v2["HasAns_total"] == v2["NoAns_total"] == 1 and v2["exact"] == 100.0
-    assert v2["best_exact"] == 50.0 and v2["best_exact_thresh"] == 0.0
+    assert v2["best_exact"] == 50.0 and v2["best_exact_thresh"] == -2.0
 
 
 # ==============================================================================================
