@@ -135,8 +135,9 @@ def squad_scores(dataset, predictions, version="1.1", na_scores=None):
         # increasing na score (each replacing the empty answer's score: 1 if unanswerable, else 0),
         # keeping the best total. An unanswerable question loses its 1 to any non-empty answer
         current = best = sum(not has for has in has_answer.values())
-        threshold = min(na_scores.values(), default=1.0) - 1.0  # below every score: none answered (the
-        # official's 0.0 is that for probabilities; a null - best score may be negative)
+        # below every na score: no question answered (the official's 0.0 is that for its
+        # probabilities; a null - best score may be negative)
+        threshold = min(na_scores.values(), default=1.0) - 1.0
         for i in sorted(scores, key=lambda i: na_scores[i]):
             current += scores[i] if has_answer[i] else -float(bool(predictions[i]))
             if current > best:
