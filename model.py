@@ -92,12 +92,17 @@ class BertConfig:
     @classmethod
     def from_json(cls, path, **overrides):
         """The config an HF or Google config.json holds, with overrides; keys we do not use are
-        ignored. A file that is no JSON object, or a value that cannot build a BERT, is an error
-        naming the file."""
+        ignored (an HF model's head: from its class). A file that is no JSON object, or a value
+        that cannot build a BERT, is an error naming the file."""
         try:  # json's errors, and BertConfig's, are ValueErrors: each is said with the file's name
             raw = json.loads(data.read_text(path))
             if not isinstance(raw, dict):
                 raise ValueError(f"not a BERT config (a JSON {type(raw).__name__}, not an object)")
+            n = raw.setdefault("num_labels", len(raw.get("id2label", {})))  # HF's: id2label's
+            if "head" not in raw and raw.get("architectures"):  # HF's: the head of its class
+                raw["head"] = {"BertForQuestionAnswering": "span", "BertForSequenceClassification":
+                               "regression" if raw.get("problem_type") == "regression" or n == 1
+                               else "classification"}.get(raw["architectures"][0], "none")
             for key, ours in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
                 if raw.get(key, ours) != ours:  # gelu: the exact (erf) one, as F.gelu computes it
                     raise ValueError(f"{key} {raw[key]!r} is not supported, only {ours!r}")

@@ -3689,6 +3689,15 @@ def test_a_saved_model_opens_in_hf_transformers_with_our_outputs(tmp_path, head)
     again = model.Bert.from_pretrained(str(tmp_path), verbose=False)  # and our loader reads it back, bit for bit
     assert again.config == ours.config
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+    hf.save_pretrained(str(tmp_path / "hf"))  # as HF transformers saves a model: its head is its class's
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key in ("head", "num_labels", "label_names", "label_text"):  # ours, which HF kept: not in an HF model's
+        config.pop(key, None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    theirs = model.Bert.from_pretrained(str(tmp_path / "hf"), verbose=False)
+    assert (theirs.config.head, theirs.config.num_labels) == (head, ours.config.num_labels)
+    mine = {k: v for k, v in ours.state_dict().items() if head != "span" or not k.startswith("pooler")}
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in mine.items())  # HF's QA model has no pooler
 
 
 def test_a_model_saved_in_our_earlier_layout_still_loads(tmp_path):
