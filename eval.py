@@ -8,7 +8,7 @@ tools/pages.py; the relation maps of a teacher and a student on one sentence: to
     python eval.py --task sst2 --model out/sst2/stage2    # dev metrics
     python eval.py --task sst2 --model DIR --predict      # GLUE test predictions (submission TSVs)
     python eval.py --task sst2 --model DIR --speed        # latency at 12/6/4/3/2/1 heads
-    python eval.py --task squad1 --model DIR              # EM/F1 and predictions.json
+    python eval.py --task squad1 --model DIR              # EM/F1, predictions-dev-v1.1.json
     python eval.py --task sst2 --model DIR --noise 0.1    # dev with a typo in 10% of the words
 """
 import argparse
@@ -233,26 +233,44 @@ def main(argv=None):
     """Score --model on the task's dev set with the official metric, or run the mode asked for."""
     args = parse_args(argv)
     directory = args.model = fetch(args.model)
+    model = Bert.from_pretrained(directory).to(args.device)
+    positions = model.config.max_position_embeddings
+    for flag, length in (("--max_len", args.max_len), ("--speed_length", args.speed_length)):
+        if length and length > positions:
+            raise ValueError(f"{flag} {length}: the model has {positions} positions; give fewer")
     trained, saved = trained_settings(directory), os.path.join(directory, "args.json")
     task_len = 384 if args.task.startswith("squad") else data.TASKS[args.task].max_len
-    for name, default in (("data_dir", os.environ.get("MLKD_DATA", "data")), ("max_len", task_len)):
+    for name, default in (("data_dir", os.environ.get("MLKD_DATA", "data")),
+                          ("max_len", min(task_len, positions))):
         if getattr(args, name) is None:  # not given: the model's (its args.json), else the default
             setattr(args, name, trained.get(name) or default)
             print(f"{name} {getattr(args, name)} ({'from ' + saved if trained.get(name) else 'default'})")
     args.paper_exact = trained.get("paper_exact", False)
-    model = Bert.from_pretrained(directory).to(args.device)
-    tok = data.Tokenizer(os.path.join(directory, "vocab.txt"))
     if args.speed:
-        length = args.speed_length or trained.get("max_len", 128)
+        length = args.speed_length or trained.get("max_len", min(128, positions))
         return speed(model, args.speed_batch, length, device=args.device, verbose=True)
     why = head_mismatch(model, args.task)
     if why:
         hint = "a pre-trained model or General student is not fine-tuned on any task" \
             if model.config.head == "none" else "score it on the task it was trained on"
         raise ValueError(f"--model {directory}: {why}; {hint}")
+    if trained.get("task", args.task) not in (args.task, "mnli" if args.task == "ax" else None):
+        raise ValueError(f"--model {directory} was trained on {trained['task']} (its args.json), "
+                         f"not {args.task}: pass --task {trained['task']}")
+    vocab = os.path.join(directory, "vocab.txt")
+    if not os.path.exists(vocab):
+        raise ValueError(f"--model {directory}: no vocab.txt, the word pieces it reads (train.py "
+                         "saves one with each model)")
+    if len(data.read_text(vocab).splitlines()) > model.config.vocab_size:
+        raise ValueError(f"{vocab}: more word pieces than the model's vocab_size "
+                         f"{model.config.vocab_size}: not the model's vocabulary")
+    tok = data.Tokenizer(vocab)
     if os.path.exists(os.path.join(directory, "projections.safetensors")):  # Stage 1 kept W_m
         print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so "
               "this scores an untrained classifier; the distilled student is in stage2")
+    if os.path.exists(os.path.join(directory, "checkpoint.pt")):  # train.py's, till it finishes
+        print(f"note: {directory} is a stage still training (it has a checkpoint.pt): this scores "
+              "its model so far")
     if args.task.startswith("squad"):
         return score_squad(model, tok, args)
     return write_test_predictions(model, tok, args) if args.predict else score_dev(model, tok, args)
@@ -290,13 +308,13 @@ def score_dev(model, tok, args):
 
 
 def score_squad(model, tok, args):
-    """EM/F1 on the SQuAD dev file, and the predictions in <model>/predictions.json."""
+    """EM/F1 on the SQuAD dev file, and the predictions in <model>/predictions-<its name>."""
     version = squad_version(args.task)
     path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
     examples = data.read_squad(path, args.allow_partial, version)
     features = data.squad_features(examples, tok, max_len=args.max_len, train=False)
     scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
-    out = os.path.join(args.model, "predictions.json")
+    out = os.path.join(args.model, f"predictions-{os.path.basename(path)}")  # one per file scored
     data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
     print(f"SQuAD v{version} ({path}): {format_metrics(scores)}\nwrote {out}")
     return scores
@@ -363,6 +381,12 @@ def parse_args(argv=None):
         p.error(f"--noise_seed {args.noise_seed}: a whole number >= 0")
     if args.noise and (args.predict or args.speed):  # the typos go into dev alone
         p.error("--noise scores the dev set; run --predict or --speed without it")
+    if args.predict and (args.speed or args.task.startswith("squad")):
+        p.error("--predict writes GLUE test predictions (SQuAD's test set is not public); run "
+                "--speed or SQuAD without it")
+    if args.task == "ax" and not (args.predict or args.speed):  # GLUE's diagnostic set
+        p.error("--task ax has test labels only: --task ax --predict (or --task mnli --predict, "
+                "which writes AX.tsv too) with an MNLI model")
     check_model_flags(p, args)
     for name in ("batch_size", "speed_batch", "speed_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

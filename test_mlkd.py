@@ -1553,7 +1553,7 @@ def test_squad_pipeline_end_to_end(tmp_path, capsys):
     assert "ss" not in json.loads(open(out / "stage2" / "log.jsonl").readline())  # SQuAD: L_KD only
     scores = ev.main(["--task", "squad2", "--model", str(out / "stage2"), "--squad_file", str(path), "--device", "cpu"])
     assert scores["f1"] == pytest.approx(results["student"]["f1"])
-    assert set(json.load(open(out / "stage2" / "predictions.json"))) == {"q1", "q2", "q3"}
+    assert set(json.load(open(out / "stage2" / f"predictions-{path.name}"))) == {"q1", "q2", "q3"}  # the file's
 
 
 def test_tinybert_recipe_runs_both_stages_and_needs_equal_heads(tmp_path, capsys):
@@ -3414,10 +3414,32 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
     for flags, msg in ((["--speed", "--speed_batch", "0"], "--speed_batch must be at least 1, got 0"),
                        (["--max_len", "2"], "--max_len 2: must be in 3..512"),
                        (["--device", "gpu"], "--device: gpu: use cpu, cuda or cuda:N"),
-                       (["--noise", "0.1", "--predict"], "--noise scores the dev set; run --predict or")):
+                       (["--noise", "0.1", "--predict"], "--noise scores the dev set; run --predict or"),
+                       (["--speed", "--predict"], "--predict writes GLUE test predictions"),
+                       (["--task", "squad1", "--predict"], "--predict writes GLUE test predictions"),
+                       (["--task", "ax"], "--task ax has test labels only: --task ax --predict")):
         with pytest.raises(SystemExit):
             ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu, *flags])
         assert msg in capsys.readouterr().err
+    for flags, msg in ((["--max_len", "100"], "--max_len 100: the model has 64 positions"),  # before any work
+                       (["--speed", "--speed_length", "100"], "--speed_length 100: the model has 64 positions")):
+        with pytest.raises(ValueError, match=msg):
+            ev.main(["--task", "sst2", "--model", str(out / "stage2"), *cpu, *flags])
+    rte = model.Bert(model.BertConfig.preset("tiny-student", **ev.head_config("rte")))  # QNLI's labels too
+    rte.save(tmp_path / "rte", {**vocab, "args.json": json.dumps({"task": "rte"})})
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'rte'} was trained on rte (its args.json), not "
+                                                   "qnli: pass --task rte")):
+        ev.main(["--task", "qnli", "--model", str(tmp_path / "rte"), *cpu])
+    shutil.copytree(out / "stage2", tmp_path / "copy")
+    (tmp_path / "copy" / "checkpoint.pt").write_bytes(b"")  # a stage still training: said
+    ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
+    assert "is a stage still training (it has a checkpoint.pt)" in capsys.readouterr().out
+    (tmp_path / "copy" / "vocab.txt").write_text(open(init / "vocab.txt").read() + "extra\n" * 200)
+    with pytest.raises(ValueError, match="vocab.txt: more word pieces than the model's vocab_size 128"):
+        ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
+    os.remove(tmp_path / "copy" / "vocab.txt")
+    with pytest.raises(ValueError, match="copy: no vocab.txt, the word pieces it reads"):
+        ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
     if importlib.util.find_spec("transformers"):  # the student train.py saved opens in HF transformers as it is
         import transformers
         hf = transformers.BertForSequenceClassification.from_pretrained(str(out / "stage2")).eval()
