@@ -3122,6 +3122,8 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
         tmp_path / "other", {"vocab.txt": vocab.replace("movie", "cinema")})
     model.Bert(model.BertConfig.preset("tiny-teacher")).save(  # a vocabulary its embeddings cannot read
         tmp_path / "long", {"vocab.txt": vocab + "".join(f"extra{i}\n" for i in range(200))})
+    one_type = model.BertConfig.preset("tiny-teacher", type_vocab_size=1)  # a BERT of one segment
+    model.Bert(one_type).save(tmp_path / "one_type", {"vocab.txt": vocab})
     for extra, msg in (
         (["--layer_map", "4,1,2"], "--layer_map: layer map \\[4, 1, 2\\]: need 2 teacher layers in 1..4"),
         (["--layer_map", "2,9"], "--layer_map: .*in 1..4"),
@@ -3133,6 +3135,9 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
         (["--max_len", "128"], "--max_len 128: the teacher has 64 positions"),
         (["--student_init", "tinybert", "--ffn", "100"], "--ffn 100: General TinyBERT's FFN width is its own"),
         (["--proj_init", "identity"], r"--proj_init identity needs the student as wide as the teacher \(24 vs 48\)"),
+        (["--proj_init", "identity", "--stages", "teacher,stage2"], r"--proj_init identity needs"),  # a baseline's
+        (["--teacher_init", str(tmp_path / "one_type"), "--task", "mrpc"],
+         "the teacher: 1 segment embedding, and mrpc's pairs need 2; choose a BERT with type_vocab_size 2"),
         (["--layer_map", "2,9", "--stages", "teacher,stage2"], "--layer_map: .*in 1..4"),  # a baseline's student
         (["--stages", "teacher,eval"], f"no finished student in {re.escape(str(out / 'stage2'))}: run stage2"),
         (["--student_init", str(tmp_path / "short"), "--max_len", "40"], "--max_len 40: --student_init .*short has 32"),
@@ -3207,6 +3212,11 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
         train.main(argv + ["--stages", "eval", "--lr2", "1e-4"])  # the eval stage reads Stage 2's student
     with pytest.raises(ValueError, match=r"teacher was run with other settings: --seed 42 \(now 7\)"):
         train.main(argv + ["--seed", "7"])
+    with pytest.raises(ValueError, match=r"teacher was run with other settings: --compile False \(now True\)"):
+        train.main(argv + ["--compile"])  # its dropout masks are drawn otherwise
+    shutil.move(init, tmp_path / "gone")  # the finished teacher stage holds what --teacher_init gave: not read
+    train.main(argv + ["--stages", "eval"])
+    shutil.move(tmp_path / "gone", init)
     capsys.readouterr()
     train.main(argv + ["--eval_batch_size", "64", "--log_steps", "2"])  # what does not change a stage does not block it
     assert capsys.readouterr().out.count("is finished: skipped") == 3
@@ -3234,6 +3244,9 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
         train.main(argv)
     monkeypatch.setattr(data, "batches", real)
     assert os.path.exists(out / "stage1" / "checkpoint.pt")
+    with pytest.raises(SystemExit):  # a stage still training is no model to start from, nor a teacher
+        train.main(argv + ["--out", str(tmp_path / "x"), "--student_init", str(out / "stage1")])
+    assert f"--student_init {out / 'stage1'}: a stage still training (its checkpoint.pt)" in capsys.readouterr().err
     for extra, msg in ((["--lr1", "2e-3", "--w_mha", "0"], r"--w_mha 1.0 \(now 0.0\), --lr1 0.001 \(now 0.002\)"),
                        (["--layers", "3"], r"--layers 2 \(now 3\)")):
         with pytest.raises(ValueError, match="stage1 was run with other settings: " + msg):

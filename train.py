@@ -86,7 +86,8 @@ def pipeline(args):
     """teacher -> stage1 -> stage2 -> eval for one task (see the module docstring)."""
     out = {s: os.path.join(args.out, s) for s in STAGES}
     with main_process_first():  # under torchrun: process 0 downloads what is missing, then the rest
-        fetch_models(args, args.teacher or args.teacher_init)
+        fetch_models(args, args.teacher or (out["teacher"] if is_done(out["teacher"]) else
+                                            args.teacher_init))  # a finished one: no download
         train, evaluate = load_task(args, data.Tokenizer(args.vocab))
     args.data_crc32 = crc32(train)  # in each stage's args.json: same_settings compares it
     check_directories(out, args)  # a stage's directory run otherwise: refused before any training
@@ -290,6 +291,8 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a" if step else "w")
     t0, record = time.time() - trained, {"stage": stage}  # t0: training time alone, across resumes
     forward = torch.compile(model) if args.compile else model
+    if args.device.startswith("cuda"):  # finish says the stage's own peak
+        torch.cuda.reset_peak_memory_stats()
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, warmup, total)
@@ -472,6 +475,8 @@ FLAGS = [
     ("paper_exact", bool, False, "as the authors ran: batches padded to max_len, losses unmasked"),
     ("group_by_length", bool, False, "batches of similar lengths (runs of 100 sorted): less "
      "padding, the same masked losses; L_SS and L_SC then relate samples of similar length"),
+    ("compile", bool, False, "torch.compile the trained model; batches padded to a few widths "
+     "(its dropout masks are drawn otherwise: a result of its own)"),
     ("the teacher", "teacher stage1 stage2"),
     ("teacher", path, None, "directory of a fine-tuned teacher: skips the teacher stage"),
     ("teacher_init", hub_or_dir, "google-bert/bert-base-uncased", "pre-trained: hub name or DIR"),
@@ -517,7 +522,6 @@ FLAGS = [
     ("log_steps", count, 50, "progress line every N steps"),
     ("eval_batch_size", count, 128, "batch size of evaluation and of the teacher cache"),
     ("device", evaluation.device, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:N"),
-    ("compile", bool, False, "torch.compile the trained model; batches padded to a few widths"),
     ("no_teacher_cache", bool, False, "run the teacher on every Stage-2 step, not once per example"),
 ]
 
@@ -610,6 +614,10 @@ def check_flags(args):
             and not os.path.isdir(args.student_init):
         refuse(f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a "
                "directory")
+    for flag, model in (("--teacher", args.teacher), ("--student_init", args.student_init)):
+        if model and os.path.exists(os.path.join(model, "checkpoint.pt")):  # a stage's, unfinished
+            refuse(f"{flag} {model}: a stage still training (its checkpoint.pt): rerun its command "
+                   "to finish it first")
     if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2:
         refuse("--batch_size 1: L_SS and L_SC relate the samples of a batch and are 0 with one "
                "sample; use --batch_size 2 or more, or --w_ss 0 --w_sc 0")
@@ -671,7 +679,7 @@ def check_shapes(args, teacher):
     if args.student_init == "tinybert" and (M, d_s) not in TINYBERT:
         raise ValueError(f"--layers {M} --hidden {d_s}: no General TinyBERT of that shape (have 4 x "
                          "312, 6 x 768); use --student_init teacher-layers, random or a directory")
-    if distils and args.proj_init == "identity" and d_s != d_t:
+    if args.proj_init == "identity" and d_s != d_t:  # Stage 1's W_m, or a baseline's
         raise ValueError(f"--proj_init identity needs the student as wide as the teacher ({d_s} vs "
                          f"{d_t}); use --proj_init normal")
     try:  # Stage 1's map, and a baseline's student is built by it too
@@ -705,7 +713,7 @@ def fetch_models(args, teacher):
     still to build, each downloaded where missing. Under torchrun: in main_process_first()."""
     source = fetch(teacher)
     args.vocab = os.path.join(source, "vocab.txt")
-    config = BertConfig.from_json(os.path.join(source, "config.json"))
+    config, student = BertConfig.from_json(os.path.join(source, "config.json")), None
     if len(data.read_text(args.vocab).splitlines()) > config.vocab_size:  # ids past its embeddings
         raise ValueError(f"{args.vocab}: more word pieces than the vocab_size {config.vocab_size} "
                          f"of {source}/config.json: not the model's vocabulary")
@@ -719,6 +727,11 @@ def fetch_models(args, teacher):
         if args.max_len > student.max_position_embeddings:
             raise ValueError(f"--max_len {args.max_len}: --student_init {args.student_init} has "
                              f"{student.max_position_embeddings} positions")
+    pairs = args.task.startswith("squad") or args.task in data.TASKS and data.TASKS[args.task].b
+    for name, c in (("the teacher", config), ("--student_init", student)):
+        if pairs and c and c.type_vocab_size < 2:  # segment ids 0 and 1
+            raise ValueError(f"{name}: {c.type_vocab_size} segment embedding, and {args.task}'s "
+                             "pairs need 2; choose a BERT with type_vocab_size 2")
     check_shapes(args, config)
     builds = {"stage1", "stage2", "general"} & set(args.stages)  # general: general_distill.py's
     if args.student_init == "tinybert" and builds and not is_done(os.path.join(args.out, "stage1")):
@@ -855,13 +868,15 @@ def same_settings(stage, directory, args, flags=FLAGS):
 
 
 def finish(directory, metrics, args):
-    """Mark a stage finished: say and log its peak memory (CUDA allocated, or on a CPU the
-    process's peak resident set), write metrics.json (with done), drop the checkpoint."""
+    """Mark a stage finished: say and log its peak memory (CUDA allocated in the stage, fit resets
+    it; on a CPU the process's peak resident set so far, which no call resets), write
+    metrics.json (with done), drop the checkpoint."""
     cuda, record = args.device.startswith("cuda"), metrics["train"]
     record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     print(f"[{record['stage']}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory "
-          f"{record['peak_memory_gib']:.2f} GiB ({'CUDA allocated' if cuda else 'process RSS'})")
+          f"{record['peak_memory_gib']:.2f} GiB ("
+          + ("CUDA allocated in the stage)" if cuda else "the process's peak RSS so far)"))
     if LEAD:
         with open(os.path.join(directory, "log.jsonl"), "a") as log:
             print(json.dumps({"stage": record["stage"], "done": True,

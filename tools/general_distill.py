@@ -60,12 +60,13 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     ("warmup", train.number, 0.1, "warm-up fraction of the steps"),
     same("max_steps", "cap the steps (quick runs)"),
     SAME["paper_exact"],
+    SAME["compile"],
     same("group_by_length", "batches of similar lengths (runs of 100 sorted): less padding, "
          "the same masked losses"),
     ("running (changes no result)", ""),
     ("out", train.path, os.path.join("out", "general"), "writes OUT/general"),
     ("eval_steps", train.count, None, "held-out losses every N steps too (default: every epoch)"),
-    *(SAME[name] for name in "save_steps log_steps device compile".split()),
+    *(SAME[name] for name in "save_steps log_steps device".split()),
     same("eval_batch_size", "batch size of the held-out losses"),
 ]
 
