@@ -292,6 +292,10 @@ MUTANTS = [
            "        args.student_crc32 = train.crc32(start.state_dict())\n",
            "",
            "general_distill.py reuses a run after another general student took its --student_init DIR"),
+    Mutant("train.py",
+           '        if model and os.path.exists(os.path.join(model, "checkpoint.pt")):',
+           "        if False:",
+           "a --teacher still training (its checkpoint.pt) is distilled from, half-trained"),
 ]
 
 
