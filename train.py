@@ -291,8 +291,6 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a" if step else "w")
     t0, record = time.time() - trained, {"stage": stage}  # t0: training time alone, across resumes
     forward = torch.compile(model) if args.compile else model
-    if args.device.startswith("cuda"):  # finish says the stage's own peak
-        torch.cuda.reset_peak_memory_stats()
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, warmup, total)
@@ -826,6 +824,8 @@ def begin(stage, directory, args, flags=FLAGS):
     if dist.is_initialized():  # the other processes wait for process 0's directory
         dist.barrier()
     torch.manual_seed(zlib.crc32(f"{args.seed} {stage}".encode()))
+    if args.device.startswith("cuda"):  # finish says the stage's own peak
+        torch.cuda.reset_peak_memory_stats()
     return True
 
 
@@ -868,8 +868,8 @@ def same_settings(stage, directory, args, flags=FLAGS):
 
 
 def finish(directory, metrics, args):
-    """Mark a stage finished: say and log its peak memory (CUDA allocated in the stage, fit resets
-    it; on a CPU the process's peak resident set so far, which no call resets), write
+    """Mark a stage finished: say and log its peak memory (CUDA allocated in the stage, from begin;
+    on a CPU the process's peak resident set so far, which no call resets), write
     metrics.json (with done), drop the checkpoint."""
     cuda, record = args.device.startswith("cuda"), metrics["train"]
     record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
