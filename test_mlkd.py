@@ -3534,8 +3534,9 @@ def test_squad_file_of_another_layout_is_one_line_naming_the_place(tmp_path, bad
 
 
 def test_every_file_keeps_its_shape():
-    """Lines of at most 120 characters (a reader never scrolls sideways), a README that stays an on-ramp, and
-    nothing that points outside the repo: each fact is stated where it is used, with its primary source."""
+    """Lines of at most 120 characters (a reader never scrolls sideways), a README that stays an on-ramp, no
+    chapter function over 50 lines, and nothing that points outside the repo: each fact is stated where it is
+    used, with its primary source."""
     import glob
     for path in glob.glob(os.path.join(HERE, "*.py")) + glob.glob(os.path.join(HERE, "*", "*.py")):
         for n, line in enumerate(open(path, encoding="utf-8"), 1):
@@ -3548,6 +3549,12 @@ def test_every_file_keeps_its_shape():
         if not path.endswith(".svg") and os.path.basename(path) != "test_mlkd.py":  # this test names them
             text = open(path, encoding="utf-8").read()
             assert not notes.search(text), f"{os.path.relpath(path, HERE)} points to {notes.search(text).group()}"
+    import ast
+    for name in ("mlkd.py", "model.py", "train.py", "eval.py", "data.py"):  # the chapters: each function read
+        source = open(os.path.join(HERE, name), encoding="utf-8").read()  # whole, lines of at most 100 but a few
+        assert sum(len(line) > 100 for line in source.splitlines()) <= 0.05 * len(source.splitlines()), name
+        for f in (f for f in ast.walk(ast.parse(source)) if isinstance(f, ast.FunctionDef)):
+            assert f.end_lineno - f.lineno + 1 <= 50, f"{name}: {f.name} has {f.end_lineno - f.lineno + 1} lines"
     names = re.findall(r"^def (test_\w+)", open(__file__, encoding="utf-8").read(), re.M)  # a second def of a
     assert not [n for n in set(names) if names.count(n) > 1]  # name replaces the first: that test never runs
 
