@@ -3255,6 +3255,8 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     assert "[stage1] resumed from" in capsys.readouterr().out and train.is_done(out / "stage1")
     other = tmp_path / "other"  # Stage 1 from a --teacher, then the command without it: refused before
     train.main(argv + ["--out", str(other), "--teacher", str(out / "teacher"), "--stages", "stage1"])
+    train.main(argv + ["--out", str(other), "--teacher", str(out / "teacher"), "--stages", "stage1",
+                       "--teacher_epochs", "9", "--teacher_init", str(tmp_path)])  # no teacher trains: unused
     with pytest.raises(ValueError, match=r"stage1 was run with other settings: --teacher \S+ \(now None\)"):
         train.main(argv + ["--out", str(other)])
     assert not os.path.exists(other / "teacher")  # a teacher is trained

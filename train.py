@@ -845,9 +845,10 @@ def check_directories(out, args):
 
 def same_settings(stage, directory, args, flags=FLAGS):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
-    values of the flags that change the stage (those under the groups of `flags` that name it), on
-    other training data, from another teacher (Stage 1 and 2) or another start (Stage 2: Stage 1's
-    student, or a baseline's --student_init)."""
+    values of the flags that change the stage (those under the groups of `flags` that name it; with
+    --teacher, not the --teacher_* flags of the fine-tuning it skips), on other training data, from
+    another teacher (Stage 1 and 2) or another start (Stage 2: Stage 1's student, or a baseline's
+    --student_init)."""
     path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
@@ -855,7 +856,9 @@ def same_settings(stage, directory, args, flags=FLAGS):
     was, stages, differ = data.read_json(path), "", []
     for flag in flags:
         stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
-        if len(flag) == 4 and stage in stages and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
+        unused = now.get("teacher") and flag[0].startswith("teacher_")  # no fine-tuning to change
+        if len(flag) == 4 and stage in stages and not unused \
+                and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
     for key, what in (("data_crc32", "training data CRC-32"), ("teacher_crc32", "teacher CRC-32"),
                       ("student_crc32", "--student_init CRC-32"),
