@@ -37,7 +37,8 @@ def uncased(vocab):
 class Tokenizer:
     """BERT tokenisation by vocab.txt (clean; for an uncased vocabulary lower-case and strip
     accents; split; WordPiece), as Google's tokenization.py computes it, but for private-use
-    characters (U+E000...): `tokenizers` drops them; Google's keeps them, and the word is [UNK]."""
+    characters (U+E000...): `tokenizers` drops them; Google's keeps them, and the word is [UNK];
+    and a word-final Greek capital sigma, which Google's str.lower() of the word makes final ς."""
 
     def __init__(self, vocab_file):
         from tokenizers import BertWordPieceTokenizer
@@ -60,16 +61,16 @@ class Tokenizer:
         pair = texts_b is not None
         a = self.wp.encode_batch(list(texts_a), add_special_tokens=False)
         b = self.wp.encode_batch(list(texts_b), add_special_tokens=False) if pair else None
-        budget = max_length - 3 if pair else max_length - 2  # room left by [CLS] and the [SEP]s
         ids = np.full((len(a), max_length), self.pad_id, dtype=np.int64)
         types, lengths = np.zeros_like(ids), np.zeros(len(a), dtype=np.int64)
         for i in range(len(a)):  # once per data set, before training
-            x, y = a[i].ids, b[i].ids if pair else []
+            x, y = a[i].ids, b[i].ids if pair else []  # an empty b: one text (Google's `if tokens_b`)
+            budget = max_length - 3 if y else max_length - 2  # room left by [CLS] and the [SEP]s
             # Google's _truncate_seq_pair (cut the longer text, b on a tie) in closed form: a keeps
             # all it can beside all of b, and at least half the budget, rounded up
             ka = min(len(x), max((budget + 1) // 2, budget - len(y)))
             kb = min(len(y), budget - ka)
-            seq = [self.cls_id, *x[:ka], self.sep_id] + ([*y[:kb], self.sep_id] if pair else [])
+            seq = [self.cls_id, *x[:ka], self.sep_id] + ([*y[:kb], self.sep_id] if y else [])
             ids[i, :len(seq)] = seq
             types[i, ka + 2:len(seq)] = 1
             lengths[i] = len(seq)
@@ -123,7 +124,10 @@ def read_glue(task, split, data_dir, allow_partial=False):
     if not os.path.exists(path):
         download_glue(task, data_dir, path)
     text = read_text(path, "utf-8-sig")  # utf-8-sig: MRPC starts with a BOM
-    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    except csv.Error as e:  # a field over csv's 128 KiB: no GLUE sentence is that long
+        raise ValueError(f"{path}: {e}; {REFETCH}") from None
     test = split.startswith("test")
     header = t.header or test  # CoLA's train/dev have no header, its test file has one
     a, b = t.test_cols if test and t.test_cols else (t.a, t.b)
@@ -228,8 +232,11 @@ def read_squad(path, allow_partial=False, version=None):
                 impossible = isinstance(qa, dict) and qa.get("is_impossible")  # v2.0: no answer
                 answers = [] if impossible else squad_field(qa, "answers", list, at, path)
                 for n, answer in enumerate(answers):
-                    squad_field(answer, "text", str, f"{at}.answers[{n}]", path)
-                    squad_field(answer, "answer_start", int, f"{at}.answers[{n}]", path)
+                    text = squad_field(answer, "text", str, f"{at}.answers[{n}]", path)
+                    start = squad_field(answer, "answer_start", int, f"{at}.answers[{n}]", path)
+                    if not 0 <= start <= len(context) - len(text):  # Google's reader fails too
+                        raise ValueError(f"{path}: {at}.answers[{n}] ends past its context of "
+                                         f"{len(context)} characters; {REFETCH}")
                 examples.append(dict(id=squad_field(qa, "id", str, at, path),
                                      title=article.get("title", ""),
                                      question=squad_field(qa, "question", str, at, path),
@@ -260,8 +267,11 @@ def squad_field(obj, key, kind, where, path):
 def split_squad(path, first, head_path, tail_path=None):
     """Write the first `first` articles of a SQuAD file to head_path and the rest to tail_path (if
     given), in the official format: a split by article keeps a paragraph's questions on one side."""
-    doc = json.loads(read_text(path))
-    if not 0 < first < len(doc["data"]):
+    try:
+        doc = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not 0 < first < len(squad_field(doc, "data", list, "the file", path)):
         raise ValueError(f"{path} has {len(doc['data'])} articles: cannot split after {first}")
     for out, part in ((head_path, doc["data"][:first]), (tail_path, doc["data"][first:])):
         if out:
@@ -364,6 +374,9 @@ def download_glue(task, data_dir, path):
     for url in (f"{senteval}_train.txt", f"{senteval}_test.txt", f"{FILES_URL}/glue/data/mrpc_dev_ids.tsv"):
         dest = os.path.join(root, "MRPC", "original", url.rsplit("/", 1)[-1])
         texts.append(read_text(download(url, dest, place=path)))
+        if "msr_paraphrase" in dest and not texts[-1].removeprefix("\ufeff").startswith("Quality\t"):
+            os.remove(dest)  # an error page saved as the file: fetched again next time
+            raise ValueError(f"{url} sent no MRPC file (its header is not SentEval's); run again")
     dev_ids = {tuple(ln.strip().split("\t")) for ln in texts[2].splitlines() if ln.strip()}
     header, *lines = texts[0].splitlines(keepends=True)
     train = [header] + [ln for ln in lines if tuple(ln.split("\t")[1:3]) not in dev_ids]
@@ -415,6 +428,10 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
                     continue
                 if r.status_code not in (200, 206):
                     raise DownloadError(url, f"HTTP {r.status_code}", r.status_code, place)
+                if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(
+                        f"bytes {have}-"):  # not the bytes asked for: start over
+                    os.remove(part)
+                    continue
                 have = have if r.status_code == 206 else 0  # 200: Range ignored, start over
                 total = have + int(r.headers.get("Content-Length", 0)) or None
                 if save_body(r, part, have > 0, chunk, dest) >= (total or 0):

@@ -67,7 +67,7 @@ def write_vocab(path, words=()):
 class Server:
     def __init__(self, files, cut_first=False, delay=0.0, status_first=None):
         self.files, self.cut_first, self.delay, self.status_first = files, cut_first, delay, status_first
-        self.requests, self.encodings = [], []
+        self.requests, self.encodings, self.whole_206 = [], [], False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -86,7 +86,8 @@ class Server:
                 start = 0
                 rng = self.headers.get("Range")
                 if rng:
-                    start = int(rng.split("=")[1].split("-")[0])
+                    start = 0 if server.whole_206 else int(rng.split("=")[1].split("-")[0])
+                    server.whole_206 = False  # once: 206 with the whole file, not the range asked
                 if start >= len(body):  # nothing to send from there: the file's length
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -139,6 +140,9 @@ def test_download_keeps_a_whole_part_drops_a_longer_one_and_retries_a_busy_serve
         (tmp_path / "stale.bin.part").write_bytes(os.urandom(4000))  # longer than the file: not it
         assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "stale.bin")), "rb").read() == body
         assert [r for _, r in s.requests] == ["bytes=3000-", "bytes=4000-", None]
+        s.whole_206 = True  # a 206 whose Content-Range is not the bytes asked for: not appended, fetched anew
+        (tmp_path / "spliced.bin.part").write_bytes(body[:1000])
+        assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "spliced.bin")), "rb").read() == body
         s.status_first = 503  # busy once, then the file
         assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "busy.bin")), "rb").read() == body
         assert set(s.encodings) == {"identity"}  # no gzip: a byte range counts the file's own bytes
@@ -717,8 +721,8 @@ def test_pair_truncation_matches_googles_pop_loop(tmp_path):
     for budget in (0, 1, 5, 7, 10):
         ids, _, _ = tok.encode(["a " * la for la, _ in pairs], ["b " * lb for _, lb in pairs], budget + 3)
         for (la, lb), row in zip(pairs, ids.tolist()):
-            a, b = la, lb
-            while a + b > budget:  # Google's _truncate_seq_pair
+            a, b = (la if lb else min(la, budget + 1)), lb  # no b tokens: one text (convert_single_example)
+            while lb and a + b > budget:  # Google's _truncate_seq_pair
                 if a > b:
                     a -= 1
                 else:
@@ -735,6 +739,8 @@ def test_tokenizer_encodes_pairs_like_bert(tmp_path):
     assert words(0) == ["[CLS]", "hello", "world", "[SEP]", "x", "[SEP]"]
     assert types[0, :6].tolist() == [0, 0, 0, 0, 1, 1] and ids[0, 6:].tolist() == [0] * 4
     assert words(1) == ["[CLS]", "a", "b", "c", "d", "[SEP]", "g", "h", "i", "[SEP]"]  # 4 + 3: B loses the tie
+    ids, types, lengths = tok.encode(["a b c d e f g h i"], [""], max_length=10)  # an empty b: one text
+    assert [vocab[i] for i in ids[0, :lengths[0]]] == ["[CLS]", *"abcdefgh", "[SEP]"] and not types.any()
 
 
 def test_a_cased_vocabulary_keeps_case_and_accents(tmp_path):
@@ -910,6 +916,14 @@ def test_glue_download_unzips_and_mrpc_is_built_from_senteval(tmp_path, monkeypa
     assert [e.text_a for e in train] == ["A.", "E."] and [(e.text_a, e.label) for e in dev] == [("C.", 0)]
     assert [(e.guid, e.text_a, e.label) for e in test] == [("0", "G.", None)]
     assert not os.path.exists(tmp_path / "glue" / "RTE.zip")
+    page = {**files, "/senteval/senteval_data/msr_paraphrase_train.txt": b"<html>Not here</html>"}
+    with Server(page) as s:  # an error page served as SentEval's file: refused, and not kept for the next try
+        monkeypatch.setattr(data, "FILES_URL", s.url)
+        with pytest.raises(ValueError, match=r"msr_paraphrase_train.txt sent no MRPC file .*; run again"):
+            data.read_glue("mrpc", "train", str(tmp_path / "again"))
+    with Server(files) as s:
+        monkeypatch.setattr(data, "FILES_URL", s.url)
+        assert len(data.read_glue("mrpc", "train", str(tmp_path / "again"), allow_partial=True)) == 2
 
 
 def test_a_damaged_glue_zip_leaves_no_file_behind(tmp_path, monkeypatch):
@@ -1016,6 +1030,23 @@ def test_every_reader_refuses_a_bad_file_in_one_line_naming_it(tmp_path, reader,
     with pytest.raises(ValueError) as caught:
         read_with(reader, path, tmp_path)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_glue_field_past_csvs_limit_and_a_squad_answer_past_its_context_are_one_line(tmp_path):
+    dev = tmp_path / "glue" / "SST-2" / "dev.tsv"
+    dev.parent.mkdir(parents=True)
+    dev.write_text("sentence\tlabel\n" + "a" * 200_000 + "\t1\n")  # csv's limit: 128 KiB a field
+    with pytest.raises(ValueError, match=f"^{re.escape(str(dev))}: field larger than field limit"):
+        data.read_glue("sst2", "dev", str(tmp_path), allow_partial=True)
+    squad, path = copy.deepcopy(SQUAD_FIXTURE), tmp_path / "squad.json"
+    squad["data"][0]["paragraphs"][0]["qas"][1]["answers"][0]["answer_start"] = 60  # "red" from 60 of 62
+    path.write_text(json.dumps(squad))
+    with pytest.raises(ValueError, match=r"qas\[1\]\.answers\[0\] ends past its context of 62 characters"):
+        data.read_squad(str(path))  # Google's reader fails on it too; it trained as "no answer" here
+    for text, msg in (("{}", "data should be a list, found nothing"), ("not json", "squad.json is not JSON")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            data.split_squad(str(path), 1, str(tmp_path / "head.json"))
 
 
 def test_an_empty_dev_file_stops_train_in_one_line(tmp_path):
