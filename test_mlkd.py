@@ -1429,13 +1429,33 @@ def test_help_lists_every_flag_what_it_changes_and_the_task_defaults(capsys):
     assert "changes: stage1 stage2" in said and "changes: nothing" in said
     assert "  sst2: epochs1 15, epochs2 10, teacher_epochs 4, teacher_lr 2e-05" in said  # the authors' table
     said = " ".join(said.split())  # argparse wraps lines
-    assert "and batch order (default: 42)" in said and "Stage-1 learning rate (default: 5e-05)" in said
+    assert "and batch order (default: 42)" in said and "Stage-1 learning rate (default 5e-5; 3e-5 for SQuAD)" in said
     general = tool("general_distill")
     with pytest.raises(SystemExit):
         general.main(["--help"])
     said = capsys.readouterr().out
     assert all(f"--{flag[0]}" in said for flag in general.FLAGS if len(flag) == 4) and "--corpus" in said
     assert "writes OUT/general (default: out/general)" in " ".join(said.split())
+
+
+def test_per_task_defaults_are_the_authors_scripts():
+    """HandH1998/tmp_bert_mlkd's default_params: Stage 1 and 2 epochs (task_distill.py, branch bert_mlkd; SQuAD's,
+    lr and batch: branch bert_mlkd_for_qa_task, whose 4 Stage-1 epochs are not bert_mlkd's 6), the teacher's epochs and
+    lr (superbert_run_en_classifier.py); Stage 1 and 2 lr: argparse's 5e-5 but for SQuAD; max_seq_length."""
+    import train
+    authors = {"cola": (50, 30, 10, 1e-5, 5e-5, 32, 64), "sst2": (15, 10, 4, 2e-5, 5e-5, 32, 64),
+               "mrpc": (20, 15, 10, 2e-5, 5e-5, 32, 128), "stsb": (20, 15, 10, 3e-5, 5e-5, 32, 128),
+               "rte": (20, 15, 10, 2e-5, 5e-5, 32, 128), "qnli": (10, 10, 10, 2e-5, 5e-5, 32, 128),
+               "mnli": (6, 6, 4, 3e-5, 5e-5, 32, 128), "qqp": (6, 6, 5, 2e-5, 5e-5, 32, 128),
+               "wnli": (20, 15, 10, 2e-5, 5e-5, 32, 128), "squad1": (4, 3, 4, 3e-5, 3e-5, 16, 384),
+               "squad2": (4, 3, 4, 3e-5, 3e-5, 16, 384)}
+    assert set(authors) == set(train.RECIPES)
+    for task, (epochs1, epochs2, teacher_epochs, teacher_lr, lr, batch, max_len) in authors.items():
+        a = train.parse_args(["--task", task])
+        assert (a.epochs1, a.epochs2, a.teacher_epochs, a.teacher_lr) == (epochs1, epochs2, teacher_epochs, teacher_lr)
+        assert (a.lr1, a.lr2, a.batch_size, a.max_len) == (lr, lr, batch, max_len), task
+    a = train.parse_args(["--task", "squad1", "--lr1", "1e-4", "--lr2", "2e-5", "--batch_size", "8"])
+    assert (a.lr1, a.lr2, a.batch_size) == (1e-4, 2e-5, 8)  # given: as given
 
 
 def test_train_rejects_bad_flags_before_work(capsys):

@@ -37,9 +37,11 @@ import eval as evaluation  # eval.py (the name eval is Python's builtin)
 import mlkd
 from model import Bert, BertConfig, fetch, read_safetensors, write_safetensors
 
-# Per task, from the authors' scripts (Stage 1 and 2: task_distill.py's default_params, branch
-# bert_mlkd); WNLI's teacher row is RTE's. SQuAD: batch 16. They also select on dev every eval_step
-# steps (RTE 10; CoLA, MRPC, STS-B, WNLI 20; SST-2 100; the rest 500): --eval_steps N does so.
+# Per task, from the authors' scripts' default_params (HandH1998/tmp_bert_mlkd): Stage 1 and 2's
+# epochs from task_distill.py (branch bert_mlkd; SQuAD's from branch bert_mlkd_for_qa_task, which
+# also sets their lr 3e-5 and batch 16: parse_args), the teacher's from
+# superbert_run_en_classifier.py. They also select on dev every eval_step steps (Stage 2: RTE 10;
+# CoLA, MRPC, STS-B, WNLI 20; SST-2 100; the rest 500; the teacher's differ): --eval_steps N does so.
 RECIPES = {
     "cola": dict(epochs1=50, epochs2=30, teacher_epochs=10, teacher_lr=1e-5),
     "sst2": dict(epochs1=15, epochs2=10, teacher_epochs=4, teacher_lr=2e-5),
@@ -489,7 +491,8 @@ FLAGS = [
      "teacher-layers: the teacher's embeddings and layers g(1..M) (DistilBERT's init); DIR: the "
      "same from a model directory (tools/general_distill.py makes one of any shape); random"),
     ("layers", count, None, "student layers M (default: 4 for tinybert, else DIR's or N/2)"),
-    ("hidden", count, None, "student width (default: 312 for tinybert, else the copied model's)"),
+    ("hidden", count, None, "student width (default: 312 for tinybert, else the copied model's or, "
+     "random, the teacher's)"),
     ("heads", count, None, "student attention heads (any divisor of the width)"),
     ("ffn", count, None, "student FFN width"),
     ("recipe", ["mlkd", "tinybert"], "mlkd", "tinybert: TinyBERT's task distillation, the "
@@ -502,14 +505,14 @@ FLAGS = [
     ("mha_temperature", positive, 1.0, "L_MHA relation temperature; not 1 is NOT the paper's "
      "method"),
     ("epochs1", positive, None, "Stage-1 epochs"),
-    ("lr1", positive, 5e-5, "Stage-1 learning rate"),
+    ("lr1", positive, None, "Stage-1 learning rate (default 5e-5; 3e-5 for SQuAD)"),
     ("Stage 2", "stage2"),
     *((f"w_{w}", number, 1.0, f"weight of L_{w.upper()} (0 switches it off)") for w in ("kd", "ss", "sc")),
     ("w_ce", number, 0.0, "weight of the gold-label loss in Stage 2 (0 in MLKD; a baseline's)"),
     ("temperature", positive, 1.0, "L_KD temperature"),
     ("tau", positive, 0.07, "L_SC temperature"),
     ("epochs2", positive, None, "Stage-2 epochs"),
-    ("lr2", positive, 5e-5, "Stage-2 learning rate"),
+    ("lr2", positive, None, "Stage-2 learning rate (default 5e-5; 3e-5 for SQuAD)"),
     ("running (changes no result)", ""),
     ("data_dir", path, os.environ.get("MLKD_DATA", "data"),
      "holds glue/<TASK>/*.tsv and squad/*.json; missing files are downloaded there"),
@@ -576,6 +579,8 @@ def parse_args(argv=None):
         args.w_ss = args.w_sc = 0.0
     args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     args.batch_size = args.batch_size or (16 if squad else 32)
+    lr = 3e-5 if squad else 5e-5  # Stage 1 and 2's, as batch_size: the authors' (RECIPES)
+    args.lr1, args.lr2 = args.lr1 or lr, args.lr2 or lr
     args.out = args.out or path(os.path.join("out", args.task))
     args.stages = (",".join(STAGES) if args.stages is None else args.stages).split(",")
     if args.group_by_length and args.paper_exact:
