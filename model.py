@@ -10,19 +10,15 @@ its gelu alone (the tanh approximation, up to 5e-4 from the exact one):
                 H_l = LayerNorm(H' + Dense(gelu_erf(Dense(H'))))
     pooler      tanh(Dense(H_N[:, 0]))
 
-One forward returns a `BertOutput` that carries everything the MLKD losses need: every hidden
-state, every layer's attention context before its output projection, and the LayerNorm'd
-word-piece embeddings; collecting them costs no second pass. Asked with scores=True it also
-returns every layer's pre-softmax attention scores (TinyBERT's loss), written out, not SDPA.
+One forward returns a `BertOutput` with all the MLKD losses read (no second pass): every hidden
+state, every layer's attention context before its output projection, the LayerNorm'd word-piece
+embeddings; scores=True adds the pre-softmax attention scores (TinyBERT's loss), not by SDPA.
 
 Weights: `Bert.from_pretrained` reads a local directory (config.json, model.safetensors or
-pytorch_model.bin) or fetches a hub repository (https://huggingface.co/{name}/resolve/main/{file})
-through data.download. It reads safetensors with the short reader at the end of this file (no
-`safetensors` package) and `.bin` files with torch.load(weights_only=True), takes HF's parameter
-names or ours, and refuses to guess: a missing, unexpected or wrongly shaped tensor is an error
-listing every offending key. `Bert.save` writes HF's names, so a saved model opens in HF
-transformers. Google's TensorFlow release (its .zip, or a directory of bert_model.ckpt files) is
-converted once, by tools/convert_tf_checkpoint.py, into such a directory.
+pytorch_model.bin) or fetches a hub repository (https://huggingface.co/{name}/resolve/main/{file}),
+safetensors by the short reader at the end of this file, HF's parameter names or ours; a missing,
+unexpected or wrongly shaped tensor is an error. `Bert.save` writes HF's names: a saved model opens
+in HF transformers. tools/convert_tf_checkpoint.py converts Google's TensorFlow release into one.
 """
 import json
 import math
@@ -92,18 +88,22 @@ class BertConfig:
     @classmethod
     def from_json(cls, path, **overrides):
         """The config an HF or Google config.json holds, with overrides; keys we do not use are
-        ignored (an HF model's head: from its class). A file that is no JSON object, or a value
-        that cannot build a BERT, is an error naming the file."""
+        ignored (an HF model's head and labels: from its class and id2label). A file that is no JSON
+        object, or a value that cannot build a BERT, is an error naming the file."""
         try:  # json's errors, and BertConfig's, are ValueErrors: each is said with the file's name
             raw = json.loads(data.read_text(path))
             if not isinstance(raw, dict):
                 raise ValueError(f"not a BERT config (a JSON {type(raw).__name__}, not an object)")
-            n = raw.setdefault("num_labels", len(raw.get("id2label", {})))  # HF's: id2label's
+            names = raw.get("id2label") or {}  # HF's; left out when {0: LABEL_0, 1: LABEL_1}
+            n = raw.setdefault("num_labels", len(names) or 2)
+            if "label_text" not in raw and any(v != f"LABEL_{k}" for k, v in names.items()):
+                raw["label_text"] = [str(names[k]).lower() for k in sorted(names, key=int)]
             if "head" not in raw and raw.get("architectures"):  # HF's: the head of its class
                 raw["head"] = {"BertForQuestionAnswering": "span", "BertForSequenceClassification":
                                "regression" if raw.get("problem_type") == "regression" or n == 1
                                else "classification"}.get(raw["architectures"][0], "none")
-            for key, ours in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+            for key, ours in (("hidden_act", "gelu"), ("position_embedding_type", "absolute"),
+                              ("is_decoder", False)):  # HF's decoder masks attention causally
                 if raw.get(key, ours) != ours:  # gelu: the exact (erf) one, as F.gelu computes it
                     raise ValueError(f"{key} {raw[key]!r} is not supported, only {ours!r}")
             return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw} | overrides)
@@ -164,6 +164,7 @@ class Bert(nn.Module):
                 nn.init.normal_(m.weight, std=c.initializer_range)
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.word.weight[c.pad_token_id])  # HF's too; padding_idx: it never trains
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, scores=False):
         """input_ids, token_type_ids, attention_mask: (B, L) integer tensors; mask 1 = real token.
@@ -215,10 +216,9 @@ class Bert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, cache_dir=None, verbose=True, **config_overrides):
-        """A Bert built from the config.json of a directory or hub name (see fetch) with
-        config_overrides (e.g. head="classification", num_labels=2, hidden_dropout_prob=0.0), its
-        weights loaded strictly: each must fit; only a head or a pooler the checkpoint lacks is new
-        (and said)."""
+        """A Bert of the config.json of a directory or hub name (see fetch) and config_overrides
+        (e.g. head="classification", num_labels=2), its weights loaded strictly: each must fit; only
+        a pooler the checkpoint lacks, or a head the overrides ask for, is new (and said)."""
         directory = fetch(name_or_dir, cache_dir)
         model = cls(BertConfig.from_json(os.path.join(directory, "config.json"), **config_overrides))
         path = os.path.join(directory, "model.safetensors")
@@ -235,13 +235,14 @@ class Bert(nn.Module):
         head = ("classifier.", "qa_outputs.")
         shapes = [f"{k} {tuple(t.shape)} vs {tuple(ours[k].shape)}" for k, t in renamed.items()
                   if k in ours and t.shape != ours[k].shape]
-        bad = {"missing": [k for k in new if not k.startswith((*head, "pooler."))],
+        new_ok = (*head, "pooler.") if "head" in config_overrides else "pooler."  # a task's head
+        bad = {"missing": [k for k in new if not k.startswith(new_ok)],
                "unexpected": [k for k in renamed if k not in ours],
                "of another shape (file vs model)": shapes}
         if any(bad.values()):  # one line: the first three of each kind
             said = "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' * (len(keys) > 3)}"
                              for kind, keys in bad.items() if keys)
-            if all(k.startswith(head) for k in sum(bad.values(), [])):
+            if not bad["missing"] and all(k.startswith(head) for k in sum(bad.values(), [])):
                 said += " (a task head: start from the pre-trained model, which has none)"
             raise ValueError(f"{directory}: the checkpoint does not fit the model: {said}")
         model.load_state_dict({**ours, **renamed}, strict=True)

@@ -313,6 +313,10 @@ def test_a_checkpoint_without_a_pooler_loads_with_a_new_one(tmp_path, capsys):
     model.Bert.from_pretrained(str(tmp_path), head="span")
     said = capsys.readouterr().err
     assert "newly initialised" in said and "pooler.weight, pooler.bias, qa_outputs.weight" in said, said
+    # a head its own config.json names, but its weights lack, is not drawn anew: it would score as trained
+    write_model_dir(tmp_path, model.BertConfig.preset("tiny-teacher", head="span"), tiny_hf_state(config))
+    with pytest.raises(ValueError, match=r"does not fit the model: 2 missing: qa_outputs.weight, qa_outputs.bias$"):
+        model.Bert.from_pretrained(str(tmp_path), verbose=False)
 
 
 def test_safetensors_metadata_is_written_and_read(tmp_path):
@@ -385,7 +389,8 @@ def bad_files(good):
                       "a bad value": b'{"hidden_size": "big"}', "a bool size": b'{"vocab_size": true}',
                       "pad id past the vocabulary": b'{"vocab_size": 8, "pad_token_id": 8}',
                       "a negative init range": b'{"initializer_range": -1}',
-                      "a string eps": b'{"layer_norm_eps": "1e-12"}'})
+                      "a string eps": b'{"layer_norm_eps": "1e-12"}', "a decoder": b'{"is_decoder": true}',
+                      "labels not by number": b'{"id2label": {"a": "yes", "b": "no"}}'})
     elif good.startswith(b"PK"):  # pytorch_model.bin: a zip of pickles
         kinds["truncated data"] = good[:-200]
     else:  # model.safetensors
@@ -3803,6 +3808,34 @@ def test_a_model_saved_in_our_earlier_layout_still_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(ours_only))
     again = model.Bert.from_pretrained(str(tmp_path), verbose=False)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), old.state_dict().values()))
+
+
+def test_an_hf_config_says_its_labels_and_a_task_of_another_order_is_refused(tmp_path):
+    """HF's config.json names a classifier's labels in id2label, left out when it is the default {0: LABEL_0, 1:
+    LABEL_1} (transformers' configuration_utils.py): a binary classifier saved by HF has 2 labels, and one whose
+    labels run in another order than the task's (MNLI's three) is refused, not scored with its labels mixed up."""
+    import eval as ev
+    hf = {**dataclasses.asdict(model.BertConfig.preset("tiny-student")),
+          "architectures": ["BertForSequenceClassification"]}
+    for key in ("head", "num_labels", "label_names", "label_text"):  # ours: not in an HF model's config
+        hf.pop(key)
+
+    def config(**keys):
+        (tmp_path / "config.json").write_text(json.dumps({**hf, **keys}))
+        return model.BertConfig.from_json(str(tmp_path / "config.json"))
+
+    for keys in ({}, {"id2label": None}, {"id2label": {"0": "LABEL_0", "1": "LABEL_1"}}):
+        assert (config(**keys).head, config(**keys).num_labels, config(**keys).label_text) == ("classification", 2, [])
+    sst2 = config(id2label={"0": "NEGATIVE", "1": "POSITIVE"})
+    assert sst2.label_text == ["negative", "positive"] and ev.head_mismatch(model.Bert(sst2), "sst2") is None
+    mnli = config(id2label={"1": "neutral", "0": "entailment", "2": "contradiction"})
+    assert ev.head_mismatch(model.Bert(mnli), "mnli") == (
+        "has the labels ['entailment', 'neutral', 'contradiction'], but --task mnli's are ['contradiction', "
+        "'entailment', 'neutral']")
+    assert ev.head_mismatch(model.Bert(config(id2label={str(i): f"LABEL_{i}" for i in range(3)})), "mnli") is None
+    with pytest.raises(ValueError, match=r"config.json: is_decoder True is not supported, only False"):
+        config(is_decoder=True)  # HF's decoder attends causally: ours would be another model
+    assert not model.Bert(sst2).word.weight[sst2.pad_token_id].any()  # HF's init: the [PAD] row is 0
 
 
 def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
