@@ -2298,6 +2298,14 @@ def test_tf_checkpoints_read_exactly_what_tensorflow_wrote():
             assert state[k].dtype == torch.from_numpy(v).dtype and np.array_equal(state[k].numpy(), v), (fmt, k)
 
 
+def test_converter_leaves_out_the_slots_and_heads_hf_converter_leaves_out():
+    convert, w = tool("convert_tf_checkpoint"), torch.ones(2, 3)
+    slots = ("adam_m", "adam_v", "AdamWeightDecayOptimizer", "AdamWeightDecayOptimizer_1")
+    tf = {"bert/pooler/dense/kernel": w, **{f"bert/pooler/dense/kernel/{s}": w for s in slots},
+          "global_step": torch.tensor(7), "cls/predictions/output_bias": w}
+    assert {k: v.shape for k, v in convert.hf_state(tf).items()} == {"bert.pooler.dense.weight": (3, 2)}
+
+
 def test_google_checkpoint_is_refused_with_the_command_that_converts_it(tmp_path):
     """model.py names the converter's command; that command, run from elsewhere, writes a model directory
     that loads with Google's kernels transposed (cls/*, Adam's slots, global_step left out)."""

@@ -215,7 +215,9 @@ def masked_crc32c(buf):
 # ----------------------------------------------------------------------------------------------
 # Google's names -> HF's, the source's files, the conversion
 
-SKIPPED = r"^cls/|/adam_[mv]$|^global_step$"  # pre-training heads, Adam's slots, the step counter
+# Pre-training heads, the optimizer's slots, the step counter (HF's load_tf_weights_in_bert skips
+# these too: adam_m, adam_v, AdamWeightDecayOptimizer(_1), global_step)
+SKIPPED = r"^cls/|/(adam_[mv]|AdamWeightDecayOptimizer(_1)?)$|^global_step$"
 FINE_TUNED = r"^cls/squad/|^output_(weights|bias)$"  # Google's run_squad.py's, run_classifier.py's
 
 
