@@ -1812,6 +1812,13 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     import general_table  # the README's table reads these records
     table = list(general_table.rows("G", str(out / "general")))
     assert len(table) == 8 and table[0].startswith("| G (2 x 24, 2 heads, FFN 48) | init (random) |")
+    (tmp_path / "tb").mkdir()  # a --recipe tinybert run holds att and hid, not this table's losses: one line
+    (tmp_path / "tb" / "metrics.json").write_text((out / "general" / "metrics.json").read_text())
+    (tmp_path / "tb" / "args.json").write_text(json.dumps({**json.load(open(out / "general" / "args.json")),
+                                                          "recipe": "tinybert"}))
+    for directory, says in ((tmp_path / "tb", "ran --recipe tinybert"), (tmp_path, "no metrics.json: not a finished")):
+        with pytest.raises(SystemExit, match=says):
+            list(general_table.rows("T", str(directory)))
     # the General student starts a task: Stage 1 and Stage 2 from it (its own width, its two layers)
     task = PIPELINE + [
         "--data_dir",
@@ -2574,6 +2581,10 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         assert compare.mixed_runs("sst2", "S2") == [f"gold labels (fine-tuning) ({says})"]
     assert "Rows whose seeds ran at different commits or on different processors" in "\n".join(compare.table(args))
     os.remove(path)
+    epyc = compare.processor("2 cores, AMD EPYC, AVX-512")  # its fp32 kernels: those of its ISA, not of its cache
+    assert epyc == compare.processor("2 cores, AMD EPYC, AVX-512, 1 KB cache") == "AMD EPYC, AVX-512"
+    assert epyc != compare.processor("2 cores, AMD EPYC, no AVX-512")
+    assert compare.processor("NVIDIA H200 (bf16), 16 cores, A, AVX-512") == compare.processor("NVIDIA H200 (bf16), 8")
     for seed, steps in ((42, 1875), (1, 2500)):  # seeds of other budgets: each budget shown, none hidden
         path = compare.record_path("sst2", compare.row_out("sst2", "S2", "kd", seed))
         open(path, "w").write(json.dumps(dict(best=80.0, last=80.0, noise=None, steps=steps, minutes=1.0)))

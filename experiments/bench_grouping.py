@@ -69,7 +69,7 @@ def samples_per_s(objective, modules, batches, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="sst2")
+    p.add_argument("--task", default="sst2", choices=list(data.TASKS))
     p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"))
     p.add_argument("--vocab", required=True, help="a model directory with vocab.txt (the MiniLM package's model)")
     p.add_argument("--batches", type=int, default=20, help="batches timed per step and order")
@@ -91,7 +91,7 @@ def main():
               "pairs per real pair")
 
     torch.manual_seed(0)
-    head = dict(head="classification", num_labels=2)
+    head = evaluation.head_config(args.task)  # the task's: 2 or 3 labels, or STS-B's regression
     teacher = Bert(BertConfig.preset("minilm-l6-h384", **head)).to(args.device).eval().requires_grad_(False)
     student = Bert(BertConfig.preset("minilm-l6-h384", **head, num_hidden_layers=3, attention_probs_dropout_prob=0.0))
     student = student.to(args.device)
@@ -102,7 +102,7 @@ def main():
     used = torch.cat([b["index"] for batches in timed.values() for b in batches]).unique()  # the cache's rows we read
     logits, cls = evaluation.model_outputs(teacher, {k: v[used] for k, v in rows.items()}, 256, args.device)
     n = len(rows["lengths"])
-    cache = mlkd.LogitsAndCls(torch.zeros(n, 2).index_copy(0, used, logits.cpu()).to(args.device),
+    cache = mlkd.LogitsAndCls(torch.zeros(n, logits.shape[1]).index_copy(0, used, logits.cpu()).to(args.device),
                               torch.zeros(n, 384).index_copy(0, used, cls.cpu()).to(args.device))
     steps = {"teacher": (train.teacher_loss, [fine_tuned]),
              "stage1": (functools.partial(train.stage1_objective, teacher=teacher, proj=proj,

@@ -19,8 +19,9 @@ distillation (--recipe tinybert); MLKD at 6 and 3 heads; beyond the paper, L_MHA
 length-grouped batches; the budget curve (MLKD and TinyBERT with Stage 1 at 1, 3 and 9 epochs, a table and
 experiments/<task>-<setting>-budget.svg of its own). Every row sees the same seeded training subset
 and the same Stage-2 epochs; dev is scored about 10 times per epoch and both the best-on-dev checkpoint
-and the last are reported. Rows run in priority order (the first five with seeds 42, 1, 2, seed by seed); a row with a
-results.json or a record is skipped, an interrupted one resumes (train.py), so rerunning the command continues.
+and the last are reported. Rows run in priority order (those of several seeds seed by seed, then the
+one-seed rows); a row with a results.json or a record is skipped, an interrupted one resumes (train.py), so
+rerunning the command continues.
 Outputs go to out/compare/<task>/ (not kept in git: models and checkpoints), logs to each row's train.log.
 Each finished teacher and row leaves a small record in experiments/runs/<task>/ (kept in git: its numbers,
 its dev curve, the command, the commit, the date and the machine); the table in experiments/<task>.md is
@@ -151,8 +152,8 @@ def first_jobs(args, mini):
 
 
 def all_jobs(args, mini):
-    """Every row, in priority order: per setting seed by seed (seed 42 of the five seeded rows in ROWS order,
-    then seed 1, then seed 2, so a first comparison of all five exists early), then the one-seed rows; the
+    """Every row, in priority order: per setting seed by seed (seed 42 of every row of several seeds in ROWS
+    order, then seed 1, then seed 2, so a first comparison of them all exists early), then the one-seed rows; the
     other teacher settings last. A job is (name, command, log, the file that says it finished)."""
     spec = TASKS[args.task]
     teacher = os.path.join(teacher_out(args.task, *spec["teachers"][0]), "teacher")
@@ -474,13 +475,14 @@ def setting_table(task, setting):
 
 
 def processor(machine):
-    """The processor a record's numbers came from: its GPU's name, else its CPU's model ("AMD EPYC"). The float
-    arithmetic differs between them: the SST-2 teacher's command gave 88.88 on an AMD EPYC, 89.45 on an Intel Xeon."""
+    """The processor a record's numbers came from: its GPU's name, else its CPU's model and whether it has AVX-512
+    ("AMD EPYC, no AVX-512"): torch's fp32 kernels round otherwise on each. The float arithmetic differs between
+    them: the SST-2 teacher's command gave 88.88 on an AMD EPYC, 89.45 on an Intel Xeon."""
     if not machine:
         return None
     if " (bf16)" in machine:
         return machine.split(" (bf16)")[0]
-    return (machine.split(", ") + [""])[1] or machine  # "2 cores, AMD EPYC, ..." -> AMD EPYC
+    return ", ".join(machine.split(", ")[1:3]) or machine  # "2 cores, AMD EPYC, AVX-512, ..." -> AMD EPYC, AVX-512
 
 
 def mixed_runs(task, setting):

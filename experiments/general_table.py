@@ -13,16 +13,20 @@ import sys
 
 
 def rows(label, directory, init_only=False):
-    m = json.load(open(os.path.join(directory, "metrics.json")))
-    init = json.load(open(os.path.join(directory, "args.json")))["student_init"]
+    if not os.path.exists(os.path.join(directory, "metrics.json")):
+        sys.exit(f"{directory}: no metrics.json: not a finished tools/general_distill.py stage directory (OUT/general)")
+    m, ran = (json.load(open(os.path.join(directory, f))) for f in ("metrics.json", "args.json"))
+    if ran.get("recipe") == "tinybert":  # its held-out losses are att and hid
+        sys.exit(f"{directory} ran --recipe tinybert: this table shows MLKD's L_EMB, L_MHA and L_FFN")
+    init = ran["student_init"]
+    init = init if init in ("random", "tinybert") else "copied layers"  # teacher-layers, or a model DIR's
     c = json.load(open(os.path.join(directory, "config.json")))
     shape = (
         f"{c['num_hidden_layers']} x {c['hidden_size']}, {c['num_attention_heads']} heads, FFN {c['intermediate_size']}"
     )
     train = m["train"]
     for point in m["heldout"][:1] if init_only else m["heldout"]:
-        epoch = f"init ({init if init in ('random', 'tinybert') else 'copied layers'})" if point["step"] == 0 \
-            else f"step {point['step']}"
+        epoch = f"init ({init})" if point["step"] == 0 else f"step {point['step']}"
         yield (f"| {label} ({shape}) | {epoch} | {point['emb']:.4f} | {point['mha']:.4f} | {point['ffn']:.4f} "
                f"| {point['loss']:.4f} |")
     if init_only:
