@@ -133,7 +133,8 @@ def kd_loss(z_s, z_t, temperature=1.0):
     span z (B, 2, L):         the same over positions, start plus end
     regression z (B, 1):      MSE(z_S, z_T), the teacher's prediction as the target
     Summed over classes, as Hinton et al. (2015) and DistilBERT; the authors' soft_cross_entropy
-    (TinyBERT's) takes the mean over batch and classes: theirs is ours / C, beside L_SS and L_SC.
+    (TinyBERT's) takes the mean over batch and classes, without t^2: beside L_SS and L_SC,
+    theirs weighs ours / (C t^2).
     """
     z_s, z_t = z_s.float(), z_t.detach().float()
     if z_s.dim() == 2 and z_s.shape[1] == 1:  # regression
@@ -326,8 +327,9 @@ def tinybert_stage1_loss(s, t, proj, mask=None, lmap=None, paper_exact=False):
     """TinyBERT's intermediate-layer distillation, with MLKD's layer map and projections:
         L = sum_{m=1..M} MSE(A_S^m, A_T^g(m))  +  sum_{m=0..M} MSE(W_m h_S^m, h_T^g(m))
     att (attention scores) and hid (m = 0: the embedding layer's output, TinyBERT's L_embd; m >= 1:
-    the layers' outputs, L_hidn). s, t: BertOutputs computed with scores=True. TinyBERT shares one W
-    between the layers; a W_m per layer (TextBrewer's choice) lets the same Projections serve both.
+    the layers' outputs, L_hidn). s, t: BertOutputs computed with scores=True. TinyBERT's code
+    shares one W between the layers; a W_m per layer (TextBrewer's choice) lets the same Projections
+    serve both.
     paper_exact: as TinyBERT's code (attention_mse's; the hidden states' MSE unmasked).
     Returns (total, {name: value}).
     """
