@@ -2581,6 +2581,10 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         assert compare.mixed_runs("sst2", "S2") == [f"gold labels (fine-tuning) ({says})"]
     assert "Rows whose seeds ran at different commits or on different processors" in "\n".join(compare.table(args))
     os.remove(path)
+    open(path, "w").write('{"best": 1')  # a record cut short: one line naming it, not a JSONDecodeError
+    with pytest.raises(SystemExit, match=f"^{re.escape(path)}: not JSON"):
+        compare.table(args)
+    os.remove(path)
     epyc = compare.processor("2 cores, AMD EPYC, AVX-512")  # its fp32 kernels: those of its ISA, not of its cache
     assert epyc == compare.processor("2 cores, AMD EPYC, AVX-512, 1 KB cache") == "AMD EPYC, AVX-512"
     assert epyc != compare.processor("2 cores, AMD EPYC, no AVX-512")

@@ -10,6 +10,7 @@ ours over the faster HF, round by round.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -38,7 +39,7 @@ def tokens_per_s(forward, tokens, device, rounds, backward=True, warmup=2):
             torch.cuda.synchronize()  # the GPU has finished this call
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    return tokens / sorted(times)[len(times) // 2]
+    return tokens / statistics.median(times)
 
 
 def bench(args):
@@ -89,4 +90,7 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cpu", action="store_true", help="benchmark on CPU even when CUDA is available")
-    bench(p.parse_args())
+    args = p.parse_args()
+    if min(args.batch, args.length, args.iters, args.rounds) < 1 or args.warmup < 0:
+        p.error("--batch, --length, --iters and --rounds must be >= 1, --warmup >= 0")
+    bench(args)

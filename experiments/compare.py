@@ -314,7 +314,11 @@ def noise_models(args):
 
 
 def load(path):
-    return json.load(open(path)) if os.path.exists(path) else None
+    """A record (or a run's JSON file): None where there is none; a broken one exits naming it."""
+    try:
+        return json.load(open(path)) if os.path.exists(path) else None
+    except ValueError as e:
+        sys.exit(f"{path}: not JSON ({e}); restore it (a record: git checkout) or delete it")
 
 
 def record_path(task, out):
