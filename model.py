@@ -96,7 +96,7 @@ class BertConfig:
                 raise ValueError(f"not a BERT config (a JSON {type(raw).__name__}, not an object)")
             names = raw.get("id2label") or {}  # HF's; left out when {0: LABEL_0, 1: LABEL_1}
             n = raw.setdefault("num_labels", len(names) or 2)
-            if "label_text" not in raw and any(v != f"LABEL_{k}" for k, v in names.items()):
+            if "label_text" not in raw and n > 1 and any(v != f"LABEL_{k}" for k, v in names.items()):
                 raw["label_text"] = [str(names[k]).lower() for k in sorted(names, key=int)]
             if "head" not in raw and raw.get("architectures"):  # HF's: the head of its class
                 raw["head"] = {"BertForQuestionAnswering": "span", "BertForSequenceClassification":

@@ -3856,6 +3856,7 @@ def test_an_hf_config_says_its_labels_and_a_task_of_another_order_is_refused(tmp
         "has the labels ['entailment', 'neutral', 'contradiction'], but --task mnli's are ['contradiction', "
         "'entailment', 'neutral']")
     assert ev.head_mismatch(model.Bert(config(id2label={str(i): f"LABEL_{i}" for i in range(3)})), "mnli") is None
+    assert ev.head_mismatch(model.Bert(config(id2label={"0": "similarity"})), "stsb") is None  # a regression's name
     with pytest.raises(ValueError, match=r"config.json: is_decoder True is not supported, only False"):
         config(is_decoder=True)  # HF's decoder attends causally: ours would be another model
     assert not model.Bert(sst2).word.weight[sst2.pad_token_id].any()  # HF's init: the [PAD] row is 0

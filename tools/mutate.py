@@ -305,7 +305,7 @@ MUTANTS = [
            '            n = raw.setdefault("num_labels", len(names))',
            "a binary classifier saved by HF (no id2label: its default) is refused as 0 labels"),
     Mutant("model.py",
-           '            if "label_text" not in raw and any(v != f"LABEL_{k}" for k, v in names.items()):',
+           '            if "label_text" not in raw and n > 1 and any(v != f"LABEL_{k}" for k, v in names.items()):',
            "            if False:",
            "an HF classifier's label names are dropped: MNLI's in another order score mixed up"),
     Mutant("model.py",
