@@ -86,8 +86,10 @@ class Tokenizer:
 # last; None: test only); labels: the label strings in index order (() = regression); metric: GLUE's
 # official metric (the paper reports it, train.py selects on it); sizes: the official number of
 # examples per file, train, dev..., test... (GLUE paper; the download script); max_len: word pieces
-# per example in the MLKD authors' scripts; header: False where train and dev have no header line
-# (CoLA); test_cols: (a, b) in test.tsv where they differ.
+# per example in the MLKD authors' default_params (CoLA, SST-2 64: their teacher's; their
+# task_distill.py sets args.max_seq_len, a typo, so their Stage 1 and 2 ran at its default 128);
+# header: False where train and dev have no header line (CoLA); test_cols: (a, b) in test.tsv where
+# they differ.
 Task = namedtuple("Task", ["folder", "a", "b", "label", "labels", "metric", "sizes", "max_len",
                            "header", "test_cols", "dev_splits", "test_splits"],
                   defaults=(128, True, None, ("dev",), ("test",)))

@@ -206,7 +206,7 @@ class Bert(nn.Module):
             # TinyBERT code apply ReLU to `pooled` in place of this dropout (not copied)
         elif c.head == "span":
             out.logits = self.qa_outputs(x).transpose(1, 2)  # (B, 2, L): start and end logits
-            if attention_mask is not None:  # a pad is never an answer; finite, so 0 * it = 0 in KD
+            if attention_mask is not None:  # never an answer (authors' KD: kept); finite: 0*it = 0
                 out.logits = out.logits.masked_fill(attention_mask[:, None, :] == 0, -1e4)
         return out
 
