@@ -350,7 +350,7 @@ def read_safetensors(path):
         raise ValueError(f"{path}: corrupt safetensors header: not a JSON object of tensor entries")
     state = {}
     for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        dtype = SAFETENSORS_DTYPES.get(str(info.get("dtype")))  # str: a list is no dtype either
         if dtype is None:
             raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, not one of "
                              f"{', '.join(SAFETENSORS_DTYPES)}")

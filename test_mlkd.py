@@ -397,6 +397,7 @@ def bad_files(good):
         kinds.update({"header cut": good[:20], "header not JSON": header(b"{not json}") + b"\0" * 8,
                       "header not an object": header(b"[1]"), "data cut": good[:-10],
                       "unknown dtype": header(b'{"w": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}') + b"\0",
+                      "a list dtype": header(b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}'),
                       "offsets past the end": header(b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'),
                       **{f"entry {e}": header(b'{"w": {"dtype": "F32", ' + e.encode() + b'}}') + b"\0" * 16
                          for e in ('"shape": 4, "data_offsets": [0, 16]',
