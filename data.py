@@ -332,7 +332,8 @@ def squad_predictions(examples, features, start_logits, end_logits, n_best=20, m
         s_log, e_log = start_logits[f], end_logits[f]
         valid = offsets[f, :, 0] >= 0  # context tokens of this window
         null[ex_i] = min(null.get(ex_i, np.inf), float(s_log[0] + e_log[0]))
-        starts, ends = np.argsort(-s_log)[:n_best], np.argsort(-e_log)[:n_best]
+        # the n_best highest, of equal ones the first (Google's _get_best_indexes sorts stably)
+        starts, ends = (np.argsort(-x, kind="stable")[:n_best] for x in (s_log, e_log))
         s, e = starts[:, None], ends[None, :]  # (n_best, n_best) pairs by broadcasting
         ok = valid[s] & valid[e] & (e >= s) & (e - s + 1 <= max_answer)
         if not ok.any():

@@ -1096,6 +1096,20 @@ def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
     assert preds == {"q1": "on the mat", "q2": "red", "q3": ""} and diffs["q3"] > 0 > diffs["q1"]
 
 
+def test_squad_spans_of_equal_score_go_to_the_first_as_googles_stable_sort():
+    """bf16 logits tie often: of equal start (end) logits the first position ranks first, as in Google's
+    run_squad.py (_get_best_indexes: sorted(), stable), and of equal spans the first kept wins."""
+    words = [f"w{i}" for i in range(300)]
+    offsets = np.full((1, 384, 2), -1)
+    offsets[0, 10:310, 0] = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])
+    offsets[0, 10:310, 1] = offsets[0, 10:310, 0] + [len(w) for w in words]
+    start, end = np.zeros((1, 384), np.float32), np.zeros((1, 384), np.float32)
+    start[0, [30, 250]], end[0, [35, 255]] = 5, 5  # two spans of score 10: w20..w25 and w240..w245
+    features = {"offsets": torch.tensor(offsets), "example": torch.tensor([0])}
+    preds, _ = data.squad_predictions([{"id": "q", "context": " ".join(words)}], features, start, end)
+    assert preds == {"q": "w20 w21 w22 w23 w24 w25"}
+
+
 def test_split_squad_by_article(tmp_path):
     doc = {
         "version": "v2.0",
