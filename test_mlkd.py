@@ -1175,8 +1175,9 @@ def test_real_squad_answers_round_trip():
 # eval.py: metrics against hand-worked examples
 
 
-def glue_metrics(task, preds, labels):
-    """eval.evaluate_glue's metrics (but "total") for a stand-in model that predicts preds."""
+def glue_metrics(task, preds, labels, splits=None):
+    """eval.evaluate_glue's metrics (but "total") for a stand-in model that predicts preds; splits: {dev file:
+    its rows} (MNLI's two), else one "dev" of every row."""
     import types
     import eval as ev
 
@@ -1185,10 +1186,10 @@ def glue_metrics(task, preds, labels):
             v = torch.tensor(preds, dtype=torch.float)[ids[:, 0]]
             z = v[:, None] if task == "stsb" else torch.nn.functional.one_hot(v.long(), 3).float()
             return types.SimpleNamespace(logits=z, hidden_states=[z[:, None]])
-    n = len(preds)
-    dev = {"input_ids": torch.arange(n)[:, None], "token_type_ids": torch.zeros(n, 1, dtype=torch.long),
-           "lengths": torch.ones(n, dtype=torch.long), "labels": torch.tensor(labels)}
-    return {k: v for k, v in ev.evaluate_glue(Predicts(), task, {"dev": dev}).items() if k != "total"}
+    dev = {split: {"input_ids": rows[:, None], "token_type_ids": 0 * rows[:, None], "lengths": 1 + 0 * rows,
+                   "labels": torch.tensor(labels)[rows]}
+           for split, rows in ((s, torch.tensor(r)) for s, r in (splits or {"dev": range(len(preds))}).items())}
+    return {k: v for k, v in ev.evaluate_glue(Predicts(), task, dev).items() if not k.startswith("total")}
 
 
 def test_glue_metrics_by_hand():
@@ -1196,6 +1197,9 @@ def test_glue_metrics_by_hand():
     preds, labels = [1, 1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 1, 0, 0, 0, 1]
     m = glue_metrics("mrpc", preds, labels)
     assert m == {"acc": 75.0, "f1": pytest.approx(100 * 8 / 10)}  # 2TP / (2TP + FP + FN)
+    assert glue_metrics("qqp", preds, labels) == m  # QQP's metric: F1 of class 1 too
+    mnli = {"dev_matched": [0, 1, 2, 3], "dev_mismatched": [4, 5]}  # its two dev files: acc_m, acc_mm
+    assert glue_metrics("mnli", [0, 1, 2, 2, 0, 0], [0, 1, 2, 0, 1, 2], mnli) == {"acc_m": 75.0, "acc_mm": 0.0}
     assert glue_metrics("cola", preds, labels)["mcc"] == pytest.approx(
         100 * (4 * 2 - 1 * 1) / math.sqrt(5 * 5 * 3 * 3)
     )
@@ -1988,6 +1992,41 @@ def tiny_fit_args(tmp_path, *extra):
     return args, m, ds
 
 
+def test_train_step_clips_the_whole_gradient_to_norm_one(tmp_path):
+    """BERT's clip (Google's optimization.py: clip_by_global_norm, 1.0): the step sees the gradient of every
+    parameter together scaled to norm 1 when it is longer, as it is here (the loss x 1000)."""
+    import train
+    args, m, ds = tiny_fit_args(tmp_path)
+    norms = []
+
+    class Recorder(torch.optim.SGD):
+        def step(self):
+            norms.append(float(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]).norm()))
+
+    def loss_fn(model, batch):
+        loss, parts = train.teacher_loss(model, batch)
+        return 1000 * loss, parts
+    train.train_step(m, next(data.batches(ds, 6)), loss_fn, Recorder(m.parameters(), lr=0.0), "teacher", 0, args)
+    assert norms == [pytest.approx(1.0, rel=1e-5)]
+
+
+def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch):
+    """fit saves a checkpoint when dev improves strictly: of equal best scores the first stays (the authors'
+    task_distill.py: `if result['acc'] > best_dev_metric`)."""
+    import train
+    args, m, ds = tiny_fit_args(tmp_path, "--eval_steps", "1", "--max_steps", "4")
+    scores, saved = iter([50.0, 60.0, 60.0, 55.0]), []
+    monkeypatch.setattr(train, "save_model", lambda model, directory, args: saved.append(evaluated[-1]))
+    evaluated = []
+
+    def evaluate(model):
+        evaluated.append(len(evaluated) + 1)
+        return {"acc": next(scores)}
+    _, best = train.fit("teacher", str(tmp_path), [m], train.teacher_loss, ds, args, 2, 1e-3, 0.1, evaluate,
+                        keep_best=True)
+    assert evaluated == [1, 2, 3, 4] and saved == [1, 2] and best == {"acc": 60.0}
+
+
 def test_a_checkpoint_past_the_runs_end_is_refused(tmp_path):
     """Fewer training rows under the same settings (a data file rewritten): the checkpoint's step 5 is past
     this run's 3 steps; fit must not write a finished stage that trained nothing."""
@@ -2436,8 +2475,12 @@ def test_converter_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("MLKD_TF_MINILM") or minilm_dir() is None,
-                    reason="set MLKD_TF_MINILM to the output of testdata/make_tf_checkpoints.py --minilm DIR")
+                    reason="a manual check: set MLKD_TF_MINILM to the output of testdata/make_tf_checkpoints.py "
+                    "--minilm DIR (TensorFlow writes it)")
 def test_minilm_from_tensorflow_checkpoint_equals_safetensors(tmp_path):
+    """A manual check, run after a change to the converter on a machine with TensorFlow: a real-size checkpoint
+    TensorFlow wrote converts to MiniLM's own weights, bit for bit. In every run, the small checkpoints TensorFlow
+    wrote into testdata/tf1 and tf2 pin the same reader (test_tf_checkpoints_read_exactly_what_tensorflow_wrote)."""
     tool("convert_tf_checkpoint").main([os.environ["MLKD_TF_MINILM"], str(tmp_path / "minilm")])
     tf_model = model.Bert.from_pretrained(str(tmp_path / "minilm"), verbose=False).eval()
     st_model = model.Bert.from_pretrained(minilm_dir(), verbose=False).eval()
@@ -3289,6 +3332,33 @@ def test_shape_flags_are_refused_before_the_teacher_trains(tmp_path, capsys, mon
         os.chmod(tmp_path / "ro", 0o700)
 
 
+def test_each_flag_is_compared_by_exactly_the_stages_whose_results_it_changes(tmp_path):
+    """The settings guard's table, flag by flag: a stage directory whose args.json holds another value of a
+    flag is refused by the stages that flag changes (FLAGS' group headers) and reused by the others."""
+    import train
+    changes = {"teacher stage1 stage2": "task batch_size max_len train_file train_subset max_steps seed weight_decay "
+                                        "paper_exact group_by_length compile teacher teacher_init teacher_epochs "
+                                        "teacher_lr",
+               "teacher stage2": "warmup eval_steps dev_file",  # the teacher's schedule and model selection
+               "stage1 stage2": "student_init layers hidden heads ffn recipe layer_map splits proj_init w_emb w_mha "
+                                "w_ffn mha_temperature epochs1 lr1",
+               "stage2": "w_kd w_ss w_sc w_ce temperature tau epochs2 lr2",
+               "": "data_dir out stages allow_partial save_steps log_steps eval_batch_size device no_teacher_cache"}
+    flags = {flag: stages.split() for stages, names in changes.items() for flag in names.split()}
+    assert sorted(flags) == sorted(f[0] for f in train.FLAGS if len(f) == 4)  # each flag of FLAGS, once
+    args = train.parse_args(["--task", "sst2", "--device", "cpu", "--out", str(tmp_path / "out")])
+    now = json.loads(json.dumps(vars(args), default=str))
+    (tmp_path / "metrics.json").write_text('{"done": true}')
+    for flag, stages in flags.items():
+        (tmp_path / "args.json").write_text(json.dumps({**now, flag: "another value"}))
+        for stage in ("teacher", "stage1", "stage2"):
+            if stage in stages:
+                with pytest.raises(ValueError, match=f"was run with other settings: --{flag} another value \\(now"):
+                    train.same_settings(stage, str(tmp_path), args)
+            else:
+                train.same_settings(stage, str(tmp_path), args)
+
+
 def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, monkeypatch):
     import train
     init = write_pipeline_fixture(tmp_path)
@@ -3321,6 +3391,11 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     tsv.write_text(tsv.read_text().replace("the movie was", "the film was", 1))
     with pytest.raises(ValueError, match=r"teacher was run with other settings: training data CRC-32 \w{8} "
                                          r"\(now \w{8}\)"):
+        train.main(argv + ["--data_dir", str(tmp_path / "moved")])
+    rows = (tmp_path / "data" / "glue" / "SST-2" / "train.tsv").read_text().splitlines(keepends=True)
+    rows[1] = rows[1][:-2] + {"0\n": "1\n", "1\n": "0\n"}[rows[1][-2:]]  # the same text, one label fixed
+    tsv.write_text("".join(rows))
+    with pytest.raises(ValueError, match=r"teacher was run with other settings: training data CRC-32"):
         train.main(argv + ["--data_dir", str(tmp_path / "moved")])
     shutil.rmtree(out / "teacher")  # fine-tuned anew with another warm-up: Stage 1 distilled another teacher
     with pytest.raises(ValueError, match=r"stage2 was run with other settings: --warmup 0.1 \(now 0.5\)"):
@@ -3383,9 +3458,10 @@ def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
         "--train_subset 20 is not less than the 10 training examples: training on all of them"
         in capsys.readouterr().out
     )
-    assert (
-        train.train_subset(4, examples) == train.train_subset(4, examples) and len(train.train_subset(4, examples)) == 4
-    )
+    # a seeded random draw (torch.randperm under manual_seed(42)), kept in file order: the experiments' records
+    # were trained on such subsets, so the draw itself is pinned (not the first rows, not another draw)
+    assert train.train_subset(4, examples) == [1, 2, 6, 8]
+    assert train.train_subset(5, list(range(1000))) == [68, 94, 542, 618, 816]
 
 
 def test_training_batches_follow_seed_group_by_length_and_paper_exact():
@@ -3452,12 +3528,17 @@ def test_proj_init_identity_and_teacher_layers_reach_stage1(tmp_path):
         assert all(torch.equal(s[k], t[k]) for k in s)
     assert torch.equal(student.word.weight, teacher.word.weight)
     assert not torch.equal(student.classifier.weight, teacher.classifier.weight)  # the teacher's head: not copied
+    # L_MHA reads the O of one SDPA call: the student's attention dropout is 0 (the teacher's is not), in every init
+    assert student.config.attention_probs_dropout_prob == 0.0 < teacher.config.attention_probs_dropout_prob
+    random_init = train.parse_args(["--task", "sst2", "--student_init", "random", "--splits", "4", "--device", "cpu"])
+    assert train.stage1_start(teacher, random_init)[0].config.attention_probs_dropout_prob == 0.0
     mnli = model.Bert(model.BertConfig.preset("tiny-student", head="classification", num_labels=3))
     mnli.save(tmp_path / "mnli-student")  # a student of another task (3 labels) starts an SST-2 student
     args = train.parse_args(["--task", "sst2", "--student_init", str(tmp_path / "mnli-student"), "--splits", "4",
                              "--device", "cpu"])
     student, _, g = train.stage1_start(teacher, args)
     assert g == [0, 2, 4] and student.classifier.out_features == 2  # its own layers 1, 2; a new head of 2 labels
+    assert student.config.attention_probs_dropout_prob == 0.0 < mnli.config.attention_probs_dropout_prob
     copied, source = (m.layers.state_dict() for m in (student, mnli))
     assert copied.keys() == source.keys() and all(torch.equal(copied[k], source[k]) for k in copied)
 
@@ -3989,7 +4070,7 @@ def test_each_step_draws_its_dropout_from_a_seed_of_its_own_and_a_checkpoint_kee
     def loss_at(step, rank=0):
         monkeypatch.setattr(train, "RANK", rank)
         torch.rand(7)  # the global generator moved on, as after anything else a run did
-        model_ = copy.deepcopy(m)
+        model_ = copy.deepcopy(m).eval()  # as a dev evaluation leaves it: train_step turns dropout back on
         optimizer = train.adamw([model_], 1e-3, args)
         return train.train_step(model_, batch, train.teacher_loss, optimizer, "stage1", step, args)["ce"]
     assert loss_at(4) == loss_at(4) != loss_at(5) and loss_at(4, rank=1) != loss_at(4)

@@ -17,7 +17,7 @@ train.py's stages):
 It takes one run of the suite for the unmutated code (it must pass, else every mutant would look
 caught), then one per mutant, stopped at the mutant's first failing test (pytest -x). A run of the
 whole suite is 1 minute on 2 idle CPU cores and up to 5 when they are shared; a caught mutant stops
-sooner. A full run of 59 of them took 49 minutes on 2 cores. Run it in the background.
+sooner. A full run of 59 of them took 49 minutes on 2 idle cores. Run it in the background.
 
 Read the first failing test of each caught mutant: one caught only by a test that has nothing to do
 with its mistake may have met a flaky test; run it again with --only N.
@@ -332,6 +332,43 @@ MUTANTS = [
            '(np.argsort(-x, kind="stable")[:n_best] for x in (s_log, e_log))',
            "(np.argsort(-x)[:n_best] for x in (s_log, e_log))",
            "SQuAD spans of equal logits go to whichever position an unstable sort puts first"),
+    # a helper's search for tests that could not fail: each of these passed the suite before its test
+    Mutant("train.py",
+           "    model.train()  # dropout:",
+           "    pass  # dropout:",
+           "after a dev evaluation (eval mode) the model trains on without dropout"),
+    Mutant("train.py",
+           "    overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,",
+           "    overrides = dict(evaluation.head_config(args.task),",
+           "the student keeps attention dropout: the O that L_MHA reads is dropped out"),
+    Mutant("train.py",
+           '    ("Stage 2", "stage2"),',
+           '    ("Stage 2", ""),',
+           "Stage 2's flags change nothing to the settings guard: a stale Stage 2 is reused"),
+    Mutant("train.py",
+           "    for k in sorted(tensors):",
+           '    for k in sorted(set(tensors) - {"labels"}):',
+           "the training data's CRC-32 skips the labels: a file of fixed labels reuses old stages"),
+    Mutant("train.py",
+           "    torch.nn.utils.clip_grad_norm_(params, 1.0)",
+           "    torch.nn.utils.clip_grad_norm_(params, 1e9)",
+           "the gradient is not clipped to norm 1"),
+    Mutant("train.py",
+           "metrics[args.metric] > best[args.metric])",
+           "metrics[args.metric] >= best[args.metric])",
+           "of equal best dev scores the last checkpoint is kept, not the first"),
+    Mutant("eval.py",
+           '{"dev_matched": "_m", "dev_mismatched": "_mm"}',
+           '{"dev_matched": "_mm", "dev_mismatched": "_m"}',
+           "MNLI's matched and mismatched accuracies swap names: selection on mismatched"),
+    Mutant("eval.py",
+           '        elif task in ("mrpc", "qqp"):',
+           '        elif task == "mrpc":',
+           "QQP gets no F1, its metric"),
+    Mutant("train.py",
+           "    keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(42))[:n]",
+           "    keep = torch.arange(n)",
+           "--train_subset takes the first n rows, not a seeded random draw"),
 ]
 
 
