@@ -2387,7 +2387,16 @@ def test_google_checkpoint_is_refused_with_the_command_that_converts_it(tmp_path
     run = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "wrote google-hf" in run.stdout, run.stdout + run.stderr
-    assert sorted(os.listdir(tmp_path / "google-hf")) == ["config.json", "model.safetensors", "vocab.txt"]
+    assert sorted(os.listdir(tmp_path / "google-hf")) == ["config.json", "model.safetensors", "tokenizer_config.json",
+                                                          "vocab.txt"]
+    tokenizer = json.loads((tmp_path / "google-hf" / "tokenizer_config.json").read_text())
+    assert tokenizer["do_lower_case"] is True  # an uncased vocabulary; a cased one: False (HF's default lower-cases)
+    cased = tmp_path / "cased"
+    shutil.copytree(google, cased)
+    (cased / "vocab.txt").write_text((google / "vocab.txt").read_text().upper())  # capitals: cased
+    run = subprocess.run([sys.executable, os.path.join(HERE, script), str(cased), "cased-hf"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert json.loads((tmp_path / "cased-hf" / "tokenizer_config.json").read_text())["do_lower_case"] is False, run
     m = model.Bert.from_pretrained(str(tmp_path / "google-hf"), verbose=False)
     values = np.load(TF_VALUES, allow_pickle=False)
     assert np.array_equal(

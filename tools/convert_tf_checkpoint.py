@@ -6,8 +6,9 @@ SOURCE is a TensorFlow checkpoint prefix (e.g. uncased_L-12_H-768_A-12/bert_mode
 directory holding it next to bert_config.json and vocab.txt, or Google's release zip, as a file or
 an https URL (https://storage.googleapis.com/bert_models/2018_10_18/uncased_L-12_H-768_A-12.zip,
 downloaded once into $MLKD_CACHE, else ~/.cache/mlkd). OUT_DIR receives config.json (HF's form),
-vocab.txt and model.safetensors with HF's names, as HF transformers' own converter
-(convert_bert_original_tf_checkpoint_to_pytorch.py) would give, and no TensorFlow is needed.
+vocab.txt, tokenizer_config.json (its casing) and model.safetensors with HF's names, as HF
+transformers' own converter (convert_bert_original_tf_checkpoint_to_pytorch.py) would give, and no
+TensorFlow is needed.
 
 The format is TensorFlow's tensor bundle (tensorflow/core/util/tensor_bundle/tensor_bundle.proto
 and tensor_bundle.cc). <prefix>.index is a LevelDB table (github.com/google/leveldb,
@@ -17,6 +18,7 @@ shard, offset, size, masked crc32c). The tensors are raw little-endian bytes in
 <prefix>.data-0000i-of-0000n. Every table block and every tensor is checked against its CRC-32C.
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -278,9 +280,9 @@ def source_files(source, scratch):
 
 
 def convert(source, out_dir):
-    """Write out_dir (config.json, vocab.txt, model.safetensors) from SOURCE's checkpoint, after
-    loading it into a Bert strictly (a missing, unexpected or wrongly shaped tensor is an error).
-    Returns the Bert."""
+    """Write out_dir (config.json, vocab.txt, tokenizer_config.json: its casing, model.safetensors)
+    from SOURCE's checkpoint, after loading it into a Bert strictly (a missing, unexpected or
+    wrongly shaped tensor is an error). Returns the Bert."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".tmp-convert-") as scratch:
@@ -295,14 +297,18 @@ def convert(source, out_dir):
         except ValueError as e:  # said of SOURCE's files, not of their copies in scratch
             why = str(e).replace(os.path.join(raw, "config.json"), config).replace(raw, prefix)
             raise ValueError(why) from None
-        pieces = len(data.read_text(vocab).splitlines())
-        if pieces > bert.config.vocab_size:  # a word piece past it would index no embedding
-            raise ValueError(f"{vocab}: {pieces} word pieces, more than the vocab_size "
+        text = data.read_text(vocab)
+        pieces = text.splitlines()
+        if len(pieces) > bert.config.vocab_size:  # a word piece past it would index no embedding
+            raise ValueError(f"{vocab}: {len(pieces)} word pieces, more than the vocab_size "
                              f"{bert.config.vocab_size} of {config}: not this checkpoint's vocabulary")
-        bert.save(os.path.join(scratch, "out"), {"vocab.txt": data.read_text(vocab)})
+        # HF's BertTokenizer lower-cases unless told: a cased release says so
+        cased = {"tokenizer_class": "BertTokenizer", "do_lower_case": data.uncased(pieces)}
+        files = {"vocab.txt": text, "tokenizer_config.json": json.dumps(cased, indent=2)}
+        bert.save(os.path.join(scratch, "out"), files)
         os.makedirs(out_dir, exist_ok=True)
-        for name in ("vocab.txt", "config.json", "model.safetensors"):  # the weights last: a model
-            os.replace(os.path.join(scratch, "out", name), os.path.join(out_dir, name))  # is whole
+        for name in (*files, "config.json", "model.safetensors"):  # the weights last: a model is
+            os.replace(os.path.join(scratch, "out", name), os.path.join(out_dir, name))  # whole
     return bert
 
 
