@@ -392,7 +392,8 @@ def training_batches(train, args, step, per_epoch, total):
     input_ids, token_type_ids, attention_mask (B, L), L its longest row (--paper_exact: max_len;
     --compile: one of a few widths); labels (B,) (SQuAD: (B, 2), start and end); index (B,), its
     rows of `train` (the teacher cache's). --group_by_length sorts runs of 100 batches by length.
-    An epoch's last batch may be short; the authors' task_distill.py skips it (--paper_exact too)."""
+    An epoch's last batch may be short: kept (--paper_exact too), where the authors' task_distill.py
+    skips it."""
     while step < total:
         epoch = step // per_epoch
         for batch in data.batches(train, args.batch_size, shuffle=True, start=step % per_epoch,
