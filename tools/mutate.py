@@ -17,7 +17,8 @@ train.py's stages):
 It takes one run of the suite for the unmutated code (it must pass, else every mutant would look
 caught), then one per mutant, stopped at the mutant's first failing test (pytest -x). A run of the
 whole suite is 1 minute on 2 idle CPU cores and up to 5 when they are shared; a caught mutant stops
-sooner. A full run of 59 of them took 49 minutes on 2 idle cores. Run it in the background.
+sooner. A full run of 67 of them took 67 minutes on 2 cores shared with other work (59: 49 minutes
+on idle ones). Run it in the background.
 
 Read the first failing test of each caught mutant: one caught only by a test that has nothing to do
 with its mistake may have met a flaky test; run it again with --only N.
