@@ -112,6 +112,12 @@ TASKS = {  # "ax": the diagnostic set, predicted with an MNLI model; test only
 Example = make_dataclass("Example", ["guid", "text_a", "text_b", "label"])
 
 
+def is_pair(task):
+    """Whether a task's examples are two texts, [CLS] a [SEP] b [SEP] (segments 0 and 1): SQuAD's
+    question and context, a GLUE task with a second sentence."""
+    return task.startswith("squad") or task in TASKS and TASKS[task].b is not None
+
+
 def read_glue(task, split, data_dir, allow_partial=False):
     """The examples of one GLUE split (downloaded on first use), read as the official processors
     read it. An empty, narrow or cut-short file is refused, and so is a dev or test file without the

@@ -347,7 +347,7 @@ def check_model_flags(p, args):
     --max_len with no room for the special tokens (eval.py and tools/relations.py)."""
     if not os.path.exists(args.model) and args.model.count("/") != 1:  # else a hub name
         p.error(f"--model {args.model}: no such directory")
-    least = 5 if args.task.startswith("squad") or data.TASKS[args.task].b is not None else 3
+    least = 5 if data.is_pair(args.task) else 3
     if args.max_len is not None and not least <= args.max_len <= 512:
         p.error(f"--max_len {args.max_len}: must be in {least}..512 (room for the special tokens "
                 "and one word piece of each text)")

@@ -1110,6 +1110,12 @@ def test_squad_spans_of_equal_score_go_to_the_first_as_googles_stable_sort():
     assert preds == {"q": "w20 w21 w22 w23 w24 w25"}
 
 
+def test_pair_tasks_are_those_of_two_texts():
+    """Two segments, [CLS] a [SEP] b [SEP] (so at least 5 positions): SQuAD and the GLUE tasks of sentence pairs."""
+    assert [t for t in [*data.TASKS, "squad1", "squad2", "general"] if data.is_pair(t)] == [
+        "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ax", "squad1", "squad2"]
+
+
 def test_split_squad_by_article(tmp_path):
     doc = {
         "version": "v2.0",

@@ -609,7 +609,7 @@ def check_flags(args):
     if (args.train_file or args.dev_file) and not args.task.startswith("squad"):
         refuse(f"--train_file and --dev_file are SQuAD's; {args.task} reads "
                f"{args.data_dir}/glue/{data.TASKS[args.task].folder}/")
-    pairs = args.task.startswith("squad") or args.task in data.TASKS and data.TASKS[args.task].b
+    pairs = data.is_pair(args.task)
     if not (5 if pairs else 3) <= args.max_len <= 512:  # [CLS] a [SEP] (b [SEP]) at least
         refuse(f"--max_len {args.max_len}: {args.task} needs {5 if pairs else 3} to 512 positions "
                f"(one word piece of {'each text' if pairs else 'text'} and the special tokens)")
@@ -732,9 +732,8 @@ def fetch_models(args, teacher):
         if args.max_len > student.max_position_embeddings:
             raise ValueError(f"--max_len {args.max_len}: --student_init {args.student_init} has "
                              f"{student.max_position_embeddings} positions")
-    pairs = args.task.startswith("squad") or args.task in data.TASKS and data.TASKS[args.task].b
     for name, c in (("the teacher", config), ("--student_init", student)):
-        if pairs and c and c.type_vocab_size < 2:  # segment ids 0 and 1
+        if data.is_pair(args.task) and c and c.type_vocab_size < 2:  # segment ids 0 and 1
             raise ValueError(f"{name}: {c.type_vocab_size} segment embedding, and {args.task}'s "
                              "pairs need 2; choose a BERT with type_vocab_size 2")
     check_shapes(args, config)
