@@ -275,10 +275,7 @@ def squad_field(obj, key, kind, where, path):
 def split_squad(path, first, head_path, tail_path=None):
     """Write the first `first` articles of a SQuAD file to head_path and the rest to tail_path (if
     given), in the official format: a split by article keeps a paragraph's questions on one side."""
-    try:
-        doc = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not JSON ({e})") from None
+    doc = read_json(path)
     if not 0 < first < len(squad_field(doc, "data", list, "the file", path)):
         raise ValueError(f"{path} has {len(doc['data'])} articles: cannot split after {first}")
     for out, part in ((head_path, doc["data"][:first]), (tail_path, doc["data"][first:])):

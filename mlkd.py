@@ -162,7 +162,7 @@ def sc_loss(u, v, labels, tau=0.07, base_tau=1.0):
     u (B, d_T): projected student [CLS]; v (B, d_T): teacher [CLS]; labels (B,), int or float
     (regression: exactly equal scores only). Gradients flow through every term containing a u.
     base_tau = 1 as in the authors' code (SupCon's own code has 0.07), so L_SC carries a factor tau.
-    Theirs (SupConLoss) takes log(sum exp + 1e-7) of max-shifted logits: ~0.1% from this one.
+    Theirs (SupConLoss) takes log(sum exp + 1e-7) of max-shifted logits: close to this, not equal.
     """
     f = F.normalize(torch.cat([u.float(), v.detach().float()]), dim=-1)    # (2B, d)
     y = torch.cat([labels, labels])                                        # (2B,)

@@ -1049,7 +1049,8 @@ def test_a_glue_field_past_csvs_limit_and_a_squad_answer_past_its_context_are_on
     path.write_text(json.dumps(squad))
     with pytest.raises(ValueError, match=r"qas\[1\]\.answers\[0\] ends past its context of 62 characters"):
         data.read_squad(str(path))  # Google's reader fails on it too; it trained as "no answer" here
-    for text, msg in (("{}", "data should be a list, found nothing"), ("not json", "squad.json is not JSON")):
+    for text, msg in (("{}", "data should be a list, found nothing"), ("not json", "squad.json: not JSON"),
+                      ("[]", r"squad.json: not a JSON object \(list\)")):
         path.write_text(text)
         with pytest.raises(ValueError, match=msg):
             data.split_squad(str(path), 1, str(tmp_path / "head.json"))
