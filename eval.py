@@ -97,10 +97,11 @@ def squad_version(task):
 
 
 def evaluate_squad(model, examples, features, version, batch_size=128, device="cpu"):
-    """(scores, predictions): EM/F1 of the model's best spans; v2.0 also at the best threshold."""
+    """(scores, predictions, {id: null - best span score} (v2.0; {} for v1.1)): EM/F1 of the
+    model's best spans; v2.0 also at the best threshold."""
     logits = model_outputs(model, features, batch_size, device)[0].numpy()  # (F, 2, L)
     preds, na = data.squad_predictions(examples, features, logits[:, 0], logits[:, 1], version=version)
-    return squad_scores(examples, preds, version, na if version == "2.0" else None), preds
+    return squad_scores(examples, preds, version, na if version == "2.0" else None), preds, na
 
 
 def squad_scores(dataset, predictions, version="1.1", na_scores=None):
@@ -308,15 +309,24 @@ def score_dev(model, tok, args):
 
 
 def score_squad(model, tok, args):
-    """EM/F1 on the SQuAD dev file, and the predictions in <model>/predictions-<its name>."""
+    """EM/F1 on the SQuAD dev file, and the predictions in <model>/predictions-<its name>; v2.0
+    also the null scores in <model>/na-prob-<its name>, the official evaluate-v2.0.py's
+    --na-prob-file (Google's run_squad.py writes them as null_odds.json): with it that script
+    gives the best_* figures too."""
     version = squad_version(args.task)
     path = args.squad_file or os.path.join(args.data_dir, "squad", f"dev-v{version}.json")
     examples = data.read_squad(path, args.allow_partial, version)
     features = data.squad_features(examples, tok, max_len=args.max_len, train=False)
-    scores, preds = evaluate_squad(model, examples, features, version, args.batch_size, args.device)
+    scores, preds, na = evaluate_squad(model, examples, features, version, args.batch_size,
+                                       args.device)
     out = os.path.join(args.model, f"predictions-{os.path.basename(path)}")  # one per file scored
     data.atomic_write_text(out, json.dumps(preds, ensure_ascii=False))
     print(f"SQuAD v{version} ({path}): {format_metrics(scores)}\nwrote {out}")
+    if version == "2.0":
+        na_file = os.path.join(args.model, f"na-prob-{os.path.basename(path)}")
+        data.atomic_write_text(na_file, json.dumps(na))
+        print(f"wrote {na_file}; the official check: python evaluate-v2.0.py {path} {out} "
+              f"--na-prob-file {na_file}")
     return scores
 
 

@@ -1635,7 +1635,11 @@ def test_squad_pipeline_end_to_end(tmp_path, capsys):
     assert "ss" not in json.loads(open(out / "stage2" / "log.jsonl").readline())  # SQuAD: L_KD only
     scores = ev.main(["--task", "squad2", "--model", str(out / "stage2"), "--squad_file", str(path), "--device", "cpu"])
     assert scores["f1"] == pytest.approx(results["student"]["f1"])
-    assert set(json.load(open(out / "stage2" / f"predictions-{path.name}"))) == {"q1", "q2", "q3"}  # the file's
+    preds = json.load(open(out / "stage2" / f"predictions-{path.name}"))
+    assert set(preds) == {"q1", "q2", "q3"}  # the file's
+    # the official evaluate-v2.0.py's --na-prob-file: with both files its best_* are ours
+    na = json.load(open(out / "stage2" / f"na-prob-{path.name}"))
+    assert ev.squad_scores(data.read_squad(str(path)), preds, "2.0", na) == scores
 
 
 def test_tinybert_recipe_runs_both_stages_and_needs_equal_heads(tmp_path, capsys):

@@ -370,6 +370,10 @@ MUTANTS = [
            "    keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(42))[:n]",
            "    keep = torch.arange(n)",
            "--train_subset takes the first n rows, not a seeded random draw"),
+    Mutant("eval.py",
+           "data.atomic_write_text(na_file, json.dumps(na))",
+           "data.atomic_write_text(na_file, json.dumps({k: -v for k, v in na.items()}))",
+           "SQuAD v2.0's na-prob file holds best - null: the official script's best_* differ"),
 ]
 
 
