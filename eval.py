@@ -370,11 +370,12 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
     p.add_argument("--model", required=True, help="a directory train.py wrote, or a hub name")
     p.add_argument("--data_dir", help="holds glue/, squad/ (default: the model's, $MLKD_DATA, data)")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, default=128, help="default 128")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N (default: cuda where there is one)")
     p.add_argument("--predict", action="store_true", help="write GLUE test predictions to --model")
     p.add_argument("--speed", action="store_true", help="latency and throughput at 12..1 heads")
-    p.add_argument("--speed_batch", type=int, default=32)
+    p.add_argument("--speed_batch", type=int, default=32, help="--speed's batch (default 32)")
     p.add_argument("--speed_length", type=int, help="default: the model's max_len, else 128")
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v*.json)")
     p.add_argument("--max_len", type=int, help="encoding (SQuAD: window) length (default: the one "
@@ -383,7 +384,7 @@ def parse_args(argv=None):
                    "more rows than the official one (refused otherwise)")
     p.add_argument("--noise", type=float, metavar="P", help="score on dev with a typo in a fraction "
                    "P of the words (seeded); the noisy set and metrics go to <model>/noise-P*")
-    p.add_argument("--noise_seed", type=int, default=0)
+    p.add_argument("--noise_seed", type=int, default=0, help="seeds the typos (default 0)")
     args = p.parse_args(argv)
     if args.noise is not None and not (0 < args.noise <= 1 and args.task in data.TASKS):
         p.error(f"--noise {args.noise}: a fraction of words in (0, 1], for GLUE tasks")

@@ -1961,6 +1961,9 @@ def test_eval_flag_errors_print_one_usage_line_and_help_lists_every_flag(tmp_pat
     flags = ("task model data_dir batch_size device predict speed speed_batch speed_length squad_file max_len "
              "allow_partial noise noise_seed").split()
     assert all(f"--{f}" in said for f in flags)
+    for line, after in zip(said.splitlines(), said.splitlines()[1:] + [""]):  # each flag says something
+        name = re.fullmatch(r"  (--\w+)( [A-Z_]+)?", line)
+        assert not name or after.startswith(" " * 20), f"{name[1]} has no help text"
 
 
 def test_eval_show_names_the_command_that_replaced_it(tmp_path):
