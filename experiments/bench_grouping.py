@@ -1,7 +1,7 @@
 """experiments/bench_grouping.py: what --group_by_length buys on a real training set, side by side.
 
-    python experiments/bench_grouping.py --data_dir ../shared/data --vocab $MINILM
-    python experiments/bench_grouping.py --data_dir ../shared/data --vocab $MINILM --batches 10 --rounds 2
+    python experiments/bench_grouping.py --data_dir $DATA --vocab $MINILM
+    python experiments/bench_grouping.py --data_dir $DATA --vocab $MINILM --batches 10 --rounds 2
 
 On the task's real training file (SST-2 by default, encoded at train.py's max_len for it) it prints, over a
 whole epoch of batches of 32, the positions the model computes per real token with random batches (each

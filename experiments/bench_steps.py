@@ -2,7 +2,7 @@
 
     python experiments/bench_steps.py                       # both shapes, batch 32 x length 64, CPU or CUDA
     python experiments/bench_steps.py --shapes minilm --rounds 7
-    python experiments/bench_steps.py --tokens_of sst2 --data_dir ../shared/data --vocab DIR
+    python experiments/bench_steps.py --tokens_of sst2 --data_dir $DATA --vocab DIR
 
 For each teacher -> student shape (random weights: timing does not depend on them) it times, in
 interleaved rounds on one batch whose rows have random lengths (so padding and masks are exercised):

@@ -676,7 +676,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=list(TASKS))
     p.add_argument("--settings", default="S2,S1", help="student settings to run, in this order (default S2,S1)")
-    p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "../shared/data"))
+    p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"),
+                   help="as train.py's: holds glue/<TASK>/ (default: $MLKD_DATA, else data)")
     p.add_argument("--jobs", type=int, default=1, help="rows run at once, each on one thread when > 1")
     p.add_argument("--rows", default=None, help=f"run only these rows, e.g. mlkd,tinybert (of {','.join(ROWS)}); "
                    "two commands with different --rows can share the machine, OMP_NUM_THREADS=1 each")

@@ -1,7 +1,7 @@
 """experiments/figures.py: the README's picture, L_SS's relation G of a teacher and a student side by side.
 
     python experiments/figures.py --task sst2 --teacher out/sst2-offline/teacher \
-        --student out/sst2-offline/stage2 --data_dir ../shared/data --out experiments/sst2-ss-relation.svg
+        --student out/sst2-offline/stage2 --data_dir $DATA --out experiments/sst2-ss-relation.svg
 
 G = softmax(C C^T / sqrt(d)) of the final [CLS] states of the first 32 dev rows, sorted by label, drawn by
 tools/relations.py's ss_maps from mlkd.relation_logprobs (the same maps as its page); one SVG file.
