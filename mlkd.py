@@ -11,6 +11,7 @@ TinyBERT's baseline attn_scores) by name.
     level      loss    compares (teacher T is always the target P of KL(P || Q))
     relation   L_EMB   token-token similarity of the word-piece embeddings (KL)             Stage 1
     relation   L_MHA   token-token similarity of the attention outputs, per MHA-split (KL)  Stage 1
+                       (O = softmax(Q K^T / sqrt(d/h)) V of the heads, before the output projection)
     feature    L_FFN   projected student hidden states with the teacher's (MSE)             Stage 1
     feature    L_KD    soft labels, or the teacher's score for regression                   Stage 2
     relation   L_SS    sample-sample similarity of the final [CLS] states (KL)              Stage 2
@@ -22,13 +23,9 @@ Notation: B batch, L length (the batch's longest row), d width, A MHA-splits, M 
 N teacher layers.
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
 masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked
-loss. The similarity matmuls of the relations and of L_SC run on fp32 copies with autocast off,
-so the softmaxes and KLs after them are fp32 too; the MSEs take fp32 copies; the projections W_m
-run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under
-torchrun (train.py) each process computes the Stage-1 losses on its own rows of the batch (they
-average over tokens exactly as on one process; TinyBERT's attention MSE closely); Stage 2's are
-computed on every process's rows, gathered, so L_SS and L_SC relate the whole batch, as on one GPU
-(and in the authors' DataParallel).
+loss. Every loss computes on fp32 copies (their matmuls with autocast off); the projections W_m
+run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under torchrun,
+train.py's shard and gather_rows say how the batch's rows are shared between processes.
 """
 import math
 from typing import NamedTuple
@@ -93,7 +90,9 @@ def mha_splits(o, splits):
 def emb_loss(e_s, e_t, mask=None):
     """L_EMB = mean over query rows i of KL(R_T[i] || R_S[i]),  R = softmax(E E^T / sqrt(d)).
 
-    e_s (B, L, d_S), e_t (B, L, d_T): LayerNorm_emb(word_embeddings(input_ids)) of each model.
+    e_s (B, L, d_S), e_t (B, L, d_T): LayerNorm_emb(word_embeddings(input_ids)) of each model, the
+    word pieces alone (no positions, segments or dropout), as the authors' transformer/modeling.py
+    returns them beside the embedding output H_0 (which L_FFN compares at m = 0).
     """
     return relation_kl(e_s[:, None], e_t[:, None], mask)
 
@@ -130,7 +129,8 @@ def kd_loss(z_s, z_t, temperature=1.0):
     """L_KD, the soft labels of the teacher.
 
     classification z (B, C):  mean_b  -sum_c softmax(z_T/t)_c log_softmax(z_S/t)_c  * t^2
-    span z (B, 2, L):         the same over positions, start plus end
+    span z (B, 2, L):         the same over positions, start plus end (summed, as the authors'
+                              QA branch does; the gold loss, train.task_loss, takes their mean)
     regression z (B, 1):      MSE(z_S, z_T), the teacher's prediction as the target
     Summed over classes, as Hinton et al. (2015) and DistilBERT; the authors' soft_cross_entropy
     (TinyBERT's) takes the mean over batch and classes, without t^2: beside L_SS and L_SC,
@@ -246,7 +246,9 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_t
     if w["mha"]:  # attn_outputs[m - 1]: layer m's head contexts O, the input of its attn_out
         parts["mha"] = sum(mha_loss(s.attn_outputs[m - 1], t.attn_outputs[g[m] - 1], mask, splits, mha_temperature)
                            for m in range(1, M + 1))
-    if w["ffn"]:  # hidden_states[0] is the embedding output, hidden_states[m] the output of layer m
+    # hidden_states[0] is the embedding output H_0, hidden_states[m] the output of layer m; m = 0 is
+    # in the sum as in the authors' align_loss over their reps 0..M (TinyBERT's L_embd)
+    if w["ffn"]:
         parts["ffn"] = sum(ffn_loss(proj.w[m](s.hidden_states[m]), t.hidden_states[g[m]], mask)
                            for m in range(M + 1))
     return sum(w[k] * v for k, v in parts.items()), parts  # the weighted total, the parts
@@ -255,7 +257,7 @@ def stage1_loss(s, t, proj, mask=None, lmap=None, weights=None, splits=12, mha_t
 class LogitsAndCls(NamedTuple):
     """All that Stage 2 reads of a model: its logits and its final [CLS] state. The teacher is
     frozen and deterministic, so the teacher's can be computed once per training example and reused
-    every epoch (train.py's teacher cache). Under torchrun train.py gathers every process's rows."""
+    every epoch (train.py's teacher cache)."""
     logits: torch.Tensor  # (B, C) classification, (B, 1) regression, (B, 2, L) span
     cls: torch.Tensor     # (B, d): hidden_states[-1][:, 0], raw
 

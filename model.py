@@ -204,9 +204,9 @@ class Bert(nn.Module):
         if c.head in ("classification", "regression"):
             out.logits = self.classifier(self.dropout(out.pooled))  # (B, C); BERT's: the MLKD and
             # TinyBERT code apply ReLU to `pooled` in place of this dropout (not copied)
-        elif c.head == "span":
+        elif c.head == "span":  # pads: -1e4, never an answer; finite, so KD's 0 * log p is 0
             out.logits = self.qa_outputs(x).transpose(1, 2)  # (B, 2, L): start and end logits
-            if attention_mask is not None:  # never an answer (authors' KD: kept); finite: 0*it = 0
+            if attention_mask is not None:  # (the authors' KD leaves the pads' logits as they are)
                 out.logits = out.logits.masked_fill(attention_mask[:, None, :] == 0, -1e4)
         return out
 

@@ -97,7 +97,7 @@ def pipeline(args):
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
     if args.teacher:
         print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}")
-    elif begin("teacher", out["teacher"], args):
+    elif begin("teacher", out["teacher"], args):  # it runs now: begin wrote args.json, seeded init
         model = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task))
         record, best = fit("teacher", out["teacher"], [model.to(args.device)], teacher_loss, train,
                            args, args.teacher_epochs, args.teacher_lr, args.warmup, evaluate,
@@ -138,7 +138,7 @@ def pipeline(args):
 
 def task_loss(logits, labels):
     """Loss on gold labels: CE; MSE for regression; (CE(start) + CE(end)) / 2 for spans (B, 2, L)."""
-    if logits.dim() == 3:
+    if logits.dim() == 3:  # (B, L, 2): positions are the classes, the mean over B x 2 halves the sum
         return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels)
     if logits.shape[-1] == 1:
         return torch.nn.functional.mse_loss(logits[:, 0].float(), labels)
@@ -581,7 +581,7 @@ def parse_args(argv=None):
         args.w_ss = args.w_sc = 0.0
     args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     args.batch_size = args.batch_size or (16 if squad else 32)
-    lr = 3e-5 if squad else 5e-5  # Stage 1 and 2's, as batch_size: the authors' (RECIPES)
+    lr = 3e-5 if squad else 5e-5  # Stage 1 and 2's (and batch 16 or 32): see above RECIPES
     args.lr1, args.lr2 = args.lr1 or lr, args.lr2 or lr
     args.out = args.out or path(os.path.join("out", args.task))
     args.stages = (",".join(STAGES) if args.stages is None else args.stages).split(",")
