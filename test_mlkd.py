@@ -65,8 +65,10 @@ def write_vocab(path, words=()):
 
 
 class Server:
-    def __init__(self, files, cut_first=False, delay=0.0, status_first=None):
+    """redirects: {path: (location, headers)}, answered 302 with those headers (the hub's LFS files)."""
+    def __init__(self, files, cut_first=False, delay=0.0, status_first=None, redirects=None):
         self.files, self.cut_first, self.delay, self.status_first = files, cut_first, delay, status_first
+        self.redirects = redirects or {}
         self.requests, self.encodings, self.whole_206 = [], [], False
         server = self
 
@@ -78,6 +80,13 @@ class Server:
                 server.requests.append((self.path, self.headers.get("Range")))
                 server.encodings.append(self.headers.get("Accept-Encoding"))
                 time.sleep(server.delay)
+                if self.path in server.redirects:
+                    location, headers = server.redirects[self.path]
+                    self.send_response(302)
+                    for k, v in {"Location": location, **headers}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    return
                 body = server.files.get(self.path)
                 if body is None or server.status_first:
                     self.send_response(server.status_first or 404), self.end_headers()
@@ -158,6 +167,21 @@ def test_download_refuses_checksum_mismatch_and_leaves_no_file(tmp_path):
         with pytest.raises(data.DownloadError, match="(?s)HTTP 404.*place it by hand"):
             data.download(f"{s.url}/missing", str(tmp_path / "g.bin"))
     assert os.listdir(tmp_path) == []
+
+
+def test_download_checks_the_sha256_the_hub_names_for_a_large_file(tmp_path):
+    """The hub answers /resolve/main/<LFS file> with a redirect whose X-Linked-Etag is the file's sha256 (a
+    resumed transfer whose file changed meanwhile, or bytes spoiled on the way, would load as weights)."""
+    body = os.urandom(3000)
+    good, bad = (f'"{x}"' for x in (__import__("hashlib").sha256(body).hexdigest(), "0" * 64))
+    redirects = {"/good": ("/cdn/f", {"X-Linked-Etag": good}), "/bad": ("/cdn/f", {"X-Linked-Etag": bad}),
+                 "/blob": ("/cdn/f", {"X-Linked-Etag": '"' + "0" * 40 + '"'})}  # a git blob's sha1: no check
+    with Server({"/cdn/f": body}, redirects=redirects) as s:
+        assert open(data.download(f"{s.url}/good", str(tmp_path / "g")), "rb").read() == body
+        assert open(data.download(f"{s.url}/blob", str(tmp_path / "b")), "rb").read() == body
+        with pytest.raises(data.DownloadError, match=f"sha256 mismatch: expected {'0' * 64}"):
+            data.download(f"{s.url}/bad", str(tmp_path / "x"))
+    assert sorted(os.listdir(tmp_path)) == ["b", "g"]
 
 
 def test_download_names_url_when_offline(tmp_path):
