@@ -407,10 +407,9 @@ class DownloadError(RuntimeError):
 
 def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=None):
     """Fetch url to dest unless dest exists: streamed to dest + '.part' (a cut transfer resumes it
-    by HTTP Range, over the file's own bytes: no gzip), checked against md5/sha256 (the hub's large
-    files: the sha256 it sends as X-Linked-Etag), renamed. A busy server (429, 5xx) is tried again;
-    an unreachable host is an error at once. `place`: where to put the file by hand. No directory
-    is made before the server answers."""
+    by HTTP Range, over the file's own bytes: no gzip), checked (check_digests), renamed. A busy
+    server (429, 5xx) is tried again; an unreachable host is an error at once. `place`: where to
+    put the file by hand. No directory is made before the server answers."""
     import time
     import requests
     if os.path.exists(dest):
@@ -424,9 +423,6 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
             if have:
                 headers["Range"] = f"bytes={have}-"
             with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-                for hop in (*r.history, r):  # the hub's redirect of a git-LFS file names its sha256
-                    tag = hop.headers.get("X-Linked-Etag", "").strip('"')
-                    sha256 = sha256 or (tag if len(tag) == 64 else None)  # (a git blob's: 40 hex)
                 if r.status_code == 416:  # nothing from byte `have` on: the .part is whole if the
                     if r.headers.get("Content-Range", "").endswith(f"/{have}"):  # file is that long
                         break
@@ -455,14 +451,17 @@ def download(url, dest, md5=None, sha256=None, retries=5, chunk=1 << 16, place=N
             print(f"[download] {url}: cut ({type(e).__name__}); resuming", file=sys.stderr)
     else:
         raise DownloadError(url, f"incomplete after {retries} attempts", place=place)
-    check_digests(part, url, md5, sha256)
+    check_digests(part, url, md5, sha256, r)
     os.replace(part, dest)
     return dest
 
 
-def check_digests(part, url, md5, sha256):
-    """Refuse, and delete, a downloaded file whose md5 or sha256 (where given) is another."""
+def check_digests(part, url, md5, sha256, answer):
+    """Refuse, and delete, a downloaded file whose md5 or sha256 is another: those given, and the
+    sha256 the hub names for a git-LFS file (the weights) as X-Linked-Etag of its redirect."""
     import hashlib
+    tags = [hop.headers.get("X-Linked-Etag", "").strip('"') for hop in (*answer.history, answer)]
+    sha256 = sha256 or next((t for t in tags if len(t) == 64), None)  # a git blob's tag: 40 hex
     for algorithm, want in (("md5", md5), ("sha256", sha256)):
         with open(part, "rb") as f:
             got = hashlib.new(algorithm, f.read()).hexdigest() if want else None

@@ -375,8 +375,8 @@ MUTANTS = [
            "data.atomic_write_text(na_file, json.dumps({k: -v for k, v in na.items()}))",
            "SQuAD v2.0's na-prob file holds best - null: the official script's best_* differ"),
     Mutant("data.py",
-           "                for hop in (*r.history, r):",
-           "                for hop in (r,):",
+           "for hop in (*answer.history, answer)]",
+           "for hop in (answer,)]",
            "a hub download reads no sha256 from the redirect: a spoiled weights file is kept"),
 ]
 
