@@ -24,8 +24,8 @@ N teacher layers.
 Masks (B, L), 1 = real token: pad keys leave every softmax, pad query rows leave every mean, so a
 masked loss does not depend on how much padding a batch has. mask=None is the authors' unmasked
 loss. Every loss computes on fp32 copies (their matmuls with autocast off); the projections W_m
-run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under torchrun,
-train.py's shard and gather_rows say how the batch's rows are shared between processes.
+run under autocast like the model (bf16 on CUDA). The teacher's tensors are detached. Under
+torchrun, train.py's shard and gather_rows say how the batch's rows are shared by the processes.
 """
 import math
 from typing import NamedTuple
