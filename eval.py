@@ -215,6 +215,7 @@ def report(args, teacher, teacher_dir, student_dir, evaluate):
     results = dict(task=args.task, metric=args.metric, split="dev", **metrics,
                    ratio=s / t if t > 0 else None, teacher_parameters=tp, student_parameters=sp,
                    teacher_dir=teacher_dir, student_dir=student_dir)
+    data.remove_stale_temporaries(args.out)  # what a kill inside this write left on a last run
     data.atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     print(f"\n{args.task} dev (the student: Stage 2's best on dev by {args.metric})")
     for name, params in (("teacher", tp), ("student", sp)):
@@ -269,7 +270,8 @@ def main(argv=None):
     if os.path.exists(os.path.join(directory, "projections.safetensors")):  # Stage 1 kept W_m
         print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so "
               "this scores an untrained classifier; the distilled student is in stage2")
-    if os.path.exists(os.path.join(directory, "checkpoint.pt")):  # train.py's, till it finishes
+    if os.path.exists(os.path.join(directory, "checkpoint.pt")) and not os.path.exists(
+            os.path.join(directory, "metrics.json")):  # train.py's, till the stage finishes
         print(f"note: {directory} is a stage still training (it has a checkpoint.pt): this scores "
               "its model so far")
     if args.task.startswith("squad"):

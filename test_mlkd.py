@@ -3469,6 +3469,13 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
             train.main(argv + extra)
     train.main(argv)
     assert "[stage1] resumed from" in capsys.readouterr().out and train.is_done(out / "stage1")
+    # a kill inside finish, after metrics.json, keeps checkpoint.pt; inside an atomic write, a .tmp-*
+    left = [out / "stage1" / "checkpoint.pt", out / "stage1" / ".tmp-a", out / ".tmp-b"]  # .tmp-b: results.json's
+    for path in left:
+        path.write_bytes(b"")
+    assert train.parse_args(argv + ["--out", str(tmp_path / "x"), "--student_init", str(out / "stage1")])  # finished
+    train.main(argv)  # every stage finished: skipped, and what the kills left is gone
+    assert not any(os.path.exists(path) for path in left)
     other = tmp_path / "other"  # Stage 1 from a --teacher, then the command without it: refused before
     train.main(argv + ["--out", str(other), "--teacher", str(out / "teacher"), "--stages", "stage1"])
     train.main(argv + ["--out", str(other), "--teacher", str(out / "teacher"), "--stages", "stage1",
@@ -3668,7 +3675,10 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
                                                    "qnli: pass --task rte")):
         ev.main(["--task", "qnli", "--model", str(tmp_path / "rte"), *cpu])
     shutil.copytree(out / "stage2", tmp_path / "copy")
-    (tmp_path / "copy" / "checkpoint.pt").write_bytes(b"")  # a stage still training: said
+    (tmp_path / "copy" / "checkpoint.pt").write_bytes(b"")  # a finished stage's (a kill inside finish): no note
+    ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
+    assert "still training" not in capsys.readouterr().out
+    os.remove(tmp_path / "copy" / "metrics.json")  # a stage still training: said
     ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
     assert "is a stage still training (it has a checkpoint.pt)" in capsys.readouterr().out
     (tmp_path / "copy" / "vocab.txt").write_text(open(init / "vocab.txt").read() + "extra\n" * 200)

@@ -620,7 +620,7 @@ def check_flags(args):
         refuse(f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a "
                "directory")
     for flag, model in (("--teacher", args.teacher), ("--student_init", args.student_init)):
-        if model and os.path.exists(os.path.join(model, "checkpoint.pt")):  # a stage's, unfinished
+        if model and os.path.exists(os.path.join(model, "checkpoint.pt")) and not is_done(model):
             refuse(f"{flag} {model}: a stage still training (its checkpoint.pt): rerun its command "
                    "to finish it first")
     if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2:
@@ -823,6 +823,10 @@ def begin(stage, directory, args, flags=FLAGS):
     same_settings(stage, directory, args, flags)
     if is_done(directory):
         print(f"[{stage}] {directory} is finished: skipped")
+        if LEAD:  # what a kill inside finish (or an atomic write) left there
+            data.remove_stale_temporaries(directory)
+            if os.path.exists(os.path.join(directory, "checkpoint.pt")):
+                os.remove(os.path.join(directory, "checkpoint.pt"))
         return False
     if LEAD:  # the atomic write makes the directory
         data.atomic_write_text(os.path.join(directory, "args.json"),

@@ -294,7 +294,7 @@ MUTANTS = [
            "",
            "general_distill.py reuses a run after another general student took its --student_init DIR"),
     Mutant("train.py",
-           '        if model and os.path.exists(os.path.join(model, "checkpoint.pt")):',
+           '        if model and os.path.exists(os.path.join(model, "checkpoint.pt")) and not is_done(model):',
            "        if False:",
            "a --teacher still training (its checkpoint.pt) is distilled from, half-trained"),
     Mutant("train.py",
@@ -378,6 +378,19 @@ MUTANTS = [
            "for hop in (*answer.history, answer)]",
            "for hop in (answer,)]",
            "a hub download reads no sha256 from the redirect: a spoiled weights file is kept"),
+    Mutant("train.py",
+           '            if os.path.exists(os.path.join(directory, "checkpoint.pt")):\n'
+           '                os.remove(os.path.join(directory, "checkpoint.pt"))',
+           "            pass",
+           "a kill inside finish leaves a finished stage's checkpoint.pt for good"),
+    Mutant("train.py",
+           '"checkpoint.pt")) and not is_done(model):',
+           '"checkpoint.pt")):',
+           "a finished stage with a leftover checkpoint.pt is refused as a --teacher/--student_init"),
+    Mutant("eval.py",
+           "    data.remove_stale_temporaries(args.out)  # what a kill",
+           "    pass  # what a kill",
+           "a kill inside the write of results.json leaves its temporary in --out for good"),
 ]
 
 
