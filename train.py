@@ -515,7 +515,7 @@ FLAGS = [
     ("tau", positive, 0.07, "L_SC temperature"),
     ("epochs2", positive, None, "Stage-2 epochs"),
     ("lr2", positive, None, "Stage-2 learning rate (default 5e-5; 3e-5 for SQuAD)"),
-    ("running (changes no result)", ""),
+    ("running (changes no result but its float rounding)", ""),
     ("data_dir", path, os.environ.get("MLKD_DATA", "data"),
      "holds glue/<TASK>/*.tsv and squad/*.json; missing files are downloaded there"),
     ("out", path, None, "output directory (default: out/<task>)"),
@@ -817,7 +817,8 @@ def begin(stage, directory, args, flags=FLAGS):
     """True when `stage` runs now: it is in --stages and not finished. Its directory then holds the
     settings it runs with (args.json), and the stage draws its initialisation from the generator
     seeded by --seed and its name (its dropout: train_step): the same command gives the same
-    weights whether the stages before it ran in this process or an earlier one."""
+    weights whether the stages before it ran in this process or an earlier one (bit for bit where
+    the kernels round alike from run to run: on a CPU, under OMP_NUM_THREADS=1)."""
     if stage not in args.stages:
         return False
     same_settings(stage, directory, args, flags)

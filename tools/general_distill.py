@@ -63,7 +63,7 @@ FLAGS = [  # train.py's table form: a group header names the stage its flags cha
     SAME["compile"],
     same("group_by_length", "batches of similar lengths (runs of 100 sorted): less padding, "
          "the same masked losses"),
-    ("running (changes no result)", ""),
+    ("running (changes no result but its float rounding)", ""),
     ("out", train.path, os.path.join("out", "general"), "writes OUT/general"),
     ("eval_steps", train.count, None, "held-out losses every N steps too (default: every epoch)"),
     *(SAME[name] for name in "save_steps log_steps device".split()),
