@@ -3814,6 +3814,13 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode != 0 and (run.stdout + run.stderr).count(msg) == 1, run.stdout + run.stderr
+    # an error of process 0 alone, met while process 1 waits for it (main_process_first: a bad file):
+    # process 1's wait then fails (gloo: "Connection closed by peer"), and that is no second error
+    (tmp_path / "data" / "glue" / "SST-2" / "train.tsv").write_text("")
+    run = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=300, env=env)
+    said = run.stdout + run.stderr
+    assert run.returncode != 0 and said.count("error: ") == 1 and "train.tsv is empty" in said, said
+    assert "[rank1]" not in said and "Connection closed" not in said, said
     alone = tmp_path / "alone.py"  # an error of process 1 alone: it says it after its wait
     alone.write_text(f"import os, sys, time\nsys.path.insert(0, {HERE!r})\nimport train\n"
                      "if os.environ['RANK'] == '1':\n    train.say_error('process 1 alone broke')\n    sys.exit(1)\n"

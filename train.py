@@ -979,7 +979,11 @@ def main_process_first():
     downloads has one writer, and the others find it there (pipeline's body tokenises the data too:
     the others start it once process 0 has, a wait once a run). One process: just the body."""
     if not LEAD:
-        dist.barrier()  # wait for process 0
+        try:
+            dist.barrier()  # wait for process 0
+        except RuntimeError:  # process 0 left: it met an error here (a bad file) and said it
+            say_error("process 0 stopped: its output says why")
+            sys.exit(1)
     yield
     if LEAD and dist.is_initialized():
         dist.barrier()  # process 0 is done: the others go on

@@ -210,7 +210,10 @@ MUTANTS = [
            "",
            "a resumed run draws its dropout from wherever the generator stands, not as the whole run"),
     Mutant("train.py",
-           "    if not LEAD:\n        dist.barrier()  # wait for process 0\n    yield\n",
+           "    if not LEAD:\n        try:\n            dist.barrier()  # wait for process 0\n"
+           "        except RuntimeError:  # process 0 left: it met an error here (a bad file) and said it\n"
+           '            say_error("process 0 stopped: its output says why")\n'
+           "            sys.exit(1)\n    yield\n",
            "    yield\n    if not LEAD:\n        dist.barrier()  # wait for process 0\n",
            "under torchrun every process downloads the same missing files at once"),
     Mutant("train.py",
@@ -391,6 +394,10 @@ MUTANTS = [
            "    data.remove_stale_temporaries(args.out)  # what a kill",
            "    pass  # what a kill",
            "a kill inside the write of results.json leaves its temporary in --out for good"),
+    Mutant("train.py",
+           "        except RuntimeError:  # process 0 left",
+           "        except ZeroDivisionError:  # process 0 left",
+           "under torchrun an error of process 0 alone is followed by process 1's traceback"),
 ]
 
 
