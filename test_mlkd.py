@@ -2734,6 +2734,37 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         compare.sync_docs(args)
 
 
+
+def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(HERE, "experiments"))  # record.py imports compare.py
+    spec = importlib.util.spec_from_file_location("record", os.path.join(HERE, "experiments", "record.py"))
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    monkeypatch.setattr(record, "RUNS", str(tmp_path / "runs"))
+    out = tmp_path / "sst2-offline-abc1234"
+    with pytest.raises(SystemExit, match="no results.json"):
+        record.record("sst2-offline", str(out))
+    results = {"metric": "acc", "teacher": {"acc": 80.0}, "student": {"acc": 78.0},
+               "teacher_parameters": 22_700_000, "student_parameters": 17_400_000}
+    for stage, seconds in (("teacher", 150.04), ("stage1", 113.0), ("stage2", 66.0)):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "metrics.json").write_text(json.dumps({"train": {"train_s": seconds}}))
+    (out / "results.json").write_text(json.dumps(results))
+    for machine in ("cpu A", "cpu A", "cpu B"):  # the same commit and machine again: replaced, not added
+        monkeypatch.setattr(record.compare, "machine", lambda: machine)
+        entry = record.record("sst2-offline", str(out))
+    assert entry["commit"] == "abc1234" and entry["train_s"] == {"teacher": 150.0, "stage1": 113.0, "stage2": 66.0}
+    lines = record.table("sst2-offline")
+    assert len(lines) == 4 and lines[2].split(" | ")[1:7] == ["cpu A", "80.00", "78.00", "97.5%", "22.7M, 17.4M",
+                                                               "150, 113, 66 |"]
+    assert "cpu B" in lines[3]
+    doc = tmp_path / "doc.md"  # the READMEs' copy, between its markers
+    doc.write_text("a\n<!-- record.py sst2-offline -->\n| stale |\n<!-- /record.py -->\nb\n")
+    monkeypatch.setattr(record.compare, "DOCS", (str(doc),))
+    assert record.compare.write_blocks({"record.py sst2-offline": lines}, "record.py") == [str(doc)]
+    assert doc.read_text().split("\n") == ["a", "<!-- record.py sst2-offline -->", "", *lines, "",
+                                             "<!-- /record.py -->", "b", ""]
+
 # ==============================================================================================
 # The wiring: which tensors each stage objective reads, what each stage trains, each stage's schedule.
 # The references below are written from the paper's equations over tensors named as the paper names them

@@ -652,18 +652,23 @@ def sync_docs(args):
     blocks = {"teacher": teacher_table(args.task), **{s: setting_table(args.task, s) for s in SETTINGS},
               **{f"{s}-relations": relations_table(args.task, s) for s in SETTINGS},
               **{f"{s}-budget": curve_table(args.task, s) for s in SETTINGS}}
-    changed = []
+    return write_blocks({f"compare.py {args.task} {k}": v for k, v in blocks.items()}, "compare.py")
+
+
+def write_blocks(blocks, script):
+    """In each of DOCS, the lines between `<!-- KEY -->` and the next `<!-- /script -->` become blocks[KEY] (a
+    blank line either side), for every KEY of blocks; every other line is kept. Returns the files changed."""
+    end, changed = f"<!-- /{script} -->", []
     for doc in DOCS:
         old = data.read_text(doc).split("\n")
         new, i = [], 0
         while i < len(old):
             new.append(old[i])
-            parts = old[i].split()
-            if parts[:3] == ["<!--", "compare.py", args.task] and len(parts) == 5 and parts[3] in blocks:
-                if "<!-- /compare.py -->" not in old[i + 1:]:
-                    sys.exit(f"{doc}:{i + 1}: {old[i]} has no <!-- /compare.py --> after it")
-                new += ["", *blocks[parts[3]], ""]
-                i = old.index("<!-- /compare.py -->", i + 1)  # the end marker is kept by the next turn
+            if old[i].startswith("<!-- ") and old[i].endswith(" -->") and old[i][5:-4] in blocks:
+                if end not in old[i + 1:]:
+                    sys.exit(f"{doc}:{i + 1}: {old[i]} has no {end} after it")
+                new += ["", *blocks[old[i][5:-4]], ""]
+                i = old.index(end, i + 1)  # the end marker is kept by the next turn
                 continue
             i += 1
         if new != old:

