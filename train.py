@@ -981,8 +981,9 @@ def main_process_first():
     if not LEAD:
         try:
             dist.barrier()  # wait for process 0
-        except RuntimeError:  # process 0 left: it met an error here (a bad file) and said it
-            say_error("process 0 stopped: its output says why")
+        except RuntimeError:  # process 0 left, having said its error (a bad file), or timed out
+            say_error("process 0 stopped before the data was ready (or took 3 hours): its output "
+                      "says why")
             sys.exit(1)
     yield
     if LEAD and dist.is_initialized():

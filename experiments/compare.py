@@ -374,7 +374,7 @@ def settings_differ(cmd, out):
 
 
 def commit():
-    got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    got = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return got.stdout.strip() or None
 
 
@@ -664,11 +664,13 @@ def write_blocks(blocks, script):
         new, i = [], 0
         while i < len(old):
             new.append(old[i])
-            if old[i].startswith("<!-- ") and old[i].endswith(" -->") and old[i][5:-4] in blocks:
-                if end not in old[i + 1:]:
-                    sys.exit(f"{doc}:{i + 1}: {old[i]} has no {end} after it")
-                new += ["", *blocks[old[i][5:-4]], ""]
-                i = old.index(end, i + 1)  # the end marker is kept by the next turn
+            key = old[i].strip()[5:-4] if old[i].strip().startswith("<!-- ") else None
+            if key in blocks:
+                j = old.index(end, i + 1) if end in old[i + 1:] else None
+                if j is None or any(line.startswith(f"<!-- {script} ") for line in old[i + 1:j]):
+                    sys.exit(f"{doc}:{i + 1}: {old[i]} has no {end} before the next marker or the end")
+                new += ["", *blocks[key], ""]
+                i = j  # the end marker is kept by the next turn
                 continue
             i += 1
         if new != old:

