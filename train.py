@@ -14,7 +14,8 @@ A student of another shape starts from general distillation: tools/general_disti
 Each stage writes <out>/<stage>/: model.safetensors, config.json, vocab.txt, args.json,
 metrics.json, log.jsonl (tools/pages.py draws its curves). A rerun skips finished stages and
 resumes an interrupted one from its checkpoint.pt. Under `torchrun --nproc_per_node N train.py ...`
-every stage is data-parallel.
+every stage is data-parallel (each process draws its own dropout: a stage resumed with another N
+goes on from its checkpoint, but its weights then match no uninterrupted run's).
 """
 import argparse
 import contextlib
