@@ -2734,7 +2734,6 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         compare.sync_docs(args)
 
 
-
 def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(HERE, "experiments"))  # record.py imports compare.py
     spec = importlib.util.spec_from_file_location("record", os.path.join(HERE, "experiments", "record.py"))
