@@ -300,21 +300,22 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
             raise ValueError(f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word "
                              f"pieces, no room for its context; use --max_len {first + 2} or more")
         offsets = np.array(c.offsets, dtype=np.int64).reshape(-1, 2)  # (n_ctx, 2) char [start, end)
-        span = None
+        answer = None  # the answer's first and last context token
         if train and ex["answers"]:
-            s = ex["answers"][0]["answer_start"]
-            e = s + len(ex["answers"][0]["text"])
-            inside = np.nonzero((offsets[:, 1] > s) & (offsets[:, 0] < e))[0]  # answer tokens
-            span = (inside[0], inside[-1]) if len(inside) else None
-        step = min(room, stride)  # windows start every `step` tokens until one reaches the end:
-        for start in range(0, max(len(c.ids) - room + step, 1), step):  # run_squad.py's while loop
+            begin = ex["answers"][0]["answer_start"]  # its characters: [begin, end)
+            end = begin + len(ex["answers"][0]["text"])
+            tokens = np.nonzero((offsets[:, 1] > begin) & (offsets[:, 0] < end))[0]  # overlapping
+            answer = (tokens[0], tokens[-1]) if len(tokens) else None
+        # run_squad.py's while loop: a window starts every `step` tokens while the window before it
+        step = min(room, stride)  # stopped short of the context's end (start - step + room < n_ctx)
+        for start in range(0, max(len(c.ids) - room + step, 1), step):
             n = min(room, len(c.ids) - start)
             ids = [tokenizer.cls_id, *q_ids, tokenizer.sep_id, *c.ids[start:start + n], tokenizer.sep_id]
             pad = max_len - len(ids)
             tok_off = np.full((max_len, 2), -1, dtype=np.int64)
             tok_off[first:first + n] = offsets[start:start + n]
-            inside = span is not None and start <= span[0] and span[1] < start + n
-            label = (first + span[0] - start, first + span[1] - start) if inside else (0, 0)
+            held = answer is not None and start <= answer[0] and answer[1] < start + n
+            label = (first + answer[0] - start, first + answer[1] - start) if held else (0, 0)
             types = [0] * first + [1] * (n + 1) + [0] * pad
             rows.append((ids + [tokenizer.pad_id] * pad, types, len(ids), label, i, tok_off))
     names = ("input_ids", "token_type_ids", "lengths", "labels", "example", "offsets")
@@ -323,11 +324,12 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
 
 def squad_predictions(examples, features, start_logits, end_logits, n_best=20, max_answer=30,
                       version="1.1", null_threshold=0.0):
-    """Per-window start/end logits (numpy (F, L)) -> {question_id: answer}: the best start + end
-    over windows, of the top n_best starts x n_best ends in context, start <= end, <= max_answer
-    tokens, in any window that holds them (HF's run_qa.py; Google's run_squad.py also asks that the
-    start's window be its max-context one). v2.0: null = least start[0] + end[0] over windows; ""
-    when null - best > null_threshold.
+    """Per-window start/end logits (numpy (F, L), L = max_len: eval.model_outputs pads each batch's
+    to it with -1e4) -> {question_id: answer}: the best start + end over windows, of the top
+    n_best starts x n_best ends in context, start <= end, <= max_answer tokens, in any window that
+    holds them (HF's run_qa.py; Google's run_squad.py also asks that the start's window be its
+    max-context one). v2.0: null = least start[0] + end[0] over windows; "" when null - best >
+    null_threshold.
     Returns (predictions, null_minus_best {id: float}, for eval.py's threshold search)."""
     best, null = {}, {}  # example index -> (score, text); example index -> min null score
     offsets = features["offsets"].numpy()

