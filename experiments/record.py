@@ -80,24 +80,26 @@ def record(name, out):
 def table(name):
     """The markdown table of the records of `name`, oldest first: the dev metrics (SQuAD's EM and F1)."""
     entries = compare.load(os.path.join(RUNS, f"{name}.json")) or []
-    shown = [k for k in entries[0]["teacher"] if "total" not in k] if entries else []  # not the row counts
-    lines = [f"| commit, date | machine | teacher {', '.join(shown)} | student {', '.join(shown)} | student / "
-             "teacher | parameters | training s: teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]
+    if not entries:
+        return [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
+    shown = [k for k in entries[0]["teacher"] if "total" not in k]  # not the row counts
+    names, metric = ", ".join(shown), entries[0]["metric"]
+    lines = [f"| commit, date | machine | teacher {names} | student {names} | student / teacher {metric} | "
+             "parameters | training s: teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]
     for e in entries:
-        s, t, m = e["train_s"], e["teacher"][e["metric"]], e["student"][e["metric"]]
-        lines.append(f"| {e['commit']}, {e['date']} | {e['machine']} | "
-                     + " | ".join(", ".join(f"{e[model][k]:.2f}" for k in shown) for model in ("teacher", "student"))
-                     + f" | {m / t:.1%} | {e['teacher_parameters'] / 1e6:.1f}M, "
+        s, scores = e["train_s"], [", ".join(f"{e[m][k]:.2f}" for k in shown) for m in ("teacher", "student")]
+        lines.append(f"| {e['commit']}, {e['date']} | {e['machine']} | {' | '.join(scores)} | "
+                     f"{e['student'][metric] / e['teacher'][metric]:.1%} | {e['teacher_parameters'] / 1e6:.1f}M, "
                      f"{e['student_parameters'] / 1e6:.1f}M | {s['teacher']:.0f}, {s['stage1']:.0f}, "
                      f"{s['stage2']:.0f} |")
-    return lines if entries else [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
+    return lines
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=list(COMMANDS))
     p.add_argument("--data_dir", default=os.environ.get("MLKD_DATA", "data"),
-                   help="as train.py's: holds glue/<TASK>/ (default: $MLKD_DATA, else data)")
+                   help="as train.py's: holds glue/<TASK>/ and squad/ (default: $MLKD_DATA, else data)")
     p.add_argument("--table", action="store_true", help="run nothing: write the tables from the records")
     a = p.parse_args()
     a.data_dir = os.path.abspath(a.data_dir)  # before chdir: relative to where the command runs
