@@ -1111,6 +1111,11 @@ def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
             continue
         assert ex["context"][f["offsets"][k, s, 0]:f["offsets"][k, e, 1]] == ex["answers"][0]["text"]
     assert all(tuple(lab) == (0, 0) for lab, i in zip(f["labels"].tolist(), f["example"].tolist()) if i == 2)
+    # an answer whose last token is the one after a window's last ("the big", tokens 7-8: the first window
+    # holds 0-7) is not in that window; labels are positions: first context token at q_len + 2 = 7
+    big = dict(examples[0], answers=[{"text": "the big", "answer_start": examples[0]["context"].index("the big")}])
+    labels = data.squad_features([big], tok, max_len=16, stride=3, max_query=5)["labels"].tolist()
+    assert labels == [[0, 0], [7 + 7 - 3, 7 + 8 - 3], [7 + 7 - 6, 7 + 8 - 6], [0, 0]]  # windows at 0, 3, 6, 9
     # gold logits through post-processing give the gold answers; v2.0 predicts "" for q3
     L = 16
     start, end = np.zeros((len(f["labels"]), L)), np.zeros((len(f["labels"]), L))

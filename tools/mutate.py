@@ -407,6 +407,14 @@ MUTANTS = [
            "    if kd_alone and (args.w_ss or args.w_sc):",
            "    if False:",
            "SQuAD and --recipe tinybert drop an asked-for L_SS or L_SC in silence"),
+    Mutant("data.py", "answer[1] < start + n", "answer[1] <= start + n",
+           "a SQuAD answer ending one token past a window is labelled in it, its end on [SEP]"),
+    Mutant("data.py", "label = (first + answer[0] - start, first", "label = (first + answer[0] - start + 1, first",
+           "a SQuAD answer's start label is one token late"),
+    Mutant("data.py", "range(0, max(len(c.ids) - room + step, 1), step)", "range(0, max(len(c.ids) - room, 1), step)",
+           "SQuAD's last window is dropped: a context's tail is in no window"),
+    Mutant("data.py", "tokens = np.nonzero((offsets[:, 1] > begin)", "tokens = np.nonzero((offsets[:, 1] >= begin)",
+           "the token that ends where a SQuAD answer begins is taken into its span"),
 ]
 
 
