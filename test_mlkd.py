@@ -1140,6 +1140,21 @@ def test_squad_spans_of_equal_score_go_to_the_first_as_googles_stable_sort():
     assert preds == {"q": "w20 w21 w22 w23 w24 w25"}
 
 
+def test_squad_spans_end_in_the_context_and_hold_at_most_max_answer_tokens():
+    """[CLS] q [SEP] a b c d [SEP]: an end on the last [SEP] is no answer, and max_answer counts the span's
+    tokens, its ends included (run_squad.py: end - start + 1 > max_answer_length is skipped)."""
+    offsets = np.full((1, 8, 2), -1)
+    offsets[0, 3:7] = [[0, 1], [2, 3], [4, 5], [6, 7]]  # "a b c d"
+    features = {"offsets": torch.tensor(offsets), "example": torch.tensor([0])}
+    examples = [{"id": "q", "context": "a b c d"}]
+    start, end = np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)
+    start[0, 3], end[0, 7], end[0, 4] = 10, 10, 5  # the best end is [SEP]: the best answer "a b"
+    assert data.squad_predictions(examples, features, start, end)[0] == {"q": "a b"}
+    end[0, 7], end[0, 5] = 0, 10  # "a b c" (3 tokens) best, "a b" next
+    assert [data.squad_predictions(examples, features, start, end, max_answer=n)[0]["q"] for n in (2, 3)] == [
+        "a b", "a b c"]
+
+
 def test_pair_tasks_are_those_of_two_texts():
     """Two segments, [CLS] a [SEP] b [SEP] (so at least 5 positions): SQuAD and the GLUE tasks of sentence pairs."""
     assert [t for t in [*data.TASKS, "squad1", "squad2", "general"] if data.is_pair(t)] == [

@@ -415,6 +415,10 @@ MUTANTS = [
            "SQuAD's last window is dropped: a context's tail is in no window"),
     Mutant("data.py", "tokens = np.nonzero((offsets[:, 1] > begin)", "tokens = np.nonzero((offsets[:, 1] >= begin)",
            "the token that ends where a SQuAD answer begins is taken into its span"),
+    Mutant("data.py", "(e - s + 1 <= max_answer)", "(e - s <= max_answer)",
+           "a SQuAD answer may hold max_answer + 1 tokens"),
+    Mutant("data.py", "ok = valid[s] & valid[e] & ", "ok = valid[s] & ",
+           "a SQuAD answer may end outside the context (on [SEP], in the question)"),
 ]
 
 
