@@ -583,8 +583,9 @@ def parse_args(argv=None):
     if kd_alone and (args.w_ss or args.w_sc):
         refuse(f"--w_ss/--w_sc: {'--recipe tinybert' if args.recipe == 'tinybert' else args.task}"
                "'s Stage 2 is L_KD alone; leave them out")
-    args.w_ss, args.w_sc = (0.0 if kd_alone else 1.0 if w is None else w
-                            for w in (args.w_ss, args.w_sc))
+    for name in ("w_ss", "w_sc"):  # not given: 1, or 0 where Stage 2 is L_KD alone
+        if getattr(args, name) is None:
+            setattr(args, name, 0.0 if kd_alone else 1.0)
     args.metric = "f1" if squad else "acc_m" if args.task == "mnli" else data.TASKS[args.task].metric
     args.batch_size = args.batch_size or (16 if squad else 32)
     lr = 3e-5 if squad else 5e-5  # Stage 1 and 2's (and batch 16 or 32): see above RECIPES
