@@ -69,7 +69,7 @@ class Server:
     def __init__(self, files, cut_first=False, delay=0.0, status_first=None, redirects=None):
         self.files, self.cut_first, self.delay, self.status_first = files, cut_first, delay, status_first
         self.redirects = redirects or {}
-        self.requests, self.encodings, self.whole_206 = [], [], False
+        self.requests, self.encodings, self.whole_206, self.no_ranges = [], [], False, False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -93,7 +93,7 @@ class Server:
                     server.status_first = None
                     return
                 start = 0
-                rng = self.headers.get("Range")
+                rng = None if server.no_ranges else self.headers.get("Range")  # no_ranges: 200, the whole file
                 if rng:
                     start = 0 if server.whole_206 else int(rng.split("=")[1].split("-")[0])
                     server.whole_206 = False  # once: 206 with the whole file, not the range asked
@@ -152,6 +152,10 @@ def test_download_keeps_a_whole_part_drops_a_longer_one_and_retries_a_busy_serve
         s.whole_206 = True  # a 206 whose Content-Range is not the bytes asked for: not appended, fetched anew
         (tmp_path / "spliced.bin.part").write_bytes(body[:1000])
         assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "spliced.bin")), "rb").read() == body
+        s.no_ranges = True  # a server without ranges answers 200 with the whole file: not appended
+        (tmp_path / "norange.bin.part").write_bytes(body[:1000])
+        assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "norange.bin")), "rb").read() == body
+        s.no_ranges = False
         s.status_first = 503  # busy once, then the file
         assert open(data.download(f"{s.url}/f.bin", str(tmp_path / "busy.bin")), "rb").read() == body
         assert set(s.encodings) == {"identity"}  # no gzip: a byte range counts the file's own bytes
@@ -471,6 +475,12 @@ def test_output_object_and_heads():
     # padding does not change the real positions' outputs
     short = m(ids[1:2, :6], None, mask[1:2, :6])
     assert torch.allclose(short.hidden_states[-1], out.hidden_states[-1][1:2, :6], atol=1e-5)
+    # a classifier reads the pooled [CLS] through dropout in training (BERT's), as it is in eval mode
+    m = model.Bert(model.BertConfig.preset("tiny-teacher", head="classification", num_labels=2))
+    read = []
+    m.classifier.register_forward_hook(lambda module, inputs, output: read.append(inputs[0]))
+    trained, evaluated = m.train()(ids, None, mask), m.eval()(ids, None, mask)
+    assert not torch.equal(read[0], trained.pooled) and torch.equal(read[1], evaluated.pooled)
 
 
 # ==============================================================================================
@@ -710,6 +720,8 @@ def test_identity_projections_make_an_equal_student_lossless():
     proj = mlkd.Projections(1, 12, 12, init="identity")
     assert mlkd.ffn_loss(proj.w[0](x), x, mask).item() == 0.0
     assert mlkd.ffn_loss(mlkd.Projections(1, 12, 12).w[0](x), x, mask).item() > 0.5
+    w = mlkd.Projections(2, 312, 768).w  # "normal": N(0, 0.02), as BERT's new Linear; biases 0
+    assert all(abs(lin.weight.std().item() - 0.02) < 1e-3 and not lin.bias.any() for lin in w)
     with pytest.raises(ValueError, match="equal widths"):
         mlkd.Projections(1, 8, 12, init="identity")
 
@@ -839,7 +851,7 @@ GLUE_FIXTURES = {  # (folder, file): rows, tab-separated, in each task's officia
                 "(",
                 "P.",
                 "H.",
-                "neutral",
+                "entailment",  # label1, the first annotator's: not the gold label (the last column)
                 "neutral",
                 "neutral",
                 "neutral",
@@ -872,7 +884,8 @@ def test_glue_readers_on_official_formats(tmp_path, capsys):
     assert data.read_glue("cola", "test", d, allow_partial=True)[0].text_a == "Bill whistled past the house."
     sst = data.read_glue("sst2", "train", d)
     assert [(e.text_a, e.label) for e in sst] == [("hide new secretions ", 0), ('"a " great film ', 1)]
-    assert data.read_glue("sst2", "test", d, allow_partial=True)[0].label is None
+    sst_test = data.read_glue("sst2", "test", d, allow_partial=True)[0]  # index, sentence: its own columns
+    assert (sst_test.guid, sst_test.text_a, sst_test.label) == ("0", "uneasy mishmash of styles", None)
     mrpc = data.read_glue("mrpc", "train", d)[0]
     assert (mrpc.text_a, mrpc.text_b, mrpc.label) == ("He said so.", "So he said.", 1)
     assert data.read_glue("stsb", "train", d)[0].label == 5.0
@@ -884,9 +897,13 @@ def test_glue_readers_on_official_formats(tmp_path, capsys):
     ]
     mnli = data.read_glue("mnli", "dev_matched", d, allow_partial=True)[0]
     assert (mnli.text_a, mnli.text_b, mnli.label) == ("P.", "H.", 2)  # contradiction, entailment, neutral
-    assert data.read_glue("qnli", "train", d)[0].label == 1
+    qnli = data.read_glue("qnli", "train", d)[0]  # (question, sentence), as HF's QnliProcessor reads them
+    assert (qnli.text_a, qnli.text_b, qnli.label) == ("What?", "This.", 1)
     assert data.read_glue("rte", "train", d)[0].label == 0
     assert data.read_glue("wnli", "train", d)[0].label == 1
+    import eval as ev  # the names an exported model gives the 0/1 labels, by rows whose meaning is plain
+    assert [ev.LABEL_TEXT[task][e.label] for task, e in (("cola", cola[0]), ("sst2", sst[0]), ("mrpc", mrpc),
+            ("qqp", qqp[1]))] == ["acceptable", "negative", "equivalent", "duplicate"]
     with pytest.raises(ValueError, match="no split 'dev'"):
         data.read_glue("mnli", "dev", d)
     with pytest.raises(ValueError, match="unknown GLUE task"):
@@ -1099,7 +1116,7 @@ def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
     examples = data.read_squad(str(path))
     assert [len(e["answers"]) for e in examples] == [1, 1, 0]
     f = data.squad_features(examples, tok, max_len=16, stride=3, max_query=5)
-    n_ctx = 15  # context word pieces ("." included)
+    n_ctx = 16  # context word pieces ("." included)
     q_len = 5   # "where did the cat sit ?" is 6 pieces, cut to max_query 5
     room = 16 - q_len - 3
     starts = list(range(0, n_ctx - room + 3, 3))  # window starts 0, 3, 6, 9: stride is the step
@@ -1111,6 +1128,9 @@ def test_squad_windows_step_by_stride_and_label_answers(tmp_path):
             continue
         assert ex["context"][f["offsets"][k, s, 0]:f["offsets"][k, e, 1]] == ex["answers"][0]["text"]
     assert all(tuple(lab) == (0, 0) for lab, i in zip(f["labels"].tolist(), f["example"].tolist()) if i == 2)
+    # segments as run_squad.py's: [CLS] question [SEP] 0, the window and its [SEP] 1, padding 0 (the last
+    # window, at 9, holds the context's last 7 tokens)
+    assert f["token_type_ids"][3].tolist() == [0] * (q_len + 2) + [1] * (n_ctx - 9 + 1) + [0] * 1
     # an answer whose last token is the one after a window's last ("the big", tokens 7-8: the first window
     # holds 0-7) is not in that window; labels are positions: first context token at q_len + 2 = 7
     big = dict(examples[0], answers=[{"text": "the big", "answer_start": examples[0]["context"].index("the big")}])
@@ -1419,6 +1439,9 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     ys = [float(p.split(",")[1]) for p in panels["kd"].find(svg + "polyline").get("points").split()]
     kd = [r["kd"] for r in records]
     assert len(ys) == len(kd) == 40 and all(ys[i] >= ys[j] for i in range(40) for j in range(40) if kd[i] < kd[j])
+    dev = [r["step"] for r in map(json.loads, open(out / "stage2" / "log.jsonl")) if "dev" in r]  # x: the step
+    xs = [float(p.split(",")[0]) for p in panels["dev acc"].find(svg + "polyline").get("points").split()]
+    assert xs == pytest.approx([64 + 480 * step / records[-1]["step"] for step in dev], abs=0.05) and len(dev) > 2
     index = (out / "index.html").read_text()
     assert re.findall(r'src="(\w+)/curves.svg"', index) == ["teacher", "stage1", "stage2"]
     # eval.py scores the saved student as train.py did, writes test predictions, times re-headed models
@@ -1435,6 +1458,9 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     )
     rows = ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_batch", "2", "--speed_length", "8"])
     assert [r["heads"] for r in rows] == [12, 6, 4, 3, 2, 1] and all(r["latency_ms"] > 0 for r in rows)
+    with monkeypatch.context() as m:  # --speed_length over the max_len the model was trained at
+        m.setattr(ev, "speed", lambda model, batch, length, **kw: length)
+        assert ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_length", "8"]) == 8
     capsys.readouterr()  # tools/relations.py: the page, and the sharpness of every relation with the trained settings
     tool("relations").main(d + ["--model", str(out / "stage1"), "--teacher", str(out / "teacher"),
                                 "the movie was good"])
@@ -1611,7 +1637,8 @@ def test_eval_noise_writes_the_noisy_set_and_its_metrics(tmp_path, capsys):
     assert sum(a.split("\t")[2] != b.split("\t")[0] for a, b in zip(lines[1:], original[1:])) > 5
     ev.main(common + ["--noise", "0.5", "--noise_seed", "1"])  # another seed: its own files
     assert json.load(open(teacher / "noise-0.5-seed1.json"))["seed"] == 1 and json.load(
-        open(teacher / "noise-0.5.json")) == record and os.path.exists(teacher / "noise-0.5-seed1-dev.tsv")
+        open(teacher / "noise-0.5.json")) == record
+    assert open(teacher / "noise-0.5-seed1-dev.tsv").read() != open(teacher / "noise-0.5-dev.tsv").read()  # its own
     with pytest.raises(SystemExit):
         ev.main(common + ["--noise", "0"])
     assert "--noise 0.0: a fraction of words in (0, 1]" in capsys.readouterr().err
@@ -1644,6 +1671,37 @@ def test_predict_writes_the_models_argmax_per_test_row(tmp_path):
                 for i, n in enumerate(rows["lengths"].tolist())]
     assert len(set(want)) == 2  # both classes predicted: a constant prediction cannot pass
     assert lines == [f"{e.guid}\t{p}" for e, p in zip(test, want)]
+
+
+def test_submissions_write_label_names_and_scores_into_the_files_the_server_reads(tmp_path, monkeypatch):
+    """GLUE's server reads MNLI-m.tsv (matched), MNLI-mm.tsv (mismatched) and AX.tsv (the diagnostic set, by the
+    MNLI model), each 'index<TAB>label name', and STS-B.tsv's scores (the GLUE site's sample submission)."""
+    import eval as ev
+    columns = "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2"
+    for folder, file, rows in (("MNLI", "test_matched.tsv", ["7\t1\t1e\tgov\t(\t(\t(\t(\tA b.\tA."]),
+                               ("MNLI", "test_mismatched.tsv", ["8\t1\t1e\tgov\t(\t(\t(\t(\tA.\tA b c d.",
+                                                                "9\t1\t1e\tgov\t(\t(\t(\t(\tA b c.\tA."]),
+                               ("diagnostic", "diagnostic.tsv", ["0\tA b c.\tA."])):
+        (tmp_path / "glue" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "glue" / folder / file).write_text(
+            "\n".join([columns if folder == "MNLI" else "index\tsentence1\tsentence2", *rows]) + "\n")
+    # a stand-in model: its label is the row's length in word pieces, mod 3
+    monkeypatch.setattr(ev, "model_outputs", lambda model, ds, *a: (torch.eye(3)[ds["lengths"] % 3], None))
+    args = argparse.Namespace(task="mnli", data_dir=str(tmp_path), allow_partial=True, max_len=32, batch_size=8,
+                              device="cpu", paper_exact=False, model=str(tmp_path))
+    tok = data.Tokenizer(write_vocab(tmp_path / "vocab.txt", ["a", "b", "c", "d"]))
+    ev.write_test_predictions(None, tok, args)
+    # [CLS] a b . [SEP] a . [SEP]: 8 pieces, 8 % 3 = 2: neutral; 10 pieces: entailment; 9: contradiction
+    assert {f: (tmp_path / f).read_text() for f in ("MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv")} == {
+        "MNLI-m.tsv": "index\tprediction\n7\tneutral\n", "AX.tsv": "index\tprediction\n0\tcontradiction\n",
+        "MNLI-mm.tsv": "index\tprediction\n8\tentailment\n9\tcontradiction\n"}
+    (tmp_path / "glue" / "STS-B").mkdir()
+    (tmp_path / "glue" / "STS-B" / "test.tsv").write_text(
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\n"
+        "0\tm\tf\t2012\t1\tn\tn\tA.\tB.\n")
+    monkeypatch.setattr(ev, "model_outputs", lambda model, ds, *a: (torch.tensor([[3.14159]]), None))
+    ev.write_test_predictions(None, tok, argparse.Namespace(**{**vars(args), "task": "stsb"}))
+    assert (tmp_path / "STS-B.tsv").read_text() == "index\tprediction\n0\t3.142\n"  # the score, not an argmax
 
 
 def test_noise_scores_the_noisy_rows_it_writes(tmp_path, monkeypatch):
@@ -1772,11 +1830,12 @@ def test_model_outputs_keeps_no_earlier_batch_states_alive():
 
         def forward(self, ids, token_types, mask):
             assert all(ref() is None for ref in self.states[:-1])  # freed: all but the batch just returned
+            assert torch.equal(token_types, ids % 2)  # each row's own segments, not zeros
             h = torch.randn(*ids.shape, 8)
             self.states.append(weakref.ref(h))
             return types.SimpleNamespace(logits=h[:, 0, :3] * 1, hidden_states=[h])  # logits: a copy
     ids = torch.randint(5, 100, (10, 6))
-    ds = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": torch.full((10,), 6)}
+    ds = {"input_ids": ids, "token_type_ids": ids % 2, "lengths": torch.full((10,), 6)}
     recorder = Recorder()
     logits, cls = ev.model_outputs(recorder, ds, batch_size=2)
     assert logits.shape == (10, 3) and cls.shape == (10, 8) and len(recorder.states) == 5
@@ -1946,6 +2005,9 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
         train.main(task)
     again = [*argv[:-1], str(tmp_path / "gen3"), "--student_init", str(out / "general"), "--max_steps", "2"]
     general.main(again)  # going on from the General student, then another one at its path: refused
+    went_on, had = (model.read_safetensors(str(d / "general" / "projections.safetensors")) for d in (tmp_path / "gen3",
+                                                                                                   out))
+    assert max(float((went_on[k] - had[k]).abs().max()) for k in had) < 0.01  # its W_m, 2 steps on: not new ones
     model.write_safetensors({k: v + 0.01 for k, v in model.read_safetensors(str(weights)).items()}, str(weights))
     with pytest.raises(ValueError, match=r"general was run with other settings: --student_init CRC-32 \w{8} \(now"):
         general.main(again)
@@ -2846,7 +2908,7 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     monkeypatch.setattr(record.compare, "minilm", lambda: "/mini lm")
     with pytest.raises(SystemExit, match=r"uncommitted changes \(train.py\)"):
         record.run("sst2-offline", "/my data")
-    status["git"] = "?? out/x\n"
+    status["git"] = "?? out/x\n M experiments/runs/record/squad1-offline.json\n"  # a record just written: no code
     out = record.run("sst2-offline", "/my data")
     assert out.endswith(os.path.join("out", "record", "sst2-offline-abc1234"))
     flags = calls[-1][2:]
@@ -2877,8 +2939,9 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     assert flags[flags.index("--student_init") + 1] == os.path.join(v1, "stage2")
     assert flags[flags.index("--train_file") + 1] == f"{split}/train-3-articles.json,{split}/v1-2-articles.json"
     assert flags[flags.index("--dev_file") + 1] == f"{split}/dev-2-articles.json"
-    assert [[a["title"] for a in json.loads((split / f).read_text())["data"]] for f in (
-        "train-3-articles.json", "dev-2-articles.json", "v1-2-articles.json")] == [["0", "1", "2"], ["3", "4"], ["0", "1"]]
+    titles = [[a["title"] for a in json.loads((split / f).read_text())["data"]] for f in (
+        "train-3-articles.json", "dev-2-articles.json", "v1-2-articles.json")]
+    assert titles == [["0", "1", "2"], ["3", "4"], ["0", "1"]]
     os.makedirs(v2)
     open(os.path.join(v2, "results.json"), "w").write("{}")
     calls.clear()
@@ -3695,20 +3758,22 @@ def test_training_batches_follow_seed_group_by_length_and_paper_exact():
     ds = {"input_ids": torch.randint(5, 100, (n, full), generator=g) * (torch.arange(full) < lengths[:, None]),
           "token_type_ids": torch.zeros(n, full, dtype=torch.long), "lengths": lengths}
 
-    def order(*flags):
+    def order(*flags, total=200):
         args = train.parse_args(["--task", "sst2", "--batch_size", "4", *flags])
-        batches = train.training_batches(ds, args, 0, 200, 200)
+        batches = train.training_batches(ds, args, 0, 200, total)
         return [(b["index"].tolist(), b["input_ids"].shape[1]) for _, b in batches]
 
     def want(seed, **kw):
         return [(b["index"].tolist(), b["input_ids"].shape[1])
                 for b in data.batches(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(seed), **kw)]
     assert order() == want(42) and order("--seed", "7") == want(7) != want(42)
+    assert order(total=400)[200:] == want(43)  # each epoch shuffled anew: --seed + the epoch
     assert order("--group_by_length") == want(42, group_by_length=100) != want(42)
     for run in (order("--group_by_length")[:100], order("--group_by_length")[100:]):  # runs of 100 batches
         spans = sorted((int(lengths[i].min()), int(lengths[i].max())) for i, _ in run)  # (not HF's 50)
         assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # each sorted by length
     assert order("--paper_exact") == want(42, fixed_padding=True) and {w for _, w in order("--paper_exact")} == {full}
+    assert order("--paper_exact", "--group_by_length") == order("--paper_exact")  # said to be ignored: it is
     assert order("--compile") == want(42, buckets=True) != want(42)  # widths rounded up to a power of two
 
 
@@ -4019,6 +4084,8 @@ def test_grouped_batches_are_a_seeded_permutation_of_similar_lengths():
     for run in range(0, len(grouped), 10):  # within a run of 10 batches the lengths do not interleave
         spans = sorted((int(lengths[b["index"]].min()), int(lengths[b["index"]].max())) for b in grouped[run:run + 10])
         assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+    shortest = [int(lengths[b["index"]].min()) for b in grouped[:10]]
+    assert shortest != sorted(shortest)  # a run's batches shuffled: no short-to-long curriculum
     assert [b["index"].tolist() for b in epoch(10, start=37)] == [b["index"].tolist() for b in grouped[37:]]  # resume
     assert [b["index"].tolist() for b in epoch(10)] == [b["index"].tolist() for b in grouped]  # seeded
     assert [b["index"].tolist() for b in epoch(10, seed=2)] != [b["index"].tolist() for b in grouped]
@@ -4186,6 +4253,7 @@ def test_an_hf_config_says_its_labels_and_a_task_of_another_order_is_refused(tmp
         "'entailment', 'neutral']")
     assert ev.head_mismatch(model.Bert(config(id2label={str(i): f"LABEL_{i}" for i in range(3)})), "mnli") is None
     assert ev.head_mismatch(model.Bert(config(id2label={"0": "similarity"})), "stsb") is None  # a regression's name
+    assert config(id2label={"0": "LABEL_0"}).head == "regression"  # one label, no problem_type: HF's regression
     with pytest.raises(ValueError, match=r"config.json: is_decoder True is not supported, only False"):
         config(is_decoder=True)  # HF's decoder attends causally: ours would be another model
     assert not model.Bert(sst2).word.weight[sst2.pad_token_id].any()  # HF's init: the [PAD] row is 0
@@ -4309,11 +4377,11 @@ def test_each_step_draws_its_dropout_from_a_seed_of_its_own_and_a_checkpoint_kee
     assert loss_at(4) == loss_at(4) != loss_at(5) and loss_at(4, rank=1) != loss_at(4)
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
-    train.save_checkpoint(str(tmp_path), [layer], optimizer, 3, None, [12.5, 96])
+    train.save_checkpoint(str(tmp_path), [layer], optimizer, 3, {"acc": 80.0}, [12.5, 96])
     lines = [{"step": 2}, {"step": 3}, {"stage": "stage1", "done": True}, {"step": 4}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    args = argparse.Namespace(device="cpu")
-    assert train.resume("stage1", str(tmp_path), [layer], optimizer, 10, args) == (3, None, [12.5, 96])
+    args = argparse.Namespace(device="cpu")  # the best dev metrics so far too: a worse one is not saved over it
+    assert train.resume("stage1", str(tmp_path), [layer], optimizer, 10, args) == (3, {"acc": 80.0}, [12.5, 96])
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 2}\n{"step": 3}\n'
     for bad in ("{not json}\n", "[]\n"):  # a line edited by hand: one line naming the file
         (tmp_path / "log.jsonl").write_text('{"step": 2}\n' + bad + '{"step": 3}\n')

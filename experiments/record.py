@@ -50,7 +50,8 @@ def run(name, data_dir):
     git = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
     if git.returncode or compare.commit() is None:
         sys.exit("error: not a git clone with a commit: a record names its commit")
-    changed = [line[3:] for line in git.stdout.splitlines() if not line[3:].startswith("out/")]
+    changed = [line[3:] for line in git.stdout.splitlines()  # not the runs or the records, which no run reads
+               if not line[3:].startswith(("out/", "experiments/runs/record/"))]
     if changed:
         sys.exit(f"error: uncommitted changes ({', '.join(changed)}): commit them first, a record names its commit")
     mini = compare.minilm()
@@ -112,7 +113,8 @@ def table(name):
     entries = compare.load(os.path.join(RUNS, f"{name}.json")) or []
     if not entries:
         return [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
-    shown = [k for k in entries[0]["teacher"] if "total" not in k and (k == "exact" or "exact" not in k)]
+    shown = [k for k in entries[0]["teacher"]  # not the row counts; v2.0's splits and best threshold by F1 alone
+             if "total" not in k and (k == "exact" or "exact" not in k)]
     names, metric = ", ".join(shown), entries[0]["metric"]
     lines = [f"| commit, date | machine | teacher {names} | student {names} | student / teacher {metric} | "
              "parameters | training s: teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]
