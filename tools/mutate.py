@@ -422,7 +422,7 @@ MUTANTS = [
     # found by newcomers reading the data, eval, model and flag paths: each survived every test
     Mutant("eval.py", "{labels[p] if labels else f'{p:.3f}'}",
            "{p if labels else f'{p:.3f}'}",
-           "GLUE test predictions write label indices: MNLI's, QNLI's and RTE's submissions say 0/1/2"),
+           "GLUE test predictions write label indices: MNLI's and AX's say 0/1/2, QNLI's and RTE's 0/1"),
     Mutant("eval.py", 'names = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}',
            'names = {"test_matched": "MNLI-mm", "test_mismatched": "MNLI-m"}',
            "MNLI-m.tsv holds the mismatched test predictions and MNLI-mm.tsv the matched"),
