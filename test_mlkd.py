@@ -1469,6 +1469,14 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     said, shown = capsys.readouterr().out, json.load(open(out / "stage1" / "relations.json"))
     assert "relation sharpness on the first 32 dev rows (L_MHA temperature 1" in said and "L_SS" in said
     assert shown["temperature"] == 1 and len(shown["rows"]) == 1 + 2 * 4 + 1  # L_EMB, 2 pairs x 4 splits, L_SS
+    other = tmp_path / "stage1-last"  # a student trained with another layer map and temperature: its own
+    shutil.copytree(out / "stage1", other)
+    settings = json.load(open(other / "args.json"))
+    (other / "args.json").write_text(json.dumps({**settings, "layer_map": "last", "mha_temperature": 0.5}))
+    tool("relations").main(d + ["--model", str(other), "--teacher", str(out / "teacher"), "the movie was good"])
+    shown, g = json.load(open(other / "relations.json")), mlkd.layer_map(4, 2, "last")
+    assert shown["temperature"] == 0.5 and g != mlkd.layer_map(4, 2)
+    assert {(r["student"], r["teacher"]) for r in shown["rows"] if r["loss"] == "L_MHA"} == {(1, g[1]), (2, g[2])}
     # baseline: no Stage 1, gold labels only, the finished teacher reused; the teacher never runs
     base = train.main(
         argv[:-2]
@@ -1498,7 +1506,6 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     train.main(argv)
     assert logged.count("skipped") == 0 and capsys.readouterr().out.count("is finished: skipped") == 3
     # a Stage 2 killed mid-way resumes from its checkpoint and finishes
-    import shutil
     shutil.rmtree(out / "stage2")
     real = kill_at_training_batch(monkeypatch, 5)  # killed after step 4; the checkpoint is at step 3
     with pytest.raises(KeyboardInterrupt):

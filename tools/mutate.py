@@ -482,7 +482,13 @@ MUTANTS = [
            "general distillation going on from a General student starts fresh projections W_m"),
     Mutant("tools/pages.py", "xy = [(64 + 480 * s / last, 100 * (hi - v) / (hi - lo)) for s, v in pts]  # in the panel",
            "xy = [(64 + 480 * k / max(1, len(pts) - 1), 100 * (hi - v) / (hi - lo)) for k, (s, v) in enumerate(pts)]",
-           "tools/pages.py spaces a curve's points by record, not by step: dev points at other steps"),
+           "a curve's points are spaced by record, not by step: dev points land at other steps"),
+    Mutant("tools/relations.py", 'kind, splits = trained.get("layer_map", "uniform"), trained.get("splits", 12)',
+           'kind, splits = "uniform", trained.get("splits", 12)',
+           "a student trained with --layer_map last is drawn with the uniform map's layer pairs"),
+    Mutant("tools/relations.py", 'temperature = trained.get("mha_temperature", 1.0) if args.mha_temperature is None \\',
+           'temperature = 1.0 if args.mha_temperature is None \\',
+           "a student trained with --mha_temperature 0.5 is drawn at temperature 1"),
 ]
 
 
