@@ -19,6 +19,7 @@ import shutil
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -1251,7 +1252,6 @@ def test_real_squad_answers_round_trip():
 def glue_metrics(task, preds, labels, splits=None):
     """eval.evaluate_glue's metrics (but "total") for a stand-in model that predicts preds; splits: {dev file:
     its rows} (MNLI's two), else one "dev" of every row."""
-    import types
     import eval as ev
 
     class Predicts(torch.nn.Module):  # row i (input id i): logits whose argmax (STS-B: score) is preds[i]
@@ -1830,7 +1830,6 @@ def test_model_outputs_keeps_no_earlier_batch_states_alive():
     views kept each batch's whole (B, L, H) states alive (scoring SQuAD's dev set at 256 x 384 alone peaked at
     7.0 GiB, 4.2 without; the whole SQuAD proxy run: 8.46 and 4.99 GiB)."""
     import weakref
-    import types
     import eval as ev
 
     class Recorder(torch.nn.Module):
@@ -2177,12 +2176,21 @@ def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_model", lambda model, directory, args: saved.append(evaluated[-1]))
     evaluated = []
 
+    clock = [0.0]  # train.py's time.time: a second at each reading, and 100 more in each dev evaluation
+
+    def tick():
+        clock[0] += 1.0
+        return clock[0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=tick))
+
     def evaluate(model):
         evaluated.append(len(evaluated) + 1)
+        clock[0] += 100.0
         return {"acc": next(scores)}
-    _, best = train.fit("teacher", str(tmp_path), [m], train.teacher_loss, ds, args, 2, 1e-3, 0.1, evaluate,
-                        keep_best=True)
+    record, best = train.fit("teacher", str(tmp_path), [m], train.teacher_loss, ds, args, 2, 1e-3, 0.1, evaluate,
+                             keep_best=True)
     assert evaluated == [1, 2, 3, 4] and saved == [1, 2] and best == {"acc": 60.0}
+    assert record["train_s"] < 100  # training time alone: not the evaluations' (nor in samples/s and the ETA)
 
 
 def test_a_checkpoint_past_the_runs_end_is_refused(tmp_path):
@@ -2384,7 +2392,6 @@ STAGE2_CASES = [("classification", 3, dict(w_kd=0.01, w_ss=0.1, w_sc=0.01, w_ce=
 def stage2_gradients():
     """train_step's Stage-2 gradients (the student's, then the projections') of each of STAGE2_CASES,
     in one process or in each of torchrun's."""
-    import types
     import eval as ev
     import train
     grads = []
@@ -2419,7 +2426,6 @@ STAGE1_CASES = [("teacher", False, {}), ("stage1", False, dict(w_emb=0.01, w_mha
 def stage1_gradients():
     """train_step's gradients of the teacher stage and Stage 1 (the student's, then the projections') on
     3 rows of 3 lengths, for each of STAGE1_CASES, in one process or in each of torchrun's (2 rows and 1)."""
-    import types
     import train
     grads = []
     for stage, exact, weights in STAGE1_CASES:
@@ -3074,7 +3080,6 @@ def random_projections(M, d_s, d_t, seed=1):
 
 def test_the_gold_label_loss_is_logged_by_the_name_of_what_it_computes():
     """CE for classes, MSE for a regression's score (STS-B): the teacher's loss and Stage 2's --w_ce term."""
-    import types
 
     import train
     torch.manual_seed(0)

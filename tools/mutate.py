@@ -489,6 +489,9 @@ MUTANTS = [
     Mutant("tools/relations.py", 'temperature = trained.get("mha_temperature", 1.0) if args.mha_temperature is None \\',
            'temperature = 1.0 if args.mha_temperature is None \\',
            "a student trained with --mha_temperature 0.5 is drawn at temperature 1"),
+    Mutant("train.py", 't0 += took  # samples/s and the ETA count training time alone',
+           'pass  # samples/s and the ETA count training time alone',
+           "train_s, samples/s and the ETA count the dev evaluations' seconds as training time"),
 ]
 
 
