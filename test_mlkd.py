@@ -2216,6 +2216,15 @@ def test_fit_cleans_stale_temporaries_and_states_capped_epochs(tmp_path, capsys)
     assert [json.loads(r)["step"] for r in open(tmp_path / "log.jsonl")] == [1]  # a fresh start: a fresh log
 
 
+def test_fit_writes_its_checkpoint_every_save_steps(tmp_path):
+    """--save_steps, not --log_steps, times checkpoint.pt: steps 2 and 4 of 4 here, the last not (finish would
+    remove it), so step 2's is there."""
+    import train
+    args, m, ds = tiny_fit_args(tmp_path, "--save_steps", "2", "--log_steps", "3", "--max_steps", "4")
+    train.fit("stage1", str(tmp_path), [m], train.teacher_loss, ds, args, 4, 1e-3, None)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_atomic_writes_take_the_umask_mode(tmp_path):
     old = os.umask(0o022)
     try:

@@ -493,6 +493,9 @@ MUTANTS = [
     Mutant("train.py", 't0 += took  # samples/s and the ETA count training time alone',
            'pass  # samples/s and the ETA count training time alone',
            "train_s, samples/s and the ETA count the dev evaluations' seconds as training time"),
+    Mutant("train.py", 'if step % args.save_steps == 0 and step < total and LEAD:',
+           'if step % args.log_steps == 0 and step < total and LEAD:',
+           "checkpoint.pt is written every --log_steps steps, not every --save_steps"),
 ]
 
 
