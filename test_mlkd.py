@@ -1825,8 +1825,9 @@ def test_cached_teacher_gives_the_live_stage2_losses(tmp_path, head, rows, capsy
         assert train.teacher_cache(teacher, ds, train.parse_args(args_argv + off)) is None, off
 
 
-def test_model_outputs_keeps_no_earlier_batch_states_alive():
-    """The teacher cache and every evaluation go through model_outputs: on a CPU, keeping the [CLS] rows as
+def test_model_outputs_passes_each_rows_segments_and_keeps_no_earlier_batch_states_alive():
+    """The teacher cache and every evaluation go through model_outputs: each row's own segments go in (a pair
+    task scored with segments all 0 would be another model), and on a CPU, keeping the [CLS] rows as
     views kept each batch's whole (B, L, H) states alive (scoring SQuAD's dev set at 256 x 384 alone peaked at
     7.0 GiB, 4.2 without; the whole SQuAD proxy run: 8.46 and 4.99 GiB)."""
     import weakref
