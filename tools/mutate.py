@@ -496,6 +496,15 @@ MUTANTS = [
     Mutant("train.py", 'if step % args.save_steps == 0 and step < total and LEAD:',
            'if step % args.log_steps == 0 and step < total and LEAD:',
            "checkpoint.pt is written every --log_steps steps, not every --save_steps"),
+    # general_distill.py's held-out windows and losses (survivors of every test at dad71a7)
+    Mutant("tools/general_distill.py", "order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))",
+           "order = torch.arange(n)", "the held-out windows are the corpus's first 1%, its first documents"),
+    Mutant("tools/general_distill.py", "k = min(1000, max(1, n // 100))", "k = max(1, n // 100)",
+           "no cap of 1000 held-out windows: a large corpus spends its evaluations on 1% of it"),
+    Mutant("tools/general_distill.py", "torch.Generator().manual_seed(seed))", "torch.Generator().manual_seed(0))",
+           "the held-out draw ignores --seed"),
+    Mutant("tools/general_distill.py", "@torch.no_grad()\ndef heldout_losses(", "def heldout_losses(",
+           "the held-out losses build an autograd graph for every batch: memory and time for nothing"),
 ]
 
 
