@@ -1986,6 +1986,7 @@ def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, mo
     (tmp_path / "general-offline-abc1234").symlink_to(out)
     entry = record.record("general-offline", str(tmp_path / "general-offline-abc1234"))
     assert entry["heldout"] == curve and entry["steps"] == 18 and entry["init"] == "random"
+    assert entry["corpus"] == {k: v for k, v in metrics["corpus"].items() if k != "files"}  # no path of ours
     table = record.table("general-offline")
     assert len(table) == 2 + 7 and table[2].startswith(f"| abc1234, {entry['date']}, {entry['machine']}: 2 x 24, 2 "
                                                        f"heads, FFN 48; {metrics['corpus']['windows']} windows (")

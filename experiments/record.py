@@ -126,7 +126,8 @@ def record(name, out):
         entry.update(student=f"{c['num_hidden_layers']} x {c['hidden_size']}, {c['num_attention_heads']} heads, "
                              f"FFN {c['intermediate_size']}",
                      init="random" if ran["student_init"] == "random" else "copied layers",
-                     heldout=results["heldout"], corpus=results["corpus"], steps=train["step"],
+                     heldout=results["heldout"], steps=train["step"],
+                     corpus={k: v for k, v in results["corpus"].items() if k != "files"},  # not this machine's path
                      train_s=round(train["train_s"], 1), samples_per_s=round(train["samples_per_s"], 1),
                      peak_memory_gib=round(train["peak_memory_gib"], 2))
     else:
@@ -153,8 +154,9 @@ def general_table(entries):
     for e in entries:
         c = e["corpus"]
         run = (f"{e['commit']}, {e['date']}, {e['machine']}: {e['student']}; {c['windows']:,} windows "
-               f"({c['heldout_windows']} held out), {c['word_pieces']:,} word pieces; {e['steps']:,} steps in "
-               f"{e['train_s'] / 60:.1f} min, {e['samples_per_s']:.1f} samples/s, peak {e['peak_memory_gib']:.1f} GiB")
+               f"({c['heldout_windows']} held out), {c['word_pieces']:,} word pieces; "
+               f"{e['steps']:,} step{'s' * (e['steps'] != 1)} in {e['train_s'] / 60:.1f} min, "
+               f"{e['samples_per_s']:.1f} samples/s, peak {e['peak_memory_gib']:.1f} GiB")
         for k, point in enumerate(e["heldout"]):
             when = f"init ({e['init']})" if point["step"] == 0 else f"step {point['step']:,}"
             lines.append(f"| {'' if k else run} | {when} | "
