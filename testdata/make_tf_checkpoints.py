@@ -6,7 +6,7 @@ TensorFlow is not a dependency of mlkd; run this in a scratch virtualenv:
     /tmp/tf/bin/python testdata/make_tf_checkpoints.py --minilm DIR    # all-MiniLM-L6-v2 as Google's layout in DIR
 Writes testdata/tf1/ (a TF1 Saver checkpoint with Google's BERT variable names, optimizer slots and
 pre-training heads, plus bert_config.json), testdata/tf2/ (a TF2 tf.train.Checkpoint: same bundle
-format, object-path names and a string tensor) and testdata/tf_values.npz (what was written).
+format, object-path names, a string tensor, float16 and bfloat16 ones) and testdata/tf_values.npz (what was written).
 """
 import json
 import os
@@ -63,8 +63,10 @@ def main():
     # TF2: object-based names (<attribute path>/.ATTRIBUTES/VARIABLE_VALUE) and the object graph
     tf2 = {"dense_kernel": rng.standard_normal((3, 5)).astype(np.float32), "step": np.array([1, 2, 3], dtype=np.int32),
            "half": rng.standard_normal(4).astype(np.float16)}
-    ckpt = tf.train.Checkpoint(**{k: tf.Variable(v) for k, v in tf2.items()})
+    brain = tf.cast(rng.standard_normal(6).astype(np.float32), tf.bfloat16)  # numpy has no bfloat16
+    ckpt = tf.train.Checkpoint(**{k: tf.Variable(v) for k, v in tf2.items()}, bfloat16=tf.Variable(brain))
     ckpt.write(os.path.join(HERE, "tf2", "ckpt"))
+    tf2["bfloat16"] = tf.cast(brain, tf.float32).numpy()  # its values, exactly, as float32
     arrays = {f"tf1/{k}": v for k, v in {**values, **extra}.items()}
     arrays.update({f"tf2/{k}/.ATTRIBUTES/VARIABLE_VALUE": v for k, v in tf2.items()})
     np.savez_compressed(os.path.join(HERE, "tf_values.npz"), **arrays)

@@ -505,6 +505,8 @@ MUTANTS = [
            "the held-out draw ignores --seed"),
     Mutant("tools/general_distill.py", "@torch.no_grad()\ndef heldout_losses(", "def heldout_losses(",
            "the held-out losses build an autograd graph for every batch: memory and time for nothing"),
+    Mutant("tools/convert_tf_checkpoint.py", "14: torch.bfloat16,", "14: torch.float16,",
+           "a bfloat16 tensor of a TF checkpoint is read as float16: its bits mean other numbers"),
 ]
 
 
