@@ -1919,6 +1919,8 @@ def test_student_init_dir_takes_layers_by_the_layer_map(tmp_path):
     with pytest.raises(ValueError, match="--hidden 24: --student_init .* copies weights 48 wide"):
         train.check_shapes(train.parse_args(["--task", "sst2", "--student_init", str(init), "--hidden", "24"]),
                            source.config)
+    one = model.BertConfig(num_hidden_layers=1, hidden_size=48, num_attention_heads=4)  # half of 1 layer: 1
+    assert train.student_shape(train.parse_args(["--task", "sst2", "--student_init", "teacher-layers"]), one)[0] == 1
 
 
 def test_general_distillation_runs_resumes_and_feeds_a_task(tmp_path, capsys, monkeypatch):
@@ -3742,6 +3744,8 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     with pytest.raises(ValueError, match=r"stage1 was run with other settings: teacher CRC-32 \w{8} "
                                          r"\(now \w{8}\)"):
         train.main(argv + ["--warmup", "0.5", "--stages", "teacher,stage1"])
+    with pytest.raises(ValueError, match=r"stage2 was run with other settings: teacher CRC-32 \w{8} \(now \w{8}\)"):
+        train.main(argv + ["--stages", "eval"])  # the student of the teacher before is not this one's to report
     # an interrupted Stage 1 resumes only with its own settings
     for stage in ("teacher", "stage1", "stage2"):
         shutil.rmtree(out / stage)
@@ -4490,6 +4494,25 @@ def test_paths_are_absolute_and_float_flags_finite(tmp_path, monkeypatch, capsys
             err = capsys.readouterr().err
             least = "> 0" if flag in ("--lr1", "--temperature") else ">= 0"
             assert err == f"error: argument {flag}: must be a finite number {least}, got {value}\n", err
+    monkeypatch.chdir(tmp_path)
+    for name in ("tinybert", "random", "teacher-layers"):  # a folder of the name does not turn a keyword into it
+        (tmp_path / name).mkdir()
+        assert train.parse_args(["--task", "sst2", "--student_init", name]).student_init == name
+        assert train.parse_args(["--task", "sst2", "--student_init", f"./{name}"]).student_init == str(tmp_path / name)
+    assert train.parse_args(["--task", "sst2"]).student_init == "tinybert"  # the default, too
+
+
+def test_finish_says_the_peak_memory_in_gib_on_linux_and_macos(tmp_path, monkeypatch):
+    import resource
+    import train
+    args = train.parse_args(["--task", "sst2", "--device", "cpu"])
+    for platform, maxrss in (("linux", 2**20), ("darwin", 2**30)):  # ru_maxrss: KiB on Linux, bytes on macOS
+        monkeypatch.setattr(train.sys, "platform", platform)
+        monkeypatch.setattr(train.resource, "getrusage", lambda who, rss=maxrss: resource.struct_rusage(
+            (0.0, 0.0, rss) + (0,) * 13))
+        metrics = {"train": {"stage": "stage1", "samples_per_s": 1.0}}
+        train.finish(str(tmp_path), metrics, args)
+        assert metrics["train"]["peak_memory_gib"] == 1.0, platform
 
 
 def test_a_rerun_refusal_prints_each_value_as_typed(tmp_path):

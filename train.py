@@ -107,8 +107,7 @@ def pipeline(args):
     teacher = load_teacher(args.teacher or out["teacher"], args)  # the kept teacher, frozen
     args.teacher_crc32 = crc32(teacher.state_dict())  # Stage 1 and 2 record what they distil
     if os.path.isdir(args.student_init):  # and the student they start from, a directory's
-        start = Bert.from_pretrained(args.student_init, verbose=False)
-        args.student_crc32 = crc32(start.state_dict())
+        args.student_crc32 = crc32(Bert.from_pretrained(args.student_init, verbose=False).state_dict())
 
     # Stage 1: distil the embeddings and Transformer layers (L_EMB + L_MHA + L_FFN)
     if begin("stage1", out["stage1"], args):
@@ -133,6 +132,7 @@ def pipeline(args):
 
     # The eval stage: the teacher's and the student's dev metrics -> results.json
     if "eval" in args.stages and LEAD:
+        same_settings("stage2", out["stage2"], args)  # a student of another teacher: refused
         return evaluation.report(args, teacher, args.teacher or out["teacher"], out["stage2"],
                                  evaluate)
 
@@ -296,18 +296,18 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     t0, record = time.time() - trained, {"stage": stage}  # t0: training time alone, across resumes
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
+        lr_now = lr * lr_factor(step, warmup, total)
         for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, warmup, total)
+            group["lr"] = lr_now
         losses = train_step(forward, batch, loss_fn, optimizer, stage, step, args)
-        lr_used = optimizer.param_groups[0]["lr"]
         step, seen = step + 1, seen + len(batch["index"])  # samples/s: every process's rows
         if step % args.log_steps == 0 or step == total:
             took = time.time() - t0
             record = {"stage": stage, "epoch": epoch + 1, "step": step, "total": total, **losses,
-                      "lr": lr_used, "samples_per_s": seen / took, "train_s": took}
+                      "lr": lr_now, "samples_per_s": seen / took, "train_s": took}
             print(json.dumps(record), file=log, flush=True)
             print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | " + evaluation.format_metrics(
-                losses, 4) + f" | lr {lr_used:.2e} | {seen / took:.1f} samples/s | ETA "
+                losses, 4) + f" | lr {lr_now:.2e} | {seen / took:.1f} samples/s | ETA "
                 f"{(total - step) * took / step / 60:.1f} min", flush=True)
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
                                   or args.eval_steps and step % args.eval_steps == 0):
@@ -454,8 +454,10 @@ def path(text):
 
 def hub_or_dir(text):
     """The type of --teacher_init and --student_init: a directory, made absolute (as path); else
-    the name as given (a hub name; tinybert, teacher-layers, random)."""
-    return path(text) if os.path.exists(text) else text
+    the name as given: a hub name, or tinybert, teacher-layers, random (a folder of that name in
+    the working directory is ./random)."""
+    keyword = text in ("tinybert", "teacher-layers", "random")
+    return path(text) if os.path.exists(text) and not keyword else text
 
 
 def paths(text):
@@ -603,7 +605,7 @@ def check_flags(args):
     """Refuse, before any work, the flags that cannot work: one line naming the flag."""
     if args.warmup >= 1:
         refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
-    if set(args.stages) - set(STAGES) or not all(args.stages):
+    if set(args.stages) - set(STAGES):  # "" too (--stages teacher,)
         refuse(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
     if not any((args.w_kd, args.w_ss, args.w_sc, args.w_ce)):
         refuse("Stage 2 needs one of --w_kd --w_ss --w_sc --w_ce > 0")
@@ -658,7 +660,7 @@ def student_shape(args, teacher):
     source = teacher if args.student_init == "teacher-layers" else BertConfig.from_json(
         os.path.join(args.student_init, "config.json"))
     N = source.num_hidden_layers
-    return (args.layers or (N // 2 if source is teacher else N), source.hidden_size,
+    return (args.layers or (max(1, N // 2) if source is teacher else N), source.hidden_size,
             args.heads or source.num_attention_heads, source.intermediate_size, N)
 
 
@@ -896,7 +898,8 @@ def finish(directory, metrics, args):
     metrics.json (with done), drop the checkpoint."""
     cuda, record = args.device.startswith("cuda"), metrics["train"]
     record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
-                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                 * (1 if sys.platform == "darwin" else 1024)) / 2**30  # bytes, KiB
     print(f"[{record['stage']}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory "
           f"{record['peak_memory_gib']:.2f} GiB ("
           + ("CUDA allocated in the stage)" if cuda else "the process's peak RSS so far)"))
@@ -1042,7 +1045,7 @@ def gather_rows(x, counts):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError, OSError) as e:
+    except (ValueError, data.DownloadError, FloatingPointError, OSError) as e:
         say_error(data.error_line(e, "an --out"))
         sys.exit(1)
     except KeyboardInterrupt:  # main has said what is kept

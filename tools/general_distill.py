@@ -231,7 +231,7 @@ def heldout_losses(student, loss_fn, heldout, args):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.DownloadError, FloatingPointError, OSError) as e:
+    except (ValueError, data.DownloadError, FloatingPointError, OSError) as e:
         train.say_error(data.error_line(e, "an --out"))
         sys.exit(1)
     except KeyboardInterrupt:

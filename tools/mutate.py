@@ -507,6 +507,17 @@ MUTANTS = [
            "the held-out losses build an autograd graph for every batch: memory and time for nothing"),
     Mutant("tools/convert_tf_checkpoint.py", "14: torch.bfloat16,", "14: torch.float16,",
            "a bfloat16 tensor of a TF checkpoint is read as float16: its bits mean other numbers"),
+    # a newcomer's review of train.py at d5457eb (no test failed on any of these)
+    Mutant("train.py", "(max(1, N // 2) if source is teacher else N)", "(N // 2 if source is teacher else N)",
+           "half of a one-layer teacher is a zero-layer student: a ZeroDivisionError traceback"),
+    Mutant("train.py", "return path(text) if os.path.exists(text) and not keyword else text",
+           "return path(text) if os.path.exists(text) else text",
+           "a folder named tinybert in the working directory silently replaces --student_init's default"),
+    Mutant("train.py", '* (1 if sys.platform == "darwin" else 1024)) / 2**30', "* 1024) / 2**30",
+           "macOS's ru_maxrss (bytes) read as KiB: a peak memory 1024 times too large"),
+    Mutant("train.py", "        same_settings(\"stage2\", out[\"stage2\"], args)  # a student of another teacher",
+           "        pass  # a student of another teacher",
+           "--stages eval reports a retrained teacher beside the student distilled from the teacher before"),
 ]
 
 
