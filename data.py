@@ -519,8 +519,8 @@ def read_text(path, encoding="utf-8"):
         if b"\0" not in raw:
             return raw.decode(encoding)
         bad = raw.index(b"\0")
-    except UnicodeDecodeError as e:
-        bad = e.start
+    except UnicodeDecodeError as e:  # utf-8-sig counts from after a byte-order mark
+        bad = e.start + 3 * (encoding == "utf-8-sig" and raw.startswith(b"\xef\xbb\xbf"))
     line, column = raw.count(b"\n", 0, bad) + 1, bad - raw.rfind(b"\n", 0, bad)
     raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[bad]:02x} is not valid UTF-8 text "
                      "(binary or damaged?); re-save it as UTF-8, or delete it and run again")

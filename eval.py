@@ -250,7 +250,7 @@ def main(argv=None):
             print(f"{name} {getattr(args, name)} ({'from ' + saved if trained.get(name) else 'default'})")
     args.paper_exact = trained.get("paper_exact", False)
     if args.speed:
-        length = args.speed_length or trained.get("max_len", min(128, positions))
+        length = args.speed_length or args.max_len  # the max_len said above
         return speed(model, args.speed_batch, length, device=args.device, verbose=True)
     why = head_mismatch(model, args.task)
     if why:
@@ -379,7 +379,8 @@ def parse_args(argv=None):
     p.add_argument("--predict", action="store_true", help="write GLUE test predictions to --model")
     p.add_argument("--speed", action="store_true", help="latency and throughput at 12..1 heads")
     p.add_argument("--speed_batch", type=int, default=32, help="--speed's batch (default 32)")
-    p.add_argument("--speed_length", type=int, help="default: the model's max_len, else 128")
+    p.add_argument("--speed_length", type=int, help="default: --max_len (the model's, else the "
+                   "task's)")
     p.add_argument("--squad_file", help="SQuAD dev JSON (default: <data_dir>/squad/dev-v*.json)")
     p.add_argument("--max_len", type=int, help="encoding (SQuAD: window) length (default: the one "
                    "the model was trained and selected with, in its args.json; else the task's)")

@@ -188,11 +188,11 @@ def layer_map(n_teacher, n_student, kind="uniform"):
     (1-based, e.g. [3, 6, 9, 12]), optionally with the leading 0.
     """
     N, M = n_teacher, n_student
+    if kind in ("uniform", "last") and M > N:  # g(m) would be 0, the embeddings, for a layer m
+        raise ValueError(f"layer map {kind!r}: the student has {M} layers, the teacher only {N}")
     if kind == "uniform":
         g = [math.floor(m * N / M + 0.5) for m in range(M + 1)]
     elif kind == "last":
-        if M > N:
-            raise ValueError(f"layer map 'last': the student has {M} layers, the teacher only {N}")
         g = [0] + [N - M + m for m in range(1, M + 1)]
     elif isinstance(kind, (list, tuple)):
         g = list(kind) if len(kind) == M + 1 else [0, *kind]

@@ -736,6 +736,10 @@ def test_layer_map():
     assert mlkd.layer_map(12, 2, [6, 12]) == [0, 6, 12]
     with pytest.raises(ValueError):
         mlkd.layer_map(12, 2, [6, 13])
+    for kind in ("uniform", "last"):  # a student deeper than its teacher: g(m) = 0, the embeddings, refused
+        with pytest.raises(ValueError, match=f"layer map '{kind}': the student has 5 layers, the teacher only 2"):
+            mlkd.layer_map(2, 5, kind)
+    assert mlkd.layer_map(2, 3, [1, 1, 2]) == [0, 1, 1, 2]  # a list may repeat a teacher layer
 
 
 def test_losses_are_finite_under_bf16_autocast():
@@ -936,6 +940,11 @@ def test_undecodable_byte_names_file_line_and_byte(tmp_path):
     (tmp_path / "glue" / "SST-2" / "train.tsv").write_bytes(b"sentence\tlabel\ngood\t1\nbad caf\xe9\t0\n")
     with pytest.raises(ValueError, match=r"SST-2/train.tsv, line 3, column 8: byte 0xe9 is not valid UTF-8"):
         data.read_glue("sst2", "train", str(tmp_path))
+    mrpc = tmp_path / "glue" / "MRPC" / "train.tsv"  # MRPC's files start with a byte-order mark
+    mrpc.parent.mkdir(parents=True, exist_ok=True)
+    mrpc.write_bytes(b"\xef\xbb\xbfQuality\t#1 ID\n1\tcaf\xe9\n")
+    with pytest.raises(ValueError, match=r"MRPC/train.tsv, line 2, column 6: byte 0xe9 is not valid UTF-8"):
+        data.read_glue("mrpc", "train", str(tmp_path))
     squad = tmp_path / "bad.json"
     squad.write_bytes(b'{"data": [\n\n"\xff"]}')
     with pytest.raises(ValueError, match=r"bad.json, line 3, column 2: byte 0xff"):
@@ -1463,6 +1472,9 @@ def test_pipeline_end_to_end_skips_and_resumes(tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as m:  # --speed_length over the max_len the model was trained at
         m.setattr(ev, "speed", lambda model, batch, length, **kw: length)
         assert ev.main(d + ["--model", str(out / "stage2"), "--speed", "--speed_length", "8"]) == 8
+        trained = json.load(open(out / "stage2" / "args.json"))["max_len"]
+        assert ev.main(d + ["--model", str(out / "stage2"), "--speed"]) == trained  # the max_len it says
+        assert ev.main(d + ["--model", str(out / "stage2"), "--speed", "--max_len", "12"]) == 12
     capsys.readouterr()  # tools/relations.py: the page, and the sharpness of every relation with the trained settings
     tool("relations").main(d + ["--model", str(out / "stage1"), "--teacher", str(out / "teacher"),
                                 "the movie was good"])
@@ -4009,8 +4021,16 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
         with pytest.raises(SystemExit):
             relations.main(student + ["--teacher", str(out / "teacher"), "--out", page, "good"])
         assert f"--out {page}: name the page's .html file, in a folder" in capsys.readouterr().err
+    for page in (str(out / "stage2" / "config.html"), str(out / "stage2" / "args.htm")):  # config.json's place
+        with pytest.raises(SystemExit):
+            relations.main(student + ["--teacher", str(out / "teacher"), "--out", page, "good"])
+        assert f"{os.path.splitext(page)[0]}.json is there and holds no page's numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # AX is a test set: no dev rows to relate
+        relations.main(student + ["--teacher", str(out / "teacher"), "--task", "ax", "good"])
+    assert "argument --task: invalid choice: 'ax'" in capsys.readouterr().err
     page = str(tmp_path / "pages" / "good.html")
     relations.main(student + ["--teacher", str(out / "teacher"), "--out", page, "good"])
+    relations.main(student + ["--teacher", str(out / "teacher"), "--out", page, "good"])  # its own numbers: again
     shown = json.load(open(tmp_path / "pages" / "good.json"))  # named after its page, saying what it shows
     assert (shown["model"], shown["teacher"], shown["task"]) == (str(out / "stage2"), str(out / "teacher"), "sst2")
 

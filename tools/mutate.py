@@ -475,8 +475,8 @@ MUTANTS = [
     Mutant("eval.py", "preds = logits.argmax(-1).tolist() if labels else logits[:, 0].tolist()",
            "preds = logits.argmax(-1).tolist()",
            "STS-B's test predictions are the argmax of one column: every score 0.000"),
-    Mutant("eval.py", 'length = args.speed_length or trained.get("max_len", min(128, positions))',
-           'length = trained.get("max_len") or args.speed_length or min(128, positions)',
+    Mutant("eval.py", "length = args.speed_length or args.max_len  # the max_len said above",
+           'length = trained.get("max_len") or args.speed_length or args.max_len  # the max_len said above',
            "--speed ignores --speed_length for a model train.py saved: it times the trained max_len"),
     Mutant("tools/general_distill.py", '        proj.load_state_dict(state)\n',
            '        pass\n',
@@ -518,6 +518,18 @@ MUTANTS = [
     Mutant("train.py", "        same_settings(\"stage2\", out[\"stage2\"], args)  # a student of another teacher",
            "        pass  # a student of another teacher",
            "--stages eval reports a retrained teacher beside the student distilled from the teacher before"),
+    # newcomers' reviews of model.py, mlkd.py, eval.py, data.py and tools/ at 1ca5873
+    Mutant("mlkd.py", 'if kind in ("uniform", "last") and M > N:', 'if kind == "last" and M > N:',
+           "a uniform map onto a shallower teacher gives g(m) = 0: L_MHA then reads the teacher's last layer"),
+    Mutant("tools/relations.py", "and not numbers_of_a_page(numbers):", "and not numbers.endswith('.json'):",
+           "--out MODEL/config.html rewrites (or removes) the model's config.json"),
+    Mutant("tools/relations.py", '*(task for task in data.TASKS if task != "ax"), "squad1", "squad2"])',
+           '*data.TASKS, "squad1", "squad2"])', "--task ax is offered, and fails after both models are read"),
+    Mutant("data.py", 'bad = e.start + 3 * (encoding == "utf-8-sig" and raw.startswith(b"\\xef\\xbb\\xbf"))',
+           "bad = e.start", "a bad byte after MRPC's byte-order mark is named 3 bytes early, often on another line"),
+    Mutant("eval.py", "length = args.speed_length or args.max_len  # the max_len said above",
+           'length = args.speed_length or trained.get("max_len", min(128, positions))',
+           "--speed times another length than the --max_len it printed (and than --max_len given)"),
 ]
 
 

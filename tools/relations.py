@@ -90,7 +90,8 @@ def parse_args(argv=None):
         prog="relations.py", usage="%(prog)s --task T --model DIR --teacher DIR [flags] SENTENCE",
         description="Draw the relations MLKD distils, teacher beside student, into a page.")
     p.add_argument("sentence", help="the sentence whose relations the page draws")
-    p.add_argument("--task", required=True, choices=[*data.TASKS, "squad1", "squad2"])
+    p.add_argument("--task", required=True, choices=[  # AX, a test set alone, has no dev rows
+        *(task for task in data.TASKS if task != "ax"), "squad1", "squad2"])
     p.add_argument("--model", required=True, help="the student: a directory train.py wrote")
     p.add_argument("--teacher", required=True, help="the teacher it learnt from")
     p.add_argument("--out", help="the page (default: <model>/relations.html)")
@@ -115,10 +116,22 @@ def parse_args(argv=None):
     if args.out and (os.path.isdir(args.out) or not os.path.isdir(parent)
                      or args.out.endswith(".json")):  # <page>.json: the numbers beside it
         p.error(f"--out {args.out}: name the page's .html file, in a folder")
+    numbers = os.path.splitext(args.out or "")[0] + ".json"  # rewritten or removed by main
+    if args.out and os.path.isfile(numbers) and not numbers_of_a_page(numbers):
+        p.error(f"--out {args.out}: {numbers} is there and holds no page's numbers; name the page "
+                "otherwise")
     if not args.out and os.path.isdir(args.model) and not os.access(args.model, os.W_OK):
         p.error(f"--model {args.model}: not writable, and relations.py writes its page there; "
                 "copy it to a directory you can write to or give --out FILE")
     return args
+
+
+def numbers_of_a_page(path):
+    """Whether the JSON file at path is an earlier page's numbers (main writes their "rows")."""
+    try:
+        return "rows" in data.read_json(path)
+    except ValueError:
+        return False
 
 
 def relation_page(student, teacher, tok, sentence, dev=None, splits=12, device="cpu",
