@@ -2642,7 +2642,7 @@ def test_corrupt_tf_checkpoint_is_caught(tmp_path, capsys):
         convert.read_tf_checkpoint(prefix)
 
 
-def test_converter_errors_are_one_line(tmp_path):
+def test_converter_errors_are_one_line(tmp_path, monkeypatch):
     convert = tool("convert_tf_checkpoint")
     for head in ("cls/squad/output_weights", "output_weights"):  # run_squad.py's, run_classifier.py's
         with pytest.raises(ValueError, match=f"^{head}: a checkpoint fine-tuned by Google's run_squad.py"):
@@ -2674,6 +2674,13 @@ def test_converter_errors_are_one_line(tmp_path):
     for out in ("", str(tmp_path / "bad.zip")):
         with pytest.raises(SystemExit, match="^error: OUT_DIR .*: name a folder to write"):
             convert.main([str(tmp_path / "long"), out])
+    shutil.copytree(os.path.join(HERE, "testdata", "tf1"), tmp_path / "nopooler")
+    write_tf_vocab(tmp_path / "nopooler" / "vocab.txt")
+    read = convert.read_tf_checkpoint  # a checkpoint without the pooler: no random one in its place
+    monkeypatch.setattr(convert, "read_tf_checkpoint", lambda p: {k: v for k, v in read(p).items() if "pool" not in k})
+    with pytest.raises(SystemExit, match="nopooler: the checkpoint has no bert.pooler.dense.bias, bert.pooler.dense"):
+        convert.main([str(tmp_path / "nopooler"), str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.skipif(not os.environ.get("MLKD_TF_MINILM") or minilm_dir() is None,

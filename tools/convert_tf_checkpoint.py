@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import data  # noqa: E402
-from model import Bert, write_safetensors  # noqa: E402
+from model import Bert, to_hf_name, write_safetensors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The tensor bundle: protobuf varints and messages, LevelDB table blocks, the entries
@@ -297,6 +297,9 @@ def convert(source, out_dir):
         except ValueError as e:  # said of SOURCE's files, not of their copies in scratch
             why = str(e).replace(os.path.join(raw, "config.json"), config).replace(raw, prefix)
             raise ValueError(why) from None
+        missing = sorted({to_hf_name(k) for k in bert.state_dict()} - set(state))  # a new pooler
+        if missing:
+            raise ValueError(f"{source}: the checkpoint has no {', '.join(missing)}: not a whole BERT")
         text = data.read_text(vocab)
         pieces = text.splitlines()
         if len(pieces) > bert.config.vocab_size:  # a word piece past it would index no embedding

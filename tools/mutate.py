@@ -530,6 +530,9 @@ MUTANTS = [
     Mutant("eval.py", "length = args.speed_length or args.max_len  # the max_len said above",
            'length = args.speed_length or trained.get("max_len", min(128, positions))',
            "--speed times another length than the --max_len it printed (and than --max_len given)"),
+    Mutant("tools/convert_tf_checkpoint.py", "{to_hf_name(k) for k in bert.state_dict()} - set(state))",
+           "set(state) - {to_hf_name(k) for k in bert.state_dict()})",
+           "a checkpoint without its pooler converts, a random pooler saved as if it were Google's"),
 ]
 
 
