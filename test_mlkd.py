@@ -419,7 +419,8 @@ def bad_files(good):
                       "pad id past the vocabulary": b'{"vocab_size": 8, "pad_token_id": 8}',
                       "a negative init range": b'{"initializer_range": -1}',
                       "a string eps": b'{"layer_norm_eps": "1e-12"}', "a decoder": b'{"is_decoder": true}',
-                      "labels not by number": b'{"id2label": {"a": "yes", "b": "no"}}'})
+                      "labels not by number": b'{"id2label": {"a": "yes", "b": "no"}}',
+                      "labels a list": b'{"id2label": ["yes", "no"]}', "an architecture 7": b'{"architectures": 7}'})
     elif good.startswith(b"PK"):  # pytorch_model.bin: a zip of pickles
         kinds["truncated data"] = good[:-200]
     else:  # model.safetensors

@@ -533,6 +533,8 @@ MUTANTS = [
     Mutant("tools/convert_tf_checkpoint.py", "{to_hf_name(k) for k in bert.state_dict()} - set(state))",
            "set(state) - {to_hf_name(k) for k in bert.state_dict()})",
            "a checkpoint without its pooler converts, a random pooler saved as if it were Google's"),
+    Mutant("model.py", "except (OSError, ValueError, AttributeError, TypeError) as e:",
+           "except (OSError, ValueError) as e:", "a config.json whose id2label is a list: a traceback, not one line"),
 ]
 
 
