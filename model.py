@@ -107,7 +107,7 @@ class BertConfig:
                 if raw.get(key, ours) != ours:  # gelu: the exact (erf) one, as F.gelu computes it
                     raise ValueError(f"{key} {raw[key]!r} is not supported, only {ours!r}")
             return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw} | overrides)
-        except (OSError, ValueError, AttributeError, TypeError) as e:  # a list where a dict goes...
+        except (OSError, ValueError, AttributeError, TypeError) as e:  # e.g. id2label a list
             raise ValueError(f"{path}: {e}") from None
 
     @classmethod

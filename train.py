@@ -899,7 +899,7 @@ def finish(directory, metrics, args):
     cuda, record = args.device.startswith("cuda"), metrics["train"]
     record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                 * (1 if sys.platform == "darwin" else 1024)) / 2**30  # bytes, KiB
+                                 * (1 if sys.platform == "darwin" else 1024)) / 2**30  # macOS: B
     print(f"[{record['stage']}] done: {record.get('samples_per_s', 0):.1f} samples/s, peak memory "
           f"{record['peak_memory_gib']:.2f} GiB ("
           + ("CUDA allocated in the stage)" if cuda else "the process's peak RSS so far)"))
