@@ -894,7 +894,8 @@ def same_settings(stage, directory, args, flags=FLAGS):
 
 def finish(directory, metrics, args):
     """Mark a stage finished: say and log its peak memory (CUDA allocated in the stage, from begin;
-    on a CPU the process's peak resident set so far, which no call resets), write
+    on a CPU the process's peak resident set so far, which no call resets: ru_maxrss, in KiB on
+    Linux and in bytes (B) on macOS), write
     metrics.json (with done), drop the checkpoint."""
     cuda, record = args.device.startswith("cuda"), metrics["train"]
     record["peak_memory_gib"] = (torch.cuda.max_memory_allocated() if cuda else
