@@ -3008,6 +3008,23 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
         f.write("{}")
     calls.clear()
     assert record.run("squad2-offline", str(tmp_path / "my data")) == v2_out and all(c[0] == "git" for c in calls)
+    # general distillation: tools/corpus.py writes $CORPUS (word pieces by the teacher's vocabulary), then
+    # tools/general_distill.py, not train.py, runs on it; a finished one (general/metrics.json done) is kept
+    calls.clear()
+    gen_out = record.run("general-offline", str(tmp_path / "my data"))
+    corpus = str(tmp_path / "clone" / "out" / "record" / "corpus.txt")
+    tool_calls = [call for call in calls if call[0] != "git"]
+    assert [os.path.relpath(call[1], str(tmp_path / "clone")) for call in tool_calls] == [
+        os.path.join("tools", "corpus.py"), os.path.join("tools", "general_distill.py")]
+    assert tool_calls[0][2:] == ["--data_dir", str(tmp_path / "my data"), "--out", corpus, "--vocab",
+                                 os.path.join("/mini lm", "vocab.txt")]
+    flags = tool_calls[1][2:]
+    assert flags[:4] == ["--corpus", corpus, "--teacher_init", "/mini lm"] and flags[-2:] == ["--out", gen_out]
+    os.makedirs(os.path.join(gen_out, "general"))
+    with open(os.path.join(gen_out, "general", "metrics.json"), "w") as f:
+        f.write('{"done": true}')
+    calls.clear()
+    assert record.run("general-offline", str(tmp_path / "my data")) == gen_out and all(c[0] == "git" for c in calls)
     # The READMEs' copies, between their markers: each block rewritten, every other line kept
     doc = tmp_path / "doc.md"
     doc.write_text("a\n<!-- record.py one -->\n| stale |\n<!-- /record.py -->\nb\n"

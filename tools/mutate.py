@@ -535,6 +535,15 @@ MUTANTS = [
            "a checkpoint without its pooler converts, a random pooler saved as if it were Google's"),
     Mutant("model.py", "except (OSError, ValueError, AttributeError, TypeError) as e:",
            "except (OSError, ValueError) as e:", "a config.json whose id2label is a list: a traceback, not one line"),
+    # experiments/record.py's general distillation (the final review at 59f4d7b: no test failed on these)
+    Mutant("experiments/record.py", 'script = flags.pop(0) if flags[0] == GENERAL else "train.py"',
+           'script = "train.py"', "a general-distillation record runs train.py with general_distill.py's flags"),
+    Mutant("experiments/record.py",
+           'if subprocess.run([*tool, "--vocab", os.path.join(mini, "vocab.txt")]).returncode:',
+           "if subprocess.run(tool).returncode:", "the record's corpus is written without counting its word pieces"),
+    Mutant("experiments/record.py", "return results if results is not None else general if general and general.get(",
+           "return results if results is not None else None if general and general.get(",
+           "a finished general-distillation run is run again, and cannot be recorded"),
 ]
 
 
