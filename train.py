@@ -452,12 +452,14 @@ def path(text):
     return os.path.abspath(text)
 
 
+STUDENT_INITS = ("tinybert", "teacher-layers", "random")  # --student_init's names; else a DIR
+
+
 def hub_or_dir(text):
     """The type of --teacher_init and --student_init: a directory, made absolute (as path); else
-    the name as given: a hub name, or tinybert, teacher-layers, random (a folder of that name in
-    the working directory is ./random)."""
-    keyword = text in ("tinybert", "teacher-layers", "random")
-    return path(text) if os.path.exists(text) and not keyword else text
+    the name as given: a hub name, or one of STUDENT_INITS (a folder of that name in the working
+    directory is ./random)."""
+    return path(text) if os.path.exists(text) and text not in STUDENT_INITS else text
 
 
 def paths(text):
@@ -624,8 +626,7 @@ def check_flags(args):
                f"(one word piece of {'each text' if pairs else 'text'} and the special tokens)")
     if args.teacher and not os.path.isdir(args.teacher):
         refuse(f"--teacher {args.teacher}: no such directory")
-    if args.student_init not in ("tinybert", "teacher-layers", "random") \
-            and not os.path.isdir(args.student_init):
+    if args.student_init not in STUDENT_INITS and not os.path.isdir(args.student_init):
         refuse(f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a "
                "directory")
     for flag, model in (("--teacher", args.teacher), ("--student_init", args.student_init)):

@@ -510,7 +510,7 @@ MUTANTS = [
     # a newcomer's review of train.py at d5457eb (no test failed on any of these)
     Mutant("train.py", "(max(1, N // 2) if source is teacher else N)", "(N // 2 if source is teacher else N)",
            "half of a one-layer teacher is a zero-layer student: a ZeroDivisionError traceback"),
-    Mutant("train.py", "return path(text) if os.path.exists(text) and not keyword else text",
+    Mutant("train.py", "return path(text) if os.path.exists(text) and text not in STUDENT_INITS else text",
            "return path(text) if os.path.exists(text) else text",
            "a folder named tinybert in the working directory silently replaces --student_init's default"),
     Mutant("train.py", '* (1 if sys.platform == "darwin" else 1024)) / 2**30', "* 1024) / 2**30",
