@@ -572,12 +572,15 @@ def remove_stale_temporaries(directory):
 
 
 def error_line(e, writable):
-    """The one line a user reads for an error, a full disk or a file we may not write said in words
-    (atomic writes leave nothing half-written, a rerun resumes); `writable`: what to choose."""
+    """The one line a user reads for an error, a full disk or a file we may not read or write said
+    in words (atomic writes leave nothing half-written, a rerun resumes); `writable`: what to
+    choose."""
     import errno
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written "
                 "was kept. Free some space and rerun the same command: it resumes")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        if e.filename and os.path.exists(e.filename) and not os.access(e.filename, os.R_OK):
+            return f"cannot read {e.filename}: {e.strerror}; make it readable (chmod u+r)"
         return f"cannot write {e.filename}: {e.strerror}; choose {writable} you can write to"
     return str(e)

@@ -3850,7 +3850,7 @@ def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
     assert train.train_subset(5, list(range(1000))) == [68, 94, 542, 618, 816]
 
 
-def test_training_batches_follow_seed_group_by_length_and_paper_exact():
+def test_training_batches_follow_seed_group_by_length_and_paper_exact(capsys, monkeypatch):
     import train
     g = torch.Generator().manual_seed(0)
     n, full = 800, 20  # 200 batches of 4
@@ -3874,6 +3874,10 @@ def test_training_batches_follow_seed_group_by_length_and_paper_exact():
         assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # each sorted by length
     assert order("--paper_exact") == want(42, fixed_padding=True) and {w for _, w in order("--paper_exact")} == {full}
     assert order("--paper_exact", "--group_by_length") == order("--paper_exact")  # ignored, as parse_args says
+    assert "--group_by_length is ignored with --paper_exact" in capsys.readouterr().out
+    monkeypatch.setattr(train, "LEAD", False)  # under torchrun, process 0 alone says it
+    train.parse_args(["--task", "sst2", "--paper_exact", "--group_by_length"])
+    assert "--group_by_length is ignored" not in capsys.readouterr().out
     assert order("--compile") == want(42, buckets=True) != want(42)  # widths rounded up to a power of two
 
 
@@ -4060,7 +4064,7 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
     assert (shown["model"], shown["teacher"], shown["task"]) == (str(out / "stage2"), str(out / "teacher"), "sst2")
 
 
-def test_a_full_disk_is_said_in_words_and_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_a_full_disk_or_a_denied_file_is_said_in_words_and_leaves_no_partial_file(tmp_path, monkeypatch):
     import errno
 
     def full(fd):
@@ -4076,6 +4080,12 @@ def test_a_full_disk_is_said_in_words_and_leaves_no_partial_file(tmp_path, monke
     denied = PermissionError(errno.EACCES, "Permission denied", "/ro/out/teacher/args.json")
     assert data.error_line(denied, "an --out") == ("cannot write /ro/out/teacher/args.json: Permission denied; "
                                                    "choose an --out you can write to")
+    unreadable = tmp_path / "train.tsv"  # a file there that we may not read: not a write's error
+    unreadable.write_text("sentence\tlabel\n")
+    monkeypatch.setattr(os, "access", lambda f, mode: not (f == str(unreadable) and mode == os.R_OK))
+    denied = PermissionError(errno.EACCES, "Permission denied", str(unreadable))
+    assert data.error_line(denied, "an --out") == (f"cannot read {unreadable}: Permission denied; "
+                                                   "make it readable (chmod u+r)")
 
 
 @pytest.mark.parametrize(

@@ -597,7 +597,9 @@ def parse_args(argv=None):
     args.out = args.out or path(os.path.join("out", args.task))
     args.stages = (",".join(STAGES) if args.stages is None else args.stages).split(",")
     if args.group_by_length and args.paper_exact:
-        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
+        if LEAD:  # under torchrun, process 0 alone says it
+            print("--group_by_length is ignored with --paper_exact: every batch is padded to "
+                  "--max_len")
         args.group_by_length = False
     check_flags(args)
     return args
