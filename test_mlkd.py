@@ -2607,6 +2607,7 @@ def test_google_release_zip_converts_from_a_file_and_a_url(tmp_path, monkeypatch
     write_tf_vocab(tmp_path / "uncased_tiny" / "vocab.txt")
     convert.main([str(tmp_path / "uncased_tiny" / "bert_model.ckpt"), str(tmp_path / "from_prefix")])
     shutil.make_archive(str(tmp_path / "uncased_tiny"), "zip", tmp_path, "uncased_tiny")  # as Google ships it
+    (tmp_path / ".tmp-convert-from_zip" / "unzipped").mkdir(parents=True)  # a killed conversion's
     convert.main([str(tmp_path / "uncased_tiny.zip"), str(tmp_path / "from_zip")])
     monkeypatch.setenv("MLKD_CACHE", str(tmp_path / "cache"))
     with Server({"/bert_models/uncased_tiny.zip": (tmp_path / "uncased_tiny.zip").read_bytes()}) as s:
@@ -2615,7 +2616,7 @@ def test_google_release_zip_converts_from_a_file_and_a_url(tmp_path, monkeypatch
     a, b, c = (model.Bert.from_pretrained(str(tmp_path / d), verbose=False).state_dict()
                for d in ("from_prefix", "from_zip", "from_url"))
     assert all(torch.equal(v, b[k]) and torch.equal(v, c[k]) for k, v in a.items())
-    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []  # the unpacked zip is gone
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []  # the unpacked zips are gone
     assert capsys.readouterr().out.count("wrote ") == 3
 
 

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -285,7 +284,9 @@ def convert(source, out_dir):
     wrongly shaped tensor is an error). Returns the Bert."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".tmp-convert-") as scratch:
+    scratch = os.path.join(parent, f".tmp-convert-{os.path.basename(os.path.abspath(out_dir))}")
+    shutil.rmtree(scratch, ignore_errors=True)  # what a conversion to out_dir killed earlier left
+    try:
         prefix, config, vocab = source_files(source, os.path.join(scratch, "unzipped"))
         raw = os.path.join(scratch, "raw")  # Google's config, HF's names: for Bert.from_pretrained
         os.makedirs(raw)
@@ -312,6 +313,8 @@ def convert(source, out_dir):
         os.makedirs(out_dir, exist_ok=True)
         for name in (*files, "config.json", "model.safetensors"):  # the weights last: a model is
             os.replace(os.path.join(scratch, "out", name), os.path.join(out_dir, name))  # whole
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return bert
 
 
