@@ -10,7 +10,7 @@ import io
 import json
 import os
 import sys
-from collections import namedtuple
+from collections import Counter, namedtuple
 from dataclasses import make_dataclass
 
 import numpy as np
@@ -38,7 +38,9 @@ class Tokenizer:
     """BERT tokenisation by vocab.txt (clean; for an uncased vocabulary lower-case and strip
     accents; split; WordPiece), as Google's tokenization.py computes it, but for private-use
     characters (U+E000...): `tokenizers` drops them; Google's keeps them, and the word is [UNK];
-    and a word-final Greek capital sigma, which Google's str.lower() of the word makes final ς."""
+    a word-final Greek capital sigma, which Google's str.lower() of the word makes final ς; and
+    U+2B820..U+2B91F, CJK to Google, not to `tokenizers` (its range starts at U+2B920), and about
+    500 characters newer than its Unicode tables (U+061D...): none of them in GLUE or SQuAD."""
 
     def __init__(self, vocab_file):
         from tokenizers import BertWordPieceTokenizer
@@ -139,17 +141,20 @@ def read_glue(task, split, data_dir, allow_partial=False):
     test = split.startswith("test")
     header = t.header or test  # CoLA's train/dev have no header, its test file has one
     a, b = t.test_cols if test and t.test_cols else (t.a, t.b)
-    width = len(rows[0]) if rows else 0  # of the header, or of CoLA's first row
+    # the header's width; CoLA's train and dev have none: source, label, its mark, the sentence
+    width = (len(rows[0]) if rows else 0) if header else 4
     if len(rows) <= header or width <= max(a, b or 0, -1 if test else t.label):  # no rows to read
         raise ValueError(f"{path} is empty or has too few columns for {t.folder}; {REFETCH}")
     examples = []
     for i, row in enumerate(rows[header:]):
         if len(row) != width:  # QQP has a few malformed rows: rows of another width are dropped
             continue
-        try:  # a label's index, or a score where there are no labels (regression: STS-B)
+        try:  # a label's index, or a score where there are no labels (regression: STS-B, 0 to 5)
             label = None if test else t.labels.index(row[t.label]) if t.labels else float(row[t.label])
+            if not (test or t.labels or 0 <= label <= 5):  # nan, inf and 4_0 (40) parse as floats
+                raise ValueError
         except ValueError:
-            ok = f"one of {t.labels}" if t.labels else "a number"
+            ok = f"one of {t.labels}" if t.labels else "a number from 0 to 5"
             raise ValueError(f"{path}, line {i + 1 + header}: label {row[t.label]!r} is not {ok}") from None
         guid = row[0] if test else f"{split}-{i}"
         examples.append(Example(guid, row[a], row[b] if b is not None else None, label))
@@ -251,6 +256,10 @@ def read_squad(path, allow_partial=False, version=None):
                                      context=context, answers=answers))
     if not examples:
         raise ValueError(f"{path} holds no questions; {REFETCH}")
+    ids = Counter(e["id"] for e in examples)  # the official scripts key answers by id
+    if len(ids) < len(examples):
+        raise ValueError(f"{path}: question id {ids.most_common(1)[0][0]!r} is used "
+                         f"{ids.most_common(1)[0][1]} times; each question needs its own")
     unanswerable = sum(not e["answers"] for e in examples)
     if version == "1.1" and unanswerable:
         raise ValueError(f"{path}: {unanswerable} unanswerable questions, a SQuAD v2.0 file: use "

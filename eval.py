@@ -31,9 +31,10 @@ from model import Bert, fetch
 
 def evaluate_glue(model, task, dev_sets, batch_size=128, device="cpu", fixed_padding=False, with_predictions=False):
     """{metric: value, "total": rows} on a GLUE task's encoded dev split(s) {split: dataset}, by the
-    official metric(s) (the GLUE paper, Table 1), equal to scikit-learn's and scipy's (not called);
-    MNLI's get the suffixes _m and _mm. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1
-    as positive. with_predictions: (metrics, {split: class indices, or scores for STS-B})."""
+    official metric(s) (the GLUE paper, Table 1), equal to scikit-learn's and scipy's (not called)
+    but for a constant series: correlation 0 here, nan in scipy. MNLI's get the suffixes _m and
+    _mm. CoLA, MRPC and QQP are binary: Matthews and F1 count class 1 as positive.
+    with_predictions: (metrics, {split: class indices, or scores for STS-B})."""
     metrics, predictions = {}, {}
     for split, ds in dev_sets.items():
         logits = model_outputs(model, ds, batch_size, device, fixed_padding)[0].numpy()  # (N, C)
@@ -72,7 +73,10 @@ def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=Fa
     if logits[0].dim() == 3:  # span logits (B, 2, width): to the dataset's width, never an answer
         logits = [torch.nn.functional.pad(z, (0, width - z.shape[-1]), value=-1e4) for z in logits]
     unsort = torch.argsort(order)  # back to the dataset's order
-    return torch.cat(logits)[unsort], torch.cat(cls)[unsort]
+    logits, cls = torch.cat(logits)[unsort], torch.cat(cls)[unsort]
+    if not (logits.isfinite().all() and cls.isfinite().all()):  # argmax would pick the first NaN
+        raise FloatingPointError("the model's outputs are not finite (NaN or inf): a diverged model")
+    return logits, cls
 
 
 def pearson(a, b):
@@ -110,7 +114,8 @@ def squad_scores(dataset, predictions, version="1.1", na_scores=None):
     without a prediction scores 0 (v1.1's rule; squad_predictions answers every one). v2.0: golds
     that normalise to "" are dropped ("" if none is left); the HasAns/NoAns splits (by the answer
     list as read) and, with na_scores {id: null - best span score}, the best threshold: the headline
-    EM/F1 are the official script's without --na-prob-file, the best_* its figures with one."""
+    EM/F1 are the official script's without --na-prob-file, best_exact and best_f1 its figures with
+    one (best_*_thresh too, but where answering nothing is best: then below every na score)."""
     exact, f1, has_answer = {}, {}, {}
     for ex in dataset:
         golds = [a["text"] for a in ex["answers"]]
@@ -508,5 +513,5 @@ if __name__ == "__main__":
         sys.exit(2)
     try:
         main()
-    except (ValueError, FileNotFoundError, data.DownloadError, OSError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, data.DownloadError, OSError) as e:
         raise SystemExit(f"error: {data.error_line(e, 'a model directory')}")

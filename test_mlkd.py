@@ -918,6 +918,14 @@ def test_glue_readers_on_official_formats(tmp_path, capsys):
     (tmp_path / "glue" / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
     with pytest.raises(ValueError, match=r"RTE/dev.tsv, line 2: label 'maybe'"):
         data.read_glue("rte", "dev", d, allow_partial=True)
+    cola_rows = GLUE_FIXTURES["CoLA", "train.tsv"]  # no header: a bad first row is one bad row
+    (tmp_path / "glue" / "CoLA" / "train.tsv").write_text("\n".join([cola_rows[0] + "\tx", *cola_rows]) + "\n")
+    assert len(data.read_glue("cola", "train", d)) == 2 and "skipped 1 malformed" in capsys.readouterr().err
+    header, row = GLUE_FIXTURES["STS-B", "train.tsv"]
+    for score in ("nan", "inf", "-7e3", "4_0"):  # float() reads each; STS-B's scores run from 0 to 5
+        (tmp_path / "glue" / "STS-B" / "train.tsv").write_text(f"{header}\n{row[:-5]}{score}\n")
+        with pytest.raises(ValueError, match=rf"STS-B/train.tsv, line 2: label '{score}' is not a number from 0"):
+            data.read_glue("stsb", "train", d)
 
 
 def test_truncated_dev_file_is_refused_unless_allowed(tmp_path, capsys):
@@ -1298,6 +1306,18 @@ def test_glue_metrics_by_hand():
     # [-.5, -1.5, .5, 1.5], sum of products 3, sums of squares 3 and 5 (ties ranked in order would give 1)
     assert glue_metrics("stsb", [3.0, 1.0, 3.0, 3.0], [2.0, 1.0, 3.0, 4.0])["spearman"] == pytest.approx(
         100 * 3 / math.sqrt(15))
+    for bad in (math.nan, math.inf):  # no metric of a diverged model (a NaN would rank as a low score)
+        with pytest.raises(FloatingPointError, match="the model's outputs are not finite"):
+            glue_metrics("stsb", [3.0, bad, 2.0, 1.0], [2.0, 1.0, 3.0, 4.0])
+
+
+def test_squad_refuses_a_question_id_used_twice(tmp_path):
+    """The official scripts key predictions by id: two questions of one id would be scored as one."""
+    twice = copy.deepcopy(SQUAD_FIXTURE)
+    twice["data"][0]["paragraphs"][0]["qas"][2]["id"] = "q1"
+    (tmp_path / "dev.json").write_text(json.dumps(twice))
+    with pytest.raises(ValueError, match=r"dev.json: question id 'q1' is used 2 times; each question needs its own"):
+        data.read_squad(str(tmp_path / "dev.json"))
 
 
 def test_squad1_refuses_a_file_with_unanswerable_questions(tmp_path):

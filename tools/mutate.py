@@ -544,6 +544,16 @@ MUTANTS = [
     Mutant("experiments/record.py", "return results if results is not None else general if general and general.get(",
            "return results if results is not None else None if general and general.get(",
            "a finished general-distillation run is run again, and cannot be recorded"),
+    # a newcomer's review of eval.py's metrics and data.py's readers at 9cd50ef
+    Mutant("data.py", "width = (len(rows[0]) if rows else 0) if header else 4",
+           "width = len(rows[0]) if rows else 0",
+           "CoLA's width is its first row's: one bad first row drops every other row"),
+    Mutant("data.py", "if not (test or t.labels or 0 <= label <= 5):", "if False:",
+           "an STS-B score of nan, inf or 4_0 (40) is read as a score"),
+    Mutant("data.py", "if len(ids) < len(examples):", "if False:",
+           "two SQuAD questions of one id are scored as one (the official script scores both)"),
+    Mutant("eval.py", "if not (logits.isfinite().all() and cls.isfinite().all()):", "if False:",
+           "a diverged model is scored: argmax picks the first NaN, a NaN ranks low in Spearman"),
 ]
 
 

@@ -268,5 +268,5 @@ def sharpness_table(rows):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.DownloadError, OSError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, data.DownloadError, OSError) as e:
         raise SystemExit(f"error: {data.error_line(e, 'a model directory')}")
