@@ -276,9 +276,9 @@ def main(argv=None):
     if os.path.exists(os.path.join(directory, "projections.safetensors")):  # Stage 1 kept W_m
         print(f"note: {directory} is a Stage-1 student: Stage 1 never trains the task head, so "
               "this scores an untrained classifier; the distilled student is in stage2")
-    if os.path.exists(os.path.join(directory, "checkpoint.pt")) and not os.path.exists(
+    if os.path.exists(os.path.join(directory, "log.jsonl")) and not os.path.exists(
             os.path.join(directory, "metrics.json")):  # train.py's, till the stage finishes
-        print(f"note: {directory} is a stage still training (it has a checkpoint.pt): this scores "
+        print(f"note: {directory} is a stage that has not finished (no metrics.json): this scores "
               "its model so far")
     if args.task.startswith("squad"):
         return score_squad(model, tok, args)

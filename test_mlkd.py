@@ -2206,11 +2206,11 @@ def test_train_step_clips_the_whole_gradient_to_norm_one(tmp_path):
     assert norms == [pytest.approx(1.0, rel=1e-5)]
 
 
-def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch):
+def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch, capsys):
     """fit saves a checkpoint when dev improves strictly: of equal best scores the first stays (the authors'
     task_distill.py: `if result['acc'] > best_dev_metric`)."""
     import train
-    args, m, ds = tiny_fit_args(tmp_path, "--eval_steps", "1", "--max_steps", "4")
+    args, m, ds = tiny_fit_args(tmp_path, "--eval_steps", "1", "--max_steps", "4", "--log_steps", "1")
     scores, saved = iter([50.0, 60.0, 60.0, 55.0]), []
     monkeypatch.setattr(train, "save_model", lambda model, directory, args: saved.append(evaluated[-1]))
     evaluated = []
@@ -2229,7 +2229,9 @@ def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch):
     record, best = train.fit("teacher", str(tmp_path), [m], train.teacher_loss, ds, args, 2, 1e-3, 0.1, evaluate,
                              keep_best=True)
     assert evaluated == [1, 2, 3, 4] and saved == [1, 2] and best == {"acc": 60.0}
-    assert record["train_s"] < 100  # training time alone: not the evaluations' (nor in samples/s and the ETA)
+    assert record["train_s"] < 100  # training time alone: not the evaluations' (nor in samples/s)
+    eta = re.search(r"step 2/4 \|.* (\d+\.\d) samples/s \| ETA (\d+\.\d) min", capsys.readouterr().out)
+    assert float(eta[1]) > 0.2 and float(eta[2]) > 1.6  # the ETA counts them: 2 more steps, each ~100 s
 
 
 def test_a_checkpoint_past_the_runs_end_is_refused(tmp_path):
@@ -2751,7 +2753,7 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
                     else {}
                 )
                 (out / name / "metrics.json").write_text(
-                    json.dumps({**m, "train": {"total": steps, "train_s": 60 * steps}})
+                    json.dumps({**m, "train": {"total": steps, "train_s": 60 * steps}, "done": True})
                 )
         if noise is not None:
             (out / stage / "noise-0.1.json").write_text(json.dumps({"acc": noise}))
@@ -3795,6 +3797,16 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     tsv.write_text("".join(rows))
     with pytest.raises(ValueError, match=r"teacher was run with other settings: training data CRC-32"):
         train.main(argv + ["--data_dir", str(tmp_path / "moved")])
+    tsv.write_text((tmp_path / "data" / "glue" / "SST-2" / "train.tsv").read_text())  # the training data again
+    dev = tmp_path / "moved" / "glue" / "SST-2" / "dev.tsv"  # the same dev file but its first 10 rows
+    dev.write_text("".join(dev.read_text().splitlines(keepends=True)[:11]))
+    with pytest.raises(ValueError, match=r"teacher was run with other settings: dev data CRC-32 \w{8} \(now \w{8}\)"):
+        train.main(argv + ["--data_dir", str(tmp_path / "moved")])  # the teacher selected its steps on more rows
+    with pytest.raises(ValueError, match=r"stage2 was run with other settings: dev data CRC-32"):
+        train.main(argv + ["--data_dir", str(tmp_path / "moved"), "--stages", "stage1,stage2"])
+    capsys.readouterr()
+    train.main(argv + ["--data_dir", str(tmp_path / "moved"), "--stages", "stage1"])  # Stage 1 selects nothing
+    assert capsys.readouterr().out.count("is finished: skipped") == 1
     shutil.rmtree(out / "teacher")  # fine-tuned anew with another warm-up: Stage 1 distilled another teacher
     with pytest.raises(ValueError, match=r"stage2 was run with other settings: --warmup 0.1 \(now 0.5\)"):
         train.main(argv + ["--warmup", "0.5"])  # Stage 2's warm-up too: refused before the teacher trains
@@ -3815,7 +3827,13 @@ def test_a_rerun_with_other_settings_is_refused_not_reused(tmp_path, capsys, mon
     assert os.path.exists(out / "stage1" / "checkpoint.pt")
     with pytest.raises(SystemExit):  # a stage still training is no model to start from, nor a teacher
         train.main(argv + ["--out", str(tmp_path / "x"), "--student_init", str(out / "stage1")])
-    assert f"--student_init {out / 'stage1'}: a stage still training (its checkpoint.pt)" in capsys.readouterr().err
+    unfinished = f"--student_init {out / 'stage1'}: a stage that has not finished (its log.jsonl, no metrics.json)"
+    assert unfinished in capsys.readouterr().err
+    shutil.copytree(out / "stage1", tmp_path / "early")  # killed before its first checkpoint: no checkpoint.pt
+    os.remove(tmp_path / "early" / "checkpoint.pt")
+    with pytest.raises(SystemExit):  # (a teacher's best-so-far model.safetensors is there then)
+        train.main(argv + ["--out", str(tmp_path / "x"), "--student_init", str(tmp_path / "early")])
+    assert f"{tmp_path / 'early'}: a stage that has not finished" in capsys.readouterr().err
     for extra, msg in ((["--lr1", "2e-3", "--w_mha", "0"], r"--w_mha 1.0 \(now 0.0\), --lr1 0.001 \(now 0.002\)"),
                        (["--layers", "3"], r"--layers 2 \(now 3\)")):
         with pytest.raises(ValueError, match="stage1 was run with other settings: " + msg):
@@ -4036,10 +4054,13 @@ def test_eval_refuses_a_model_of_another_task_and_bad_flags_in_one_line(tmp_path
     shutil.copytree(out / "stage2", tmp_path / "copy")
     (tmp_path / "copy" / "checkpoint.pt").write_bytes(b"")  # a finished stage's (a kill inside finish): no note
     ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
-    assert "still training" not in capsys.readouterr().out
+    assert "has not finished" not in capsys.readouterr().out
     os.remove(tmp_path / "copy" / "metrics.json")  # a stage still training: said
     ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
-    assert "is a stage still training (it has a checkpoint.pt)" in capsys.readouterr().out
+    assert "is a stage that has not finished (no metrics.json)" in capsys.readouterr().out
+    os.remove(tmp_path / "copy" / "checkpoint.pt")  # killed before its first checkpoint: said too
+    ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])
+    assert "is a stage that has not finished (no metrics.json)" in capsys.readouterr().out
     (tmp_path / "copy" / "vocab.txt").write_text(open(init / "vocab.txt").read() + "extra\n" * 200)
     with pytest.raises(ValueError, match="vocab.txt: more word pieces than the model's vocab_size 128"):
         ev.main(["--task", "sst2", "--model", str(tmp_path / "copy"), *cpu])

@@ -92,14 +92,14 @@ def pipeline(args):
         fetch_models(args, args.teacher or (out["teacher"] if is_done(out["teacher"]) else
                                             args.teacher_init))  # a finished one: no download
         train, evaluate = load_task(args, data.Tokenizer(args.vocab))
-    args.data_crc32 = crc32(train)  # in each stage's args.json: same_settings compares it
     check_directories(out, args)  # a stage's directory run otherwise: refused before any training
 
     # The teacher: fine-tuned on the gold labels; the checkpoint with the best dev metric is kept
     if args.teacher:
         print(f"[teacher] skipped: using the fine-tuned teacher of --teacher {args.teacher}")
     elif begin("teacher", out["teacher"], args):  # it runs now: begin wrote args.json, seeded init
-        model = Bert.from_pretrained(args.teacher_init, **evaluation.head_config(args.task))
+        model = Bert.from_pretrained(args.teacher_init, verbose=LEAD,  # under torchrun: once
+                                     **evaluation.head_config(args.task))
         record, best = fit("teacher", out["teacher"], [model.to(args.device)], teacher_loss, train,
                            args, args.teacher_epochs, args.teacher_lr, args.warmup, evaluate,
                            keep_best=True)
@@ -222,7 +222,7 @@ def build_student(args, teacher):
     overrides = dict(evaluation.head_config(args.task), attention_probs_dropout_prob=0.0,
                      num_attention_heads=heads)
     if args.student_init == "tinybert":  # check_shapes has refused a shape General TinyBERT lacks
-        return Bert.from_pretrained(TINYBERT[M, d_s], **overrides)
+        return Bert.from_pretrained(TINYBERT[M, d_s], verbose=LEAD, **overrides)
     if args.student_init == "random":
         shape = {"num_hidden_layers": M, "hidden_size": d_s,
                  "intermediate_size": ffn or teacher.config.intermediate_size}
@@ -294,6 +294,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
     log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a" if step else "w")
     t0, record = time.time() - trained, {"stage": stage}  # t0: training time alone, across resumes
+    started, first = time.time(), step  # the ETA: this run's wall clock, evaluations included
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
         lr_now = lr * lr_factor(step, warmup, total)
@@ -308,7 +309,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             print(json.dumps(record), file=log, flush=True)
             print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | " + evaluation.format_metrics(
                 losses, 4) + f" | lr {lr_now:.2e} | {seen / took:.1f} samples/s | ETA "
-                f"{(total - step) * took / step / 60:.1f} min", flush=True)
+                f"{(total - step) * (time.time() - started) / (step - first) / 60:.1f} min", flush=True)
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
                                   or args.eval_steps and step % args.eval_steps == 0):
             started = time.time()
@@ -632,9 +633,9 @@ def check_flags(args):
         refuse(f"--student_init {args.student_init}: not tinybert/teacher-layers/random nor a "
                "directory")
     for flag, model in (("--teacher", args.teacher), ("--student_init", args.student_init)):
-        if model and os.path.exists(os.path.join(model, "checkpoint.pt")) and not is_done(model):
-            refuse(f"{flag} {model}: a stage still training (its checkpoint.pt): rerun its command "
-                   "to finish it first")
+        if model and os.path.exists(os.path.join(model, "log.jsonl")) and not is_done(model):
+            refuse(f"{flag} {model}: a stage that has not finished (its log.jsonl, no metrics.json): "
+                   "rerun its command to finish it first")
     if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2:
         refuse("--batch_size 1: L_SS and L_SC relate the samples of a batch and are 0 with one "
                "sample; use --batch_size 2 or more, or --w_ss 0 --w_sc 0")
@@ -774,7 +775,8 @@ def load_teacher(directory, args):
 
 
 def load_task(args, tok):
-    """Tokenised training rows (tokenised once) and evaluate(model) -> {metric: value} on dev."""
+    """Tokenised training rows (tokenised once) and evaluate(model) -> {metric: value} on dev; sets
+    args.data_crc32 and args.dev_crc32 (the teacher and Stage 2 select on dev), of what was read."""
     if args.task.startswith("squad"):
         version = evaluation.squad_version(args.task)
         default = os.path.join(args.data_dir, "squad", "{}-v" + version + ".json")
@@ -788,15 +790,20 @@ def load_task(args, tok):
         dev_examples = data.read_squad(args.dev_file or default.format("dev"), args.allow_partial,
                                        version)
         dev = data.squad_features(dev_examples, tok, max_len=args.max_len, train=False)
-        return train, functools.partial(squad_dev, examples=dev_examples, features=dev,
-                                        version=version, args=args)
-    examples = train_subset(args.train_subset, data.read_glue(args.task, "train", args.data_dir))
-    dev = {s: data.encode_glue(args.task, data.read_glue(args.task, s, args.data_dir,
-                                                         args.allow_partial), tok, args.max_len)
-           for s in data.TASKS[args.task].dev_splits}
-    return data.encode_glue(args.task, examples, tok, args.max_len), functools.partial(
-        evaluation.evaluate_glue, task=args.task, dev_sets=dev, batch_size=args.eval_batch_size,
-        device=args.device, fixed_padding=args.paper_exact)
+        evaluate = functools.partial(squad_dev, examples=dev_examples, features=dev,
+                                     version=version, args=args)
+    else:
+        examples = train_subset(args.train_subset, data.read_glue(args.task, "train", args.data_dir))
+        train = data.encode_glue(args.task, examples, tok, args.max_len)
+        dev_examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial)
+                        for s in data.TASKS[args.task].dev_splits}
+        dev = {s: data.encode_glue(args.task, e, tok, args.max_len) for s, e in dev_examples.items()}
+        evaluate = functools.partial(evaluation.evaluate_glue, task=args.task, dev_sets=dev,
+                                     batch_size=args.eval_batch_size, device=args.device,
+                                     fixed_padding=args.paper_exact)
+    args.data_crc32 = crc32(train)  # in each stage's args.json: same_settings compares them
+    args.dev_crc32 = f"{zlib.crc32(repr(dev_examples).encode()):08x}"  # texts and gold labels
+    return train, evaluate
 
 
 def crc32(tensors):
@@ -871,9 +878,9 @@ def check_directories(out, args):
 def same_settings(stage, directory, args, flags=FLAGS):
     """Refuse a stage directory whose work (metrics.json or checkpoint.pt) was done with other
     values of the flags that change the stage (those under the groups of `flags` that name it; with
-    --teacher, not the --teacher_* flags of the fine-tuning it skips), on other training data, from
-    another teacher (Stage 1 and 2) or another start (Stage 2: Stage 1's student, or a baseline's
-    --student_init)."""
+    --teacher, not the --teacher_* flags of the fine-tuning it skips), on other training data or
+    (the teacher and Stage 2, which select on it) other dev data, from another teacher (Stage 1 and
+    2) or another start (Stage 2: Stage 1's student, or a baseline's --student_init)."""
     path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
@@ -886,8 +893,10 @@ def same_settings(stage, directory, args, flags=FLAGS):
                 and was.get(flag[0], now[flag[0]]) != now[flag[0]]:
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
     for key, what in (("data_crc32", "training data CRC-32"), ("teacher_crc32", "teacher CRC-32"),
-                      ("student_crc32", "--student_init CRC-32"),
-                      ("from_stage1", "from Stage 1")):  # set by pipeline (not for every stage)
+                      ("student_crc32", "--student_init CRC-32"), ("from_stage1", "from Stage 1"),
+                      ("dev_crc32", "dev data CRC-32")):  # set by pipeline (not for every stage)
+        if key == "dev_crc32" and stage == "stage1":  # the one stage that selects nothing on dev
+            continue
         if key in now and was.get(key, now[key]) != now[key]:
             differ.append(f"{what} {was[key]} (now {now[key]})")
     if differ:
