@@ -1,9 +1,9 @@
 """eval.py: how a saved model is scored. In reading order: its GLUE dev metrics (its outputs in
-length-sorted batches -> predictions -> the official metric: the GLUE paper's, as scikit-learn and
-scipy compute them for its leaderboard), SQuAD's EM and F1 (the official v1.1 and v2.0 scripts),
-the head a task needs, train.py's report, and the command (dev metrics, SQuAD, GLUE test
-predictions); then machinery: flags, typos for --noise, latency for --speed. A run's loss curves:
-tools/pages.py; the relation maps of a teacher and a student on one sentence: tools/relations.py.
+length-sorted batches -> predictions -> the official metric: the GLUE paper's, in numpy, equal to
+scikit-learn's and scipy's, which its leaderboard uses), SQuAD's EM and F1 (the official v1.1 and
+v2.0 scripts), the head a task needs, train.py's report, and the command (dev metrics, SQuAD, GLUE
+test predictions); then machinery: flags, typos for --noise, latency for --speed. A run's loss
+curves: tools/pages.py; a teacher's and a student's relation maps: tools/relations.py.
 
     python eval.py --task sst2 --model out/sst2/stage2    # dev metrics
     python eval.py --task sst2 --model DIR --predict      # GLUE test predictions (submission TSVs)

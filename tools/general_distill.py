@@ -92,7 +92,8 @@ def parse_args(argv=None):
     if not 0 <= args.seed < 2**32:
         train.refuse(f"--seed {args.seed}: use a whole number from 0 to 2**32 - 1")
     if args.group_by_length and args.paper_exact:
-        print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
+        if train.LEAD:  # under torchrun, process 0 alone says it
+            print("--group_by_length is ignored with --paper_exact: every batch is padded to --max_len")
         args.group_by_length = False
     if args.warmup >= 1:
         train.refuse(f"--warmup must be a fraction in [0, 1), got {args.warmup}")

@@ -568,6 +568,20 @@ MUTANTS = [
            "eval.py scores a stage killed before its first checkpoint without a note"),
     Mutant("train.py", "(total - step) * (time.time() - started) / (step - first) / 60",
            "(total - step) * took / step / 60", "the ETA leaves out the evaluations' time"),
+    # a newcomer's runs of tools/ and experiments/ at efa204c
+    Mutant("experiments/compare.py", 'return f"its command does not parse here ({said.getvalue().strip()})"',
+           "return None", "a row whose command does not parse here is recorded, its settings not compared"),
+    Mutant("experiments/compare.py", '[out if flag in ("--teacher", "--student_init") and not os.path.isdir(value)',
+           '[out if flag in ("--teacher",) and not os.path.isdir(value)',
+           "a row whose --student_init is not on this machine cannot be compared, so cannot be recorded"),
+    Mutant("experiments/record.py", '    script = flags.pop(0) if flags[0] == GENERAL else "train.py"\n',
+           '    script = flags.pop(0) if flags[0] == GENERAL else "train.py"\n'
+           "    if finished(out) is not None:\n        return out\n",
+           "a finished record run is kept unchecked: another --data_dir's rerun records the old numbers"),
+    Mutant("experiments/record.py", 'flags += ["--stages", stages.removesuffix(",eval")]',
+           'flags += ["--stages", stages]', "a finished record run's rerun scores dev anew (minutes for SQuAD)"),
+    Mutant("tools/pages.py", 'type(r.get("step")) is int and isinstance(r.get("dev", {}), dict)', '"step" in r',
+           'a log record {"step": null} or {"dev": 5} is a traceback, not a line skipped'),
 ]
 
 

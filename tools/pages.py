@@ -67,7 +67,7 @@ def write_curves(directory):
         except json.JSONDecodeError:  # a line cut short: a run killed, or still writing it
             print(f"{log}, line {n}: not a whole JSON record, skipped", file=sys.stderr)
             continue
-        if not isinstance(r, dict) or "step" not in r:
+        if not (isinstance(r, dict) and type(r.get("step")) is int and isinstance(r.get("dev", {}), dict)):
             if not (isinstance(r, dict) and r.get("done")):  # the stage's last record has no step
                 print(f"{log}, line {n}: not a step's record, skipped", file=sys.stderr)
             continue
