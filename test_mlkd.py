@@ -2232,8 +2232,10 @@ def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch, ca
                              keep_best=True)
     assert evaluated == [1, 2, 3, 4] and saved == [1, 2] and best == {"acc": 60.0}
     assert record["train_s"] < 100  # training time alone: not the evaluations' (nor in samples/s)
-    eta = re.search(r"step 2/4 \|.* (\d+\.\d) samples/s \| ETA (\d+\.\d) min", capsys.readouterr().out)
-    assert float(eta[1]) > 0.2 and float(eta[2]) > 1.6  # the ETA counts them: 2 more steps, each ~100 s
+    said = capsys.readouterr().out
+    eta = [re.search(rf"step {k}/4 \|.* (\d+\.\d) samples/s \| ETA (\d+\.\d) min", said) for k in (2, 3)]
+    assert float(eta[0][1]) > 0.2 and float(eta[0][2]) > 1.6  # the ETA counts them: 2 more steps, each ~100 s
+    assert float(eta[1][2]) > 1.1  # 1 more step, at ~200 s / 3 a step so far: since the start, not the last eval
 
 
 def test_a_checkpoint_past_the_runs_end_is_refused(tmp_path):

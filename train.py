@@ -175,6 +175,7 @@ def stage2_objective(model, batch, teacher, proj, cache, args):
     out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     weights = {"kd": args.w_kd, "ss": args.w_ss, "sc": args.w_sc}
     student, labels = mlkd.LogitsAndCls.of(out), batch["labels"]
+    # the teacher's logits and [CLS]; none for the gold-label baseline (--w_ce alone): no teacher
     targets = mlkd.stage2_targets(batch, teacher, cache) if any(weights.values()) else None
     if dist.is_initialized():  # every process's rows: L_SS and L_SC relate the whole batch
         counts = batch["rows_per_process"].tolist()
@@ -294,7 +295,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
           f", lr {lr:g}, " + ("constant" if warmup is None else f"warm-up {warmup:g} then linear decay"))
     log = open(os.path.join(directory, "log.jsonl") if LEAD else os.devnull, "a" if step else "w")
     t0, record = time.time() - trained, {"stage": stage}  # t0: training time alone, across resumes
-    started, first = time.time(), step  # the ETA: this run's wall clock, evaluations included
+    wall0, step0 = time.time(), step  # the ETA: this run's wall clock, evaluations included
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
         lr_now = lr * lr_factor(step, warmup, total)
@@ -309,13 +310,13 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             print(json.dumps(record), file=log, flush=True)
             print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | " + evaluation.format_metrics(
                 losses, 4) + f" | lr {lr_now:.2e} | {seen / took:.1f} samples/s | ETA "
-                f"{(total - step) * (time.time() - started) / (step - first) / 60:.1f} min", flush=True)
+                f"{(total - step) * (time.time() - wall0) / (step - step0) / 60:.1f} min", flush=True)
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
-                                  or args.eval_steps and step % args.eval_steps == 0):
+                                  or (args.eval_steps and step % args.eval_steps == 0)):
             started = time.time()
             metrics = evaluate(model)
             took = time.time() - started
-            t0 += took  # samples/s and the ETA count training time alone
+            t0 += took  # samples/s counts training time alone
             improved = keep_best and (best is None or metrics[args.metric] > best[args.metric])
             print(json.dumps({"stage": stage, "step": step, "dev": metrics, "eval_s": took}),
                   file=log, flush=True)
@@ -881,11 +882,11 @@ def same_settings(stage, directory, args, flags=FLAGS):
     --teacher, not the --teacher_* flags of the fine-tuning it skips), on other training data or
     (the teacher and Stage 2, which select on it) other dev data, from another teacher (Stage 1 and
     2) or another start (Stage 2: Stage 1's student, or a baseline's --student_init)."""
-    path, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
-    if not os.path.exists(path) or not any(os.path.exists(os.path.join(directory, f))
+    saved, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
+    if not os.path.exists(saved) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
         return  # a stage stopped before its first checkpoint kept nothing
-    was, stages, differ = data.read_json(path), "", []
+    was, stages, differ = data.read_json(saved), "", []
     for flag in flags:
         stages = flag[1].split() if len(flag) == 2 else stages  # a group header names its stages
         unused = now.get("teacher") and flag[0].startswith("teacher_")  # no fine-tuning to change
@@ -929,8 +930,8 @@ def finish(directory, metrics, args):
 
 
 def is_done(directory):
-    path = os.path.join(directory, "metrics.json")
-    return os.path.exists(path) and data.read_json(path).get("done", False)
+    metrics = os.path.join(directory, "metrics.json")
+    return os.path.exists(metrics) and data.read_json(metrics).get("done", False)
 
 
 def resume(stage, directory, modules, optimizer, total, args):
