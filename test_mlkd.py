@@ -4206,8 +4206,9 @@ def test_every_miswiring_of_tools_mutate_still_applies():
         assert mutate.mutated_text(mutant) != open(os.path.join(HERE, mutant.file)).read(), mutant
 
 
-def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
+def test_torchrun_says_an_error_once_not_once_per_process(tmp_path, monkeypatch):
     import subprocess
+    import train
     init = write_pipeline_fixture(tmp_path)
     argv = PIPELINE + ["--data_dir", str(tmp_path / "data"), "--teacher_init", str(init), "--out", str(tmp_path / "o")]
     for bad, msg in ((["--heads", "5"], "error: --heads 5 does not divide"),
@@ -4230,6 +4231,33 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path):
                      "time.sleep(120)\n")
     run = subprocess.run([*cmd[:6], str(alone)], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode != 0 and (run.stdout + run.stderr).count("error: process 1 alone broke") == 1
+    # errors one process meets first, the others at their next collective (then a "[rank0]:" traceback):
+    # a hand-edited log.jsonl at a resume, and a non-finite loss in process 1's rows alone (both processes
+    # test the sum of their losses)
+    (tmp_path / "data" / "glue" / "SST-2" / "train.tsv").unlink()
+    write_pipeline_fixture(tmp_path)
+    real = kill_at_training_batch(monkeypatch, 5)  # the teacher killed after its checkpoint at step 3
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(data, "batches", real)
+    with open(tmp_path / "o" / "teacher" / "log.jsonl", "a") as log:
+        log.write("not json\n")
+    run = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=300, env=env)
+    said = run.stdout + run.stderr
+    assert said.count("error: ") == 1 and "log.jsonl: a line is no JSON object" in said, said
+    assert "[rank0]" not in said and "[rank1]" not in said and "Connection closed" not in said, said
+    nan = tmp_path / "nan.py"  # train.py's own command line (its one-line errors), process 1's Stage 1 loss NaN
+    nan.write_text(f"import os, runpy, sys\nsys.path.insert(0, {HERE!r})\nimport mlkd\nreal = mlkd.stage1_loss\n"
+                   "def nan(*a, **k):\n    total, parts = real(*a, **k)\n"
+                   "    return total * float('nan'), {n: v * float('nan') for n, v in parts.items()}\n"
+                   "if os.environ['RANK'] == '1':\n    mlkd.stage1_loss = nan\n"
+                   "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    shutil.rmtree(tmp_path / "o")
+    run = subprocess.run([*cmd[:6], str(nan), *cmd[6:-2], "--stages", "teacher,stage1"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    said = run.stdout + run.stderr
+    assert said.count("error: ") == 1 and "error: [stage1] non-finite loss at step 1" in said, said
+    assert "[rank0]" not in said and "[rank1]" not in said and "Connection closed" not in said, said
 
 
 # ==============================================================================================

@@ -363,7 +363,7 @@ def train_step(model, batch, loss_fn, optimizer, stage, step, args):
                               device=args.device)
         dist.all_reduce(shares)
         losses = dict(zip(losses, shares.tolist()))
-    if not torch.isfinite(loss):
+    if not all(map(math.isfinite, losses.values())):  # under torchrun the sums: every process stops
         raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
                                  f"batch rows {batch['index'].tolist()}"
                                  + " (this process's)" * dist.is_initialized())
@@ -957,12 +957,12 @@ def resume(stage, directory, modules, optimizer, total, args):
         m.load_state_dict(s)
     optimizer.load_state_dict(state["optimizer"])
     print(f"[{stage}] resumed from {ckpt} at step {state['step']}")
-    if LEAD:  # the log goes on from the checkpoint: no step twice
-        try:  # a line cut short (a kill mid-write) is dropped
-            kept = [r for r in data.read_text(log).splitlines(keepends=True)
-                    if r.endswith("\n") and json.loads(r).get("step", math.inf) <= state["step"]]
-        except (json.JSONDecodeError, AttributeError):  # edited by hand: not JSON, or no object
-            raise ValueError(f"{log}: a line is no JSON object; repair or delete it") from None
+    try:  # the log goes on from the checkpoint: no step twice; a line cut short (a kill mid-write)
+        kept = [r for r in data.read_text(log).splitlines(keepends=True)  # is dropped
+                if r.endswith("\n") and json.loads(r).get("step", math.inf) <= state["step"]]
+    except (json.JSONDecodeError, AttributeError):  # edited by hand: not JSON, or no object
+        raise ValueError(f"{log}: a line is no JSON object; repair or delete it") from None
+    if LEAD:  # (every process reads it: under torchrun they all stop on a bad line)
         data.atomic_write_text(log, "".join(kept))
     return state["step"], state["best_metrics"], state.get("clock", [0.0, 0])
 

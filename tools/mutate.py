@@ -582,6 +582,12 @@ MUTANTS = [
            'flags += ["--stages", stages]', "a finished record run's rerun scores dev anew (minutes for SQuAD)"),
     Mutant("tools/pages.py", 'type(r.get("step")) is int and isinstance(r.get("dev", {}), dict)', '"step" in r',
            'a log record {"step": null} or {"dev": 5} is a traceback, not a line skipped'),
+    # a newcomer's runs under torchrun at c470d8e
+    Mutant("train.py", "if not all(map(math.isfinite, losses.values())):", "if not torch.isfinite(loss):",
+           "a NaN in one process's rows stops it alone: the other's all_reduce fails, a [rank] traceback"),
+    Mutant("train.py", "        kept = [r for r in data.read_text(log).splitlines(keepends=True)",
+           "        kept = [] if not LEAD else [r for r in data.read_text(log).splitlines(keepends=True)",
+           "process 0 alone reads the log at a resume: a bad line stops it alone, a [rank1] traceback"),
 ]
 
 
