@@ -300,14 +300,16 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
     token's char span (-1: none)."""
     questions = tokenizer.tokenize(e["question"] for e in examples)
     contexts = tokenizer.tokenize(e["context"] for e in examples)
+    kept = [min(len(q.ids), max_query) for q in questions]  # each question's word pieces in a window
+    if kept and max_len < max(kept) + 4:  # [CLS] question [SEP], a context piece, [SEP]: the longest's
+        i = kept.index(max(kept))
+        raise ValueError(f"--max_len {max_len}: question {examples[i]['id']} keeps {kept[i]} word "
+                         f"pieces, no room for its context; use --max_len {kept[i] + 4} or more")
     rows = []  # one per window: input_ids, token_type_ids, lengths, labels, example, offsets
     for i, (ex, q, c) in enumerate(zip(examples, questions, contexts)):
         q_ids = q.ids[:max_query]
         first = len(q_ids) + 2  # position of a window's first context token
         room = max_len - first - 1
-        if room < 1:
-            raise ValueError(f"--max_len {max_len}: question {ex['id']} keeps {len(q_ids)} word "
-                             f"pieces, no room for its context; use --max_len {first + 2} or more")
         offsets = np.array(c.offsets, dtype=np.int64).reshape(-1, 2)  # (n_ctx, 2) char [start, end)
         answer = None  # the answer's first and last context token
         if train and ex["answers"]:
@@ -588,6 +590,8 @@ def error_line(e, writable):
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return (f"no space left on the device while writing {e.filename or 'a file'}; nothing half-written "
                 "was kept. Free some space and rerun the same command: it resumes")
+    if isinstance(e, IsADirectoryError):
+        return f"{e.filename}: a folder, where a file is read or written; name a file"
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         if e.filename and os.path.exists(e.filename) and not os.access(e.filename, os.R_OK):
             return f"cannot read {e.filename}: {e.strerror}; make it readable (chmod u+r)"

@@ -1312,6 +1312,18 @@ def test_glue_metrics_by_hand():
             glue_metrics("stsb", [3.0, bad, 2.0, 1.0], [2.0, 1.0, 3.0, 4.0])
 
 
+def test_squad_max_len_too_short_names_the_length_every_question_fits(tmp_path):
+    """The refusal names the longest question's bound, not the first one met (which a retry would then fail)."""
+    tok = data.Tokenizer(write_vocab(tmp_path / "vocab.txt", "the cat sat on mat".split()))
+    examples = [dict(id=i, question=q, context="the mat", answers=[]) for i, q in
+                (("short", "the cat"), ("mid", "the cat sat"), ("long", "the cat sat on the mat"))]
+    with pytest.raises(ValueError, match=r"--max_len 6: question long keeps 6 word pieces, no room for its "
+                                         r"context; use --max_len 10 or more"):
+        data.squad_features(examples, tok, max_len=6, train=False)
+    windows = data.squad_features(examples, tok, max_len=10, train=False)  # the long one's: 1 context piece
+    assert windows["example"].tolist() == [0, 1, 2, 2]
+
+
 def test_squad_refuses_a_question_id_used_twice(tmp_path):
     """The official scripts key predictions by id: two questions of one id would be scored as one."""
     twice = copy.deepcopy(SQUAD_FIXTURE)
@@ -2204,7 +2216,7 @@ def test_train_step_clips_the_whole_gradient_to_norm_one(tmp_path):
     def loss_fn(model, batch):
         loss, parts = train.teacher_loss(model, batch)
         return 1000 * loss, parts
-    train.train_step(m, next(data.batches(ds, 6)), loss_fn, Recorder(m.parameters(), lr=0.0), "teacher", 0, args)
+    train.train_step(m, next(data.batches(ds, 6)), loss_fn, Recorder(m.parameters()), 0.0, "teacher", 0, args)
     assert norms == [pytest.approx(1.0, rel=1e-5)]
 
 
@@ -2215,7 +2227,9 @@ def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch, ca
     args, m, ds = tiny_fit_args(tmp_path, "--eval_steps", "1", "--max_steps", "4", "--log_steps", "1")
     scores, saved = iter([50.0, 60.0, 60.0, 55.0]), []
     monkeypatch.setattr(train, "save_model", lambda model, directory, args: saved.append(evaluated[-1]))
-    evaluated = []
+    evaluated, checkpoints = [], []
+    monkeypatch.setattr(train, "save_checkpoint", lambda directory, modules, optimizer, step, best, clock:
+                        checkpoints.append((step, best)))
 
     clock = [0.0]  # train.py's time.time: a second at each reading, and 100 more in each dev evaluation
 
@@ -2231,6 +2245,9 @@ def test_keep_best_keeps_the_first_of_equal_dev_scores(tmp_path, monkeypatch, ca
     record, best = train.fit("teacher", str(tmp_path), [m], train.teacher_loss, ds, args, 2, 1e-3, 0.1, evaluate,
                              keep_best=True)
     assert evaluated == [1, 2, 3, 4] and saved == [1, 2] and best == {"acc": 60.0}
+    # a checkpoint at each new best (step 4, the last, has none): a resume then never goes on from an older
+    # best than the saved model's (a resumed run that drew otherwise would report the older best beside it)
+    assert checkpoints == [(1, {"acc": 50.0}), (2, {"acc": 60.0})]
     assert record["train_s"] < 100  # training time alone: not the evaluations' (nor in samples/s)
     said = capsys.readouterr().out
     eta = [re.search(rf"step {k}/4 \|.* (\d+\.\d) samples/s \| ETA (\d+\.\d) min", said) for k in (2, 3)]
@@ -2466,7 +2483,7 @@ def stage2_gradients():
         objective = functools.partial(train.stage2_objective, teacher=teacher.eval(), proj=proj, cache=cache,
                                       args=args)
         optimizer = RecordingOptimizer([student, proj])
-        train.train_step(student, next(data.batches(ds, rows)), objective, optimizer, "stage2", 0, args)
+        train.train_step(student, next(data.batches(ds, rows)), objective, optimizer, 1e-3, "stage2", 0, args)
         grads.append(optimizer.grads)
     return grads
 
@@ -2502,7 +2519,7 @@ def stage1_gradients():
                 train.stage1_objective, teacher=sharpened(teacher), proj=proj, lmap=[0, 2, 4], args=args)
         optimizer = RecordingOptimizer(modules)
         batch = next(data.batches(ds, 3, fixed_padding=exact))
-        train.train_step(student, batch, objective, optimizer, stage, 0, args)
+        train.train_step(student, batch, objective, optimizer, 1e-3, stage, 0, args)
         grads.append(optimizer.grads)
     return grads
 
@@ -4131,6 +4148,10 @@ def test_a_full_disk_or_a_denied_file_is_said_in_words_and_leaves_no_partial_fil
     denied = PermissionError(errno.EACCES, "Permission denied", "/ro/out/teacher/args.json")
     assert data.error_line(denied, "an --out") == ("cannot write /ro/out/teacher/args.json: Permission denied; "
                                                    "choose an --out you can write to")
+    with pytest.raises(IsADirectoryError) as folder:  # a folder named where a file is wanted (--train_file DIR)
+        data.read_text(str(tmp_path))
+    said = data.error_line(folder.value, "an --out")
+    assert said == f"{tmp_path}: a folder, where a file is read or written; name a file"
     unreadable = tmp_path / "train.tsv"  # a file there that we may not read: not a write's error
     unreadable.write_text("sentence\tlabel\n")
     monkeypatch.setattr(os, "access", lambda f, mode: not (f == str(unreadable) and mode == os.R_OK))
@@ -4577,7 +4598,7 @@ def test_each_step_draws_its_dropout_from_a_seed_of_its_own_and_a_checkpoint_kee
         torch.rand(7)  # the global generator moved on, as after anything else a run did
         model_ = copy.deepcopy(m).eval()  # as a dev evaluation leaves it: train_step turns dropout back on
         optimizer = train.adamw([model_], 1e-3, args)
-        return train.train_step(model_, batch, train.teacher_loss, optimizer, "stage1", step, args)["ce"]
+        return train.train_step(model_, batch, train.teacher_loss, optimizer, 1e-3, "stage1", step, args)["ce"]
     assert loss_at(4) == loss_at(4) != loss_at(5) and loss_at(4, rank=1) != loss_at(4)
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
@@ -4636,6 +4657,7 @@ def test_paths_are_absolute_and_float_flags_finite(tmp_path, monkeypatch, capsys
             least = "> 0" if flag in ("--lr1", "--temperature") else ">= 0"
             assert err == f"error: argument {flag}: must be a finite number {least}, got {value}\n", err
     monkeypatch.chdir(tmp_path)
+    assert train.paths("a.json, b.json") == f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"  # a space after the comma
     for name in ("tinybert", "random", "teacher-layers"):  # a folder of the name does not turn a keyword into it
         (tmp_path / name).mkdir()
         assert train.parse_args(["--task", "sst2", "--student_init", name]).student_init == name

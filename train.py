@@ -299,9 +299,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
     forward = torch.compile(model) if args.compile else model
     for epoch, batch in training_batches(train, args, step, per_epoch, total):
         lr_now = lr * lr_factor(step, warmup, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        losses = train_step(forward, batch, loss_fn, optimizer, stage, step, args)
+        losses = train_step(forward, batch, loss_fn, optimizer, lr_now, stage, step, args)
         step, seen = step + 1, seen + len(batch["index"])  # samples/s: every process's rows
         if step % args.log_steps == 0 or step == total:
             took = time.time() - t0
@@ -311,6 +309,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             print(f"[{stage}] epoch {epoch + 1} step {step}/{total} | " + evaluation.format_metrics(
                 losses, 4) + f" | lr {lr_now:.2e} | {seen / took:.1f} samples/s | ETA "
                 f"{(total - step) * (time.time() - wall0) / (step - step0) / 60:.1f} min", flush=True)
+        improved = False
         if evaluate and LEAD and (step % per_epoch == 0 or step == total
                                   or (args.eval_steps and step % args.eval_steps == 0)):
             started = time.time()
@@ -326,7 +325,8 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             if improved:
                 best = metrics
                 save_model(model, directory, args)
-        if step % args.save_steps == 0 and step < total and LEAD:
+        # a checkpoint at a new best too: a resume never goes on from an older best than the saved model's
+        if (improved or step % args.save_steps == 0) and step < total and LEAD:
             save_checkpoint(directory, modules, optimizer, step, best, [time.time() - t0, seen])
     log.close()
     return record, best
@@ -343,9 +343,12 @@ def adamw(modules, lr, args):
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
-def train_step(model, batch, loss_fn, optimizer, stage, step, args):
-    """One AdamW step on one batch, its gradient clipped to norm 1 (BERT's); returns its losses.
-    Under torchrun: this process's share of the batch, then the mean of the processes' gradients."""
+def train_step(model, batch, loss_fn, optimizer, lr, stage, step, args):
+    """One AdamW step at `lr` on one batch, its gradient clipped to norm 1 (BERT's); returns its
+    losses. Under torchrun: this process's share of the batch, then the mean of the processes'
+    gradients."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     weight = 1.0
     if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
         # Stage 1 and general_distill.py's "general" average over tokens (--paper_exact: over rows)
@@ -466,7 +469,7 @@ def hub_or_dir(text):
 
 def paths(text):
     """The type of the list flags (--train_file; general_distill.py's --corpus): FILE,FILE..."""
-    return ",".join(path(f) for f in text.split(","))
+    return ",".join(path(f.strip()) for f in text.split(","))  # "A, B" too
 
 
 # The flags as --help groups them: (name, type, default, help); a bool flag is a switch, a list

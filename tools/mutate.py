@@ -493,8 +493,8 @@ MUTANTS = [
     Mutant("train.py", 't0 += took  # samples/s counts training time alone',
            'pass  # samples/s counts training time alone',
            "train_s and samples/s count the dev evaluations' seconds as training time"),
-    Mutant("train.py", 'if step % args.save_steps == 0 and step < total and LEAD:',
-           'if step % args.log_steps == 0 and step < total and LEAD:',
+    Mutant("train.py", 'if (improved or step % args.save_steps == 0) and step < total and LEAD:',
+           'if (improved or step % args.log_steps == 0) and step < total and LEAD:',
            "checkpoint.pt is written every --log_steps steps, not every --save_steps"),
     # general_distill.py's held-out windows and losses (survivors of every test at dad71a7)
     Mutant("tools/general_distill.py", "order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))",
@@ -588,6 +588,15 @@ MUTANTS = [
     Mutant("train.py", "        kept = [r for r in data.read_text(log).splitlines(keepends=True)",
            "        kept = [] if not LEAD else [r for r in data.read_text(log).splitlines(keepends=True)",
            "process 0 alone reads the log at a resume: a bad line stops it alone, a [rank1] traceback"),
+    Mutant("train.py", "if (improved or step % args.save_steps == 0) and step < total and LEAD:",
+           "if step % args.save_steps == 0 and step < total and LEAD:",
+           "a resume goes on from an older best than the saved model's: metrics.json's best is not its"),
+    # a newcomer's runs of SQuAD at c470d8e
+    Mutant("data.py", "if kept and max_len < max(kept) + 4:", "if kept and max_len < kept[0] + 4:",
+           "--max_len's refusal names the first question's bound: a retry at it fails on a longer one"),
+    Mutant("train.py", 'return ",".join(path(f.strip()) for f in text.split(","))',
+           'return ",".join(path(f) for f in text.split(","))',
+           '--train_file "A, B" reads " B" in the working folder'),
 ]
 
 
