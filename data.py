@@ -300,11 +300,12 @@ def squad_features(examples, tokenizer, max_len=384, stride=128, max_query=64, t
     token's char span (-1: none)."""
     questions = tokenizer.tokenize(e["question"] for e in examples)
     contexts = tokenizer.tokenize(e["context"] for e in examples)
-    kept = [min(len(q.ids), max_query) for q in questions]  # each question's word pieces in a window
-    if kept and max_len < max(kept) + 4:  # [CLS] question [SEP], a context piece, [SEP]: the longest's
-        i = kept.index(max(kept))
+    kept = [min(len(q.ids), max_query) for q in questions]  # each question's pieces in a window
+    if kept and max_len < max(kept) + 4:  # [CLS] question [SEP], a context piece, [SEP]
+        i = kept.index(max(kept))  # the file's longest question
         raise ValueError(f"--max_len {max_len}: question {examples[i]['id']} keeps {kept[i]} word "
-                         f"pieces, no room for its context; use --max_len {kept[i] + 4} or more")
+                         f"pieces, no room for its context; this file needs --max_len "
+                         f"{kept[i] + 4} or more")
     rows = []  # one per window: input_ids, token_type_ids, lengths, labels, example, offsets
     for i, (ex, q, c) in enumerate(zip(examples, questions, contexts)):
         q_ids = q.ids[:max_query]

@@ -1313,12 +1313,13 @@ def test_glue_metrics_by_hand():
 
 
 def test_squad_max_len_too_short_names_the_length_every_question_fits(tmp_path):
-    """The refusal names the longest question's bound, not the first one met (which a retry would then fail)."""
+    """The refusal names the bound of the file's longest question, not of the first one met (a retry at that
+    would fail on a longer one)."""
     tok = data.Tokenizer(write_vocab(tmp_path / "vocab.txt", "the cat sat on mat".split()))
     examples = [dict(id=i, question=q, context="the mat", answers=[]) for i, q in
                 (("short", "the cat"), ("mid", "the cat sat"), ("long", "the cat sat on the mat"))]
     with pytest.raises(ValueError, match=r"--max_len 6: question long keeps 6 word pieces, no room for its "
-                                         r"context; use --max_len 10 or more"):
+                                         r"context; this file needs --max_len 10 or more"):
         data.squad_features(examples, tok, max_len=6, train=False)
     windows = data.squad_features(examples, tok, max_len=10, train=False)  # the long one's: 1 context piece
     assert windows["example"].tolist() == [0, 1, 2, 2]
@@ -2854,9 +2855,12 @@ def test_compare_table_is_computed_from_the_runs_records(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"not recorded: \S+gold-s42/stage2 was run with other settings: "
                                          r"--epochs2 1.0 \(now 3.0\); delete \S+gold-s42 to run the row"):
         compare.harvest(args, "/mini")
-    missing = cmd + ["--student_init", str(tmp_path / "not-here")]  # a directory of the command is not here:
+    teacher = tmp_path / compare.teacher_out("sst2", 1, 5e-5)  # the row's --teacher, not on this machine:
+    shutil.move(teacher, tmp_path / "elsewhere")
     with pytest.raises(SystemExit, match=r"not recorded: \S+gold-s42/stage2 was run with other settings: --epochs2"):
-        compare.harvest(args, "/mini")  # (the teacher's is not) its settings are compared all the same
+        compare.harvest(args, "/mini")  # its settings are compared all the same
+    shutil.move(tmp_path / "elsewhere", teacher)
+    missing = cmd + ["--student_init", str(tmp_path / "not-here")]  # nor its --student_init
     assert "--epochs2 1.0 (now 3.0)" in compare.settings_differ(missing, str(gold.parent))
     assert "does not parse here (error: argument --epochs2" in compare.settings_differ(cmd + ["--epochs2", "x"], "o")
     (gold / "args.json").write_text(json.dumps(settings, default=str))
@@ -3056,6 +3060,13 @@ def test_record_keeps_one_entry_per_commit_and_machine_and_writes_its_table(tmp_
     calls.clear()
     assert record.run("squad2-offline", str(tmp_path / "my data")) == v2_out
     assert [call[-4:] for call in calls if call[0] != "git"][-1] == ["--stages", "teacher,stage2", "--out", v2_out]
+    os.makedirs(v1_out)
+    with open(os.path.join(v1_out, "results.json"), "w") as f:
+        f.write("{}")
+    status["train"] = 1  # a finished run refused by its settings guard (other data): no resume to try
+    with pytest.raises(SystemExit, match=r"\(its error is above\); rerun with the data \S+squad1-offline-abc1234 was"):
+        record.run("squad2-offline", str(tmp_path / "my data"))
+    status["train"] = 0
     # general distillation: tools/corpus.py writes $CORPUS (word pieces by the teacher's vocabulary), then
     # tools/general_distill.py, not train.py, runs on it; a finished one (general/metrics.json done) is checked
     calls.clear()
@@ -4278,6 +4289,7 @@ def test_torchrun_says_an_error_once_not_once_per_process(tmp_path, monkeypatch)
                          text=True, timeout=300, env=env)
     said = run.stdout + run.stderr
     assert said.count("error: ") == 1 and "error: [stage1] non-finite loss at step 1" in said, said
+    assert re.search(r"batch rows \[(\d+, ){15}\d+\]", said), said  # the global batch's 16 rows, not process 0's
     assert "[rank0]" not in said and "[rank1]" not in said and "Connection closed" not in said, said
 
 

@@ -349,7 +349,7 @@ def train_step(model, batch, loss_fn, optimizer, lr, stage, step, args):
     gradients."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    weight = 1.0
+    weight, rows = 1.0, batch["index"]  # rows: the global batch's, for an error message
     if dist.is_initialized():  # data-parallel: this process's rows and its share of the loss
         # Stage 1 and general_distill.py's "general" average over tokens (--paper_exact: over rows)
         stage1_share = "rows" if args.paper_exact else "tokens"
@@ -368,8 +368,7 @@ def train_step(model, batch, loss_fn, optimizer, lr, stage, step, args):
         losses = dict(zip(losses, shares.tolist()))
     if not all(map(math.isfinite, losses.values())):  # under torchrun the sums: every process stops
         raise FloatingPointError(f"[{stage}] non-finite loss at step {step + 1}: {losses}, "
-                                 f"batch rows {batch['index'].tolist()}"
-                                 + " (this process's)" * dist.is_initialized())
+                                 f"batch rows {rows.tolist()}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
@@ -898,7 +897,7 @@ def same_settings(stage, directory, args, flags=FLAGS):
             differ.append(f"--{flag[0]} {was[flag[0]]} (now {now[flag[0]]})")
     for key, what in (("data_crc32", "training data CRC-32"), ("teacher_crc32", "teacher CRC-32"),
                       ("student_crc32", "--student_init CRC-32"), ("from_stage1", "from Stage 1"),
-                      ("dev_crc32", "dev data CRC-32")):  # set by pipeline (not for every stage)
+                      ("dev_crc32", "dev data CRC-32")):  # set by pipeline, load_task (not always)
         if key == "dev_crc32" and stage == "stage1":  # the one stage that selects nothing on dev
             continue
         if key in now and was.get(key, now[key]) != now[key]:

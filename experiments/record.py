@@ -84,11 +84,13 @@ def run(name, data_dir):
     for key, value in places.items():
         flags = [f.replace(key, value) for f in flags]
     script = flags.pop(0) if flags[0] == GENERAL else "train.py"
-    if finished(out) is not None and script == "train.py":  # run again: its stages are skipped, but the settings
+    done = finished(out) is not None
+    if done and script == "train.py":  # run again: its stages are skipped, but the settings guard refuses
         stages = flags[flags.index("--stages") + 1] if "--stages" in flags else "teacher,stage1,stage2,eval"
-        flags += ["--stages", stages.removesuffix(",eval")]  # guard refuses other data; no eval to score anew
+        flags += ["--stages", ",".join(s for s in stages.split(",") if s != "eval")]  # other data; no eval anew
     if subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", out]).returncode:
-        sys.exit(f"error: {script} stopped (its error is above); rerun the command to resume {out}")
+        sys.exit(f"error: {script} stopped (its error is above); " + (
+            f"rerun with the data {out} was run on, or delete it" if done else f"rerun the command to resume {out}"))
     return out
 
 

@@ -578,8 +578,8 @@ MUTANTS = [
            '    script = flags.pop(0) if flags[0] == GENERAL else "train.py"\n'
            "    if finished(out) is not None:\n        return out\n",
            "a finished record run is kept unchecked: another --data_dir's rerun records the old numbers"),
-    Mutant("experiments/record.py", 'flags += ["--stages", stages.removesuffix(",eval")]',
-           'flags += ["--stages", stages]', "a finished record run's rerun scores dev anew (minutes for SQuAD)"),
+    Mutant("experiments/record.py", 'for s in stages.split(",") if s != "eval")]', 'for s in stages.split(","))]',
+           "a finished record run's rerun scores dev anew (minutes for SQuAD)"),
     Mutant("tools/pages.py", 'type(r.get("step")) is int and isinstance(r.get("dev", {}), dict)', '"step" in r',
            'a log record {"step": null} or {"dev": 5} is a traceback, not a line skipped'),
     # a newcomer's runs under torchrun at c470d8e
