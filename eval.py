@@ -75,7 +75,7 @@ def model_outputs(model, dataset, batch_size=128, device="cpu", fixed_padding=Fa
     unsort = torch.argsort(order)  # back to the dataset's order
     logits, cls = torch.cat(logits)[unsort], torch.cat(cls)[unsort]
     if not (logits.isfinite().all() and cls.isfinite().all()):  # argmax would pick the first NaN
-        raise FloatingPointError("the model's outputs are not finite (NaN or inf): a diverged model")
+        raise FloatingPointError("the model's outputs are not finite: a diverged model")
     return logits, cls
 
 

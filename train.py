@@ -325,7 +325,7 @@ def fit(stage, directory, modules, loss_fn, train, args, epochs, lr, warmup, eva
             if improved:
                 best = metrics
                 save_model(model, directory, args)
-        # a checkpoint at a new best too: a resume never goes on from an older best than the saved model's
+        # a checkpoint at a new best too: a resume never goes on from an older best than the model's
         if (improved or step % args.save_steps == 0) and step < total and LEAD:
             save_checkpoint(directory, modules, optimizer, step, best, [time.time() - t0, seen])
     log.close()
@@ -637,8 +637,8 @@ def check_flags(args):
                "directory")
     for flag, model in (("--teacher", args.teacher), ("--student_init", args.student_init)):
         if model and os.path.exists(os.path.join(model, "log.jsonl")) and not is_done(model):
-            refuse(f"{flag} {model}: a stage that has not finished (its log.jsonl, no metrics.json): "
-                   "rerun its command to finish it first")
+            refuse(f"{flag} {model}: a stage that has not finished (its log.jsonl, no "
+                   "metrics.json): rerun its command to finish it first")
     if (args.w_ss or args.w_sc) and "stage2" in args.stages and args.batch_size < 2:
         refuse("--batch_size 1: L_SS and L_SC relate the samples of a batch and are 0 with one "
                "sample; use --batch_size 2 or more, or --w_ss 0 --w_sc 0")
@@ -796,11 +796,13 @@ def load_task(args, tok):
         evaluate = functools.partial(squad_dev, examples=dev_examples, features=dev,
                                      version=version, args=args)
     else:
-        examples = train_subset(args.train_subset, data.read_glue(args.task, "train", args.data_dir))
+        examples = data.read_glue(args.task, "train", args.data_dir)
+        examples = train_subset(args.train_subset, examples)
         train = data.encode_glue(args.task, examples, tok, args.max_len)
         dev_examples = {s: data.read_glue(args.task, s, args.data_dir, args.allow_partial)
                         for s in data.TASKS[args.task].dev_splits}
-        dev = {s: data.encode_glue(args.task, e, tok, args.max_len) for s, e in dev_examples.items()}
+        dev = {s: data.encode_glue(args.task, e, tok, args.max_len)
+               for s, e in dev_examples.items()}
         evaluate = functools.partial(evaluation.evaluate_glue, task=args.task, dev_sets=dev,
                                      batch_size=args.eval_batch_size, device=args.device,
                                      fixed_padding=args.paper_exact)
@@ -884,7 +886,8 @@ def same_settings(stage, directory, args, flags=FLAGS):
     --teacher, not the --teacher_* flags of the fine-tuning it skips), on other training data or
     (the teacher and Stage 2, which select on it) other dev data, from another teacher (Stage 1 and
     2) or another start (Stage 2: Stage 1's student, or a baseline's --student_init)."""
-    saved, now = os.path.join(directory, "args.json"), json.loads(json.dumps(vars(args), default=str))
+    saved = os.path.join(directory, "args.json")
+    now = json.loads(json.dumps(vars(args), default=str))
     if not os.path.exists(saved) or not any(os.path.exists(os.path.join(directory, f))
                                            for f in ("metrics.json", "checkpoint.pt")):
         return  # a stage stopped before its first checkpoint kept nothing
