@@ -3926,7 +3926,7 @@ def test_train_subset_larger_than_the_set_says_so(tmp_path, capsys):
     assert train.train_subset(5, list(range(1000))) == [68, 94, 542, 618, 816]
 
 
-def test_training_batches_follow_seed_group_by_length_and_paper_exact(capsys, monkeypatch):
+def test_training_batches_follow_seed_group_by_length_and_paper_exact(capsys, monkeypatch, tmp_path):
     import train
     g = torch.Generator().manual_seed(0)
     n, full = 800, 20  # 200 batches of 4
@@ -3954,6 +3954,10 @@ def test_training_batches_follow_seed_group_by_length_and_paper_exact(capsys, mo
     monkeypatch.setattr(train, "LEAD", False)  # under torchrun, process 0 alone says it
     train.parse_args(["--task", "sst2", "--paper_exact", "--group_by_length"])
     assert "--group_by_length is ignored" not in capsys.readouterr().out
+    (tmp_path / "c.txt").write_text("a sentence .\n")  # general_distill.py: the same notice, the same rule
+    general = tool("general_distill").parse_args(["--corpus", str(tmp_path / "c.txt"), "--paper_exact",
+                                                  "--group_by_length"])
+    assert not general.group_by_length and "--group_by_length is ignored" not in capsys.readouterr().out
     assert order("--compile") == want(42, buckets=True) != want(42)  # widths rounded up to a power of two
 
 
